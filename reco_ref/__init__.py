@@ -1,0 +1,18 @@
+"""reco_ref — auditable NumPy/Numba reference of retrieval-enhanced vision-text models.
+
+Rooms, in the order data flows (each imports only from rooms above it):
+
+* :mod:`reco_ref.tokenizers` — CLIP BPE and BERT WordPiece, pure Python
+* :mod:`reco_ref.encoders`   — frozen image/text towers through ONNX Runtime (default ``reco-mini``)
+* :mod:`reco_ref.memory`     — on-disk image-text memory, HNSW + exact uni/cross-modal search, shards
+* :mod:`reco_ref.fusion`     — the RECO fusion layer: NumPy reference, Numba CPU, Numba CUDA
+* :mod:`reco_ref.train`      — InfoNCE / RECO loss, AdamW + schedule, training loop
+* :mod:`reco_ref.eval`       — zero-shot, retrieval metrics, ablations, memory-attention classifier
+* :mod:`reco_ref.cli`        — the ``reco-ref`` command
+
+Sub-packages are imported lazily so that ``import reco_ref`` stays cheap (no numba/onnxruntime start-up).
+"""
+
+__version__ = "0.1.0"
+
+from .errors import RecoError  # noqa: F401  (the one name every caller may want)

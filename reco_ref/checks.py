@@ -1,0 +1,53 @@
+"""Input validation shared by every room: shapes, dtypes and finiteness, with messages that name the array."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ShapeError
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_array(
+    name: str,
+    a: object,
+    ndim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    dtypes: Sequence[np.dtype] | None = FLOAT_DTYPES,
+    finite: bool = True,
+) -> np.ndarray:
+    """Return ``a`` as an ndarray after checking it, or raise :class:`ShapeError` naming ``name``.
+
+    Parameters
+    ----------
+    name : str
+        How the array is called in the message (e.g. ``"query [B,D]"``).
+    ndim : int, optional
+        Required number of dimensions.
+    shape : sequence of int or None, optional
+        Required shape; ``None`` entries match any size.
+    dtypes : sequence of dtype, optional
+        Allowed dtypes (default float32/float64); ``None`` allows any.
+    finite : bool
+        Refuse NaN / inf (only checked for floating dtypes).
+    """
+    if not isinstance(a, np.ndarray):
+        raise ShapeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if dtypes is not None and a.dtype not in [np.dtype(d) for d in dtypes]:
+        allowed = ", ".join(str(np.dtype(d)) for d in dtypes)
+        raise ShapeError(f"{name}: dtype {a.dtype} not allowed (expected one of {allowed})")
+    if shape is not None:
+        ndim = len(shape)
+    if ndim is not None and a.ndim != ndim:
+        raise ShapeError(f"{name}: expected {ndim} dimensions, got shape {a.shape}")
+    if shape is not None:
+        for axis, (want, got) in enumerate(zip(shape, a.shape)):
+            if want is not None and want != got:
+                raise ShapeError(f"{name}: axis {axis} has size {got}, expected {want} (shape {a.shape})")
+    if finite and a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise ShapeError(f"{name}: contains {bad} NaN/inf value(s)")
+    return a
