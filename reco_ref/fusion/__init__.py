@@ -1,0 +1,250 @@
+"""The RECO fusion layer φ (spec §2): one pre-LN transformer encoder layer read out at the query token.
+
+Front door. Validates inputs once, then dispatches to a backend module by name:
+
+===========  ==================================  ======================================
+backend      module                              install
+===========  ==================================  ======================================
+``numpy``    :mod:`reco_ref.fusion.reference`    always (the readable truth)
+``numba``    ``reco_ref.fusion.numba_cpu``       runtime dependency ``numba``
+``cuda``     ``reco_ref.fusion.cuda``            extra ``pip install -e ".[cuda]"`` (numba-cuda) + a GPU
+===========  ==================================  ======================================
+
+Public API
+----------
+``init_params(dim, heads, mlp_ratio=4, seed=0, dtype=np.float32) -> FusionParams``
+    18 named arrays (``ln1_gamma, ln1_beta, w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o, ln2_gamma,
+    ln2_beta, w_1, b_1, w_2, b_2, e_query, e_neighbor``), row-vector convention (``x @ W``,
+    ``W`` of shape ``[in, out]``), identity at init.
+``fusion_forward(params, query[B,D], retrieved[B,k,D], mask[B,k] | None = None, *, heads=None, backend="numpy") -> (out[B,D], cache)``
+``fusion_backward(params, cache, dout[B,D], *, backend=None, return_input_grads=False) -> grads``
+    ``grads`` is a plain dict with the same 18 keys/shapes/dtype as ``params`` (plus ``"query"``
+    and ``"retrieved"`` when ``return_input_grads``).
+``count_params(params) -> int``; ``save_params / load_params / save_param_set / load_param_set``
+(see :mod:`reco_ref.fusion.params`).
+
+Heads (binding decision)
+------------------------
+Heads are config, not an array. :func:`init_params` and :func:`load_params` return a
+:class:`FusionParams` — a ``dict`` subclass carrying read-only ``.heads`` and ``.mlp_ratio`` — so
+``fusion_forward(params, q, r, mask)`` needs nothing else. ``heads=`` (keyword-only) overrides
+it; a plain dict without ``.heads`` must be given ``heads=``, else :class:`~reco_ref.errors.ShapeError`.
+
+Backend contract (``reference.py``, ``numba_cpu.py``, ``cuda/__init__.py`` are identical)
+-------------------------------------------------------------------------------------------
+``fusion_forward(params, query, retrieved, mask=None, *, heads: int) -> (out, cache: dict)``
+    ``heads`` arrives resolved (an int dividing D); ``mask`` is ``None`` (all valid) or bool
+    ``[B, k]``; inputs are already validated (dtype = params dtype, finite, C-contiguous).
+    ``cache`` is a ``dict`` (the front door adds the key ``"backend"`` to it).
+``fusion_backward(params, cache, dout, *, return_input_grads=False) -> dict``
+InfoNCE (:mod:`reco_ref.train.losses` dispatches to the same modules):
+``infonce_forward(a, b, tau, *, max_scale=100.0) -> (loss: float, cache: dict)`` and
+``infonce_backward(cache, dloss=1.0) -> (da, db, dtau: float)``.
+
+Masked neighbour slots may hold anything finite or not: where a mask is given, the front door
+replaces non-finite values in masked slots by 0 before dispatch (a masked slot provably has no
+effect on the output or on the other gradients; its own input gradient is exactly 0).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Mapping
+
+import numpy as np
+
+from ..checks import check_array
+from ..errors import RecoError, ShapeError
+from .params import (
+    PARAM_NAMES,
+    FusionConfig,
+    FusionParams,
+    count_params,
+    init_params,
+    load_param_set,
+    load_params,
+    param_shapes,
+    save_param_set,
+    save_params,
+)
+
+__all__ = [
+    "BACKENDS",
+    "PARAM_NAMES",
+    "FusionConfig",
+    "FusionParams",
+    "count_params",
+    "init_params",
+    "param_shapes",
+    "save_params",
+    "load_params",
+    "save_param_set",
+    "load_param_set",
+    "fusion_forward",
+    "fusion_backward",
+    "get_backend",
+    "check_params",
+]
+
+#: backend name → (module, what to install when it is missing)
+BACKENDS = {
+    "numpy": ("reco_ref.fusion.reference", "nothing (NumPy and SciPy are runtime dependencies)"),
+    "numba": ("reco_ref.fusion.numba_cpu", "numba (a runtime dependency: python3 -m pip install -e .)"),
+    "cuda": ("reco_ref.fusion.cuda", 'the cuda extra: python3 -m pip install -e ".[cuda]" (numba-cuda) and a CUDA GPU/driver'),
+}
+
+
+def get_backend(name: str):
+    """Import and return the backend module called ``name`` (see :data:`BACKENDS`).
+
+    Raises
+    ------
+    ValueError
+        Unknown name.
+    ImportError
+        The module (or a package it needs) is not installed; the message names the extra.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} unknown; expected one of {sorted(BACKENDS)}")
+    module, install = BACKENDS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"backend {name!r} unavailable: importing {module} failed ({exc}); install {install}") from exc
+    missing = [f for f in ("fusion_forward", "fusion_backward") if not callable(getattr(mod, f, None))]
+    if missing:
+        raise ImportError(f"backend {name!r} unavailable: {module} does not define {missing} (incomplete install?); install {install}")
+    return mod
+
+
+def _resolve_heads(params, heads, D: int) -> int:
+    if heads is None:
+        heads = getattr(params, "heads", None)
+        if heads is None:
+            raise ShapeError("heads: params is a plain dict without .heads; pass heads= "
+                             "(or use FusionParams from init_params/load_params)")  # fmt: skip
+    if isinstance(heads, bool) or not isinstance(heads, (int, np.integer)) or heads < 1:
+        raise ShapeError(f"heads: expected a positive int, got {heads!r}")
+    heads = int(heads)
+    if D % heads:
+        raise ShapeError(f"heads: {heads} does not divide the embedding dim D={D}")
+    return heads
+
+
+def check_params(params: Mapping[str, np.ndarray], finite: bool = True) -> tuple[int, np.dtype]:
+    """Check the 18 fusion arrays are present, consistently shaped and of one float dtype.
+
+    Returns ``(D, dtype)``. Raises :class:`ShapeError` naming the array, expected and found.
+    """
+    if not isinstance(params, Mapping):
+        raise ShapeError(f"params: expected a dict of arrays, got {type(params).__name__}")
+    missing = [n for n in PARAM_NAMES if n not in params]
+    if missing:
+        raise ShapeError(f"params: missing {missing} (expected the 18 names {list(PARAM_NAMES)})")
+    g = check_array("params['ln1_gamma']", params["ln1_gamma"], ndim=1, finite=finite)
+    D, dtype = g.shape[0], g.dtype
+    w1 = check_array("params['w_1']", params["w_1"], ndim=2, dtypes=[dtype], finite=finite)
+    if w1.shape[0] != D or w1.shape[1] % D:
+        raise ShapeError(f"params['w_1']: shape {w1.shape}, expected ({D}, mlp_ratio*{D})")
+    shapes = param_shapes(D, w1.shape[1] // D)
+    for name in PARAM_NAMES:
+        check_array(f"params[{name!r}]", params[name], shape=shapes[name], dtypes=[dtype], finite=finite)
+    return D, dtype
+
+
+def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="numpy"):
+    """Refine ``query`` with its retrieved neighbours (spec §2); validates, then dispatches.
+
+    Parameters
+    ----------
+    params : FusionParams or dict of the 18 arrays
+    query : ndarray, shape [B, D], float dtype equal to the params'
+    retrieved : ndarray, shape [B, k, D] (k ≥ 0)
+    mask : ndarray of bool, shape [B, k], or None
+        ``True`` marks a valid neighbour; ``None`` = all valid. Rows may have no valid neighbour.
+    heads : int, optional
+        Defaults to ``params.heads``; required for a plain dict.
+    backend : {"numpy", "numba", "cuda"}
+
+    Returns
+    -------
+    out : ndarray, shape [B, D]
+        L2-normalised refined embedding; at init exactly ``normalize(query)`` (bit for bit).
+    cache : dict
+        Pass it to :func:`fusion_backward`; records ``heads`` and ``backend``.
+
+    Raises
+    ------
+    ShapeError
+        Wrong shape/dtype, NaN/inf, embedding dim ≠ params dim, heads not dividing D, a bad mask,
+        or an output row that cannot be normalised (zero before normalisation).
+    """
+    D, dtype = check_params(params)
+    query = check_array("query [B,D]", query, ndim=2)
+    if query.shape[1] != D:
+        raise ShapeError(f"query: embedding dim {query.shape[1]} does not match the params' dim {D}")
+    if query.dtype != dtype:
+        raise ShapeError(f"query: dtype {query.dtype} differs from the params' dtype {dtype}")
+    B = query.shape[0]
+    if B == 0:
+        raise ShapeError("query: batch size B is 0, expected at least one row")
+    check_array("retrieved [B,k,D]", retrieved, ndim=3, dtypes=[dtype], finite=False)
+    if retrieved.shape[2] != D:
+        raise ShapeError(f"retrieved: embedding dim {retrieved.shape[2]} does not match the params' dim {D}")
+    if retrieved.shape[0] != B:
+        raise ShapeError(f"retrieved: batch size {retrieved.shape[0]} differs from query's B={B}")
+    k = retrieved.shape[1]
+    if mask is not None:
+        check_array("mask [B,k]", mask, shape=(B, k), dtypes=[np.bool_], finite=False)
+        bad = ~np.isfinite(retrieved)
+        if bad.any():
+            if bad[mask].any():
+                raise ShapeError(f"retrieved: {int(bad[mask].sum())} NaN/inf value(s) in valid (unmasked) neighbour slots")
+            retrieved = np.where(bad, 0, retrieved).astype(dtype)  # masked slots only: provably no effect
+        mask = np.ascontiguousarray(mask)
+    else:
+        check_array("retrieved [B,k,D]", retrieved, ndim=3, dtypes=[dtype], finite=True)
+    heads = _resolve_heads(params, heads, D)
+    mod = get_backend(backend)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a zero row is reported just below, by name
+        out, cache = mod.fusion_forward(params, np.ascontiguousarray(query), np.ascontiguousarray(retrieved), mask, heads=heads)
+    if not np.isfinite(out).all():
+        rows = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        raise ShapeError(f"fusion output: rows {rows[:10].tolist()} are not finite (zero vector before "
+                         f"normalisation, or overflow); a query row must not be zero")  # fmt: skip
+    if isinstance(cache, dict):
+        cache["backend"] = backend
+    return out, cache
+
+
+def fusion_backward(params, cache, dout, *, backend=None, return_input_grads=False):
+    """Gradients of ``sum(dout * out)`` with respect to every parameter (spec §2 "Backward").
+
+    Parameters
+    ----------
+    params : the params given to :func:`fusion_forward`
+    cache : dict returned by :func:`fusion_forward`
+    dout : ndarray, shape [B, D], same dtype
+    backend : str, optional
+        Defaults to the backend that produced ``cache``; a different explicit one is an error.
+    return_input_grads : bool
+        Add ``"query"`` [B, D] and ``"retrieved"`` [B, k, D].
+
+    Returns
+    -------
+    grads : dict, same 18 keys, shapes and dtype as ``params``.
+    """
+    D, dtype = check_params(params, finite=False)
+    if not isinstance(cache, dict):
+        raise RecoError(f"cache: expected the dict returned by fusion_forward, got {type(cache).__name__}")
+    made_by = cache.get("backend", "numpy")
+    if backend is None:
+        backend = made_by
+    elif backend != made_by:
+        raise RecoError(f"backend: cache was made by backend {made_by!r}, backward asked for {backend!r}")
+    dout = check_array("dout [B,D]", dout, ndim=2, dtypes=[dtype])
+    B = cache.get("B")
+    if dout.shape[1] != D or (B is not None and dout.shape[0] != B):
+        raise ShapeError(f"dout: shape {dout.shape}, expected ({B if B is not None else 'B'}, {D})")
+    mod = get_backend(backend)
+    return mod.fusion_backward(params, cache, np.ascontiguousarray(dout), return_input_grads=return_input_grads)

@@ -1,0 +1,485 @@
+"""Parameters as data: named NumPy arrays, a small config, and a checked ``.npz`` format.
+
+A fusion module's parameters are a :class:`FusionParams` — a plain ``dict`` of the 18 arrays named in
+:data:`PARAM_NAMES` that also carries its config (``heads``, ``mlp_ratio``) as read-only attributes.
+Heads are not an array, so they travel with the dict: ``fusion_forward(params, ...)`` needs no
+``heads=`` argument when given a :class:`FusionParams`.
+
+File format (``format_version`` 1)
+----------------------------------
+One ``.npz`` (written atomically through :mod:`reco_ref.io`, never pickled) holding
+
+* ``__header__`` — a ``uint8`` array of UTF-8 JSON::
+
+      {"format": "reco_ref.fusion.params", "format_version": 1, "kind": "module" | "set",
+       "modules": {"<prefix>": {"dim": 512, "heads": 8, "mlp_ratio": 4, "dtype": "float32"}, ...},
+       "extras": {"<name>": {"shape": [...], "dtype": "float32"}, ...},
+       "names": [every array entry, sorted]}
+
+* one entry per array. A single module (``kind: "module"``, written by :func:`save_params`) uses the
+  bare names (``w_q``) and the prefix ``""``; a *set* of modules (``kind: "set"``, written by
+  :func:`save_param_set`) prefixes each module's names with ``"<prefix>."`` (``image.w_q``,
+  ``text.w_q``) and may add free-standing ``extras`` such as ``logit_scale`` (RECO's τ).
+
+Loading (:func:`load_params`, :func:`load_param_set`) uses ``allow_pickle=False`` and checks the header,
+that the names are exactly those the header implies, and every array's shape, dtype and finiteness;
+any problem raises :class:`~reco_ref.errors.ParamsFormatError` naming the file, the entry, the
+expected and the found value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import ParamsFormatError, RecoError
+from ..io import atomic_save_npz, load_npz
+
+__all__ = [
+    "PARAM_NAMES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "FusionConfig",
+    "FusionParams",
+    "param_shapes",
+    "init_params",
+    "count_params",
+    "save_params",
+    "load_params",
+    "save_param_set",
+    "load_param_set",
+]
+
+#: The fusion layer's parameter names, in the spec's order (row-vector convention, W is [in, out]).
+PARAM_NAMES = (
+    "ln1_gamma", "ln1_beta",
+    "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o",
+    "ln2_gamma", "ln2_beta",
+    "w_1", "b_1", "w_2", "b_2",
+    "e_query", "e_neighbor",
+)  # fmt: skip
+
+FORMAT = "reco_ref.fusion.params"
+FORMAT_VERSION = 1
+HEADER_KEY = "__header__"
+_DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """What a parameter set needs besides its arrays.
+
+    Attributes
+    ----------
+    dim : int
+        Embedding width D.
+    heads : int
+        Attention heads h; must divide ``dim``.
+    mlp_ratio : int
+        MLP hidden width is ``mlp_ratio * dim`` (spec default 4).
+    dtype : str
+        ``"float32"`` or ``"float64"``.
+    """
+
+    dim: int
+    heads: int
+    mlp_ratio: int = 4
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for field in ("dim", "heads", "mlp_ratio"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"FusionConfig.{field}: expected a positive int, got {v!r}")
+            object.__setattr__(self, field, int(v))
+        if self.dim % self.heads:
+            raise ValueError(f"FusionConfig: heads={self.heads} does not divide dim={self.dim}")
+        dt = np.dtype(self.dtype).name
+        if dt not in _DTYPES:
+            raise ValueError(f"FusionConfig.dtype: expected float32 or float64, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dt)
+
+    def to_json(self) -> dict:
+        return {"dim": self.dim, "heads": self.heads, "mlp_ratio": self.mlp_ratio, "dtype": self.dtype}
+
+
+class FusionParams(dict):
+    """A ``dict`` of the 18 fusion arrays that also knows its config.
+
+    It behaves exactly like a dict (``params["w_q"]``, iteration, ``len``); the config is read-only:
+    ``params.heads``, ``params.mlp_ratio``, ``params.dim``, ``params.dtype``, ``params.config``.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], config: FusionConfig):
+        super().__init__(arrays)
+        if not isinstance(config, FusionConfig):
+            raise TypeError(f"FusionParams: config must be a FusionConfig, got {type(config).__name__}")
+        self._config = config
+
+    @property
+    def config(self) -> FusionConfig:
+        return self._config
+
+    @property
+    def heads(self) -> int:
+        return self._config.heads
+
+    @property
+    def mlp_ratio(self) -> int:
+        return self._config.mlp_ratio
+
+    @property
+    def dim(self) -> int:
+        return self._config.dim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._config.dtype)
+
+    def copy(self) -> "FusionParams":
+        """Deep copy of the arrays, same config."""
+        return FusionParams({k: np.array(v, copy=True) for k, v in self.items()}, self._config)
+
+    def __reduce__(self):  # picklable for multiprocessing (not used for files: those are npz)
+        return (FusionParams, (dict(self), self._config))
+
+    def __repr__(self) -> str:
+        c = self._config
+        return f"FusionParams(dim={c.dim}, heads={c.heads}, mlp_ratio={c.mlp_ratio}, dtype={c.dtype}, {len(self)} arrays)"
+
+
+def param_shapes(dim: int, mlp_ratio: int = 4) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter for width ``dim`` and MLP ratio ``mlp_ratio``."""
+    D, R = int(dim), int(dim) * int(mlp_ratio)
+    return {
+        "ln1_gamma": (D,), "ln1_beta": (D,),
+        "w_q": (D, D), "b_q": (D,), "w_k": (D, D), "b_k": (D,),
+        "w_v": (D, D), "b_v": (D,), "w_o": (D, D), "b_o": (D,),
+        "ln2_gamma": (D,), "ln2_beta": (D,),
+        "w_1": (D, R), "b_1": (R,), "w_2": (R, D), "b_2": (D,),
+        "e_query": (D,), "e_neighbor": (D,),
+    }  # fmt: skip
+
+
+#: Initialisation per name (spec §2, identity at init): zero makes the layer return its query.
+_ZERO_INIT = frozenset({"w_o", "b_o", "w_2", "b_2", "e_query"})
+_NORMAL_INIT = frozenset({"w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_1", "b_1", "e_neighbor"})
+INIT_STD = 0.02
+
+
+def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=np.float32) -> FusionParams:
+    """Fresh parameters that make the layer the identity on its query (spec §2).
+
+    ``w_o, b_o, w_2, b_2, e_query`` are zero (so ``Y[:, 0] = x`` and the output is ``normalize(x)``),
+    LayerNorm ``gamma = 1, beta = 0``, every other array ~ N(0, 0.02). Draws are made in float64
+    in :data:`PARAM_NAMES` order and then cast, so float32 and float64 sets from one seed agree.
+
+    Parameters
+    ----------
+    dim : int
+        Embedding width D.
+    heads : int
+        Attention heads; must divide ``dim``.
+    mlp_ratio : int
+        MLP hidden width is ``mlp_ratio * dim``.
+    seed : int
+        Seed of ``numpy.random.default_rng``.
+    dtype : float32 or float64
+
+    Returns
+    -------
+    FusionParams
+    """
+    config = FusionConfig(dim=dim, heads=heads, mlp_ratio=mlp_ratio, dtype=np.dtype(dtype).name)
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(config.dtype)
+    arrays = {}
+    for name, shape in param_shapes(config.dim, config.mlp_ratio).items():
+        if name in _ZERO_INIT:
+            a = np.zeros(shape)
+        elif name in _NORMAL_INIT:
+            a = rng.normal(0.0, INIT_STD, size=shape)
+        elif name.endswith("_gamma"):
+            a = np.ones(shape)
+        else:  # LayerNorm beta
+            a = np.zeros(shape)
+        arrays[name] = a.astype(dt)
+    return FusionParams(arrays, config)
+
+
+def count_params(params: Mapping[str, np.ndarray]) -> int:
+    """Total number of scalars in a parameter dict (D=512, h=8, ratio 4 → 3,153,408)."""
+    return int(sum(np.asarray(a).size for a in params.values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------
+
+
+def _config_of(params: Mapping[str, np.ndarray], config, where: str) -> FusionConfig:
+    if config is None:
+        config = getattr(params, "config", None)
+        if config is None:
+            raise ParamsFormatError(f"{where}: a plain dict has no config; pass config=FusionConfig(...)")
+    elif isinstance(config, Mapping):
+        config = FusionConfig(**config)
+    elif not isinstance(config, FusionConfig):
+        raise TypeError(f"{where}: config must be a FusionConfig or a mapping, got {type(config).__name__}")
+    return config
+
+
+def _check_module_arrays(params: Mapping[str, np.ndarray], config: FusionConfig, where: str) -> None:
+    """Refuse to write what :func:`load_params` would refuse to read."""
+    expected = param_shapes(config.dim, config.mlp_ratio)
+    missing = [n for n in PARAM_NAMES if n not in params]
+    extra = sorted(set(params) - set(PARAM_NAMES))
+    if missing or extra:
+        raise ParamsFormatError(f"{where}: names do not match the fusion layer (missing {missing}, unexpected {extra})")
+    for name, shape in expected.items():
+        _check_entry(where, name, np.asarray(params[name]), shape, np.dtype(config.dtype))
+
+
+def _write(path, header: dict, arrays: Mapping[str, np.ndarray]) -> None:
+    header = dict(header, names=sorted(arrays))
+    blob = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+    atomic_save_npz(path, {HEADER_KEY: blob, **{k: np.asarray(v, order="C") for k, v in arrays.items()}})  # keeps 0-d arrays 0-d
+
+
+def save_params(path: str | os.PathLike, params: Mapping[str, np.ndarray], config=None) -> None:
+    """Save one fusion module as ``.npz`` with a JSON header, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+    params : FusionParams or mapping of the 18 names to arrays
+    config : FusionConfig or mapping, optional
+        Required when ``params`` is a plain dict; a :class:`FusionParams` carries its own.
+
+    Raises
+    ------
+    ParamsFormatError
+        If the arrays do not match the config (the file would not load back).
+    """
+    where = str(path)
+    config = _config_of(params, config, where)
+    _check_module_arrays(params, config, where)
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "module",
+              "modules": {"": config.to_json()}, "extras": {}}  # fmt: skip
+    _write(path, header, {n: np.asarray(params[n]) for n in PARAM_NAMES})
+
+
+def save_param_set(
+    path: str | os.PathLike,
+    modules: Mapping[str, Mapping[str, np.ndarray]],
+    extras: Mapping[str, np.ndarray] | None = None,
+    configs: Mapping[str, FusionConfig] | None = None,
+) -> None:
+    """Save several fusion modules (e.g. φ_I and φ_T) plus free arrays (e.g. τ) in one ``.npz``.
+
+    Entries are ``"<prefix>.<name>"`` (``image.w_q``, ``text.w_q``) and the bare extra names
+    (``logit_scale``). Prefixes must be non-empty identifiers without ``"."``; extras must not
+    contain ``"."`` either, so the two kinds of names can never collide.
+
+    Parameters
+    ----------
+    modules : mapping prefix → FusionParams (or plain dict, then ``configs[prefix]`` is required)
+    extras : mapping name → ndarray (float32/float64, finite), optional
+    configs : mapping prefix → FusionConfig, optional
+    """
+    where = str(path)
+    arrays: dict[str, np.ndarray] = {}
+    header_modules = {}
+    for prefix, params in modules.items():
+        if not isinstance(prefix, str) or not prefix.isidentifier():
+            raise ParamsFormatError(f"{where}: module prefix {prefix!r} must be a non-empty identifier without '.'")
+        config = _config_of(params, (configs or {}).get(prefix), f"{where} [{prefix}]")
+        _check_module_arrays(params, config, f"{where} [{prefix}]")
+        header_modules[prefix] = config.to_json()
+        arrays.update({f"{prefix}.{n}": np.asarray(params[n]) for n in PARAM_NAMES})
+    header_extras = {}
+    for name, a in (extras or {}).items():
+        a = np.asarray(a)
+        if not isinstance(name, str) or not name.isidentifier() or name == HEADER_KEY:
+            raise ParamsFormatError(f"{where}: extra name {name!r} must be an identifier without '.'")
+        if a.dtype.name not in _DTYPES:
+            raise ParamsFormatError(f"{where}: extra {name!r} has dtype {a.dtype}, expected float32 or float64")
+        _check_entry(where, name, a, a.shape, a.dtype)
+        header_extras[name] = {"shape": list(a.shape), "dtype": a.dtype.name}
+        arrays[name] = a
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "set",
+              "modules": header_modules, "extras": header_extras}  # fmt: skip
+    _write(path, header, arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_entry(where: str, name: str, a: np.ndarray, shape, dtype: np.dtype) -> None:
+    if a.dtype != dtype:
+        raise ParamsFormatError(f"{where}: entry {name!r} has dtype {a.dtype}, expected {dtype}")
+    if tuple(a.shape) != tuple(shape):
+        raise ParamsFormatError(f"{where}: entry {name!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    if not np.isfinite(a).all():
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        raise ParamsFormatError(f"{where}: entry {name!r} holds {bad} NaN/inf value(s), expected all finite")
+
+
+def _diagnose_unreadable(path, exc: Exception) -> ParamsFormatError:
+    """Name the entry that :func:`reco_ref.io.load_npz` could not read (it reports only the file).
+
+    This second look also never unpickles: it opens the archive with ``allow_pickle=False`` and reads
+    the entries one by one.
+    """
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as exc2:  # truncated / not a zip: no entry can be named
+        return ParamsFormatError(f"{path}: entry <archive> unreadable, expected a .npz (zip) file "
+                                 f"({type(exc2).__name__}: {exc2})")  # fmt: skip
+    try:
+        for name in z.files:
+            try:
+                z[name]
+            except ValueError as exc3:
+                if "pickle" in str(exc3).lower():
+                    return ParamsFormatError(f"{path}: entry {name!r} is a pickled object array, expected a plain "
+                                             f"numeric array (refused: loading it would need allow_pickle=True)")  # fmt: skip
+                return ParamsFormatError(f"{path}: entry {name!r} unreadable ({exc3})")
+            except Exception as exc3:
+                return ParamsFormatError(f"{path}: entry {name!r} unreadable ({type(exc3).__name__}: {exc3})")
+    finally:
+        z.close()
+    return ParamsFormatError(f"{path}: unreadable ({exc})")
+
+
+def _read(path) -> tuple[dict, dict[str, np.ndarray]]:
+    try:
+        raw = load_npz(path)
+    except FileNotFoundError:
+        raise
+    except (RecoError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _diagnose_unreadable(path, exc) from exc
+    if HEADER_KEY not in raw:
+        raise ParamsFormatError(f"{path}: entry {HEADER_KEY!r} missing, expected a JSON header (format {FORMAT})")
+    blob = raw.pop(HEADER_KEY)
+    if blob.dtype != np.uint8 or blob.ndim != 1:
+        raise ParamsFormatError(f"{path}: entry {HEADER_KEY!r} has dtype {blob.dtype} shape {blob.shape}, "
+                                f"expected 1-D uint8 JSON bytes")  # fmt: skip
+    try:
+        header = json.loads(blob.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ParamsFormatError(f"{path}: entry {HEADER_KEY!r} is not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ParamsFormatError(f"{path}: entry {HEADER_KEY!r} is {type(header).__name__}, expected a JSON object")
+    if header.get("format") != FORMAT:
+        raise ParamsFormatError(f"{path}: header field 'format' is {header.get('format')!r}, expected {FORMAT!r}")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise ParamsFormatError(f"{path}: header field 'format_version' is {header.get('format_version')!r}, "
+                                f"expected {FORMAT_VERSION}")  # fmt: skip
+    for field, typ in (("modules", dict), ("extras", dict), ("names", list)):
+        if not isinstance(header.get(field), typ):
+            raise ParamsFormatError(f"{path}: header field {field!r} is {header.get(field)!r}, expected a JSON {typ.__name__}")
+    return header, raw
+
+
+def _header_config(path, prefix: str, entry) -> FusionConfig:
+    label = f"header module {prefix!r}" if prefix else "header"
+    if not isinstance(entry, dict):
+        raise ParamsFormatError(f"{path}: {label} is {entry!r}, expected an object with dim/heads/mlp_ratio/dtype")
+    for field in ("dim", "heads", "mlp_ratio", "dtype"):
+        if field not in entry:
+            raise ParamsFormatError(f"{path}: {label} field {field!r} missing")
+    for field in ("dim", "heads", "mlp_ratio"):
+        v = entry[field]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ParamsFormatError(f"{path}: {label} field {field!r} is {v!r}, expected a positive int")
+    if entry["dtype"] not in _DTYPES:
+        raise ParamsFormatError(f"{path}: {label} field 'dtype' is {entry['dtype']!r}, expected float32 or float64")
+    if entry["dim"] % entry["heads"]:
+        raise ParamsFormatError(f"{path}: {label} field 'heads' is {entry['heads']}, expected a divisor of dim={entry['dim']}")
+    return FusionConfig(entry["dim"], entry["heads"], entry["mlp_ratio"], entry["dtype"])
+
+
+def _expected_entries(path, header) -> dict[str, tuple[str, tuple[int, ...], np.dtype]]:
+    """Every array name the header implies → (module prefix or '', shape, dtype)."""
+    out = {}
+    for prefix, entry in header["modules"].items():
+        config = _header_config(path, prefix, entry)
+        for name, shape in param_shapes(config.dim, config.mlp_ratio).items():
+            out[f"{prefix}.{name}" if prefix else name] = (prefix, shape, np.dtype(config.dtype))
+    for name, entry in header["extras"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or entry.get("dtype") not in _DTYPES:
+            raise ParamsFormatError(f"{path}: header extra {name!r} is {entry!r}, expected {{'shape': [...], 'dtype': 'float32'|'float64'}}")
+        out[name] = ("", tuple(entry["shape"]), np.dtype(entry["dtype"]))
+    return out
+
+
+def _load_checked(path, kind: str):
+    header, raw = _read(path)
+    if header.get("kind") != kind:
+        raise ParamsFormatError(f"{path}: header field 'kind' is {header.get('kind')!r}, expected {kind!r}"
+                                + (" (use load_param_set)" if header.get("kind") == "set" else "")
+                                + (" (use load_params)" if header.get("kind") == "module" else ""))  # fmt: skip
+    if kind == "set":
+        for prefix in header["modules"]:
+            if not isinstance(prefix, str) or not prefix.isidentifier():
+                raise ParamsFormatError(f"{path}: header module prefix {prefix!r}, expected a non-empty identifier without '.'")
+    expected = _expected_entries(path, header)
+    if sorted(header["names"]) != sorted(expected):
+        raise ParamsFormatError(f"{path}: header field 'names' lists {sorted(header['names'])}, expected {sorted(expected)}")
+    for name in expected:
+        if name not in raw:
+            raise ParamsFormatError(f"{path}: entry {name!r} missing, expected shape {expected[name][1]} {expected[name][2]}")
+    for name in raw:
+        if name not in expected:
+            raise ParamsFormatError(f"{path}: entry {name!r} unexpected, expected only {sorted(expected)}")
+    for name, (_, shape, dtype) in expected.items():
+        _check_entry(str(path), name, raw[name], shape, dtype)
+    return header, raw
+
+
+def load_params(path: str | os.PathLike) -> tuple[FusionParams, FusionConfig]:
+    """Load and fully validate one fusion module saved by :func:`save_params`.
+
+    Returns
+    -------
+    params : FusionParams
+    config : FusionConfig (also ``params.config``)
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ParamsFormatError
+        Naming the entry, the expected and the found value, for any missing / unexpected name,
+        wrong shape or dtype, NaN/inf, bad header, pickled object array or unreadable file.
+    """
+    header, raw = _load_checked(path, "module")
+    if list(header["modules"]) != [""]:
+        raise ParamsFormatError(f"{path}: header field 'modules' has prefixes {list(header['modules'])}, expected [''] for kind 'module'")
+    config = _header_config(path, "", header["modules"][""])
+    return FusionParams({n: raw[n] for n in PARAM_NAMES}, config), config
+
+
+def load_param_set(path: str | os.PathLike) -> tuple[dict[str, FusionParams], dict[str, np.ndarray]]:
+    """Load and validate a set saved by :func:`save_param_set`.
+
+    Returns
+    -------
+    modules : dict prefix → FusionParams
+    extras : dict name → ndarray
+    """
+    header, raw = _load_checked(path, "set")
+    modules = {}
+    for prefix, entry in header["modules"].items():
+        config = _header_config(path, prefix, entry)
+        modules[prefix] = FusionParams({n: raw[f"{prefix}.{n}"] for n in PARAM_NAMES}, config)
+    extras = {name: raw[name] for name in header["extras"]}
+    return modules, extras

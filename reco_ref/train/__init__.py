@@ -1,0 +1,29 @@
+"""Training RECO's fusion modules on precomputed (frozen-encoder) embeddings (spec §3).
+
+* :mod:`reco_ref.train.losses` — symmetric InfoNCE with a learnable, clamped temperature
+  (``infonce_forward / infonce_backward``) and the three-term RECO loss
+  (``reco_loss_forward / reco_loss_backward``); backends ``numpy | numba | cuda``.
+* :mod:`reco_ref.train.optim` — AdamW (decay on matrices only) and ``lr_at`` (linear warm-up, cosine).
+"""
+
+from .losses import (  # noqa: F401
+    DEFAULT_TAU,
+    MAX_SCALE,
+    infonce_backward,
+    infonce_forward,
+    reco_loss_backward,
+    reco_loss_forward,
+)
+from .optim import adamw_init, adamw_step, lr_at  # noqa: F401
+
+__all__ = [
+    "DEFAULT_TAU",
+    "MAX_SCALE",
+    "infonce_forward",
+    "infonce_backward",
+    "reco_loss_forward",
+    "reco_loss_backward",
+    "adamw_init",
+    "adamw_step",
+    "lr_at",
+]

@@ -1,0 +1,110 @@
+"""Shared helpers for the fusion tests: random non-identity parameters, random inputs, finite differences.
+
+Importable from any test in tests/fusion (pytest puts this folder on sys.path): ``from fusion_testlib import ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from reco_ref.fusion import FusionConfig, FusionParams, param_shapes
+
+
+def random_params(D: int, heads: int, rng: np.random.Generator, mlp_ratio: int = 4, dtype=np.float64) -> FusionParams:
+    """Random, clearly non-identity parameters.
+
+    At identity init most gradients vanish (W_o = W_2 = 0 cut every path but the residual), so the
+    checks use weights large enough that attention is far from uniform, GELU is in its curved range
+    and every parameter influences the output.
+    """
+    arrays = {}
+    for name, shape in param_shapes(D, mlp_ratio).items():
+        if name.endswith("_gamma"):
+            a = 1.0 + 0.3 * rng.standard_normal(shape)
+        elif name.startswith("w_"):
+            a = rng.standard_normal(shape) * (1.0 / np.sqrt(shape[0]))
+        else:  # biases, LN betas, type embeddings
+            a = 0.3 * rng.standard_normal(shape)
+        arrays[name] = a.astype(dtype)
+    return FusionParams(arrays, FusionConfig(D, heads, mlp_ratio, np.dtype(dtype).name))
+
+
+def random_inputs(B: int, k: int, D: int, rng: np.random.Generator, dtype=np.float64, p_valid: float | None = 0.6,
+                  fully_masked_row: bool = True):  # fmt: skip
+    """Normalised query [B,D], neighbours [B,k,D] and a bool mask [B,k] (None when p_valid is None).
+
+    With ``fully_masked_row`` and B ≥ 2, row 0 has no valid neighbour at all.
+    """
+    q = rng.standard_normal((B, D))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    r = rng.standard_normal((B, k, D))
+    r /= np.maximum(np.linalg.norm(r, axis=2, keepdims=True), 1e-12)
+    if p_valid is None:
+        mask = None
+    else:
+        mask = rng.random((B, k)) < p_valid
+        if fully_masked_row and B >= 2:
+            mask[0] = False
+    return q.astype(dtype), r.astype(dtype), mask
+
+
+def rel_err(analytic: np.ndarray, numeric: np.ndarray, scale: float = 1.0, floor: float = 1e-5) -> float:
+    r"""Relative error of one gradient array, as used in every finite-difference check.
+
+    .. math::
+
+        \mathrm{rel} = \frac{\lVert a - n \rVert_2}{\max(\lVert a \rVert_2 + \lVert n \rVert_2,\ \text{floor}\cdot\sqrt{m}\cdot\text{scale})}
+
+    over the ``m`` checked entries. The floor term exists because a central difference cannot resolve
+    gradients below its own round-off noise (≈ ε_mach·|f|/h ≈ 2e-11·|f| for h = 1e-5): an array whose
+    true gradient is ~0 (e.g. ``b_k``: softmax is shift-invariant) is thereby held to an absolute RMS
+    error of ``rel_tol·floor·scale`` per entry instead of a meaningless ratio of two round-off values.
+    ``scale`` is ``max(1, |f|)``.
+    """
+    a = np.asarray(analytic, dtype=np.float64).ravel()
+    n = np.asarray(numeric, dtype=np.float64).ravel()
+    if a.size == 0:
+        return 0.0
+    denom = max(np.linalg.norm(a) + np.linalg.norm(n), floor * np.sqrt(a.size) * scale)
+    return float(np.linalg.norm(a - n) / denom)
+
+
+def central_diff(f, arr: np.ndarray, idx, h: float = 1e-5) -> float:
+    """(f(arr[idx] + h) − f(arr[idx] − h)) / 2h, restoring ``arr`` afterwards."""
+    old = arr[idx]
+    arr[idx] = old + h
+    fp = f()
+    arr[idx] = old - h
+    fm = f()
+    arr[idx] = old
+    return (fp - fm) / (2.0 * h)
+
+
+def directional_diff(f, arr: np.ndarray, direction: np.ndarray, h: float = 1e-5) -> float:
+    """(f(arr + h·u) − f(arr − h·u)) / 2h for a whole-array direction ``u``, restoring ``arr``."""
+    old = arr.copy()
+    arr += h * direction
+    fp = f()
+    arr[...] = old - h * direction
+    fm = f()
+    arr[...] = old
+    return (fp - fm) / (2.0 * h)
+
+
+@contextlib.contextmanager
+def single_blas_thread():
+    """Run BLAS on one thread inside the block.
+
+    The checks multiply tiny matrices thousands of times; a threaded BLAS gains nothing there and,
+    on a loaded 2-core machine, its spinning threads made one configuration 25× slower (measured:
+    26 ms vs 1.1 ms per forward). Uses threadpoolctl (test extra) when installed, else does nothing.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - the test extra installs it
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
