@@ -1,0 +1,37 @@
+"""Encoders: a frozen image/text encoder pair on ONNX Runtime (issue 4).
+
+Public API::
+
+    from reco_ref.encoders import load
+    enc = load("reco-mini")                     # or a folder holding encoder.json
+    img = enc.encode_images(["a.jpg", pil_image])   # float32 [N, enc.dim], unit rows
+    txt = enc.encode_texts(["a photo of a dog"])    # float32 [N, enc.dim], unit rows
+    emb, ok_index, errors = enc.encode_images(paths, on_error="skip")
+
+Modules: ``config`` (encoder.json schema + validation), ``images`` (safe decoding), ``preprocess`` (CLIP-exact
+resize/crop/normalise), ``onnx_pair`` (sessions, checks, batching, pooling), ``hf_layout`` (configs for
+Hugging Face ONNX CLIP exports), ``export_clip`` (OpenCLIP/OpenAI CLIP -> ONNX pair; needs the ``clip-export``
+extra), ``cli`` (``reco-ref encode`` / ``reco-ref export-clip``).
+"""
+
+from .config import EncoderConfig, ImageConfig, TextConfig, parse_config, read_config
+from .images import ImageError, decode_image, decode_many
+from .onnx_pair import EncoderPair, SkipResult, SkipResultWithKeys, load
+from .preprocess import preprocess_batch, preprocess_image
+
+__all__ = [
+    "load",
+    "EncoderPair",
+    "EncoderConfig",
+    "ImageConfig",
+    "TextConfig",
+    "SkipResult",
+    "SkipResultWithKeys",
+    "ImageError",
+    "parse_config",
+    "read_config",
+    "decode_image",
+    "decode_many",
+    "preprocess_image",
+    "preprocess_batch",
+]

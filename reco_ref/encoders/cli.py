@@ -1,0 +1,90 @@
+"""``reco-ref encode`` and ``reco-ref export-clip``: argument parsing only (logic: stream.py, export_clip.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "encode",
+        help="embed a folder/list of images or a file of texts into one .npy (chunked, resumable)",
+        description="Embed images (--images DIR|LIST) or texts (--texts FILE, one per line) with an encoder pair. "
+        "Writes OUT (float32 [M,D], L2-normalised) and sidecars OUT-stem.meta.json (model fingerprint, "
+        "errors), .ok_index.npy and .items.txt (images), .keys.npy (pairs with an image search key). "
+        "Unreadable images are reported in the meta file and skipped. An interrupted run resumes from "
+        "its finished chunks when re-run with the same arguments.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", metavar="DIR|LIST", help="folder (recursive) or text file with one image path per line")
+    src.add_argument("--texts", metavar="FILE", help="UTF-8 text file, one text per line")
+    p.add_argument("--model", default="reco-mini", help="shipped encoder name or folder with encoder.json (default reco-mini)")
+    p.add_argument("--out", required=True, help="output .npy")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=None, help="graph batch (default 64 images / 256 texts)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="items per resumable chunk file (default 1024)")
+    p.add_argument("--max-pixels", type=int, default=None, help="largest accepted image (width*height); default from encoder.json (89,478,485)")
+    p.add_argument("--restart", action="store_true", help="discard the finished chunks of an interrupted run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_encode)
+
+    e = sub.add_parser(
+        "export-clip",
+        help="export an OpenCLIP / OpenAI CLIP model to an ONNX encoder pair + encoder.json (needs the clip-export extra)",
+        description="Export open_clip.create_model(MODEL, pretrained=PRETRAINED) to OUT/{image.onnx,text.onnx,encoder.json}. "
+        "Needs torch and open_clip_torch (pip install 'reco_ref[clip-export]'); PRETRAINED is a tag open_clip "
+        "knows (fetched by open_clip into its cache) or a local checkpoint file.",
+    )
+    e.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-32")
+    e.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path (default: none = random init)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--name", default=None, help="encoder name in encoder.json (default: derived from model/pretrained)")
+    e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    e.add_argument("--seed", type=int, default=0, help="torch seed for random init (pretrained none)")
+    e.set_defaults(func=_export_clip)
+
+    h = sub.add_parser(
+        "hf-clip-config",
+        help="write encoder.json for a Hugging Face ONNX CLIP export (separate vision/text models)",
+        description="Read DIR/preprocessor_config.json and the two ONNX graphs, write DIR/encoder.json.",
+    )
+    h.add_argument("dir", help="folder with the vision and text ONNX models and preprocessor_config.json")
+    h.add_argument("--vision", default="vision_model.onnx", help="vision graph file name (default vision_model.onnx)")
+    h.add_argument("--text", default="text_model.onnx", help="text graph file name (default text_model.onnx)")
+    h.add_argument("--name", default=None, help="encoder name (default: the folder name)")
+    h.set_defaults(func=_hf_config)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from .onnx_pair import load
+    from .stream import encode_to_file, read_image_list, read_text_lines
+
+    enc = load(args.model, threads=args.threads, max_pixels=args.max_pixels)
+    if args.images:
+        items, kind = [str(p) for p in read_image_list(args.images)], "images"
+    else:
+        items, kind = read_text_lines(args.texts), "texts"
+    meta = encode_to_file(enc, items, args.out, kind=kind, chunk_size=args.chunk_size, batch_size=args.batch_size,
+                          resume=not args.restart, progress=not args.no_progress)
+    for err in meta["errors"]:
+        print(f"skipped: {err['message']}", file=sys.stderr)
+    print(f"{args.out}: {meta['n_ok']} of {meta['n_items']} {kind} embedded with {meta['model']} "
+          f"(dim {meta['dim']}, fingerprint {meta['fingerprint'][:12]}); {len(meta['errors'])} error(s)")
+    return 0
+
+
+def _export_clip(args: argparse.Namespace) -> int:
+    from .export_clip import export_open_clip
+
+    cfg = export_open_clip(args.model, args.pretrained, args.out, name=args.name, opset=args.opset, seed=args.seed)
+    print(f"{args.out}: exported {cfg['name']} (embed_dim {cfg['embed_dim']}); load it with reco_ref.encoders.load({args.out!r})")
+    return 0
+
+
+def _hf_config(args: argparse.Namespace) -> int:
+    from .hf_layout import write_hf_clip_config
+
+    cfg = write_hf_clip_config(args.dir, vision=args.vision, text=args.text, name=args.name)
+    print(f"{args.dir}/encoder.json written ({cfg['name']}, embed_dim {cfg['embed_dim']})")
+    return 0

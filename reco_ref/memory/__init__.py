@@ -1,0 +1,31 @@
+"""On-disk image-text memory: build (resumable, atomic), validate, search (HNSW + exact), shard, scale out.
+
+Front door::
+
+    from reco_ref.memory import Memory, build_memory, read_pairs, retrieve
+    items = read_pairs("pairs.csv")                       # or a dataset manifest / caption folder / .jsonl
+    build_memory("mem/", items, reco_ref.encoders.load("reco-mini"), resume=True)
+    mem = Memory.open("mem/", encoder=enc)                # validates manifest, hashes, shapes, fingerprint
+    rows, scores, valid = mem.search(q, modality="image", k=10, exclude=self_rows, dup_threshold=True)
+    neighbours, valid, rows = retrieve(mem, q, "image", search="uni", fuse="cross", k=10)
+
+Modules: :mod:`.format` (files, manifest, commit), :mod:`.sources` (pair readers), :mod:`.build`
+(chunks, resume, add), :mod:`.index` (hnswlib + brute force), :mod:`.search` (exclusion, masks, the
+four retrieval combinations), :mod:`.store` (:class:`Memory`), :mod:`.shards` (N shards, exact
+merge), :mod:`.dask_build` (shards built on a Dask cluster), :mod:`.estimate` (disk/RAM/time),
+:mod:`.synth` (benchmark vectors from real embeddings).
+"""
+
+from .build import add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays
+from .estimate import estimate_build, format_estimate
+from .format import FORMAT_VERSION
+from .search import DEFAULT_DUP_THRESHOLD, retrieve, search_index
+from .shards import ShardedMemory, write_shards_manifest
+from .sources import read_caption_folder, read_pairs, read_pairs_csv, read_pairs_jsonl
+from .store import Memory
+
+__all__ = [
+    "FORMAT_VERSION", "DEFAULT_DUP_THRESHOLD", "Memory", "ShardedMemory", "add_arrays_to_memory", "add_to_memory",
+    "build_memory", "build_memory_from_arrays", "estimate_build", "format_estimate", "read_caption_folder",
+    "read_pairs", "read_pairs_csv", "read_pairs_jsonl", "retrieve", "search_index", "write_shards_manifest",
+]

@@ -1,0 +1,615 @@
+"""Build a memory (and ``add`` to one): streamed in chunks, resumable after ``kill -9``, atomic.
+
+Life of a build (``out/`` is the memory directory)::
+
+    out/.build/plan.json                  what is being built: item digest, encoder fingerprint, chunking, dtype,
+                                          HNSW params.  A resumed run must match it field by field.
+    out/.build/chunks/chunk_000000.npz    chunk c = items [c*chunk_size, (c+1)*chunk_size): encoded rows
+                                          (item ids, image [m,D], text [m,D], keys) + failed items with
+                                          their error.  Written atomically: a chunk file exists whole or not.
+    out/.build/staged/*                   the final files, assembled from the chunks in chunk order
+    out/.build/COMMIT.json -> renames -> manifest.json -> .build removed   (see :mod:`.format`)
+
+A kill at any point leaves either whole chunk files (a re-run encodes only the missing chunks) or a
+complete staging area; rows are the successful items in item order, so an interrupted-and-resumed build
+produces the same bytes as an uninterrupted one.  RAM is bounded by one chunk plus one HNSW index
+(the assembly streams chunk by chunk into the ``.npy`` files).
+
+``add`` is the same pipeline with ``kind="add"``: new chunks are staged as *old rows + new rows*, the
+HNSW indexes are loaded, grown with ``resize_index`` and extended, and the commit replaces the files.
+Until the commit the existing memory stays valid and openable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from .. import __version__
+from ..errors import MemoryFormatError, ShapeError
+from ..io import atomic_open, atomic_save_npz, atomic_write_json, atomic_write_text, load_npy, load_npz
+from . import format as fmt
+from .index import hnsw_add, hnsw_build, hnsw_load
+from .sources import items_digest
+
+DEFAULT_CHUNK = 1024
+DEFAULT_BATCH = 64
+ESTIMATE_MIN_ITEMS = 5000  # builds at least this big print a disk/RAM/time estimate after their first chunk
+NORM_TOL = 1e-3  # precomputed arrays must be L2-normalised to this tolerance (or pass normalize=True)
+
+Log = Callable[[str], Any]
+
+
+def _silent(msg: str) -> None:
+    pass
+
+
+def load_encoder(spec: Any, threads: int | None = None) -> Any:
+    """An encoder from a name/folder (``reco_ref.encoders.load``), a ``"module:factory"`` string, or a callable.
+
+    ``"module:factory"`` (e.g. a test double or a custom encoder) is imported and called with no
+    arguments; anything with ``encode_images`` is returned as is.  ``threads`` caps ONNX Runtime's
+    intra-op threads of a named encoder (Dask workers pass their share of the cores).  Dask workers call this so each one
+    builds its own encoder (its own ONNX session) from a picklable spec.
+    """
+    if hasattr(spec, "encode_images"):
+        return spec
+    if callable(spec):
+        return spec()
+    if isinstance(spec, str) and ":" in spec and not Path(spec).exists():
+        import importlib
+
+        mod, _, attr = spec.partition(":")
+        return getattr(importlib.import_module(mod), attr)()
+    from ..encoders import load
+
+    return load(spec) if threads is None else load(spec, threads=threads)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# producers: what turns a chunk of items into embeddings
+# ----------------------------------------------------------------------------------------------------------
+class EncoderProducer:
+    """Encodes a chunk of items with an encoder pair (``reco_ref.encoders.load(...)`` or a duck-typed twin).
+
+    Items whose caption is missing or whose image fails to decode become *failures* of the chunk,
+    with the encoder's error message; every other item becomes a row.
+    """
+
+    def __init__(self, encoder: Any, batch_size: int = DEFAULT_BATCH, text_batch_size: int = 256):
+        self.encoder = encoder
+        self.batch_size = int(batch_size)
+        self.text_batch_size = int(text_batch_size)
+        self.info = {"name": str(encoder.name), "fingerprint": str(encoder.fingerprint), "dim": int(encoder.dim),
+                     "key_dim": None if getattr(encoder, "key_dim", None) is None else int(encoder.key_dim)}
+        self.digest_extra = ""
+
+    def _images(self, paths: list[str]) -> tuple[np.ndarray, np.ndarray | None, list[int], list[tuple[int, str]]]:
+        """paths -> emb [m,D], keys [m,Dk] | None, ok positions, [(position, message)] for failures."""
+        enc = self.encoder
+        if self.info["key_dim"]:
+            out = enc.encode_images(paths, batch_size=self.batch_size, on_error="skip", with_keys=True)
+            if len(out) == 4:  # (emb, keys, ok, errors)
+                emb, keys, ok, errors = out
+            else:  # ((emb, keys), ok, errors)
+                (emb, keys), ok, errors = out
+        else:
+            emb, ok, errors = enc.encode_images(paths, batch_size=self.batch_size, on_error="skip")
+            keys = None
+        errs = []
+        for e in errors:  # ImageError(index, item, message) or any (index, ..., message) tuple
+            errs.append((int(e[0]), str(e[-1])))
+        return np.asarray(emb, np.float32), None if keys is None else np.asarray(keys, np.float32), \
+            [int(i) for i in ok], errs
+
+    def produce(self, items: list[dict], lo: int, offset: int) -> dict:
+        """Encode ``items`` (positions ``lo..`` of this run, item ids ``lo+offset..``) -> chunk arrays."""
+        first = lo + offset
+        D, Dk = self.info["dim"], self.info["key_dim"]
+        failed: list[tuple[int, str]] = []
+        with_caption = []
+        for i, it in enumerate(items):
+            if it.get("caption") is None:
+                failed.append((i, f"{it['source']}: no caption (missing sidecar .txt or empty caption field)"))
+            else:
+                with_caption.append(i)
+        paths = [items[i]["image"] for i in with_caption]
+        if paths:
+            img, keys, ok, errs = self._images(paths)
+        else:
+            img, keys, ok, errs = np.zeros((0, D), np.float32), None, [], []
+        failed += [(with_caption[p], msg) for p, msg in errs]
+        rows = [with_caption[p] for p in ok]  # positions in `items` of the encoded rows, ascending
+        if img.shape != (len(rows), D):
+            raise ShapeError(f"encoder {self.info['name']}: image embeddings {img.shape}, expected ({len(rows)}, {D})")
+        if rows:
+            txt = np.asarray(self.encoder.encode_texts([items[i]["caption"] for i in rows],
+                                                       batch_size=self.text_batch_size), np.float32)
+        else:
+            txt = np.zeros((0, D), np.float32)
+        if txt.shape != (len(rows), D):
+            raise ShapeError(f"encoder {self.info['name']}: text embeddings {txt.shape}, expected ({len(rows)}, {D})")
+        if keys is None and Dk:
+            raise ShapeError(f"encoder {self.info['name']}: key_dim {Dk} but no keys returned")
+        failed.sort()
+        out = {"item": np.asarray(rows, np.int64) + first, "image": img, "text": txt,
+               "failed_item": np.asarray([i for i, _ in failed], np.int64) + first,
+               "failed_error": np.asarray([m for _, m in failed], dtype=str)}
+        if Dk:
+            out["image_keys"] = keys
+        return out
+
+
+class ArrayProducer:
+    """Serves chunks of precomputed embedding arrays (``image [n,D]``, ``text [n,D]``, optional keys)."""
+
+    def __init__(self, image: np.ndarray, text: np.ndarray, *, keys: np.ndarray | None = None, name: str,
+                 fingerprint: str, normalize: bool = False):
+        if image.ndim != 2 or text.shape != image.shape:
+            raise ShapeError(f"embedding arrays: image {image.shape} and text {text.shape} must both be [n, D]")
+        if keys is not None and (keys.ndim != 2 or keys.shape[0] != image.shape[0]):
+            raise ShapeError(f"embedding arrays: image_keys {keys.shape} must be [n={image.shape[0]}, Dk]")
+        for nm, a in (("image", image), ("text", text), ("image_keys", keys)):
+            if a is not None and a.dtype not in (np.float16, np.float32, np.float64):
+                raise ShapeError(f"embedding array {nm}: dtype {a.dtype}, expected float16/32/64")
+        self.image, self.text, self.keys = image, text, keys
+        self.normalize = bool(normalize)
+        self.info = {"name": str(name), "fingerprint": str(fingerprint), "dim": int(image.shape[1]),
+                     "key_dim": None if keys is None else int(keys.shape[1])}
+        h = hashlib.sha256()  # the plan must pin the array contents, streamed so RAM stays bounded
+        for a in (image, text) + ((keys,) if keys is not None else ()):
+            for lo in range(0, a.shape[0], 65536):
+                h.update(np.ascontiguousarray(a[lo:lo + 65536]).tobytes())
+        self.digest_extra = h.hexdigest()
+
+    def _prep(self, name: str, a: np.ndarray, first: int) -> np.ndarray:
+        a = np.asarray(a, np.float32)
+        if not np.isfinite(a).all():
+            raise ShapeError(f"embedding array {name}: rows {first}..{first + len(a) - 1} hold NaN/inf")
+        norms = np.linalg.norm(a, axis=1)
+        if self.normalize:
+            if (norms == 0).any():
+                raise ShapeError(f"embedding array {name}: zero row near {first}; cannot L2-normalise")
+            return a / norms[:, None]
+        bad = np.abs(norms - 1) > NORM_TOL
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ShapeError(f"embedding array {name}: row {first + j} has L2 norm {norms[j]:.4f}, expected 1 "
+                             f"(tolerance {NORM_TOL}); pass normalize=True / --normalize to L2-normalise")
+        return a
+
+    def produce(self, items: list[dict], lo: int, offset: int) -> dict:
+        first, hi = lo, lo + len(items)
+        out = {"item": np.arange(first + offset, hi + offset, dtype=np.int64),
+               "image": self._prep("image", self.image[first:hi], first),
+               "text": self._prep("text", self.text[first:hi], first),
+               "failed_item": np.zeros(0, np.int64), "failed_error": np.zeros(0, dtype="<U1")}
+        if self.keys is not None:
+            out["image_keys"] = self._prep("image_keys", self.keys[first:hi], first)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plan
+# ----------------------------------------------------------------------------------------------------------
+def _make_plan(kind: str, items: list[dict], producer: Any, *, chunk_size: int, dtype: str, M: int,
+               ef_construction: int, seed: int, item_offset: int, base_manifest_sha: str | None,
+               resume_hint: str | None) -> dict:
+    return {
+        "kind": kind,
+        "n_items": len(items),
+        "items_sha256": items_digest(items) + producer.digest_extra,
+        "item_offset": int(item_offset),
+        "chunk_size": int(chunk_size),
+        "n_chunks": -(-len(items) // chunk_size),
+        "dtype": dtype,
+        "encoder": producer.info,
+        "hnsw": {"M": int(M), "ef_construction": int(ef_construction), "seed": int(seed)},
+        "base_manifest_sha256": base_manifest_sha,
+        "resume_hint": resume_hint,
+    }
+
+
+def _check_plan(old: dict, new: dict, path: Path) -> None:
+    for key in ("kind", "n_items", "items_sha256", "item_offset", "chunk_size", "dtype", "encoder", "hnsw",
+                "base_manifest_sha256"):
+        if old.get(key) != new.get(key):
+            raise MemoryFormatError(
+                f"{path}: cannot resume: {key} differs from the interrupted run (was {old.get(key)!r}, "
+                f"now {new.get(key)!r}). Resume with the same inputs and options, or delete {path.parent} "
+                "to start over"
+            )
+
+
+def _chunk_path(build: Path, c: int) -> Path:
+    return build / "chunks" / f"chunk_{c:06d}.npz"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# streamed writers
+# ----------------------------------------------------------------------------------------------------------
+def _write_npy_stream(path: Path, shape: tuple[int, int], dtype: str, blocks: Iterable[np.ndarray]) -> None:
+    """Write an ``.npy`` of ``shape`` from row blocks without holding it in RAM (atomic, via io.atomic_open)."""
+    dt = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": tuple(int(s) for s in shape)}
+    written = 0
+    with atomic_open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for b in blocks:
+            b = np.ascontiguousarray(b, dtype=dt)
+            if b.ndim != 2 or b.shape[1] != shape[1]:
+                raise ShapeError(f"{path.name}: block of shape {b.shape}, expected [*, {shape[1]}]")
+            fh.write(b.tobytes())
+            written += b.shape[0]
+        if written != shape[0]:
+            raise MemoryFormatError(f"{path.name}: wrote {written} rows, expected {shape[0]} (chunks changed?)")
+
+
+def _iter_base(a: np.ndarray | None, block: int = 65536) -> Iterable[np.ndarray]:
+    if a is None:
+        return
+    for lo in range(0, a.shape[0], block):
+        yield a[lo:lo + block]
+
+
+def _iter_chunks(build: Path, n_chunks: int, key: str) -> Iterable[np.ndarray]:
+    for c in range(n_chunks):
+        yield load_npz(_chunk_path(build, c))[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pipeline
+# ----------------------------------------------------------------------------------------------------------
+def _encode_chunks(build: Path, plan: dict, items: list[dict], producer: Any, progress: bool, log: Log) -> None:
+    from tqdm import tqdm
+
+    n, cs, n_chunks = plan["n_items"], plan["chunk_size"], plan["n_chunks"]
+    (build / "chunks").mkdir(parents=True, exist_ok=True)
+    fmt.remove_tmp_files(build / "chunks")
+    todo = [c for c in range(n_chunks) if not _chunk_path(build, c).is_file()]
+    done_items = sum(min(cs, n - c * cs) for c in range(n_chunks)) - sum(min(cs, n - c * cs) for c in todo)
+    if todo and done_items:
+        log(f"resuming: {n_chunks - len(todo)} of {n_chunks} chunks already encoded")
+    bar = tqdm(total=n, initial=done_items, disable=not progress, desc="encode", unit="item", leave=False)
+    written = 0
+    t0 = time.perf_counter()
+    try:
+        for c in todo:
+            lo, hi = c * cs, min((c + 1) * cs, n)
+            out = producer.produce(items[lo:hi], lo, plan["item_offset"])
+            for k in ("image", "text", "image_keys"):
+                if k in out:
+                    out[k] = np.asarray(out[k], np.float32).astype(plan["dtype"])
+            atomic_save_npz(_chunk_path(build, c), out)
+            written += 1
+            bar.update(hi - lo)
+            if written == 1 and len(todo) > 1 and n >= ESTIMATE_MIN_ITEMS:
+                from .estimate import estimate_build, format_estimate
+
+                rate = (hi - lo) / max(time.perf_counter() - t0, 1e-9)
+                est = estimate_build(n, plan["encoder"]["dim"], key_dim=plan["encoder"]["key_dim"],
+                                     dtype=plan["dtype"], M=plan["hnsw"]["M"],
+                                     ef_construction=plan["hnsw"]["ef_construction"], encode_items_per_s=rate)
+                log(format_estimate(est))
+            fmt._kill_hook("chunk", written)
+    finally:
+        bar.close()
+
+
+def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_threads: int | None,
+           log: Log) -> tuple[dict, list[str]]:
+    """Assemble the final files into .build/staged/ from (base memory +) chunks; return (manifest, files)."""
+    build = root / fmt.BUILD_DIR
+    staged = build / "staged"
+    staged.mkdir(parents=True, exist_ok=True)
+    fmt.remove_tmp_files(staged)
+    n_chunks = plan["n_chunks"]
+    D, Dk, dtype = plan["encoder"]["dim"], plan["encoder"]["key_dim"], plan["dtype"]
+    M, efc, seed = plan["hnsw"]["M"], plan["hnsw"]["ef_construction"], plan["hnsw"]["seed"]
+    first_item = plan["item_offset"]
+
+    # pass 1: which items became rows and which failed (small arrays only)
+    new_rows: list[np.ndarray] = []
+    failures: list[str] = []
+    for c in range(n_chunks):
+        z = load_npz(_chunk_path(build, c))
+        new_rows.append(z["item"])
+        for i, msg in zip(z["failed_item"].tolist(), z["failed_error"].tolist()):
+            it = items[i - first_item]
+            failures.append(json.dumps({"item": int(i), "source": it["source"], "error": msg}, sort_keys=True))
+    item_of_row = np.concatenate(new_rows) if new_rows else np.zeros(0, np.int64)  # [m] item ids of new rows
+    m = int(item_of_row.shape[0])
+    n_old = base["manifest"]["counts"]["rows"] if base else 0
+    n = n_old + m
+
+    # embeddings: base rows (memmap) then chunk rows, streamed
+    arrays = [(fmt.IMAGE, "image", D), (fmt.TEXT, "text", D)] + ([(fmt.IMAGE_KEYS, "image_keys", Dk)] if Dk else [])
+    for fname, key, dim in arrays:
+        blocks = list(_iter_base(base[key] if base else None)) if base else []
+        _write_npy_stream(staged / fname, (n, dim), dtype, _chain(blocks, _iter_chunks(build, n_chunks, key)))
+
+    # metadata (SQLite), row ids continue after the base rows
+    with fmt.atomic_path(staged / fmt.META) as tmp:
+        if base:
+            shutil.copyfile(base["root"] / fmt.META, tmp)
+        con = sqlite3.connect(tmp)
+        try:
+            con.execute("PRAGMA journal_mode=OFF")
+            con.execute("PRAGMA synchronous=OFF")
+            con.execute("CREATE TABLE IF NOT EXISTS rows (row INTEGER PRIMARY KEY, item INTEGER NOT NULL, "
+                        "caption TEXT, source TEXT, label INTEGER, split TEXT, tags TEXT)")
+            con.executemany(
+                "INSERT INTO rows VALUES (?,?,?,?,?,?,?)",
+                ((n_old + r, int(i), items[i - first_item]["caption"], items[i - first_item]["source"],
+                  items[i - first_item]["label"], items[i - first_item]["split"], items[i - first_item]["tags"])
+                 for r, i in enumerate(item_of_row.tolist())))
+            con.commit()
+        finally:
+            con.close()
+
+    # failure log: never silently dropped
+    old_fail = (base["root"] / fmt.FAILURES).read_text() if base else ""
+    atomic_write_text(staged / fmt.FAILURES, old_fail + "".join(f + "\n" for f in failures))
+    if failures:
+        log(f"{len(failures)} item(s) could not be encoded; listed in {root / fmt.FAILURES}")
+
+    # HNSW indexes (labels = row ids), built on the staged memmaps
+    hnsw_meta = {}
+    for modality, fname, dim in (("image", fmt.IMAGE_KEYS if Dk else fmt.IMAGE, Dk or D), ("text", fmt.TEXT, D)):
+        vecs = load_npy(staged / fname)
+        t0 = time.perf_counter()
+        if base:
+            index = hnsw_load(base["root"] / f"{modality}.hnsw", dim, expect_count=n_old, expect_M=M,
+                              expect_ef_construction=efc, max_elements=n)
+            hnsw_add(index, vecs[n_old:], n_old, num_threads=num_threads)
+        else:
+            index = hnsw_build(vecs, M=M, ef_construction=efc, num_threads=num_threads, seed=seed)
+        log(f"{modality}.hnsw: {n} vectors indexed in {time.perf_counter() - t0:.1f}s")
+        with fmt.atomic_path(staged / f"{modality}.hnsw") as tmp:
+            index.save_index(str(tmp))
+        del index, vecs
+        hnsw_meta[modality] = {"M": M, "ef_construction": efc, "seed": seed, "space": "ip", "dim": dim, "count": n,
+                               "vectors": fname}
+
+    files = [a[0] for a in arrays] + [fmt.META, fmt.FAILURES, fmt.IMAGE_INDEX, fmt.TEXT_INDEX]
+    n_failed = len(failures) + (base["manifest"]["counts"]["failed"] if base else 0)
+    n_items = plan["n_items"] + (base["manifest"]["counts"]["items"] if base else 0)
+    history = list(base["manifest"].get("history", [])) if base else []
+    history.append({"kind": plan["kind"], "items": plan["n_items"], "rows": m, "failed": len(failures),
+                    "items_sha256": plan["items_sha256"], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    manifest = {
+        "format_version": fmt.FORMAT_VERSION,
+        "embed_dim": D,
+        "key_dim": Dk,
+        "dtype": dtype,
+        "encoder": {"name": plan["encoder"]["name"], "fingerprint": plan["encoder"]["fingerprint"]},
+        "counts": {"rows": n, "items": n_items, "failed": n_failed},
+        "files": {f: fmt.file_record(staged / f) for f in files},
+        "hnsw": hnsw_meta,
+        "created_by": f"reco_ref {__version__}",
+        "history": history,
+    }
+    return manifest, files
+
+
+def _chain(first: list, rest: Iterable) -> Iterable:
+    yield from first
+    yield from rest
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """Hold an advisory lock on ``root/.lock`` so two builds/adds never write the same memory at once.
+
+    The lock dies with its process (kill -9 included), so it never needs cleaning up.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no protection against concurrent writers
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise MemoryFormatError(f"{root}: another build or add is writing this memory right now") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run(root: Path, kind: str, items: list[dict], producer: Any, **kw: Any) -> dict:
+    root = Path(root)
+    with _exclusive(root):
+        return _run_locked(root, kind, items, producer, **kw)
+
+
+def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resume: bool, chunk_size: int,
+                dtype: str, M: int, ef_construction: int, seed: int, num_threads: int | None, progress: bool,
+                item_offset: int, resume_hint: str | None, log: Log | None) -> dict:
+    log = log or _silent
+    if dtype not in fmt.DTYPES:
+        raise MemoryFormatError(f"dtype {dtype!r} not supported (expected one of {fmt.DTYPES})")
+    if chunk_size < 1:
+        raise MemoryFormatError(f"chunk_size must be >= 1, got {chunk_size}")
+    root = Path(root)
+    build = root / fmt.BUILD_DIR
+    for trash in root.glob(".trash-build*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+    if (build / fmt.COMMIT).is_file():
+        if not resume:
+            raise MemoryFormatError(f"{root}: an interrupted {kind} is committing; re-run with --resume (resume=True)")
+        fmt.roll_forward(root)
+        log(f"{root}: finished the interrupted commit")
+        return json.loads((root / fmt.MANIFEST).read_text())
+
+    base = None
+    base_sha = None
+    if kind == "add":
+        from .store import Memory
+
+        mem = Memory.open(root, verify="size", allow_fingerprint_mismatch=True)
+        if mem.fingerprint != producer.info["fingerprint"] or mem.dim != producer.info["dim"] \
+                or mem.key_dim != producer.info["key_dim"]:
+            raise MemoryFormatError(
+                f"{root}: cannot add with encoder {producer.info['name']!r} (fingerprint "
+                f"{producer.info['fingerprint'][:16]}…, dim {producer.info['dim']}, key_dim {producer.info['key_dim']}): "
+                f"the memory was built with {mem.manifest['encoder']['name']!r} ({mem.fingerprint[:16]}…, "
+                f"dim {mem.dim}, key_dim {mem.key_dim})")
+        if mem.dtype != dtype:
+            raise MemoryFormatError(f"{root}: memory dtype is {mem.dtype}, add asked for {dtype}")
+        h = mem.manifest["hnsw"]["text"]
+        M, ef_construction, seed = h["M"], h["ef_construction"], h.get("seed", seed)
+        base = {"root": root, "manifest": mem.manifest, "image": mem.image, "text": mem.text,
+                "image_keys": mem.image_keys}
+        base_sha = fmt.sha256_file(root / fmt.MANIFEST)
+        item_offset = mem.manifest["counts"]["items"]
+        last = (mem.manifest.get("history") or [{}])[-1]
+        if resume and not build.is_dir() and last.get("kind") == "add" and \
+                last.get("items_sha256") == items_digest(items) + producer.digest_extra:
+            log(f"{root}: this add was already committed")
+            return mem.manifest
+    elif (root / fmt.MANIFEST).is_file():
+        if resume and not build.is_dir():
+            log(f"{root}: already complete")
+            return json.loads((root / fmt.MANIFEST).read_text())
+        raise MemoryFormatError(f"{root}: a memory already exists here; use add (reco-ref memory-add) to extend "
+                                "it, or choose another --out")
+
+    plan = _make_plan(kind, items, producer, chunk_size=chunk_size, dtype=dtype, M=M, ef_construction=ef_construction,
+                      seed=seed, item_offset=item_offset, base_manifest_sha=base_sha, resume_hint=resume_hint)
+    plan_path = build / "plan.json"
+    chunks_dir = build / "chunks"
+    if plan_path.is_file() and not resume and not (chunks_dir.is_dir() and any(chunks_dir.glob("chunk_*.npz"))):
+        # an earlier run stopped before finishing its first chunk (e.g. on bad input): nothing to keep
+        shutil.rmtree(build)
+        log(f"{root}: discarded an earlier attempt that had not encoded anything yet")
+    if plan_path.is_file():
+        if not resume:
+            raise MemoryFormatError(fmt.describe_partial(root) if kind == "build" else
+                                    f"{root}: an interrupted add is pending; re-run it with --resume (resume=True)")
+        _check_plan(json.loads(plan_path.read_text()), plan, plan_path)
+    else:
+        if build.is_dir():  # killed before the plan was written: nothing worth keeping
+            shutil.rmtree(build)
+        atomic_write_json(plan_path, plan)
+
+    _encode_chunks(build, plan, items, producer, progress, log)
+    manifest, files = _stage(root, plan, items, base=base, num_threads=num_threads, log=log)
+    if base is not None:
+        del base  # release the memmaps of the files about to be replaced
+    fmt._kill_hook("staged")
+    fmt.commit_staged(root, manifest, files)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public entry points
+# ----------------------------------------------------------------------------------------------------------
+def build_memory(out: str | Path, items: list[dict], encoder: Any, *, resume: bool = False,
+                 chunk_size: int = DEFAULT_CHUNK, batch_size: int = DEFAULT_BATCH, dtype: str = "float32",
+                 M: int = 16, ef_construction: int = 200, seed: int = 100, num_threads: int | None = None,
+                 progress: bool = True, item_offset: int = 0, resume_hint: str | None = None,
+                 log: Log | None = None) -> dict:
+    """Build a memory at ``out`` from ``items`` (see :mod:`.sources`) encoded by ``encoder``.
+
+    Parameters
+    ----------
+    out : directory to create (the memory)
+    items : list of item dicts (``read_pairs(...)``), in row order
+    encoder : an encoder pair (``reco_ref.encoders.load("reco-mini")`` or the same duck type:
+        ``encode_images``, ``encode_texts``, ``dim``, ``key_dim``, ``name``, ``fingerprint``)
+    resume : continue an interrupted build at ``out`` (refused if inputs/options differ from the plan)
+    chunk_size : items per atomic chunk file (the unit of resumption)
+    dtype : ``"float32"`` or ``"float16"`` storage of the embeddings
+    M, ef_construction, seed : hnswlib build parameters (recorded in the manifest)
+    item_offset : id of the first item (shards of one input use global item ids)
+
+    Returns
+    -------
+    dict : the manifest written
+    """
+    return _run(Path(out), "build", items, EncoderProducer(encoder, batch_size), resume=resume,
+                chunk_size=chunk_size, dtype=dtype, M=M, ef_construction=ef_construction, seed=seed,
+                num_threads=num_threads, progress=progress, item_offset=item_offset, resume_hint=resume_hint,
+                log=log)
+
+
+def build_memory_from_arrays(out: str | Path, image: np.ndarray, text: np.ndarray, *, name: str, fingerprint: str,
+                             keys: np.ndarray | None = None, items: list[dict] | None = None,
+                             normalize: bool = False, resume: bool = False, chunk_size: int = 65536,
+                             dtype: str = "float32", M: int = 16, ef_construction: int = 200, seed: int = 100,
+                             num_threads: int | None = None, progress: bool = True, resume_hint: str | None = None,
+                             log: Log | None = None) -> dict:
+    """Build a memory from precomputed embeddings ``image [n,D]``, ``text [n,D]`` (+ ``keys [n,Dk]``).
+
+    ``name`` / ``fingerprint`` identify the encoder that produced them (``encoder.fingerprint``); the
+    memory refuses other encoders at open.  ``items`` gives optional metadata per row (caption, source,
+    label, split, tags); without it captions are empty and sources are ``array:<row>``.  Rows must be
+    L2-normalised (|norm-1| <= 1e-3) unless ``normalize=True``.
+    """
+    n = image.shape[0]
+    items = items if items is not None else [
+        {"image": "", "caption": "", "source": f"array:{i}", "label": None, "split": None, "tags": None}
+        for i in range(n)]
+    if len(items) != n:
+        raise ShapeError(f"items: {len(items)} metadata rows for {n} embedding rows")
+    producer = ArrayProducer(image, text, keys=keys, name=name, fingerprint=fingerprint, normalize=normalize)
+    return _run(Path(out), "build", items, producer, resume=resume, chunk_size=chunk_size, dtype=dtype, M=M,
+                ef_construction=ef_construction, seed=seed, num_threads=num_threads, progress=progress,
+                item_offset=0, resume_hint=resume_hint, log=log)
+
+
+def _finish_pending_commit(root: Path, resume: bool) -> None:
+    """An add killed mid-commit is finished (rolled forward) by a resumed add before anything else."""
+    if resume and (root / fmt.BUILD_DIR / fmt.COMMIT).is_file():
+        fmt.roll_forward(root)
+
+
+def add_to_memory(root: str | Path, items: list[dict], encoder: Any, *, resume: bool = False,
+                  chunk_size: int = DEFAULT_CHUNK, batch_size: int = DEFAULT_BATCH, num_threads: int | None = None,
+                  progress: bool = True, resume_hint: str | None = None, log: Log | None = None) -> dict:
+    """Append ``items`` to the memory at ``root`` (same encoder required); resumable and atomic like a build.
+
+    New rows get ids ``len(memory)..``; the HNSW indexes are grown with ``resize_index`` and extended.
+    The memory's dtype and HNSW parameters are kept.
+    """
+    from .store import Memory
+
+    _finish_pending_commit(Path(root), resume)
+    dtype = Memory.open(root, verify=False, allow_fingerprint_mismatch=True).dtype
+    return _run(Path(root), "add", items, EncoderProducer(encoder, batch_size), resume=resume, chunk_size=chunk_size,
+                dtype=dtype, M=16, ef_construction=200, seed=100, num_threads=num_threads, progress=progress,
+                item_offset=0, resume_hint=resume_hint, log=log)
+
+
+def add_arrays_to_memory(root: str | Path, image: np.ndarray, text: np.ndarray, *, name: str, fingerprint: str,
+                         keys: np.ndarray | None = None, items: list[dict] | None = None, normalize: bool = False,
+                         resume: bool = False, chunk_size: int = 65536, num_threads: int | None = None,
+                         progress: bool = True, log: Log | None = None) -> dict:
+    """Append precomputed embeddings to an existing memory (see :func:`build_memory_from_arrays`)."""
+    from .store import Memory
+
+    _finish_pending_commit(Path(root), resume)
+    mem = Memory.open(root, verify=False, allow_fingerprint_mismatch=True)
+    n = image.shape[0]
+    items = items if items is not None else [
+        {"image": "", "caption": "", "source": f"array:{len(mem) + i}", "label": None, "split": None, "tags": None}
+        for i in range(n)]
+    producer = ArrayProducer(image, text, keys=keys, name=name, fingerprint=fingerprint, normalize=normalize)
+    return _run(Path(root), "add", items, producer, resume=resume, chunk_size=chunk_size, dtype=mem.dtype, M=16,
+                ef_construction=200, seed=100, num_threads=num_threads, progress=progress, item_offset=0,
+                resume_hint=None, log=log)
+

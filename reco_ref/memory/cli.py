@@ -1,0 +1,102 @@
+"""``reco-ref build-memory | memory-add | memory-info | memory-search`` — parsing only; see :mod:`.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _build_args(p: argparse.ArgumentParser, *, add: bool = False) -> None:
+    p.add_argument("--pairs", help="pairs CSV (image,caption), dataset manifest (file,label,class_name,split), "
+                                   ".jsonl, or a folder of images with sidecar .txt captions")
+    p.add_argument("--model", default="reco-mini", help="encoder name, folder, or module:factory (default reco-mini)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--split", help="keep only rows of this split")
+    p.add_argument("--caption-template", help='captions for a dataset manifest, e.g. "a photo of a {class_name}."')
+    p.add_argument("--chunk-size", type=int, help="items per atomic chunk (default 1024; 65536 for arrays)")
+    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size")
+    p.add_argument("--threads", type=int, help="hnswlib threads (default all cores)")
+    p.add_argument("--image-embeddings", help="precomputed image embeddings .npy [n,D] (instead of encoding)")
+    p.add_argument("--text-embeddings", help="precomputed text embeddings .npy [n,D]")
+    p.add_argument("--image-keys", help="precomputed image search keys .npy [n,Dk] (optional)")
+    p.add_argument("--encoder-name", help="name of the encoder that produced the arrays")
+    p.add_argument("--encoder-fingerprint", help="fingerprint of that encoder (default: --model's)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise precomputed arrays")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if not add:
+        p.add_argument("--out", required=True, help="memory directory to create")
+        p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="embedding storage")
+        p.add_argument("--M", type=int, default=16, help="HNSW M (default 16)")
+        p.add_argument("--ef-construction", type=int, default=200, help="HNSW ef_construction (default 200)")
+        p.add_argument("--shards", type=int, default=1, help="build N shards on Dask (default 1: no Dask)")
+        p.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
+        p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default 2)")
+        p.add_argument("--estimate-only", action="store_true", help="print the disk/RAM/time estimate and stop")
+
+
+def _common(a: argparse.Namespace) -> dict:
+    from .commands import resume_hint_from_argv
+
+    return dict(pairs=a.pairs, model=a.model, resume=a.resume, split=a.split, caption_template=a.caption_template,
+                chunk_size=a.chunk_size, batch_size=a.batch_size, threads=a.threads,
+                image_embeddings=a.image_embeddings, text_embeddings=a.text_embeddings, image_keys=a.image_keys,
+                encoder_name=a.encoder_name, encoder_fingerprint=a.encoder_fingerprint, normalize=a.normalize,
+                progress=not a.no_progress, resume_hint=resume_hint_from_argv(sys.argv[1:]))
+
+
+def _run_build(a: argparse.Namespace) -> int:
+    from . import commands
+
+    return commands.build(out=a.out, dtype=a.dtype, M=a.M, ef_construction=a.ef_construction, shards=a.shards,
+                          scheduler=a.scheduler, workers=a.workers, estimate_only=a.estimate_only, **_common(a))
+
+
+def _run_add(a: argparse.Namespace) -> int:
+    from . import commands
+
+    return commands.add(memory=a.memory, **_common(a))
+
+
+def _run_info(a: argparse.Namespace) -> int:
+    from . import commands
+
+    print(commands.dumps(commands.info(memory=a.memory, verify=a.verify)))
+    return 0
+
+
+def _run_search(a: argparse.Namespace) -> int:
+    from . import commands
+
+    res = commands.search(memory=a.memory, text=a.text, image=a.image, modality=a.modality, k=a.k, exact=a.exact,
+                          ef=a.ef, model=a.model, allow_fingerprint_mismatch=a.allow_fingerprint_mismatch)
+    print(commands.dumps(res))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-memory", help="build an image-text memory (resumable; --shards N on Dask)")
+    _build_args(p)
+    p.set_defaults(func=_run_build)
+
+    p = sub.add_parser("memory-add", help="append pairs to an existing memory (resumable, atomic)")
+    p.add_argument("memory", help="memory directory")
+    _build_args(p, add=True)
+    p.set_defaults(func=_run_add)
+
+    p = sub.add_parser("memory-info", help="validate a memory and print its summary (JSON)")
+    p.add_argument("memory", help="memory directory")
+    p.add_argument("--verify", default="sha256", choices=("sha256", "size", "none"),
+                   help="file check: full sha256 (default), sizes only, or existence only")
+    p.set_defaults(func=_run_info)
+
+    p = sub.add_parser("memory-search", help="search a memory with text or image queries (JSON)")
+    p.add_argument("memory", help="memory directory")
+    p.add_argument("--text", nargs="+", help="text queries")
+    p.add_argument("--image", nargs="+", help="image files as queries")
+    p.add_argument("--modality", choices=("image", "text"), help="index searched (default: the query's)")
+    p.add_argument("-k", type=int, default=5, help="neighbours per query")
+    p.add_argument("--exact", action="store_true", help="brute force instead of HNSW")
+    p.add_argument("--ef", type=int, help="HNSW beam width")
+    p.add_argument("--model", default="reco-mini", help="encoder (must match the memory's fingerprint)")
+    p.add_argument("--allow-fingerprint-mismatch", action="store_true", help="search anyway (debugging)")
+    p.set_defaults(func=_run_search)

@@ -1,0 +1,178 @@
+"""What the ``reco-ref`` memory verbs do, as plain functions (the CLI module only parses arguments).
+
+Each function takes keyword arguments, prints its user-facing lines through ``log`` and returns an
+exit code or a result dict; errors are raised as :mod:`reco_ref.errors` types.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import MemoryFormatError
+from ..io import load_npy
+from .build import (add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays, load_encoder)
+from .estimate import estimate_build, format_estimate
+from .sources import read_pairs
+from .store import Memory
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def estimate_for_items(items: list[dict], encoder: Any, *, sample: int = 32, dtype: str = "float32", M: int = 16,
+                       ef_construction: int = 200) -> dict:
+    """Estimate a build of ``items``: encode a sample to measure the rate, size the files from the formats."""
+    sample_items = [it for it in items[:sample] if it.get("caption") is not None]
+    rate = None
+    if sample_items:
+        t0 = time.perf_counter()
+        encoder.encode_images([it["image"] for it in sample_items], on_error="skip")
+        encoder.encode_texts([it["caption"] for it in sample_items])
+        rate = len(sample_items) / max(time.perf_counter() - t0, 1e-9)
+    cap = float(np.mean([len((it.get("caption") or "").encode()) for it in items[:1000]])) if items else 0.0
+    src = float(np.mean([len(it["source"].encode()) for it in items[:1000]])) if items else 0.0
+    return estimate_build(len(items), int(encoder.dim), key_dim=getattr(encoder, "key_dim", None), dtype=dtype,
+                          M=M, ef_construction=ef_construction, caption_bytes=cap, source_bytes=src,
+                          encode_items_per_s=rate)
+
+
+def _metadata_items(pairs: str | None, n: int, split: str | None, template: str | None) -> list[dict] | None:
+    if not pairs:
+        return None
+    items = read_pairs(pairs, split=split, caption_template=template)
+    if len(items) != n:
+        raise MemoryFormatError(f"{pairs}: {len(items)} rows of metadata for {n} embedding rows")
+    return items
+
+
+def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resume: bool = False,
+          split: str | None = None, caption_template: str | None = None, dtype: str = "float32",
+          chunk_size: int | None = None, batch_size: int = 64, M: int = 16, ef_construction: int = 200,
+          threads: int | None = None, shards: int = 1, scheduler: str | None = None, workers: int = 2,
+          image_embeddings: str | None = None, text_embeddings: str | None = None, image_keys: str | None = None,
+          encoder_name: str | None = None, encoder_fingerprint: str | None = None, normalize: bool = False,
+          estimate_only: bool = False, progress: bool = True, resume_hint: str | None = None,
+          log: Callable[[str], Any] = _err) -> int:
+    """``reco-ref build-memory``: from pairs (CSV / manifest / JSONL / caption folder) or from arrays."""
+    common = dict(dtype=dtype, M=M, ef_construction=ef_construction, num_threads=threads, progress=progress,
+                  resume_hint=resume_hint, log=log, resume=resume)
+    if image_embeddings or text_embeddings:
+        if not (image_embeddings and text_embeddings):
+            raise MemoryFormatError("--image-embeddings and --text-embeddings go together")
+        image, text = load_npy(image_embeddings), load_npy(text_embeddings)
+        keys = load_npy(image_keys) if image_keys else None
+        if encoder_fingerprint is None:
+            enc = load_encoder(model)
+            encoder_name, encoder_fingerprint = enc.name, enc.fingerprint
+        items = _metadata_items(pairs, image.shape[0], split, caption_template)
+        log(format_estimate(estimate_build(image.shape[0], image.shape[1], key_dim=None if keys is None else
+                                           keys.shape[1], dtype=dtype, M=M, ef_construction=ef_construction)))
+        if estimate_only:
+            return 0
+        m = build_memory_from_arrays(out, image, text, keys=keys, items=items, name=encoder_name or "unknown",
+                                     fingerprint=encoder_fingerprint, normalize=normalize,
+                                     chunk_size=chunk_size or 65536, **common)
+        log(f"{out}: {m['counts']['rows']} rows")
+        return 0
+    if not pairs:
+        raise MemoryFormatError("build-memory needs --pairs (or --image-embeddings and --text-embeddings)")
+    items = read_pairs(pairs, split=split, caption_template=caption_template)
+    if not items:
+        raise MemoryFormatError(f"{pairs}: no pairs to build from")
+    encoder = load_encoder(model)
+    est = estimate_for_items(items, encoder, dtype=dtype, M=M, ef_construction=ef_construction)
+    log(format_estimate(est))
+    if estimate_only:
+        return 0
+    t0 = time.perf_counter()
+    if shards > 1 or scheduler:
+        from .dask_build import build_sharded
+
+        mem = build_sharded(out, items, model, n_shards=shards, scheduler=scheduler, n_workers=workers,
+                            resume=resume, chunk_size=chunk_size or 1024, batch_size=batch_size, dtype=dtype, M=M,
+                            ef_construction=ef_construction, log=log)
+        info = mem.info()
+    else:
+        m = build_memory(out, items, encoder, chunk_size=chunk_size or 1024, batch_size=batch_size, **common)
+        info = {"rows": m["counts"]["rows"], "failed": m["counts"]["failed"]}
+    log(f"{out}: {info['rows']} rows, {info['failed']} failed (see failures.jsonl) in "
+        f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def add(*, memory: str, pairs: str | None = None, model: str = "reco-mini", resume: bool = False,
+        split: str | None = None, caption_template: str | None = None, chunk_size: int | None = None,
+        batch_size: int = 64, threads: int | None = None, image_embeddings: str | None = None,
+        text_embeddings: str | None = None, image_keys: str | None = None, encoder_name: str | None = None,
+        encoder_fingerprint: str | None = None, normalize: bool = False, progress: bool = True,
+        resume_hint: str | None = None, log: Callable[[str], Any] = _err) -> int:
+    """``reco-ref memory-add``: append pairs (or arrays) to an existing memory."""
+    if image_embeddings or text_embeddings:
+        image, text = load_npy(image_embeddings), load_npy(text_embeddings)
+        keys = load_npy(image_keys) if image_keys else None
+        if encoder_fingerprint is None:
+            enc = load_encoder(model)
+            encoder_name, encoder_fingerprint = enc.name, enc.fingerprint
+        items = _metadata_items(pairs, image.shape[0], split, caption_template)
+        m = add_arrays_to_memory(memory, image, text, keys=keys, items=items, name=encoder_name or "unknown",
+                                 fingerprint=encoder_fingerprint, normalize=normalize, resume=resume,
+                                 chunk_size=chunk_size or 65536, num_threads=threads, progress=progress, log=log)
+    else:
+        if not pairs:
+            raise MemoryFormatError("memory-add needs --pairs (or --image-embeddings and --text-embeddings)")
+        items = read_pairs(pairs, split=split, caption_template=caption_template)
+        m = add_to_memory(memory, items, load_encoder(model), resume=resume, chunk_size=chunk_size or 1024,
+                          batch_size=batch_size, num_threads=threads, progress=progress, resume_hint=resume_hint,
+                          log=log)
+    log(f"{memory}: now {m['counts']['rows']} rows ({m['counts']['failed']} failed items in total)")
+    return 0
+
+
+def info(*, memory: str, verify: str = "sha256") -> dict:
+    """``reco-ref memory-info``: validate and summarise a memory."""
+    v: bool | str = {"sha256": True, "size": "size", "none": False}[verify]
+    return Memory.open(memory, verify=v, allow_fingerprint_mismatch=True).info()
+
+
+def search(*, memory: str, text: list[str] | None = None, image: list[str] | None = None, modality: str | None = None,
+           k: int = 5, exact: bool = False, ef: int | None = None, model: str = "reco-mini",
+           allow_fingerprint_mismatch: bool = False) -> list[list[dict]]:
+    """``reco-ref memory-search``: embed text or image queries with ``model`` and list the neighbours."""
+    enc = load_encoder(model)
+    mem = Memory.open(memory, encoder=enc, verify="size", allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+    if text:
+        q = np.asarray(enc.encode_texts(list(text)), np.float32)
+        modality = modality or "text"
+    elif image:
+        if (modality or "image") == "image" and mem.key_dim:
+            q = np.asarray(enc.encode_image_keys(list(image)), np.float32)
+        else:
+            q = np.asarray(enc.encode_images(list(image)), np.float32)
+        modality = modality or "image"
+    else:
+        raise MemoryFormatError("memory-search needs --text or --image queries")
+    rows, scores, valid = mem.search(q, modality=modality, k=k, exact=exact, ef=ef)
+    out = []
+    for r, s, v in zip(rows, scores, valid):
+        metas = mem.metadata(r[v])
+        out.append([dict(meta or {}, score=float(sc)) for meta, sc in zip(metas, s[v])])
+    return out
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def resume_hint_from_argv(argv: list[str]) -> str:
+    """The command line to resume this run: the same arguments plus ``--resume``."""
+    args = [a for a in argv if a != "--resume"]
+    return " ".join(["reco-ref", *args, "--resume"])
+
+
+__all__ = ["build", "add", "info", "search", "estimate_for_items", "resume_hint_from_argv", "dumps"]

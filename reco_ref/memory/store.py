@@ -1,0 +1,242 @@
+"""Open a memory directory: validate it fully, memory-map its arrays, search it.
+
+:meth:`Memory.open` checks, in order: no interrupted build/commit (else a message saying how to resume),
+the manifest's fields and versions, every listed file's size and sha256 (``verify=``), the arrays'
+shapes and dtypes against the manifest, the SQLite row ids, and the encoder in use (fingerprint and
+dim; ``allow_fingerprint_mismatch=True`` overrides).  HNSW indexes are loaded on first use and checked
+against the recorded build parameters (count, M, ef_construction).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import MemoryFormatError, SearchError
+from ..io import load_npy
+from . import format as fmt
+from .index import ExactIndex, HnswIndex, check_hnsw_header, hnsw_load
+from .search import MODALITIES, search_index
+
+
+class Memory:
+    """An opened memory: ``len(m)``, ``m.image`` / ``m.text`` / ``m.image_keys`` (read-only memmaps
+    ``[n,D]``), ``m.search(...)``, ``m.embeddings(...)``, ``m.metadata(...)``.
+    """
+
+    def __init__(self, root: Path, manifest: dict, image: np.ndarray, text: np.ndarray,
+                 image_keys: np.ndarray | None, num_threads: int | None = None):
+        self.root = root
+        self.manifest = manifest
+        self.image = image  # [n, D] memmap
+        self.text = text  # [n, D] memmap
+        self.image_keys = image_keys  # [n, Dk] memmap or None
+        self.num_threads = num_threads
+        self._hnsw: dict[str, HnswIndex] = {}
+        self._lock = threading.Lock()
+
+    # ---- opening ---------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | Path, *, encoder: Any = None, fingerprint: str | None = None,
+             embed_dim: int | None = None, allow_fingerprint_mismatch: bool = False,
+             verify: bool | str = True, num_threads: int | None = None) -> "Memory":
+        """Open and validate the memory at ``root`` (a sharded memory returns a :class:`ShardedMemory`).
+
+        Parameters
+        ----------
+        encoder : the encoder in use (``.fingerprint``, ``.dim``), or give ``fingerprint`` / ``embed_dim``;
+            a mismatch raises :class:`MemoryFormatError` unless ``allow_fingerprint_mismatch=True``.
+        verify : True / "sha256" (default: hash every file), "size" (sizes only — fast on multi-GB
+            memories; run :meth:`verify` later), False (existence only).
+        num_threads : hnswlib query threads (default: ``$RECO_REF_THREADS`` or all cores).
+        """
+        root = Path(root)
+        if (root / fmt.SHARDS).is_file():
+            from .shards import ShardedMemory
+
+            return ShardedMemory.open(root, encoder=encoder, fingerprint=fingerprint, embed_dim=embed_dim,
+                                      allow_fingerprint_mismatch=allow_fingerprint_mismatch, verify=verify,
+                                      num_threads=num_threads)
+        if not root.is_dir():
+            raise MemoryFormatError(f"{root}: no such memory directory")
+        m = fmt.read_manifest(root)
+        fmt.check_files(root, m, verify)
+        rows, D, Dk, dtype = m["counts"]["rows"], m["embed_dim"], m["key_dim"], m["dtype"]
+        arrays = {}
+        for name, dim in ((fmt.IMAGE, D), (fmt.TEXT, D)) + (((fmt.IMAGE_KEYS, Dk),) if Dk else ()):
+            try:
+                a = load_npy(root / name, mmap=True)
+            except Exception as exc:
+                raise MemoryFormatError(f"{root / name}: cannot be read as .npy ({exc})") from exc
+            fmt.check_array_file(root / name, a, rows, dim, dtype)
+            arrays[name] = a
+        fmt.check_meta(root / fmt.META, rows)
+        for modality in ("image", "text"):
+            h = m["hnsw"][modality]
+            check_hnsw_header(root / f"{modality}.hnsw", dim=h["dim"], count=h["count"], M=h["M"],
+                              ef_construction=h["ef_construction"])
+        fmt.check_fingerprint(root, m, encoder=encoder, fingerprint=fingerprint, embed_dim=embed_dim,
+                              allow_mismatch=allow_fingerprint_mismatch)
+        return cls(root, m, arrays[fmt.IMAGE], arrays[fmt.TEXT], arrays.get(fmt.IMAGE_KEYS), num_threads)
+
+    def verify(self) -> None:
+        """Full sha256 check of every file (what ``open(verify=True)`` does)."""
+        fmt.check_files(self.root, self.manifest, True)
+
+    def check_encoder(self, encoder: Any, allow_mismatch: bool = False) -> None:
+        """Refuse ``encoder`` if its fingerprint or dim differs from the memory's."""
+        fmt.check_fingerprint(self.root, self.manifest, encoder=encoder, allow_mismatch=allow_mismatch)
+
+    # ---- properties ------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.manifest["counts"]["rows"])
+
+    def __repr__(self) -> str:
+        return (f"Memory({str(self.root)!r}, rows={len(self)}, dim={self.dim}, key_dim={self.key_dim}, "
+                f"dtype={self.dtype}, encoder={self.manifest['encoder']['name']!r})")
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    @property
+    def key_dim(self) -> int | None:
+        return self.manifest["key_dim"]
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["encoder"]["fingerprint"]
+
+    def search_dim(self, modality: str) -> int:
+        """Dimension a query for ``modality``'s index must have (the key dim for images when keys exist)."""
+        return int(self.manifest["hnsw"][_check_modality(modality)]["dim"])
+
+    # ---- indexes ---------------------------------------------------------------------------------------
+    def vectors(self, modality: str) -> np.ndarray:
+        """The array ``modality``'s index is built on: image keys (if any) or image embeddings; text embeddings."""
+        modality = _check_modality(modality)
+        if modality == "image":
+            return self.image_keys if self.image_keys is not None else self.image
+        return self.text
+
+    def index(self, modality: str, exact: bool = False) -> HnswIndex | ExactIndex:
+        """The HNSW index of ``modality`` (loaded once, checked against the manifest), or the exact one."""
+        modality = _check_modality(modality)
+        if exact:
+            return ExactIndex(self.vectors(modality))
+        with self._lock:
+            if modality not in self._hnsw:
+                h = self.manifest["hnsw"][modality]
+                idx = hnsw_load(self.root / f"{modality}.hnsw", h["dim"], expect_count=h["count"], expect_M=h["M"],
+                                expect_ef_construction=h["ef_construction"])
+                self._hnsw[modality] = HnswIndex(idx, self.vectors(modality))
+            return self._hnsw[modality]
+
+    def search(self, queries: np.ndarray, modality: str = "image", k: int = 10, exact: bool = False,
+               exclude: Any = None, ef: int | None = None, *, dup_threshold: Any = None,
+               num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """k nearest memory rows to each query in the ``modality`` index.
+
+        Parameters
+        ----------
+        queries : [N, D] float32/float64, L2-normalised; D = :meth:`search_dim` (``modality``'s index)
+        modality : "image" | "text" — the index searched (image→image: image queries; image→text etc. is
+            cross-modal search: pass image embeddings with ``modality="text"``)
+        k : neighbours per query
+        exact : brute force (audit) instead of HNSW; same API and outputs
+        exclude : row ids to drop per query: int [N] (self-exclusion, -1 = none), int [N,E], or a list of
+            N arrays
+        ef : HNSW beam width for this call (default max(k, 50)); larger = higher recall, slower
+        dup_threshold : None (off), True (= 0.98, spec §1) or a cosine: drop rows scoring >= it
+        num_threads : hnswlib threads for this call
+
+        Returns
+        -------
+        rows : int64 [N, k] — row ids, −1 in invalid slots
+        scores : float32 [N, k] — cosine similarity, −inf in invalid slots
+        valid : bool [N, k] — False where fewer than k rows survive (k > len, exclusions)
+        """
+        if (modality == "image" and self.key_dim and isinstance(queries, np.ndarray) and queries.ndim == 2
+                and queries.shape[1] == self.dim != self.key_dim):
+            raise SearchError(
+                f"queries [N,D]: D={self.dim} is the embedding dim, but {self.root} indexes images by the encoder's "
+                f"search keys (key_dim {self.key_dim}); pass encoder.encode_image_keys(...) for image→image search"
+            )
+        idx = self.index(modality, exact=exact)
+        return search_index(idx, queries, k, exclude=exclude, dup_threshold=dup_threshold, ef=ef,
+                            num_threads=num_threads or self.num_threads,
+                            what=f"{'exact' if exact else 'HNSW'} {modality} index of {self.root}")
+
+    # ---- gathering -------------------------------------------------------------------------------------
+    def embeddings(self, modality: str, rows: np.ndarray) -> np.ndarray:
+        """Embeddings of ``rows`` (any shape, −1 = missing) -> float32 ``rows.shape + (D,)``, zeros where missing.
+
+        ``modality``: "image", "text" or "image_keys".
+        """
+        src = {"image": self.image, "text": self.text, "image_keys": self.image_keys}.get(modality)
+        if src is None:
+            raise SearchError(f"modality {modality!r}: expected 'image', 'text' or 'image_keys' (keys only when "
+                              "the memory has them)")
+        rows = np.asarray(rows)
+        if rows.dtype.kind not in "iu":
+            raise SearchError(f"rows: expected integer row ids, got dtype {rows.dtype}")
+        flat = rows.reshape(-1).astype(np.int64)
+        ok = flat >= 0
+        if (flat >= len(self)).any() or (flat < -1).any():
+            raise SearchError(f"rows: ids must lie in [-1, {len(self) - 1}], found {flat.min()}..{flat.max()}")
+        out = np.zeros((flat.size, src.shape[1]), np.float32)
+        sel = flat[ok]
+        if sel.size:
+            order = np.argsort(sel, kind="stable")  # sorted gathers read the memmap sequentially
+            out_ok = np.empty((sel.size, src.shape[1]), np.float32)
+            out_ok[order] = src[sel[order]]
+            out[ok] = out_ok
+        return out.reshape(rows.shape + (src.shape[1],))
+
+    def metadata(self, rows: Any) -> list[dict | None]:
+        """Metadata dicts (row, item, caption, source, label, split, tags) of ``rows`` (None for −1)."""
+        flat = [int(r) for r in np.asarray(rows).reshape(-1)]
+        con = sqlite3.connect(f"file:{self.root / fmt.META}?mode=ro", uri=True)
+        try:
+            con.row_factory = sqlite3.Row
+            wanted = sorted({r for r in flat if r >= 0})
+            found = {}
+            for lo in range(0, len(wanted), 900):  # SQLite's bound-parameter limit
+                part = wanted[lo:lo + 900]
+                q = f"SELECT * FROM rows WHERE row IN ({','.join('?' * len(part))})"
+                for rec in con.execute(q, part):
+                    found[rec["row"]] = dict(rec)
+        finally:
+            con.close()
+        return [found.get(r) if r >= 0 else None for r in flat]
+
+    def failures(self) -> list[dict]:
+        """The items that could not be encoded (item id, source, error)."""
+        text = (self.root / fmt.FAILURES).read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def info(self) -> dict:
+        """Summary for ``reco-ref memory-info``."""
+        files = self.manifest["files"]
+        return {
+            "root": str(self.root), "rows": len(self), "items": self.manifest["counts"]["items"],
+            "failed": self.manifest["counts"]["failed"], "embed_dim": self.dim, "key_dim": self.key_dim,
+            "dtype": self.dtype, "encoder": self.manifest["encoder"], "hnsw": self.manifest["hnsw"],
+            "bytes_on_disk": sum(f["bytes"] for f in files.values()),
+            "files": {k: v["bytes"] for k, v in sorted(files.items())},
+        }
+
+
+def _check_modality(modality: str) -> str:
+    if modality not in MODALITIES:
+        raise SearchError(f"modality: expected 'image' or 'text', got {modality!r}")
+    return modality

@@ -1,0 +1,257 @@
+"""``reco-ref demo`` (reco_ref.demo): end to end on the shipped sample, the CLI verb, bad input, the shipped data.
+
+The end-to-end run uses the real embedded encoder (reco-mini) on ``weights/demo``; it takes ~10 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reco_ref.cli import main
+from reco_ref.demo import _balanced, _figure, knn_vote, run_demo, zero_shot
+from reco_ref.errors import MemoryFormatError, RecoError
+from reco_ref.paths import weights_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = weights_dir() / "demo"
+HAVE_RECO_MINI = (weights_dir() / "reco-mini" / "encoder.json").is_file()
+needs_reco_mini = pytest.mark.skipif(not HAVE_RECO_MINI, reason="weights/reco-mini not present")
+
+
+def _pairs() -> list[dict]:
+    with open(DEMO / "pairs.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One verbose run of the demo on the shipped data: (results dict, printed report, out dir)."""
+    out = tmp_path_factory.mktemp("demo")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        results = run_demo(out_dir=out, k=10, seed=0)
+    return results, buf.getvalue(), out
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@needs_reco_mini
+def test_demo_prints_every_step(demo_run):
+    _, text, out = demo_run
+    for step in ("[1/5] encode", "[2/5] memory", "[3/5] search", "[4/5] fuse", "[5/5] evaluate"):
+        assert step in text
+    assert "UNTRAINED" in text and "refined == frozen" in text
+    assert str(out / "results.json") in text
+
+
+@needs_reco_mini
+def test_demo_numbers_are_sane(demo_run):
+    r, _, _ = demo_run
+    rows = _pairs()
+    n_mem = sum(p["split"] == "memory" for p in rows)
+    n_q = sum(p["split"] == "query" for p in rows)
+    classes = sorted({p["category"] for p in rows})
+    assert r["data"]["memory_rows"] == n_mem and r["data"]["queries"] == n_q
+    assert sorted(r["data"]["classes"]) == classes
+    ev = r["eval"]
+    for key in ("zero_shot_frozen", "zero_shot_reco_untrained", "knn_vote", "chance", "majority"):
+        assert 0.0 <= ev[key] <= 1.0, key
+    assert ev["chance"] == pytest.approx(1 / len(classes))
+    # retrieval carries class information: the vote and the neighbours beat chance
+    assert ev["knn_vote"] > ev["chance"]
+    assert r["search"]["neighbour_precision"] > r["search"]["neighbour_precision_chance"]
+    # examples: neighbours are sorted by score and their 'same' flags agree with the categories
+    for ex in r["examples"]:
+        s = [nb["score"] for nb in ex["neighbours"]]
+        assert s == sorted(s, reverse=True) and len(s) == 10
+        assert all(nb["same"] == (nb["category"] == ex["category"]) for nb in ex["neighbours"])
+
+
+@needs_reco_mini
+def test_demo_fusion_is_identity_at_init(demo_run):
+    f = demo_run[0]["fusion"]
+    assert f["trained"] is False
+    assert f["max_abs_refined_minus_frozen_image"] <= 1e-6
+    assert f["max_abs_refined_minus_frozen_text"] <= 1e-6
+    assert f["bit_identical_to_normalized_query"] is True  # NumPy reference: exactly normalize(query) at init
+    assert f["max_abs_refined_minus_normalized_query"] == 0.0
+    ev = demo_run[0]["eval"]
+    assert ev["reco_untrained_equals_frozen"] is True
+    assert ev["zero_shot_reco_untrained"] == ev["zero_shot_frozen"]
+    # at init every refined embedding equals its frozen one, so each of the three RECO terms is InfoNCE(v, t)
+    for term in f["reco_loss_terms"]:
+        assert term == pytest.approx(f["infonce_frozen"], rel=1e-5)
+    assert f["reco_loss_init"] == pytest.approx(3 * f["infonce_frozen"], rel=1e-5)
+    assert f["infonce_frozen"] > 0 and math.isfinite(f["infonce_frozen"])
+
+
+@needs_reco_mini
+def test_demo_writes_results_and_a_valid_memory(demo_run):
+    from reco_ref.encoders import load
+    from reco_ref.memory import Memory
+
+    r, _, out = demo_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(r))
+    mem = Memory.open(out / "memory", encoder=load("reco-mini"))
+    assert len(mem) == r["data"]["memory_rows"]
+    assert mem.key_dim == r["encoder"]["key_dim"]
+    captions = {p["caption"] for p in _pairs() if p["split"] == "memory"}
+    assert {m["caption"] for m in mem.metadata(np.arange(len(mem)))} == captions
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = Path(r["files"]["figure"])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run into the same folder refuses to overwrite the memory
+    with pytest.raises(MemoryFormatError, match="already exists"):
+        run_demo(out_dir=out, quiet=True)
+
+
+@needs_reco_mini
+def test_cli_demo_verb_exits_0(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["demo", "--out", str(out), "--quiet", "-k", "5"]) == 0
+    assert capsys.readouterr().out == ""  # --quiet prints nothing
+    r = json.loads((out / "results.json").read_text())
+    assert r["search"]["k"] == 5 and r["eval"]["knn_vote"] > r["eval"]["chance"]
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def _one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reco-ref demo: error: ") and "\n" not in err
+    return err
+
+
+def test_cli_bad_data_folder_one_line_error(tmp_path, capsys):
+    err = _one_line_error(capsys, ["demo", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert "not a directory" in err and "manifest.csv" in err
+    err = _one_line_error(capsys, ["demo", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "no manifest.csv" in err
+    assert not (tmp_path / "o").exists()  # nothing written on bad input
+
+
+def test_cli_bad_manifest_one_line_error(tmp_path, capsys):
+    (tmp_path / "manifest.csv").write_text("image,caption\na.jpg,a cat\n")
+    err = _one_line_error(capsys, ["demo", "--data", str(tmp_path)])
+    assert "file,label,class_name,split" in err and "['image', 'caption']" in err
+    (tmp_path / "manifest.csv").write_text("file,label,class_name,split\na.jpg,0,cat,train\n")
+    err = _one_line_error(capsys, ["demo", "--data", str(tmp_path)])
+    assert "'test'" in err  # no test split to take queries from
+    (tmp_path / "manifest.csv").write_text("file,label,class_name,split\na.jpg,0,cat,train\nb.jpg,0,dog,test\n")
+    err = _one_line_error(capsys, ["demo", "--data", str(tmp_path)])
+    assert "label 0" in err and "'cat'" in err and "'dog'" in err
+
+
+def test_run_demo_rejects_bad_arguments(tmp_path):
+    with pytest.raises(RecoError, match="k: expected a positive integer"):
+        run_demo(out_dir=tmp_path, k=0, quiet=True)
+    with pytest.raises(RecoError, match="fusion backend.*'nope' unknown"):
+        run_demo(out_dir=tmp_path, backend="nope", quiet=True)
+    assert not (tmp_path / "memory").exists()
+    (tmp_path / "manifest.csv").write_text("file,label,class_name,split\na.jpg,0,cat,train\nb.jpg,0,cat,test\n")
+    with pytest.raises(RecoError, match="limit: expected a positive integer"):
+        run_demo(out_dir=tmp_path / "o", data=tmp_path, limit=0, quiet=True)
+
+
+def test_cli_rejects_nonpositive_k(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "-k", "0"])
+    assert "positive integer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def test_knn_vote_majority_ties_and_empty_rows():
+    labels = np.array([[1, 2, 2, 1], [0, 1, 0, 1], [3, 3, 3, 3], [2, 0, 0, 0]])
+    scores = np.array([[.9, .5, .4, .3], [.9, .8, .1, .1], [.5, .5, .5, .5], [.9, .1, .1, .1]], np.float32)
+    valid = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 0]], bool)
+    pred = knn_vote(labels, scores, valid, 4)
+    # row 0: 2 votes each for 1 (1.2) and 2 (0.9) -> 1; row 1: tie 0 (1.0) vs 1 (0.9) -> 0
+    # row 2: no valid neighbour -> -1; row 3: the invalid slot does not vote: 0 (2 votes) beats 2 (1 vote)
+    assert pred.tolist() == [1, 0, -1, 0]
+    # a count is never overturned by scores: 3 weak votes beat 2 strong ones
+    assert knn_vote(np.array([[5, 5, 7, 7, 7]]), np.array([[1, 1, -1, -1, -1]], np.float32),
+                    np.ones((1, 5), bool), 8).tolist() == [7]
+
+
+def test_zero_shot_is_argmax_of_cosines():
+    v = np.eye(3, dtype=np.float32)[[2, 0, 1]]
+    t = np.eye(3, dtype=np.float32)
+    assert zero_shot(v, t).tolist() == [2, 0, 1]
+
+
+def test_balanced_subset_spreads_over_classes_and_is_seeded():
+    labels = np.repeat(np.arange(5), [40, 3, 10, 10, 1])
+    a = _balanced(labels, 12, np.random.default_rng(0))
+    b = _balanced(labels, 12, np.random.default_rng(0))
+    assert a.tolist() == b.tolist() and a.tolist() == sorted(a.tolist()) and len(set(a.tolist())) == 12
+    counts = np.bincount(labels[a], minlength=5)  # ranks 0 and 1 of every class, then 3 of the 4 rank-2 rows
+    assert counts[4] == 1 and set(counts[:4].tolist()) <= {2, 3} and counts.sum() == 12
+    assert _balanced(labels, 100, np.random.default_rng(0)).tolist() == list(range(labels.size))
+
+
+def test_figure_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import now raises ImportError
+    assert _figure(tmp_path / "f.png", [{"image": "x", "category": "c", "neighbours": []}], 5) is False
+    assert not (tmp_path / "f.png").exists()
+
+
+# ------------------------------------------------------------------------------------- shipped data
+def test_shipped_sample_is_small_licensed_and_well_formed():
+    from PIL import Image
+
+    rows = _pairs()
+    assert 150 <= len(rows) <= 250
+    assert (DEMO / "LICENSE").is_file() and "public domain" in (DEMO / "LICENSE").read_text()
+    assert (DEMO / "SOURCE.md").is_file()
+    total = 0
+    for r in rows:
+        path = DEMO / r["image"]
+        total += path.stat().st_size
+        with Image.open(path) as im:
+            assert max(im.size) <= 96, r["image"]
+        assert r["caption"].strip() and r["split"] in ("memory", "query")
+    assert total <= 1_500_000
+    by_cat = {}
+    for r in rows:
+        by_cat.setdefault((int(r["label"]), r["category"]), set()).add(r["split"])
+    labels = sorted(lab for lab, _ in by_cat)
+    assert labels == list(range(len(labels)))  # one name per label, labels 0..C-1
+    assert all(splits == {"memory", "query"} for splits in by_cat.values())
+    assert len({r["image"] for r in rows}) == len(rows)
+
+
+def test_shipped_queries_are_reco_mini_heldout():
+    # the zero-shot numbers are measured on images reco-mini's alignment training never saw
+    spec = importlib.util.spec_from_file_location("reco_mini_data", ROOT / "scripts" / "reco_mini_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = _pairs()
+    assert all(mod.is_heldout(r["source"]) for r in rows if r["split"] == "query")
+    assert not any(mod.is_heldout(r["source"]) for r in rows if r["split"] == "memory")
+
+
+# ---------------------------------------------------------------------------------------- real data
+@pytest.mark.data
+@needs_reco_mini
+def test_demo_on_flowers102_subset(shared_data, tmp_path, capsys):
+    r = run_demo(out_dir=tmp_path, data=shared_data / "flowers102", limit=20, memory_limit=204, k=5, quiet=True)
+    assert capsys.readouterr().out == ""  # quiet=True prints nothing
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(r))
+    assert r["data"]["queries"] == 20 and r["data"]["memory_rows"] == 204
+    assert len(r["data"]["classes"]) == 102 and r["data"]["prompt"] == "a photo of a {}."
+    ev = r["eval"]
+    assert all(0.0 <= ev[key] <= 1.0 for key in ("zero_shot_frozen", "knn_vote", "majority"))
+    assert ev["knn_vote"] > ev["chance"]  # 2 memory images per class already beat 1/102
+    assert r["fusion"]["max_abs_refined_minus_frozen_image"] <= 1e-6
+    assert (tmp_path / "results.json").is_file()
