@@ -185,9 +185,11 @@ def test_fusion_cpu(benchmark, env, fusion_results, torch_checked, B):
         benchmark.extra_info[f"median_s.{n}"] = med
         if n == "sgemm":
             env.setdefault(SUITE + ".sgemm_times", []).extend(times[n])
-            env[SUITE + ".peak_gflops"] = 2.0 * 2048**3 / float(np.median(env[SUITE + ".sgemm_times"])) / 1e9
-            env[SUITE + ".peak_name"] = (f"numpy sgemm 2048³ float32, median of "
-                                         f"{len(env[SUITE + '.sgemm_times'])} rounds interleaved with the rows")
+            # peak = the BEST sgemm round (a median would sink with the load and flatter the rows)
+            env[SUITE + ".peak_gflops"] = 2.0 * 2048**3 / float(np.min(env[SUITE + ".sgemm_times"])) / 1e9
+            env[SUITE + ".peak_name"] = (f"numpy sgemm 2048³ float32, best of "
+                                         f"{len(env[SUITE + '.sgemm_times'])} rounds interleaved with the rows "
+                                         f"(median {2.0 * 2048**3 / float(np.median(env[SUITE + '.sgemm_times'])) / 1e9:.1f})")
         else:
             fusion_results["rows"][(SUITE, n, B)] = dict(median_s=med, flops_needed=flops_needed(B),
                                                         flops_full=flops_full(B))

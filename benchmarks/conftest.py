@@ -52,7 +52,7 @@ def fusion_table(results: dict) -> str:
         peak_name = meta.get(f"{suite}.peak_name", "sgemm")
         lines.append(f"**{suite}** — {meta.get(suite + '.desc', '')}")
         if peak:
-            lines.append(f"{peak_name} measured in the same run: **{peak:.1f} GFLOP/s**")
+            lines.append(f"peak = {peak_name}, same run: **{peak:.1f} GFLOP/s**")
         lines.append("")
         lines.append("| B | implementation | median ms | GFLOP/s (needed) | % of peak | GFLOP/s (spec §7 count) "
                      "| × NumPy ref | vs torch (all tokens) | vs torch (row-0) |")

@@ -870,7 +870,8 @@ def graphdef_forward_numpy(graph: Any, feeds: Mapping[str, np.ndarray], fetches:
             keep = bool(n.attr["keep_dims"].b) if "keep_dims" in n.attr else False
             env[name] = x[0].mean(axis=axes, keepdims=keep)
         elif op == "Squeeze":
-            env[name] = np.squeeze(x[0], axis=tuple(_attr_ints(n, "squeeze_dims")))
+            dims = _attr_ints(n, "squeeze_dims")  # empty: every size-1 axis, as TF
+            env[name] = np.squeeze(x[0], axis=tuple(dims) if dims else None)
         elif op == "Reshape":
             shape = [int(v) for v in np.asarray(x[1]).reshape(-1)]
             if shape and shape[0] > 0 and x[0].shape[0] != shape[0]:
