@@ -92,14 +92,14 @@ def million(n: int) -> dict:
     """Build (or reuse) the cached n-vector set + HNSW index; returns paths, build time, base description."""
     from reco_ref.io import atomic_write_json, load_npy
     from reco_ref.memory.build import _write_npy_stream
-    from reco_ref.memory.format import atomic_path
+    from reco_ref.io import atomic_path
     from reco_ref.memory.index import hnsw_build
     from reco_ref.memory.synth import expand
 
     base, desc = base_embeddings()
     tag = f"{'reco' if desc.startswith('reco') else 'pix'}_{n}"  # pixel runs stay cached beside reco-mini runs
     vec_path, idx_path, info_path = CACHE / f"vectors_{tag}.npy", CACHE / f"index_{tag}.hnsw", CACHE / f"info_{tag}.json"
-    if not info_path.is_file():
+    if not all(p.is_file() for p in (info_path, vec_path, idx_path, CACHE / f"queries_{tag}.npy")):
         CACHE.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         _write_npy_stream(vec_path, (n, base.shape[1]), "float32", expand(base, n, seed=0))

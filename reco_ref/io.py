@@ -25,7 +25,14 @@ from .errors import RecoError
 TMP_PREFIX = ".tmp-"
 
 
-def _fsync_dir(path: Path) -> None:
+def _default_file_mode() -> int:
+    # mkstemp creates 0600 files; a finished file should get the mode a plain open() would give (0666 & ~umask)
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_dir(path: Path) -> None:
     # Making the rename itself durable needs an fsync of the directory (POSIX); not possible on Windows.
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -51,12 +58,40 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
+        os.fchmod(fd, _default_file_mode())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on clean exit fsync that file and rename it over ``path``.
+
+    The path-based twin of :func:`atomic_open`, for writers that only take a file name
+    (``hnswlib.Index.save_index``, ``sqlite3.connect``).  Same temp prefix, so the same clean-up applies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

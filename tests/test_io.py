@@ -52,3 +52,16 @@ def test_check_array_messages():
         check_array("q", x)
     with pytest.raises(ShapeError, match="expected a numpy array"):
         check_array("q", [1.0])
+
+
+def test_atomic_files_get_umask_mode_not_mkstemp_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        rio.atomic_write_text(tmp_path / "a.txt", "x")
+        with rio.atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").read_bytes() == b"y"
+    assert [f for f in os.listdir(tmp_path) if f.startswith(rio.TMP_PREFIX)] == []

@@ -10,8 +10,8 @@ plus ``preprocessor_config.json`` (size, crop, mean/std, resample) and ``config.
 special to them: the projection and EOT pooling are inside the graphs, so the config says ``pooling: "none"``
 and names the graph inputs/outputs.  :func:`hf_clip_config` writes that config from the folder's own files.
 
-Known difference: Hugging Face's ``CLIPImageProcessor`` centre-crops with ``(h - C) // 2`` (floor) where
-torchvision rounds half to even; when the long side minus the crop is odd the crop window differs by one
+Known difference (from our reading of ``transformers``; not verified here, it is not installed): Hugging Face's
+``CLIPImageProcessor`` centre-crops with ``(h - C) // 2`` (floor) where torchvision rounds half to even; when the long side minus the crop is odd the crop window differs by one
 pixel.  This loader follows torchvision (what OpenAI CLIP and open_clip evaluate with).  The tokenizer is the
 OpenAI CLIP BPE (``clip_bpe``), which is the vocabulary of the OpenAI CLIP checkpoints on the Hub.
 """

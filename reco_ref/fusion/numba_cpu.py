@@ -16,8 +16,8 @@ How the work is split
   type-embedding gradients, InfoNCE log-sum-exp) accumulate in float64 even for float32 data: cheap
   here and it keeps float32 well within 1e-4 of the reference.  GELU and the short per-head sums
   over the ``T`` tokens run in the data's dtype.
-* Small problems (``B·T·D < SMALL_WORK``) run the kernels on the calling thread: waking workers
-  costs more than the work.
+* Small problems (``B·T·D < SMALL_WORK``) run on the calling thread (numba kernels, and the GEMMs
+  too when ``threadpoolctl`` is installed): waking worker threads costs more than the work.
 
 Dead work that is skipped (legal because only ``Y[:, 0]`` is read out, spec §2)
 -------------------------------------------------------------------------------
@@ -468,21 +468,35 @@ def _infonce_dz(z, lse_r, lse_c, coef, dz, ds_part):
 # --------------------------------------------------------------------------------------------
 
 
-#: Below this many activation elements (B·T·D) the kernels run on the calling thread only: waking
-#: the worker threads costs more than the work (B=1: ~1 ms per launch on a busy 2-core machine).
+#: Below this many activation elements (B·T·D; B ≤ 11 at k=10, D=512) a step runs on the calling
+#: thread only — numba kernels and, when threadpoolctl is installed, the BLAS GEMMs too: waking worker
+#: threads costs more than the work.  Measured on the shared 2-core machine at B=1: ~1 ms per numba
+#: launch, and 0.1 ms GEMMs taking milliseconds while OpenBLAS's threads were woken between kernels
+#: (a whole step ≈ 130 ms with 2 BLAS threads vs ≈ 9 ms with 1).
 SMALL_WORK = 1 << 16
+
+try:  # optional: not a runtime dependency; without it small problems keep BLAS's own threading
+    from threadpoolctl import ThreadpoolController
+
+    _BLAS_POOLS = ThreadpoolController()
+except Exception:  # noqa: BLE001  (absent, or fails to inspect the loaded libraries)
+    _BLAS_POOLS = None
 
 
 @contextmanager
 def _threads_for(n_elements: int):
-    """Run the enclosed numba kernels single-threaded when the problem is small."""
+    """Run the enclosed step single-threaded (numba kernels and BLAS) when the problem is small."""
     if n_elements >= SMALL_WORK:
         yield
         return
     old = get_num_threads()
     set_num_threads(1)
     try:
-        yield
+        if _BLAS_POOLS is not None:
+            with _BLAS_POOLS.limit(limits=1, user_api="blas"):
+                yield
+        else:
+            yield
     finally:
         set_num_threads(old)
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import MemoryFormatError, ShapeError
-from ..io import atomic_open, atomic_save_npz, atomic_write_json, atomic_write_text, load_npy, load_npz
+from ..io import atomic_open, atomic_path, atomic_save_npz, atomic_write_json, atomic_write_text, load_npy, load_npz
 from . import format as fmt
 from .index import hnsw_add, hnsw_build, hnsw_load
 from .sources import items_digest
@@ -338,7 +338,7 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
         _write_npy_stream(staged / fname, (n, dim), dtype, _chain(blocks, _iter_chunks(build, n_chunks, key)))
 
     # metadata (SQLite), row ids continue after the base rows
-    with fmt.atomic_path(staged / fmt.META) as tmp:
+    with atomic_path(staged / fmt.META) as tmp:
         if base:
             shutil.copyfile(base["root"] / fmt.META, tmp)
         con = sqlite3.connect(tmp)
@@ -374,7 +374,7 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
         else:
             index = hnsw_build(vecs, M=M, ef_construction=efc, num_threads=num_threads, seed=seed)
         log(f"{modality}.hnsw: {n} vectors indexed in {time.perf_counter() - t0:.1f}s")
-        with fmt.atomic_path(staged / f"{modality}.hnsw") as tmp:
+        with atomic_path(staged / f"{modality}.hnsw") as tmp:
             index.save_index(str(tmp))
         del index, vecs
         hnsw_meta[modality] = {"M": M, "ef_construction": efc, "seed": seed, "space": "ip", "dim": dim, "count": n,

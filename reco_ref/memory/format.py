@@ -32,12 +32,12 @@ import os
 import shutil
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from ..errors import MemoryFormatError
-from ..io import TMP_PREFIX, _fsync_dir, atomic_write_json, sha256_file
+from ..io import TMP_PREFIX, atomic_write_json, fsync_dir, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -53,7 +53,6 @@ COMMIT = "COMMIT.json"
 SHARDS = "shards.json"
 
 DTYPES = ("float16", "float32")
-FILE_MODE = 0o644  # committed memory files: readable by everyone, writable by the owner
 # Keys every manifest must hold; validate_manifest checks each (name, type).
 MANIFEST_KEYS = {
     "format_version": int,
@@ -65,36 +64,6 @@ MANIFEST_KEYS = {
     "files": dict,  # {file name: {"sha256": hex, "bytes": int}}
     "hnsw": dict,  # {"image": {...}, "text": {...}} each {"M", "ef_construction", "space", "dim", "count", "vectors"}
 }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# atomic writes of files that a library writes by path (hnswlib, sqlite): temp name beside, fsync, rename
-# ----------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on clean exit fsync it and rename it over ``path``.
-
-    The path-based twin of :func:`reco_ref.io.atomic_open`, for writers that only take a file name
-    (``hnswlib.Index.save_index``, ``sqlite3.connect``).  Same temp prefix, so the same clean-up applies.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def remove_tmp_files(folder: Path) -> None:
@@ -131,21 +100,18 @@ def roll_forward(root: Path) -> bool:
     for i, name in enumerate(spec["files"]):
         src = staged / name
         if src.exists():  # gone = already moved by the run that was killed
-            # temp files are created 0600 (mkstemp); a memory is meant to be shared read-only
-            os.chmod(src, FILE_MODE)
             os.replace(src, root / name)
-            _fsync_dir(root)
+            fsync_dir(root)
         if i == 0:
             _kill_hook("commit-move")
     atomic_write_json(root / MANIFEST, spec["manifest"])
-    os.chmod(root / MANIFEST, FILE_MODE)
     _kill_hook("manifest")
     # one atomic rename retires the whole build folder (plan, chunks, COMMIT); a kill before it just
     # repeats the (idempotent) roll-forward, a kill after it leaves only trash that the next run deletes
     trash = root / f".trash-build.{os.getpid()}"
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(build, trash)
-    _fsync_dir(root)
+    fsync_dir(root)
     shutil.rmtree(trash, ignore_errors=True)
     return True
 

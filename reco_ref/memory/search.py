@@ -130,8 +130,8 @@ def search_index(index: Any, queries: np.ndarray, k: int, *, exclude: Any = None
     return rows, scores, valid
 
 
-def retrieve(memory: Any, queries: np.ndarray, query_modality: str, *, search: str = "uni", fuse: str = "cross",
-             k: int = 10, exclude: Any = None, dup_threshold: Any = None, exact: bool = False,
+def retrieve(memory: Any, queries: np.ndarray, query_modality: str, search: str = "uni", fuse: str = "cross",
+             k: int = 10, exclude: Any = None, *, dup_threshold: Any = None, exact: bool = False,
              ef: int | None = None, num_threads: int | None = None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Neighbours for the fusion module (spec §1): search one modality, return another's embeddings.

@@ -156,3 +156,23 @@ def test_kernel_cache_second_process_does_not_recompile(tmp_path):
         runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
     assert len(runs[1]) >= 12, runs[1]  # every kernel was seen
     assert sum(runs[1].values()) == 0, f"recompiled in the second process: {runs[1]}"
+
+
+def test_small_problems_run_single_threaded_and_restore_settings(monkeypatch):
+    """B·T·D < SMALL_WORK: the step runs with one numba thread (and one BLAS thread where
+    threadpoolctl is installed); the caller's settings are restored afterwards, also on error."""
+    import numba
+
+    seen = []
+    real = nb._layernorm1_backward
+    monkeypatch.setattr(nb, "_layernorm1_backward", lambda *a: (seen.append(numba.get_num_threads()), real(*a))[1])
+    before = numba.get_num_threads()
+    rng = np.random.default_rng(6)
+    params = random_params(8, 2, rng)
+    q, r, mask = random_inputs(2, 3, 8, rng)
+    out, cache = nb.fusion_forward(params, q, r, mask, heads=2)
+    nb.fusion_backward(params, cache, np.ones_like(q))
+    assert seen == [1] and numba.get_num_threads() == before
+    with pytest.raises(ValueError, match="backend"):
+        nb.fusion_backward(params, {"backend": "numpy", "B": 2, "k": 3, "D": 8}, np.ones_like(q))
+    assert numba.get_num_threads() == before
