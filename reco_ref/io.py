@@ -47,43 +47,19 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temp file beside ``path``; on clean exit fsync it and rename it over ``path``.
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp path beside ``path``; on clean exit fsync that file and rename it over ``path``.
 
-    On an exception the temp file is removed and ``path`` is left untouched.
+    For writers that only take a file name (``hnswlib.Index.save_index``, ``sqlite3.connect``); the temp
+    file exists (empty) when yielded.  On an exception it is removed and ``path`` is left untouched.
     """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_open supports 'wb' and 'w', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    tmp = Path(name)
     try:
         os.fchmod(fd, _default_file_mode())
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on clean exit fsync that file and rename it over ``path``.
-
-    The path-based twin of :func:`atomic_open`, for writers that only take a file name
-    (``hnswlib.Index.save_index``, ``sqlite3.connect``).  Same temp prefix, so the same clean-up applies.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    try:
+        os.close(fd)
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -96,6 +72,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temp file beside ``path``; on clean exit fsync it and rename it over ``path``.
+
+    On an exception the temp file is removed and ``path`` is left untouched.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open supports 'wb' and 'w', got {mode!r}")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
