@@ -44,7 +44,7 @@ import os
 
 # OpenMP workers that spin-wait after a parallel region steal the (few) cores from the BLAS threads
 # that run the GEMMs in between, and vice versa: on 2 cores each of our ~13 kernel launches then cost
-# ~25 ms instead of ~0.1 ms (measured, B=1).  Sleeping workers fix it.  Only a default: an explicit
+# ~25 ms instead of ≲ 1 ms (measured, B=1, other jobs on the machine).  Sleeping workers fix it.  Only a default: an explicit
 # OMP_WAIT_POLICY wins, and it has no effect once an OpenMP runtime is already initialised.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
