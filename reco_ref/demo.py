@@ -264,10 +264,7 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     say = _printer(quiet)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise RecoError(f"k: expected a positive integer, got {k!r}")
-    try:  # before any encoding, and as a RecoError so the CLI reports it in one line
-        get_backend(backend)
-    except (ValueError, ImportError) as exc:
-        raise RecoError(f"fusion backend: {exc}") from exc
+    get_backend(backend)  # before any encoding; BackendUnavailableError is a RecoError (one-line CLI error)
     if backend == "cuda":
         from numba import cuda
 

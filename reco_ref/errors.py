@@ -40,3 +40,10 @@ class SearchError(RecoError):
 
 class CheckpointError(RecoError):
     """A training checkpoint is missing, corrupt, or belongs to a different run configuration."""
+
+
+class BackendUnavailableError(RecoError, ImportError):
+    """A compute backend (``numba``, ``cuda``) is unknown, not installed, or has no usable device.
+
+    Also an :class:`ImportError`, so ``except ImportError`` around optional backends keeps working.
+    """

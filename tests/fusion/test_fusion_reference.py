@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusion_testlib import random_inputs, random_params, single_blas_thread
-from reco_ref.errors import ShapeError
+from reco_ref.errors import BackendUnavailableError, ShapeError
 from reco_ref.fusion import (
     PARAM_NAMES,
     FusionParams,
@@ -297,10 +297,11 @@ def test_backward_errors(setup32):
 
 def test_unknown_backend_and_missing_module(setup32, monkeypatch):
     p, q, r, m = setup32
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(BackendUnavailableError, match="unknown"):
         fusion_forward(p, q, r, m, backend="tpu")
     from reco_ref import fusion
 
     monkeypatch.setitem(fusion.BACKENDS, "cuda", ("reco_ref.fusion._no_such_backend", "the cuda extra: pip install -e \".[cuda]\""))
-    with pytest.raises(ImportError, match=r"cuda.*\[cuda\]"):
+    with pytest.raises(ImportError, match=r"cuda.*\[cuda\]") as info:
         get_backend("cuda")
+    assert isinstance(info.value, BackendUnavailableError)  # a RecoError too: the CLI prints it in one line
