@@ -105,15 +105,15 @@ def get_backend(name: str):
         The module (or a package it needs) is not installed; the message names the extra.
     """
     if name not in BACKENDS:
-        raise BackendUnavailableError(f"backend {name!r} unknown; expected one of {sorted(BACKENDS)}")
+        raise BackendUnavailableError(f"fusion backend {name!r} unknown; expected one of {sorted(BACKENDS)}")
     module, install = BACKENDS[name]
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        raise BackendUnavailableError(f"backend {name!r} unavailable: importing {module} failed ({exc}); install {install}") from exc
+        raise BackendUnavailableError(f"fusion backend {name!r} unavailable: importing {module} failed ({exc}); install {install}") from exc
     missing = [f for f in ("fusion_forward", "fusion_backward") if not callable(getattr(mod, f, None))]
     if missing:
-        raise BackendUnavailableError(f"backend {name!r} unavailable: {module} does not define {missing} (incomplete install?); install {install}")
+        raise BackendUnavailableError(f"fusion backend {name!r} unavailable: {module} does not define {missing} (incomplete install?); install {install}")
     return mod
 
 
