@@ -108,3 +108,19 @@ def single_blas_thread():
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+def assert_matches_reference(got, want, dtype, what: str = "") -> None:
+    """The fast backends' tolerance against the NumPy reference (issue 3).
+
+    float64: max absolute error ≤ 1e-10; float32: max absolute error ≤ 1e-4 × max |reference|.
+    """
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    err = float(np.abs(got - want).max(initial=0.0))
+    if dtype == np.float64:
+        assert err <= 1e-10, f"{what}: max abs err {err:.3g}"
+    else:
+        scale = max(float(np.abs(want).max(initial=0.0)), 1e-30)
+        assert err / scale <= 1e-4, f"{what}: max rel err {err / scale:.3g}"

@@ -15,6 +15,8 @@ import pytest
 
 cuda = pytest.importorskip("numba.cuda", reason="numba-cuda not installed (extra: .[cuda] or .[test])")
 
+from fusion_testlib import assert_matches_reference
+
 from reco_ref.fusion import reference as ref
 from reco_ref.fusion.cuda import KernelConfig, attention, gelu, gemm, l2norm, layernorm, reduce
 from reco_ref.fusion.cuda.config import get_config
@@ -24,16 +26,7 @@ pytestmark = pytest.mark.cuda
 DTYPES = [np.float64, np.float32]
 
 
-def _close(got, want, dtype, what=""):
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    err = float(np.abs(got - want).max(initial=0.0))
-    if dtype == np.float64:
-        assert err <= 1e-10, f"{what}: max abs err {err:.3g}"
-    else:
-        scale = max(float(np.abs(want).max(initial=0.0)), 1e-30)
-        assert err / scale <= 1e-4, f"{what}: max rel err {err / scale:.3g}"
+_close = assert_matches_reference
 
 
 def _dev(a):

@@ -13,7 +13,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from fusion_testlib import random_inputs, random_params
+from fusion_testlib import assert_matches_reference, random_inputs, random_params
 
 from reco_ref.fusion import numba_cpu as nb
 from reco_ref.fusion import reference as ref
@@ -21,16 +21,7 @@ from reco_ref.fusion import reference as ref
 DTYPES = [np.float64, np.float32]
 
 
-def _close(got, want, dtype, what=""):
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    err = float(np.abs(got - want).max(initial=0.0))
-    if dtype == np.float64:
-        assert err <= 1e-10, f"{what}: max abs err {err:.3g}"
-    else:
-        scale = max(float(np.abs(want).max(initial=0.0)), 1e-30)
-        assert err / scale <= 1e-4, f"{what}: max rel err {err / scale:.3g}"
+_close = assert_matches_reference
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
