@@ -117,6 +117,20 @@ def get_backend(name: str):
     return mod
 
 
+
+def backend_of_cache(cache: dict, backend: str | None, made_by_fn: str) -> str:
+    """The backend a backward must run on: the one that made ``cache`` (asking for another is an error).
+
+    Caches hold backend-specific buffers (host arrays, device arrays), so a backward on another backend
+    would read the wrong layout; ``made_by_fn`` names the forward in the message.
+    """
+    if not isinstance(cache, dict):
+        raise RecoError(f"cache: expected the dict returned by {made_by_fn}, got {type(cache).__name__}")
+    made_by = cache.get("backend", "numpy")
+    if backend is not None and backend != made_by:
+        raise RecoError(f"backend: cache was made by backend {made_by!r}, backward asked for {backend!r}")
+    return made_by
+
 def _resolve_heads(params, heads, D: int) -> int:
     if heads is None:
         heads = getattr(params, "heads", None)
@@ -235,13 +249,7 @@ def fusion_backward(params, cache, dout, *, backend=None, return_input_grads=Fal
     grads : dict, same 18 keys, shapes and dtype as ``params``.
     """
     D, dtype = check_params(params, finite=False)
-    if not isinstance(cache, dict):
-        raise RecoError(f"cache: expected the dict returned by fusion_forward, got {type(cache).__name__}")
-    made_by = cache.get("backend", "numpy")
-    if backend is None:
-        backend = made_by
-    elif backend != made_by:
-        raise RecoError(f"backend: cache was made by backend {made_by!r}, backward asked for {backend!r}")
+    backend = backend_of_cache(cache, backend, "fusion_forward")
     dout = check_array("dout [B,D]", dout, ndim=2, dtypes=[dtype])
     B = cache.get("B")
     if dout.shape[1] != D or (B is not None and dout.shape[0] != B):

@@ -26,7 +26,8 @@ import math
 import numpy as np
 
 from ..checks import check_array
-from ..errors import RecoError, ShapeError
+from ..errors import BackendUnavailableError, ShapeError
+from ..fusion import backend_of_cache
 
 __all__ = [
     "DEFAULT_TAU",
@@ -69,7 +70,7 @@ def _backend_fn(backend: str, name: str):
 
     fn = getattr(get_backend(backend), name, None)
     if not callable(fn):
-        raise ImportError(f"backend {backend!r} unavailable: {BACKENDS[backend][0]} does not define {name}; "
+        raise BackendUnavailableError(f"fusion backend {backend!r} unavailable: {BACKENDS[backend][0]} does not define {name}; "
                           f"install {BACKENDS[backend][1]}")  # fmt: skip
     return fn
 
@@ -175,13 +176,7 @@ def infonce_backward(cache, dloss=1.0, *, backend=None):
     da, db : ndarray, shape [N, D]
     dtau : float
     """
-    if not isinstance(cache, dict):
-        raise RecoError(f"cache: expected the dict returned by infonce_forward, got {type(cache).__name__}")
-    made_by = cache.get("backend", "numpy")
-    if backend is None:
-        backend = made_by
-    elif backend != made_by:
-        raise RecoError(f"backend: cache was made by backend {made_by!r}, backward asked for {backend!r}")
+    backend = backend_of_cache(cache, backend, "infonce_forward")
     dloss = float(dloss)
     if not math.isfinite(dloss):
         raise ShapeError(f"dloss: expected a finite value, got {dloss}")
