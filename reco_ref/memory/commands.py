@@ -51,6 +51,24 @@ def _metadata_items(pairs: str | None, n: int, split: str | None, template: str 
     return items
 
 
+def _array_inputs(image_embeddings: str | None, text_embeddings: str | None, image_keys: str | None,
+                  model: str, encoder_name: str | None, encoder_fingerprint: str | None, pairs: str | None,
+                  split: str | None, template: str | None):
+    """Precomputed arrays (memory-mapped) + their metadata rows + the encoder identity they claim.
+
+    Returns ``(image [n,D], text [n,D], keys [n,Dk] | None, items | None, name, fingerprint)``.
+    """
+    if not (image_embeddings and text_embeddings):
+        raise MemoryFormatError("--image-embeddings and --text-embeddings go together")
+    image, text = load_npy(image_embeddings), load_npy(text_embeddings)
+    keys = load_npy(image_keys) if image_keys else None
+    if encoder_fingerprint is None:
+        enc = load_encoder(model)
+        encoder_name, encoder_fingerprint = enc.name, enc.fingerprint
+    items = _metadata_items(pairs, image.shape[0], split, template)
+    return image, text, keys, items, encoder_name or "unknown", encoder_fingerprint
+
+
 def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resume: bool = False,
           split: str | None = None, caption_template: str | None = None, dtype: str = "float32",
           chunk_size: int | None = None, batch_size: int = 64, M: int = 16, ef_construction: int = 200,
@@ -63,19 +81,14 @@ def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resum
     common = dict(dtype=dtype, M=M, ef_construction=ef_construction, num_threads=threads, progress=progress,
                   resume_hint=resume_hint, log=log, resume=resume)
     if image_embeddings or text_embeddings:
-        if not (image_embeddings and text_embeddings):
-            raise MemoryFormatError("--image-embeddings and --text-embeddings go together")
-        image, text = load_npy(image_embeddings), load_npy(text_embeddings)
-        keys = load_npy(image_keys) if image_keys else None
-        if encoder_fingerprint is None:
-            enc = load_encoder(model)
-            encoder_name, encoder_fingerprint = enc.name, enc.fingerprint
-        items = _metadata_items(pairs, image.shape[0], split, caption_template)
+        image, text, keys, items, encoder_name, encoder_fingerprint = _array_inputs(
+            image_embeddings, text_embeddings, image_keys, model, encoder_name, encoder_fingerprint, pairs, split,
+            caption_template)
         log(format_estimate(estimate_build(image.shape[0], image.shape[1], key_dim=None if keys is None else
                                            keys.shape[1], dtype=dtype, M=M, ef_construction=ef_construction)))
         if estimate_only:
             return 0
-        m = build_memory_from_arrays(out, image, text, keys=keys, items=items, name=encoder_name or "unknown",
+        m = build_memory_from_arrays(out, image, text, keys=keys, items=items, name=encoder_name,
                                      fingerprint=encoder_fingerprint, normalize=normalize,
                                      chunk_size=chunk_size or 65536, **common)
         log(f"{out}: {m['counts']['rows']} rows")
@@ -114,13 +127,10 @@ def add(*, memory: str, pairs: str | None = None, model: str = "reco-mini", resu
         resume_hint: str | None = None, log: Callable[[str], Any] = _err) -> int:
     """``reco-ref memory-add``: append pairs (or arrays) to an existing memory."""
     if image_embeddings or text_embeddings:
-        image, text = load_npy(image_embeddings), load_npy(text_embeddings)
-        keys = load_npy(image_keys) if image_keys else None
-        if encoder_fingerprint is None:
-            enc = load_encoder(model)
-            encoder_name, encoder_fingerprint = enc.name, enc.fingerprint
-        items = _metadata_items(pairs, image.shape[0], split, caption_template)
-        m = add_arrays_to_memory(memory, image, text, keys=keys, items=items, name=encoder_name or "unknown",
+        image, text, keys, items, encoder_name, encoder_fingerprint = _array_inputs(
+            image_embeddings, text_embeddings, image_keys, model, encoder_name, encoder_fingerprint, pairs, split,
+            caption_template)
+        m = add_arrays_to_memory(memory, image, text, keys=keys, items=items, name=encoder_name,
                                  fingerprint=encoder_fingerprint, normalize=normalize, resume=resume,
                                  chunk_size=chunk_size or 65536, num_threads=threads, progress=progress, log=log)
     else:

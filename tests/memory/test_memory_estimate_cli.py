@@ -115,3 +115,14 @@ def test_cli_manifest_split_template_and_arrays(tmp_path, rng):
     assert p.returncode == 0, p.stderr
     mem = Memory.open(tmp_path / "arr", fingerprint="c" * 64)
     assert len(mem) == 30 and mem.dtype == "float16"
+
+
+@pytest.mark.parametrize("verb", ["build", "add"])
+def test_array_inputs_need_both_modalities(tmp_path, verb):
+    from reco_ref.errors import MemoryFormatError
+    from reco_ref.memory import commands
+
+    np.save(tmp_path / "img.npy", np.eye(4, dtype=np.float32))
+    where = {"out": str(tmp_path / "m")} if verb == "build" else {"memory": str(tmp_path / "m")}
+    with pytest.raises(MemoryFormatError, match="--image-embeddings and --text-embeddings go together"):
+        getattr(commands, verb)(image_embeddings=str(tmp_path / "img.npy"), encoder_fingerprint="c" * 64, **where)
