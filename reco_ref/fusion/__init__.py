@@ -91,6 +91,7 @@ BACKENDS = {
     "numpy": ("reco_ref.fusion.reference", "nothing (NumPy and SciPy are runtime dependencies)"),
     "numba": ("reco_ref.fusion.numba_cpu", "numba (a runtime dependency: python3 -m pip install -e .)"),
     "cuda": ("reco_ref.fusion.cuda", 'the cuda extra: python3 -m pip install -e ".[cuda]" (numba-cuda) and a CUDA GPU/driver'),
+    "onnx": ("reco_ref.fusion.onnx_backend", "onnxruntime (a runtime dependency); forward only; graphs from reco-ref export-fusion or, with the export extra, built in memory"),
 }
 
 

@@ -1,0 +1,248 @@
+r"""Export the fusion layer φ (spec §2) to ONNX: one graph per module (φ_I, φ_T), inference only.
+
+``reco-ref export-fusion --fusion WEIGHTS --out DIR`` writes
+
+* ``DIR/phi_<prefix>.onnx`` for every module of the set (``phi_image.onnx``, ``phi_text.onnx``), and
+* ``DIR/fusion_onnx.json``, the manifest: format, opset, each module's config, graph file and the
+  SHA-256 of its parameter arrays (see :func:`params_digest`), the set's extras (``logit_scale``) as
+  numbers, and the source file's SHA-256.
+
+Each graph has three inputs and one output, all with a dynamic batch ``B`` and neighbour count ``k``
+(``k = 0`` allowed)::
+
+    query     float32 [B, D]
+    retrieved float32 [B, k, D]
+    mask      bool    [B, k]      True = a valid neighbour (pass all True for "no mask")
+    out       float32 [B, D]      = reco_ref.fusion.fusion_forward(params, query, retrieved, mask)
+
+Only the query token's output row is read out (spec §2), so the graph computes, with
+:math:`a_0 = \mathrm{LN}_1(X)_{:,0}` and every head :math:`j`,
+
+.. math::
+
+    X = [x + e_q;\ r_1 + e_r;\ \dots;\ r_k + e_r], \quad
+    K, V = \mathrm{LN}_1(X) W_{k,v} + b_{k,v}, \quad q_0 = a_0 W_q + b_q, \\
+    p^{(j)} = \mathrm{softmax}\Big(\frac{q_0^{(j)} K^{(j)\top}}{\sqrt{d_h}} + m\Big), \quad
+    h_0 = x + e_q + \mathrm{concat}_j(p^{(j)} V^{(j)}) W_o + b_o, \\
+    y_0 = h_0 + \mathrm{GELU}(\mathrm{LN}_2(h_0) W_1 + b_1) W_2 + b_2, \quad
+    \bar x = y_0 / \lVert y_0 \rVert
+
+which equals row 0 of the full layer exactly (the other rows of :math:`Q`, the attention output and
+the MLP never reach row 0). The query token is always valid, so a row whose neighbours are all masked
+attends to itself alone. Masked neighbour slots are replaced by 0 inside the graph before anything
+reads them, so NaN/inf there has no effect (the NumPy front door does the same).
+
+Float32 only: ONNX Runtime's CPU kernels for ``Erf`` and ``LayerNormalization`` exist for float32, and an
+edge deployment runs in float32. A float64 set is refused with a clear error rather than silently cast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, ParamsFormatError
+from ..fusion.params import PARAM_NAMES, FusionParams, load_param_set
+from ..io import atomic_write_bytes, atomic_write_json, sha256_file
+
+__all__ = ["MANIFEST", "FORMAT", "OPSET", "params_digest", "fusion_model_bytes", "export_fusion"]
+
+MANIFEST = "fusion_onnx.json"
+FORMAT = "reco_ref.fusion.onnx"
+FORMAT_VERSION = 1
+#: Opset 17: LayerNormalization is a standard op from 17 on; ONNX Runtime ≥ 1.17 (our floor) runs it.
+OPSET = 17
+LN_EPS = 1e-5  # the reference's LN_EPS (spec §2)
+
+
+def _onnx():
+    """Import ``onnx`` lazily: only export needs it, never inference."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"exporting the fusion layer to ONNX needs the 'onnx' package ({exc}); install the export extra: "
+            f'python3 -m pip install -e ".[export]"'
+        ) from exc
+    return onnx, TensorProto, helper, numpy_helper
+
+
+def params_digest(params: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the 18 arrays in :data:`PARAM_NAMES` order (name, dtype, shape, C-order bytes).
+
+    Ties an exported graph to the weights it was made from (:func:`reco_ref.fusion.onnx_backend.attach`).
+    """
+    h = hashlib.sha256()
+    for name in PARAM_NAMES:
+        a = np.ascontiguousarray(params[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _check_float32(params: FusionParams, where: str) -> None:
+    if not isinstance(params, FusionParams):
+        raise ParamsFormatError(f"{where}: expected FusionParams (from init_params / load_params / load_param_set), "
+                                f"got {type(params).__name__}")  # fmt: skip
+    if params.dtype != np.float32:
+        raise ParamsFormatError(f"{where}: dtype {params.dtype}, expected float32 (the ONNX fusion graph runs in float32; "
+                                f"cast the set with astype(float32) and save it first)")  # fmt: skip
+
+
+def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
+    """Serialized ONNX model of one fusion module's forward (see the module docstring for the graph).
+
+    Parameters
+    ----------
+    params : FusionParams, float32
+    name : str
+        Graph name (``phi_image`` / ``phi_text``), also written in the model's metadata.
+
+    Returns
+    -------
+    bytes
+        A checked ``ModelProto`` (``onnx.checker``), opset :data:`OPSET`.
+    """
+    onnx, TP, helper, numpy_helper = _onnx()
+    _check_float32(params, name)
+    D, h = params.dim, params.heads
+    dh = D // h
+    R = params["w_1"].shape[1]
+
+    inits = [numpy_helper.from_array(np.ascontiguousarray(params[n]), name=n) for n in PARAM_NAMES]
+
+    def const(nm, value, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name=nm))
+        return nm
+
+    const("c_zero", 0.0)
+    const("c_neg_inf", -np.inf)
+    const("c_scale", 1.0 / math.sqrt(dh))
+    const("c_half", 0.5)
+    const("c_one", 1.0)
+    const("c_inv_sqrt2", 1.0 / math.sqrt(2.0))
+    const("c_idx0", 0, np.int64)  # scalar index: Gather drops the token axis
+    const("c_one_1d", [1], np.int64)
+    const("c_axis_last", [-1], np.int64)
+    const("c_axes_12", [1, 2], np.int64)
+    const("c_axis_1", [1], np.int64)
+    const("c_shape_q", [0, h, 1, dh], np.int64)  # [B,D] -> [B,h,1,dh]
+    const("c_shape_kv", [0, -1, h, dh], np.int64)  # [B,T,D] -> [B,T,h,dh]
+    const("c_shape_bd", [0, D], np.int64)  # [B,h,1,dh] -> [B,D] (heads concatenated, head j at j*dh)
+    const("c_slice0", [0], np.int64)
+
+    N = helper.make_node
+    nodes = [
+        # Masked slots -> 0 before anything reads them (NaN-safe, as the front door).
+        N("Unsqueeze", ["mask", "c_axis_last"], ["mask3"]),                      # [B,k,1] bool
+        N("Where", ["mask3", "retrieved", "c_zero"], ["r_clean"]),               # [B,k,D]
+        # Tokens with type embeddings.
+        N("Add", ["query", "e_query"], ["x0"]),                                   # [B,D]
+        N("Add", ["r_clean", "e_neighbor"], ["xr"]),                              # [B,k,D]
+        N("Unsqueeze", ["x0", "c_axis_1"], ["x0_3"]),                             # [B,1,D]
+        N("Concat", ["x0_3", "xr"], ["X"], axis=1),                               # [B,T,D]
+        N("LayerNormalization", ["X", "ln1_gamma", "ln1_beta"], ["A1"], axis=-1, epsilon=LN_EPS),  # [B,T,D]
+        # Keys/values on every token, the query projection on token 0 only.
+        N("MatMul", ["A1", "w_k"], ["K_mm"]), N("Add", ["K_mm", "b_k"], ["K"]),      # [B,T,D]
+        N("MatMul", ["A1", "w_v"], ["V_mm"]), N("Add", ["V_mm", "b_v"], ["V"]),      # [B,T,D]
+        N("Gather", ["A1", "c_idx0"], ["a0"], axis=1),                            # [B,D]
+        N("MatMul", ["a0", "w_q"], ["q_mm"]), N("Add", ["q_mm", "b_q"], ["q0"]),     # [B,D]
+        # Head split.
+        N("Reshape", ["q0", "c_shape_q"], ["qh"]),                                # [B,h,1,dh]
+        N("Reshape", ["K", "c_shape_kv"], ["K4"]),                                # [B,T,h,dh]
+        N("Transpose", ["K4"], ["Kt"], perm=[0, 2, 3, 1]),                        # [B,h,dh,T]
+        N("Reshape", ["V", "c_shape_kv"], ["V4"]),                                # [B,T,h,dh]
+        N("Transpose", ["V4"], ["Vh"], perm=[0, 2, 1, 3]),                        # [B,h,T,dh]
+        # Scores + mask bias (0 on valid tokens, -inf on masked ones; token 0 always valid).
+        N("MatMul", ["qh", "Kt"], ["S_raw"]),                                     # [B,h,1,T]
+        N("Mul", ["S_raw", "c_scale"], ["S_scaled"]),
+        N("Where", ["mask", "c_zero", "c_neg_inf"], ["bias_r"]),                  # [B,k]
+        N("Shape", ["query"], ["q_shape"]),                                       # [2] = (B, D)
+        N("Slice", ["q_shape", "c_slice0", "c_one_1d"], ["B_1d"]),                # [1] = (B,)
+        N("Concat", ["B_1d", "c_one_1d"], ["B1_shape"], axis=0),                  # [2] = (B, 1)
+        N("ConstantOfShape", ["B1_shape"], ["bias_q"],
+          value=helper.make_tensor("zero", TP.FLOAT, [1], [0.0])),                # [B,1]
+        N("Concat", ["bias_q", "bias_r"], ["bias"], axis=1),                      # [B,T]
+        N("Unsqueeze", ["bias", "c_axes_12"], ["bias4"]),                         # [B,1,1,T]
+        N("Add", ["S_scaled", "bias4"], ["S"]),                                   # [B,h,1,T]
+        N("Softmax", ["S"], ["P"], axis=-1),                                      # [B,h,1,T]
+        N("MatMul", ["P", "Vh"], ["PV"]),                                         # [B,h,1,dh]
+        N("Reshape", ["PV", "c_shape_bd"], ["C0"]),                               # [B,D]
+        N("MatMul", ["C0", "w_o"], ["o_mm"]), N("Add", ["o_mm", "b_o"], ["O0"]),     # [B,D]
+        N("Add", ["x0", "O0"], ["H0"]),                                           # [B,D]
+        # MLP on the query token: exact GELU u * Φ(u) = 0.5 u (1 + erf(u / sqrt 2)).
+        N("LayerNormalization", ["H0", "ln2_gamma", "ln2_beta"], ["A2"], axis=-1, epsilon=LN_EPS),  # [B,D]
+        N("MatMul", ["A2", "w_1"], ["pre_mm"]), N("Add", ["pre_mm", "b_1"], ["pre"]),  # [B,R]
+        N("Mul", ["pre", "c_inv_sqrt2"], ["pre_s"]),
+        N("Erf", ["pre_s"], ["erf"]),
+        N("Add", ["erf", "c_one"], ["erf1"]),
+        N("Mul", ["pre", "erf1"], ["u_half"]),
+        N("Mul", ["u_half", "c_half"], ["U"]),                                    # [B,R]
+        N("MatMul", ["U", "w_2"], ["m_mm"]), N("Add", ["m_mm", "b_2"], ["M0"]),     # [B,D]
+        N("Add", ["H0", "M0"], ["Y0"]),                                           # [B,D]
+        # L2 normalisation.
+        N("ReduceSumSquare", ["Y0"], ["sq"], axes=[-1], keepdims=1),              # [B,1]
+        N("Sqrt", ["sq"], ["norm"]),
+        N("Div", ["Y0", "norm"], ["out"]),                                        # [B,D]
+    ]  # fmt: skip
+    inputs = [
+        helper.make_tensor_value_info("query", TP.FLOAT, ["B", D]),
+        helper.make_tensor_value_info("retrieved", TP.FLOAT, ["B", "k", D]),
+        helper.make_tensor_value_info("mask", TP.BOOL, ["B", "k"]),
+    ]
+    outputs = [helper.make_tensor_value_info("out", TP.FLOAT, ["B", D])]
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="reco_ref")
+    model.ir_version = min(model.ir_version, 8)  # readable by ONNX Runtime >= 1.17 (our floor)
+    helper.set_model_props(model, {"reco_ref.format": FORMAT, "reco_ref.module": name, "dim": str(D), "heads": str(h),
+                                   "mlp_hidden": str(R), "params_sha256": params_digest(params)})  # fmt: skip
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def export_fusion(weights: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+    """Write every module of a fusion parameter set as an ONNX graph, plus the manifest.
+
+    Parameters
+    ----------
+    weights : path of a set saved by :func:`reco_ref.fusion.save_param_set` (``image.*``, ``text.*``,
+        optional ``logit_scale``)
+    out_dir : output folder (created; files written atomically)
+
+    Returns
+    -------
+    dict
+        The manifest written to ``out_dir/fusion_onnx.json``.
+
+    Raises
+    ------
+    ParamsFormatError
+        A bad weights file (named entry), a float64 set, or extras that are not scalars.
+    BackendUnavailableError
+        ``onnx`` is not installed.
+    """
+    _onnx()  # fail before reading anything when the tool itself is missing
+    modules, extras = load_param_set(weights)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "opset": OPSET,
+                "source": os.path.basename(os.fspath(weights)), "source_sha256": sha256_file(weights),
+                "modules": {}, "extras": {}}  # fmt: skip
+    for prefix, params in modules.items():
+        fname = f"phi_{prefix}.onnx"
+        blob = fusion_model_bytes(params, name=f"phi_{prefix}")
+        atomic_write_bytes(out / fname, blob)
+        manifest["modules"][prefix] = dict(params.config.to_json(), file=fname, params_sha256=params_digest(params))
+    for name, a in extras.items():
+        if a.size != 1:
+            raise ParamsFormatError(f"{weights}: extra {name!r} has shape {a.shape}, expected a scalar for the manifest")
+        manifest["extras"][name] = float(a.reshape(()))
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest

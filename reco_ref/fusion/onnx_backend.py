@@ -1,0 +1,212 @@
+r"""Fusion backend ``"onnx"``: φ's forward on ONNX Runtime (inference only; needs onnxruntime + numpy).
+
+The graph is the one :mod:`reco_ref.export.fusion` writes (``reco-ref export-fusion``): same inputs,
+``out = normalize(Y[:, 0])`` of spec §2, float32. Two ways to get a session for a :class:`FusionParams`:
+
+* **edge (no ``onnx`` package):** export once on a build machine, then at run time
+  ``attach(DIR, modules)`` with the same weights (``modules, extras = load_param_set(WEIGHTS)``). It checks
+  each module's SHA-256 against ``DIR/fusion_onnx.json`` (graphs made from other weights are refused)
+  and opens one session per module.
+* **anywhere ``onnx`` is installed:** the first ``fusion_forward(params, ..., backend="onnx")`` exports
+  the module in memory and caches the session.
+
+Sessions are cached per params object. Before each run the backend compares a cheap checksum of the
+18 arrays (their sums, read in one pass) with the one taken when the session was made, so editing the
+arrays in place afterwards (an optimiser step) is an error, never a stale answer.
+
+``fusion_backward`` raises: the graph has no backward (train with ``numpy`` / ``numba`` / ``cuda``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, ParamsFormatError, RecoError
+from .params import PARAM_NAMES, FusionParams
+
+__all__ = ["fusion_forward", "fusion_backward", "attach", "session_for", "clear_cache"]
+
+#: id(params) → (weakref to params, checksum, session); an entry is dropped when its params object dies.
+_SESSIONS: dict[int, tuple] = {}
+_LOCK = threading.Lock()
+_THREADS: int | None = None
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # a runtime dependency; missing means a broken install
+        raise BackendUnavailableError(f"fusion backend 'onnx' needs onnxruntime ({exc}); python3 -m pip install -e .") from exc
+    return onnxruntime
+
+
+def _checksum(params) -> tuple:
+    """One float64 sum per array (one read of the weights): changes whenever an array is edited in place."""
+    return tuple((params[n].shape, float(np.add.reduce(params[n], axis=None, dtype=np.float64))) for n in PARAM_NAMES)
+
+
+def _make_session(model: bytes | str, threads: int | None):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _require_params(params, where: str) -> FusionParams:
+    if not isinstance(params, FusionParams):
+        raise RecoError(f"{where}: the 'onnx' fusion backend needs FusionParams (init_params / load_params / "
+                        f"load_param_set), got {type(params).__name__}")  # fmt: skip
+    if params.dtype != np.float32:
+        raise RecoError(f"{where}: the 'onnx' fusion backend runs float32 only, params are {params.dtype}")
+    return params
+
+
+def attach(export_dir: str | os.PathLike, modules: dict, *, threads: int | None = None) -> dict:
+    """Open the exported graphs in ``export_dir`` for these parameter objects (no ``onnx`` needed).
+
+    Parameters
+    ----------
+    export_dir : folder written by :func:`reco_ref.export.fusion.export_fusion`
+    modules : dict prefix → FusionParams, as returned by :func:`reco_ref.fusion.load_param_set` on the
+        weights the graphs were exported from
+    threads : ONNX Runtime intra-op threads (default: ONNX Runtime's choice)
+
+    Returns
+    -------
+    dict
+        The manifest (``extras`` holds ``logit_scale`` as a float).
+
+    Raises
+    ------
+    ParamsFormatError
+        Missing / malformed manifest or graph, a module missing on either side, or weights whose
+        SHA-256 differs from the one the graph was exported from.
+    """
+    from ..export.fusion import FORMAT, MANIFEST, params_digest  # numpy + hashlib only; onnx stays lazy there
+
+    d = Path(export_dir)
+    mpath = d / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsFormatError(f"{mpath}: missing, expected the manifest written by reco-ref export-fusion") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ParamsFormatError(f"{mpath}: not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("modules"), dict):
+        raise ParamsFormatError(f"{mpath}: field 'format' is {manifest.get('format') if isinstance(manifest, dict) else manifest!r}, "
+                                f"expected {FORMAT!r} with a 'modules' object")  # fmt: skip
+    if sorted(manifest["modules"]) != sorted(modules):
+        raise ParamsFormatError(f"{mpath}: field 'modules' lists {sorted(manifest['modules'])}, the weights hold {sorted(modules)}")
+    opened = {}
+    for prefix, entry in manifest["modules"].items():
+        params = _require_params(modules[prefix], f"modules[{prefix!r}]")
+        want = entry.get("params_sha256") if isinstance(entry, dict) else None
+        got = params_digest(params)
+        if want != got:
+            raise ParamsFormatError(f"{mpath}: module {prefix!r} field 'params_sha256' is {str(want)[:12]}…, the given weights "
+                                    f"hash to {got[:12]}…; the graphs were exported from other weights (re-run export-fusion)")  # fmt: skip
+        gpath = d / str(entry.get("file", ""))
+        if not gpath.is_file():
+            raise ParamsFormatError(f"{mpath}: module {prefix!r} field 'file' names {gpath}, which does not exist")
+        try:
+            opened[prefix] = _make_session(str(gpath), threads)
+        except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
+            raise ParamsFormatError(f"{gpath}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from exc
+    for prefix, sess in opened.items():
+        _remember(modules[prefix], _checksum(modules[prefix]), sess)
+    return manifest
+
+
+def _remember(params: FusionParams, check: tuple, sess) -> None:
+    # dicts are unhashable, so the cache is keyed by id() and guarded by a weakref (ids are reused)
+    with _LOCK:
+        _SESSIONS[id(params)] = (weakref.ref(params), check, sess)
+    weakref.finalize(params, _forget, id(params))
+
+
+def _forget(key: int) -> None:
+    with _LOCK:
+        entry = _SESSIONS.get(key)
+        if entry is not None and entry[0]() is None:
+            del _SESSIONS[key]
+
+
+def _lookup(params: FusionParams):
+    with _LOCK:
+        entry = _SESSIONS.get(id(params))
+    if entry is None or entry[0]() is not params:
+        return None
+    return entry[1], entry[2]
+
+
+def session_for(params: FusionParams, *, threads: int | None = None):
+    """The cached session for ``params`` (attached, or exported in memory on first use; needs ``onnx`` then)."""
+    params = _require_params(params, "params")
+    check = _checksum(params)
+    hit = _lookup(params)
+    if hit is not None:
+        if hit[0] != check:
+            raise RecoError("params: the arrays changed in place after the 'onnx' backend compiled them; the session "
+                            "would answer with the old weights (call reco_ref.fusion.onnx_backend.clear_cache(), re-attach "
+                            "or re-export)")  # fmt: skip
+        return hit[1]
+    try:
+        from ..export.fusion import fusion_model_bytes
+
+        blob = fusion_model_bytes(params)
+    except BackendUnavailableError as exc:
+        raise BackendUnavailableError(
+            f"fusion backend 'onnx': no exported graph is attached for these params and building one in memory failed "
+            f"({exc}); on a build machine run `reco-ref export-fusion --fusion WEIGHTS --out DIR`, then here "
+            f"reco_ref.fusion.onnx_backend.attach(DIR, load_param_set(WEIGHTS)[0])"
+        ) from exc
+    sess = _make_session(blob, threads if threads is not None else _THREADS)
+    _remember(params, check, sess)
+    return sess
+
+
+def clear_cache() -> None:
+    """Forget every cached session (the next forward re-attaches or re-exports)."""
+    with _LOCK:
+        _SESSIONS.clear()
+
+
+def fusion_forward(params, query, retrieved, mask=None, *, heads):
+    r"""Forward of φ on ONNX Runtime; same contract as :func:`reco_ref.fusion.reference.fusion_forward`.
+
+    .. math:: \bar x = \mathrm{normalize}(Y_{:,0}) \quad \text{(spec §2; graph: reco_ref.export.fusion)}
+
+    Parameters
+    ----------
+    params : FusionParams, float32 (``heads`` must equal ``params.heads``: the graph bakes it in)
+    query : float32 [B, D]
+    retrieved : float32 [B, k, D]
+    mask : bool [B, k] or None (all valid)
+
+    Returns
+    -------
+    out : float32 [B, D]
+    cache : dict with ``heads`` and ``B`` only (there is no backward)
+    """
+    params = _require_params(params, "params")
+    if int(heads) != params.heads:
+        raise RecoError(f"heads: {heads} differs from params.heads={params.heads}; the exported graph bakes the heads in")
+    B, k = retrieved.shape[0], retrieved.shape[1]
+    if mask is None:
+        mask = np.ones((B, k), dtype=bool)  # [B,k]
+    sess = session_for(params)
+    (out,) = sess.run(["out"], {"query": query, "retrieved": retrieved, "mask": mask})  # [B,D]
+    return out, {"heads": int(heads), "B": B}
+
+
+def fusion_backward(params, cache, dout, *, return_input_grads=False):
+    """Not available: the ONNX graph is forward only."""
+    raise BackendUnavailableError("fusion backend 'onnx' is inference only (the exported graph has no backward); "
+                                  "compute gradients with backend 'numpy', 'numba' or 'cuda'")  # fmt: skip
