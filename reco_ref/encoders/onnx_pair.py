@@ -12,6 +12,7 @@ the rows; nothing is silently replaced.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -277,6 +278,11 @@ def _check_items(items: Any, what: str) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- the pair
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error: expected 'raise' or 'skip', got {on_error!r}")
+
+
 class EncoderPair:
     """Two ONNX graphs + config. Build with :func:`reco_ref.encoders.load`.
 
@@ -348,14 +354,25 @@ class EncoderPair:
         Decoding and resizing run in ``threads`` worker threads (Pillow releases the GIL there); results keep
         the input order, and with ``on_error="raise"`` the first bad item in input order is raised.
         """
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error: expected 'raise' or 'skip', got {on_error!r}")
+        _check_on_error(on_error)
         pool = self._decode_pool() if len(items) > 1 else None
         futures = [pool.submit(self._prepare_one, it) for it in items] if pool else None
+        return self._collect(items, futures, on_error, start)
+
+    def _collect(self, items: Sequence[ImageItem], futures: list | None, on_error: str, start: int,
+                 out: np.ndarray | None = None):
+        """Wait for one batch in input order -> (pixels [M,...] or None, ok_index, errors).
+
+        ``futures[i]`` prepares ``items[i]`` (None: prepare here, serially): it returns the uint8 crop, or, when
+        the batch buffer ``out`` [len(items),...] is given, writes the normalised pixels into ``out[i]`` itself.
+        With ``on_error="raise"`` the first bad item in input order is raised and the other futures cancelled.
+        """
         crops, ok, errors = [], [], []
         for i, item in enumerate(items):
             try:
-                crops.append(futures[i].result() if futures else self._prepare_one(item))
+                crop = futures[i].result() if futures else self._prepare_one(item)
+                if out is None:
+                    crops.append(crop)
                 ok.append(start + i)
             except ImageDecodeError as exc:
                 if on_error == "raise":
@@ -363,8 +380,63 @@ class EncoderPair:
                         f.cancel()
                     raise
                 errors.append(ImageError(start + i, describe(item), str(exc)))
-        pixels = normalize_batch(crops, self.config.image) if crops else None
+        if out is None:
+            pixels = normalize_batch(crops, self.config.image) if crops else None
+        elif not ok:
+            pixels = None
+        else:  # rows of the failed items are dropped (a copy only when something failed)
+            pixels = out if len(ok) == len(items) else out[np.asarray(ok) - start]
         return pixels, ok, errors
+
+    def _prepare_into(self, item: ImageItem, out: np.ndarray, i: int) -> None:
+        """Decode + resize + crop + normalise one image into row ``i`` of the batch buffer (decode threads)."""
+        out[i] = normalize_batch([self._prepare_one(item)], self.config.image)[0]
+
+    def iter_preprocessed(self, items: Sequence[ImageItem], batch_size: int = 64, on_error: str = "raise",
+                          prefetch: int = 2):
+        """Yield ``(start, pixels [M,...] or None, ok_index, errors)`` batch by batch, decoding ahead.
+
+        While the caller runs the graph on one batch, the decode threads already prepare the next
+        ``prefetch`` batches, each image decoded, cropped and normalised straight into its row of the batch
+        buffer (ONNX Runtime releases the GIL while it runs, Pillow while it decodes and
+        resizes), so decoding overlaps inference instead of alternating with it. At most
+        ``(prefetch + 1) * batch_size`` decoded crops are held (bounded memory). Batches come out in input
+        order; ``on_error="raise"`` raises the first bad item in input order and cancels the work queued
+        behind it; closing the generator early cancels it too.
+        """
+        _check_on_error(on_error)
+        pool = self._decode_pool() if len(items) > 1 else None
+        if pool is None:  # one thread: nothing to overlap with
+            for s in range(0, len(items), batch_size):
+                yield (s, *self.preprocess(items[s : s + batch_size], on_error=on_error, start=s))
+            return
+        from collections import deque
+
+        starts = iter(range(0, len(items), batch_size))
+        pending: deque = deque()  # (start, futures) of the batches queued ahead, in input order
+
+        im = self.config.image
+        pixel_shape = (im.size, im.size, 3) if im.layout == "NHWC" else (3, im.size, im.size)
+
+        def enqueue() -> None:
+            s = next(starts, None)
+            if s is not None:
+                chunk = items[s : s + batch_size]
+                out = np.empty((len(chunk), *pixel_shape), np.float32)  # [m,...] filled by the decode threads
+                pending.append((s, [pool.submit(self._prepare_into, it, out, i) for i, it in enumerate(chunk)], out))
+
+        try:
+            for _ in range(max(1, int(prefetch))):  # the first batch + those queued behind it
+                enqueue()
+            while pending:
+                s, futures, out = pending.popleft()
+                batch = self._collect(items[s : s + batch_size], futures, on_error, s, out)
+                enqueue()  # the decode threads work on this one while the caller runs the graph on `batch`
+                yield (s, *batch)
+        finally:
+            for _, futures, _ in pending:
+                for f in futures:
+                    f.cancel()
 
     def _decode_pool(self):
         if self._pool is None:
@@ -408,21 +480,23 @@ class EncoderPair:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         embs, keys, oks, errors = [], [], [], []
-        starts = range(0, len(items), batch_size)
-        if progress:
-            from tqdm import tqdm
+        # decoding runs ahead in the decode threads while the graph runs here (iter_preprocessed);
+        # closing() cancels the queued decodes when the graph raises
+        with contextlib.closing(self.iter_preprocessed(items, batch_size, on_error)) as prepared:
+            batches = prepared
+            if progress:
+                from tqdm import tqdm
 
-            starts = tqdm(starts, unit="batch", desc=f"{self.name} images")
-        for s in starts:
-            pixels, ok, errs = self.preprocess(items[s : s + batch_size], on_error=on_error, start=s)
-            errors.extend(errs)
-            if pixels is None:
-                continue
-            e, k = self.run_image_graph(pixels)
-            embs.append(e)
-            oks.extend(ok)
-            if k is not None:
-                keys.append(k)
+                batches = tqdm(prepared, total=-(-len(items) // batch_size), unit="batch", desc=f"{self.name} images")
+            for _s, pixels, ok, errs in batches:
+                errors.extend(errs)
+                if pixels is None:
+                    continue
+                e, k = self.run_image_graph(pixels)
+                embs.append(e)
+                oks.extend(ok)
+                if k is not None:
+                    keys.append(k)
         emb = np.concatenate(embs) if embs else np.zeros((0, self.dim), np.float32)
         key = None
         if with_keys:

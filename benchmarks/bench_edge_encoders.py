@@ -1,0 +1,124 @@
+"""Does ``encode_images`` keep up with its graph? End-to-end JPEG throughput vs the raw ONNX Runtime session.
+
+Same run, same graph, same batch size (64), same intra-op threads (2): three rates over the same 256 JPEGs,
+measured in interleaved rounds (best round of each counts, so a burst of load from other processes hurts all
+three alike):
+
+* ``raw``      the image graph alone, ``session.run`` on preprocessed pixels [64,224,224,3] (the ceiling)
+* ``e2e``      ``encode_images(files, batch_size=64)``: decode + resize/crop + normalise + graph + L2, with the
+               decode threads working one to two batches ahead of the graph (``EncoderPair.iter_preprocessed``)
+* ``serial``   the same work without overlap (``preprocess`` then ``run_image_graph`` per batch, the
+               behaviour before issue 13), for reference
+
+Target (issue 13): e2e >= 90 % of raw.
+
+    python3 benchmarks/bench_edge_encoders.py [--model reco-mini] [--n 256] [--rounds 5]
+    python3 -m pytest benchmarks/bench_edge_encoders.py -q -s          # the same table, quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_encoders import have_model, image_files  # noqa: E402
+
+THREADS = 2
+BATCH = 64
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def overlap_rates(model: str = "reco-mini", n: int = 256, rounds: int = 5, threads: int = THREADS) -> dict:
+    """{'raw', 'e2e', 'serial'} images/s (best of ``rounds`` interleaved rounds) and the ratios to raw."""
+    from reco_ref.encoders import load
+
+    enc = load(model, threads=threads)
+    files = [str(f) for f in image_files(n)]
+    pixels, _, _ = enc.preprocess(files[:BATCH])  # [64,...] float32, the graph's input
+    # the encoder's own session: a second session's spinning thread pool would steal cores from the first
+    raw = enc._image
+    outputs = [enc.config.image.output] + ([enc.config.image.key_output] if enc.config.image.key_output else [])
+    feed = {enc.config.image.input: pixels}
+
+    def run_raw():
+        for _ in range(0, n, BATCH):
+            raw.run(outputs, feed)
+
+    def run_e2e():
+        enc.encode_images(files, batch_size=BATCH, with_keys=bool(enc.config.image.key_output))
+
+    def run_serial():
+        for s in range(0, n, BATCH):
+            px, _, _ = enc.preprocess(files[s : s + BATCH])
+            enc.run_image_graph(px)
+
+    fns = {"raw": run_raw, "e2e": run_e2e, "serial": run_serial}
+    for fn in fns.values():  # warm-up: allocations, page cache
+        fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            best[k] = min(best[k], _timed(fn))
+    rates = {k: n / v for k, v in best.items()}
+    return {"rates": rates, "e2e_over_raw": rates["e2e"] / rates["raw"],
+            "serial_over_raw": rates["serial"] / rates["raw"], "n": n, "batch": BATCH, "threads": threads, "model": model}
+
+
+def _table(res: dict) -> str:
+    r = res["rates"]
+    return "\n".join([
+        f"{res['model']}: {res['n']} JPEGs, batch {res['batch']}, {res['threads']} intra-op threads, best of interleaved rounds",
+        "| path | images/s | vs raw session |", "|---|---:|---:|",
+        f"| raw ONNX Runtime session (graph only) | {r['raw']:.1f} | 1.00 |",
+        f"| encode_images, decode overlapped | {r['e2e']:.1f} | {res['e2e_over_raw']:.2f} |",
+        f"| serial decode then graph (before) | {r['serial']:.1f} | {res['serial_over_raw']:.2f} |",
+    ])  # fmt: skip
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+if pytest is not None:
+
+    def test_encode_images_vs_raw_session():
+        reason = have_model()
+        if reason:
+            pytest.skip(reason)
+        res = overlap_rates(n=128, rounds=2)
+        print("\n" + _table(res))
+        assert all(v > 0 for v in res["rates"].values())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="reco-mini")
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    reason = have_model()
+    if reason:
+        print(f"skipped: {reason}")
+        return 0
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
+    print(_table(overlap_rates(args.model, args.n, args.rounds)))
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""encode_images decodes ahead while the graph runs (EncoderPair.iter_preprocessed): order, errors, bounds, overlap."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reco_ref.encoders import load
+from reco_ref.errors import ImageDecodeError
+
+from enc_graphs import FakeTokenizer, write_pair
+
+
+def _images(rng, n):
+    return [Image.fromarray(rng.integers(0, 256, (16 + i % 7, 20 + i % 5, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def _slow_first(enc, monkeypatch, n):
+    """Make early items decode slowly and late ones fast, so completion order is the reverse of input order."""
+    orig = enc._prepare_one
+    index = {}
+
+    def prepare(item):
+        time.sleep(0.002 * (n - index.get(id(item), n)) / n)
+        return orig(item)
+
+    monkeypatch.setattr(enc, "_prepare_one", prepare)
+    return index
+
+
+def test_order_across_prefetched_batches(tmp_path, rng, monkeypatch):
+    write_pair(tmp_path, rng, key_dim=3)
+    ims = _images(rng, 23)
+    ref_emb, ref_keys = load(tmp_path, tokenizer=FakeTokenizer(), threads=1).encode_images(ims, batch_size=4, with_keys=True)
+    enc = load(tmp_path, tokenizer=FakeTokenizer(), threads=3)
+    index = _slow_first(enc, monkeypatch, len(ims))
+    index.update({id(im): i for i, im in enumerate(ims)})
+    emb, keys = enc.encode_images(ims, batch_size=4, with_keys=True)
+    np.testing.assert_array_equal(emb, ref_emb)
+    np.testing.assert_array_equal(keys, ref_keys)
+    starts = [s for s, *_ in enc.iter_preprocessed(ims, batch_size=4)]
+    assert starts == list(range(0, 23, 4))
+
+
+def test_errors_keep_input_order(tmp_path, rng, monkeypatch):
+    write_pair(tmp_path, rng)
+    ims = _images(rng, 12)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    items = list(ims)
+    bad_at = [1, 6, 7, 11]
+    for i in bad_at:
+        items[i] = tmp_path / "bad.jpg" if i != 7 else tmp_path / "missing.png"
+    enc = load(tmp_path, tokenizer=FakeTokenizer(), threads=3)
+    index = _slow_first(enc, monkeypatch, len(items))
+    index.update({id(it): i for i, it in enumerate(items)})
+    emb, ok, errors = enc.encode_images(items, batch_size=3, on_error="skip")
+    assert ok.tolist() == [i for i in range(12) if i not in bad_at]
+    assert [e.index for e in errors] == bad_at and "missing.png" in errors[2].message
+    ref = load(tmp_path, tokenizer=FakeTokenizer(), threads=1).encode_images([items[i] for i in ok], batch_size=3)
+    np.testing.assert_array_equal(emb, ref)
+    # raise mode: the first bad item in input order, although later ones fail sooner
+    with pytest.raises(ImageDecodeError, match="bad.jpg"):
+        enc.encode_images(items, batch_size=3)
+    items[1] = ims[1]
+    with pytest.raises(ImageDecodeError, match="bad.jpg"):  # item 6, batch 2
+        enc.encode_images(items, batch_size=3)
+
+
+def test_decoding_overlaps_the_graph_and_stays_bounded(tmp_path, rng, monkeypatch):
+    write_pair(tmp_path, rng)
+    ims = _images(rng, 40)
+    enc = load(tmp_path, tokenizer=FakeTokenizer(), threads=2)
+    lock = threading.Lock()
+    state = {"prepared": 0, "collected": 0, "max_ahead": 0, "at_graph_end": []}
+    orig_prepare, orig_graph, orig_collect = enc._prepare_one, enc.run_image_graph, enc._collect
+
+    def prepare(item):
+        with lock:
+            state["prepared"] += 1
+            state["max_ahead"] = max(state["max_ahead"], state["prepared"] - state["collected"])
+        return orig_prepare(item)
+
+    def graph(pixels):
+        time.sleep(0.1)  # a slow graph: the decode threads must use this time
+        state["at_graph_end"].append(state["prepared"])
+        return orig_graph(pixels)
+
+    def collect(items, futures, on_error, start, out=None):
+        res = orig_collect(items, futures, on_error, start, out)
+        with lock:
+            state["collected"] += len(items)
+        return res
+
+    monkeypatch.setattr(enc, "_prepare_one", prepare)
+    monkeypatch.setattr(enc, "run_image_graph", graph)
+    monkeypatch.setattr(enc, "_collect", collect)
+    enc.encode_images(ims, batch_size=4)
+    assert state["prepared"] == 40
+    # while the graph ran on batch b, the next two batches were decoded (serial code would show 4, 8, ...)
+    assert state["at_graph_end"] == [min(40, 4 * (b + 3)) for b in range(10)], state
+    assert state["max_ahead"] <= 2 * 4, state  # prefetch = 2 batches of 4 decoded ahead of the one in the graph
+
+    # a bad first item stops the run without decoding the whole list
+    state.update(prepared=0, collected=0)
+    bad = [tmp_path / "missing.png"] + ims
+    with pytest.raises(ImageDecodeError, match="missing.png"):
+        enc.encode_images(bad, batch_size=4)
+    time.sleep(0.1)
+    assert state["prepared"] <= 3 * 4 + 2, state  # queued work behind the error was cancelled
