@@ -12,7 +12,11 @@ three alike):
 
 Target (issue 13): e2e >= 90 % of raw.
 
-    python3 benchmarks/bench_edge_encoders.py [--model reco-mini] [--n 256] [--rounds 5]
+A second table compares the int8 image tower (``weights/reco-mini-int8``) with fp32 (``weights/reco-mini``):
+the raw image graphs on the same preprocessed pixels [64,224,224,3], same threads, interleaved rounds; and the
+end-to-end ``encode_images`` rate of both. Target: int8 raw >= 1.5x fp32 raw.
+
+    python3 benchmarks/bench_edge_encoders.py [--model reco-mini] [--n 256] [--rounds 5] [--int8]
     python3 -m pytest benchmarks/bench_edge_encoders.py -q -s          # the same table, quick
 """
 
@@ -76,6 +80,39 @@ def overlap_rates(model: str = "reco-mini", n: int = 256, rounds: int = 5, threa
             "serial_over_raw": rates["serial"] / rates["raw"], "n": n, "batch": BATCH, "threads": threads, "model": model}
 
 
+def int8_rates(n: int = 256, rounds: int = 5, threads: int = THREADS) -> dict:
+    """Images/s of the fp32 and int8 image towers: raw graph at batch 64 and ``encode_images`` end to end."""
+    from reco_ref.encoders import load
+
+    encs = {"fp32": load("reco-mini", threads=threads), "int8": load("reco-mini-int8", threads=threads)}
+    files = [str(f) for f in image_files(n)]
+    pixels, _, _ = encs["fp32"].preprocess(files[:BATCH])  # same preprocessing config for both
+    fns = {}
+    for prec, enc in encs.items():
+        outs = [enc.config.image.output, enc.config.image.key_output]
+        fns[f"{prec} raw"] = (lambda s=enc._image, o=outs: [s.run(o, {"pixels": pixels}) for _ in range(0, n, BATCH)])
+        fns[f"{prec} e2e"] = (lambda e=enc: e.encode_images(files, batch_size=BATCH, with_keys=True))
+    for fn in fns.values():
+        fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            best[k] = min(best[k], _timed(fn))
+    rates = {k: n / v for k, v in best.items()}
+    return {"rates": rates, "raw_int8_over_fp32": rates["int8 raw"] / rates["fp32 raw"],
+            "e2e_int8_over_fp32": rates["int8 e2e"] / rates["fp32 e2e"], "n": n, "batch": BATCH, "threads": threads}
+
+
+def _int8_table(res: dict) -> str:
+    r = res["rates"]
+    return "\n".join([
+        f"int8 vs fp32 image tower: {res['n']} JPEGs, batch {res['batch']}, {res['threads']} intra-op threads",
+        "| path | fp32 images/s | int8 images/s | int8 / fp32 |", "|---|---:|---:|---:|",
+        f"| raw image graph | {r['fp32 raw']:.1f} | {r['int8 raw']:.1f} | {res['raw_int8_over_fp32']:.2f} |",
+        f"| encode_images end to end | {r['fp32 e2e']:.1f} | {r['int8 e2e']:.1f} | {res['e2e_int8_over_fp32']:.2f} |",
+    ])  # fmt: skip
+
+
 def _table(res: dict) -> str:
     r = res["rates"]
     return "\n".join([
@@ -102,12 +139,20 @@ if pytest is not None:
         print("\n" + _table(res))
         assert all(v > 0 for v in res["rates"].values())
 
+    def test_int8_vs_fp32():
+        if not (ROOT / "weights" / "reco-mini-int8" / "encoder.json").is_file():
+            pytest.skip("weights/reco-mini-int8 not built (python3 scripts/quantize_reco_mini.py)")
+        res = int8_rates(n=128, rounds=2)
+        print("\n" + _int8_table(res))
+        assert all(v > 0 for v in res["rates"].values())
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="reco-mini")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--int8", action="store_true", help="also the int8 vs fp32 table (needs weights/reco-mini-int8)")
     args = ap.parse_args()
     reason = have_model()
     if reason:
@@ -115,6 +160,9 @@ def main() -> int:
         return 0
     print(f"load average before: {os.getloadavg()[0]:.1f}")
     print(_table(overlap_rates(args.model, args.n, args.rounds)))
+    if args.int8:
+        print()
+        print(_int8_table(int8_rates(args.n, args.rounds)))
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     return 0
 

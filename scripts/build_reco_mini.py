@@ -16,7 +16,8 @@ Steps (each cached under ~/.cache/reco_ref_build, RECO_REF_BUILD_CACHE overrides
 4. train   the learned maps with reco_ref.train (symmetric InfoNCE + AdamW), single-threaded BLAS, fixed seeds.
 5. export  image.onnx (image_embeds [N,768], image_keys [N,1024], imagenet_logits [N,1001]),
            text.onnx (text_embeds [N,768]), encoder.json, licences, metrics.json, MODEL_CARD.md.
-6. check   the exported graphs against the NumPy heads (<= 1e-4), and, with --check DIR, the new files
+6. int8    weights/reco-mini-int8 beside the output: the image tower statically quantised (scripts/quantize_reco_mini.py).
+7. check   the exported graphs against the NumPy heads (<= 1e-4), and, with --check DIR, the new files
            against DIR: sha256 equal, or embeddings of probe inputs within a stated tolerance.
 """
 
@@ -559,6 +560,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     shared = args.shared_data if (args.shared_data / "flowers102" / "manifest.csv").is_file() else None
     build(args.out, shared)
+    import quantize_reco_mini  # the int8 image tower: weights/reco-mini-int8 beside the fp32 folder
+
+    quantize_reco_mini.build_int8(args.out, args.out.parent / quantize_reco_mini.NAME)
     if args.check is not None:
         ok = check_against(args.out, args.check)
         log("check: OK" if ok else "check: FAILED")
