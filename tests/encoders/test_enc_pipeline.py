@@ -111,3 +111,17 @@ def test_decoding_overlaps_the_graph_and_stays_bounded(tmp_path, rng, monkeypatc
         enc.encode_images(bad, batch_size=4)
     time.sleep(0.1)
     assert state["prepared"] <= 3 * 4 + 2, state  # queued work behind the error was cancelled
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_prefetched_pixels_bit_identical_to_normalize_batch(tmp_path, rng, layout):
+    """The decode threads normalise by arithmetic, preprocess() by table look-up: the same float32 bits."""
+    write_pair(tmp_path, rng, layout=layout)
+    enc = load(tmp_path, tokenizer=FakeTokenizer(), threads=2)
+    ims = _images(rng, 9)
+    (got,) = [px for _, px, _, _ in enc.iter_preprocessed(ims, batch_size=9)]
+    ref, _, _ = enc.preprocess(ims)
+    single = load(tmp_path, tokenizer=FakeTokenizer(), threads=1).preprocess(ims)[0]
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, single)
+    np.testing.assert_array_equal(ref, single)
