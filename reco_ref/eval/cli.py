@@ -1,4 +1,4 @@
-"""``reco-ref demo`` — parsing only; the work is :func:`reco_ref.demo.run_demo`."""
+"""``reco-ref demo`` — parsing only; the work is :func:`reco_ref.eval.demo.run_demo`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 
 def _run_demo(a: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from .demo import run_demo
 
     run_demo(out_dir=a.out, data=a.data, k=a.k, backend=a.backend, seed=a.seed, quiet=a.quiet, limit=a.limit,
              memory_limit=a.memory_limit, encoder=a.model, threads=a.threads)

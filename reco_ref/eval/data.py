@@ -193,3 +193,100 @@ def own_rows(memory: Any, search_vectors: np.ndarray, *, threshold: float = SELF
     rows, scores, valid = memory.search(search_vectors, modality="image", k=1, exact=True)
     own = np.where(valid[:, 0] & (scores[:, 0] >= threshold), rows[:, 0], -1)
     return own.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------ demo datasets (reco-ref demo)
+#: prompt of the shipped clip-art sample and of dataset folders (one prompt per class in the demo)
+SHIPPED_PROMPT = "a drawing of a {}."
+DATA_PROMPT = "a photo of a {}."
+
+
+def balanced_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` rows spread evenly over the classes (seeded), in their original order.
+
+    Rows are ranked inside their class in a random (seeded) order; all rank-0 rows come first, then rank 1, ...,
+    so every class gets ``n // C`` or one more row while it has them.
+    """
+    if n >= labels.size:
+        return np.arange(labels.size)
+    perm = rng.permutation(labels.size)
+    rank = np.empty(labels.size, np.int64)  # rank of each row inside its class, in permuted order
+    for c in np.unique(labels):
+        members = perm[labels[perm] == c]
+        rank[members] = np.arange(members.size)
+    order = np.lexsort((np.argsort(perm), rank))  # by rank, then by permuted position
+    return np.sort(order[:n])
+
+
+def shipped_data() -> dict:
+    """The shipped sample (``weights/demo/pairs.csv``) as a demo dataset dict (keys: see :func:`manifest_data`)."""
+    from ..memory import read_pairs_csv
+    from ..paths import weights_file
+
+    pairs = weights_file("demo", "pairs.csv")
+    with open(pairs, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        cols = tuple(reader.fieldnames or ())
+    need = ("image", "caption", "category", "label", "split")
+    if any(c not in cols for c in need):
+        raise DatasetError(f"{pairs}: columns {list(cols)}, expected {', '.join(need)}")
+    names: dict[int, str] = {}
+    for r in rows:
+        if names.setdefault(int(r["label"]), r["category"]) != r["category"]:
+            raise DatasetError(f"{pairs}: label {r['label']} is both {names[int(r['label'])]!r} and "
+                               f"{r['category']!r}")
+    class_names = [names[i] for i in range(len(names))]
+    memory = read_pairs_csv(pairs, split="memory")
+    queries = read_pairs_csv(pairs, split="query")
+    return {"name": "weights/demo (OpenClipart sample)", "memory": memory, "queries": queries,
+            "query_labels": np.array([q["label"] for q in queries], np.int64), "class_names": class_names,
+            "prompt": SHIPPED_PROMPT}
+
+
+def _split_items(ds: Split, caption: str) -> list[dict]:
+    """Memory items (``reco_ref.memory`` pair dicts) of a split, captions ``caption.format(class_name)``."""
+    base = ds.manifest.parent.resolve()
+    return [{"image": f, "caption": caption.format(ds.class_names[y]), "source": os.path.relpath(f, base),
+             "label": int(y), "split": ds.split, "tags": None} for f, y in zip(ds.files, ds.labels)]
+
+
+def manifest_data(folder: str | os.PathLike, *, limit: int | None = 100, memory_limit: int | None = None,
+                  seed: int = 0) -> dict:
+    """A dataset folder holding ``manifest.csv`` as a demo dataset: ``train`` = memory, ``test`` = queries.
+
+    Parameters
+    ----------
+    folder : e.g. ``../shared/data/flowers102``
+    limit : queries taken from the ``test`` split (class-balanced, seeded); None = all
+    memory_limit : memory rows taken from the ``train`` split (class-balanced, seeded); None = all
+
+    Returns
+    -------
+    dict with ``name``, ``memory`` (items as :func:`reco_ref.memory.read_pairs`, captions
+    ``"a photo of a {class_name}."``), ``queries`` (items), ``query_labels`` int64 ``[Q]``, ``class_names``
+    (indexed by label), ``prompt``.
+
+    Raises
+    ------
+    FileNotFoundError  the folder or its manifest.csv is missing
+    DatasetError       what :func:`read_split` refuses (columns, labels, a missing train/test split)
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder {folder}: not a directory (expected a dataset folder holding "
+                                f"manifest.csv with columns {','.join(MANIFEST_COLUMNS)})")
+    if not (folder / "manifest.csv").is_file():
+        raise FileNotFoundError(f"data folder {folder}: no manifest.csv in it (expected columns "
+                                f"{','.join(MANIFEST_COLUMNS)})")
+    for name, value in (("limit", limit), ("memory_limit", memory_limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RecoError(f"{name}: expected a positive integer or None, got {value!r}")
+    train, test = read_split(folder, "train"), read_split(folder, "test")
+    rng = np.random.default_rng(seed)
+    memory = _split_items(train, DATA_PROMPT)
+    memory = [memory[i] for i in balanced_subset(train.labels, memory_limit or len(train), rng)]
+    keep = balanced_subset(test.labels, limit or len(test), rng)
+    queries = _split_items(test, DATA_PROMPT)
+    return {"name": str(folder), "memory": memory, "queries": [queries[i] for i in keep],
+            "query_labels": test.labels[keep], "class_names": list(train.class_names), "prompt": DATA_PROMPT}
