@@ -290,3 +290,103 @@ def manifest_data(folder: str | os.PathLike, *, limit: int | None = 100, memory_
     queries = _split_items(test, DATA_PROMPT)
     return {"name": str(folder), "memory": memory, "queries": [queries[i] for i in keep],
             "query_labels": test.labels[keep], "class_names": list(train.class_names), "prompt": DATA_PROMPT}
+
+
+# ------------------------------------------------------------------------- memory rows → dataset classes
+def caption_classes(captions: list[str | None], class_names: list[str]) -> np.ndarray:
+    """The class each caption names, or -1: whole-word, case-insensitive; the longest name found wins, and a
+    caption naming two classes of which neither contains the other is ambiguous (-1).
+
+    Returns int64 [len(captions)].
+    """
+    import re
+
+    pats = [(c, re.compile(r"(?<!\w)" + re.escape(" ".join(name.lower().split())) + r"(?!\w)"))
+            for c, name in enumerate(class_names)]
+    memo: dict[str, int] = {}
+    out = np.full(len(captions), -1, np.int64)
+    for i, cap in enumerate(captions):
+        text = " ".join((cap or "").lower().split())
+        if text not in memo:
+            found = [c for c, p in pats if p.search(text)]
+            best = -1
+            if found:
+                longest = max(found, key=lambda c: len(class_names[c]))
+                lname = class_names[longest].lower()
+                if all(class_names[c].lower() in lname for c in found):
+                    best = longest
+            memo[text] = best
+        out[i] = memo[text]
+    return out
+
+
+def memory_class_labels(memory: Any, rows: np.ndarray, class_names: list[str],
+                        labels_by_source: dict[str, int] | None = None, *, min_agreement: float = 0.95
+                        ) -> tuple[np.ndarray | None, str]:
+    """Dataset class of each retrieved memory row, for the k-NN vote: ``(labels like rows, -1 = no vote; how)``.
+
+    The memory's ``label`` column is used when it can be tied to this dataset's classes: either the rows'
+    ``source`` is a file of the dataset's manifest carrying the same label (``labels_by_source``, relative path →
+    label), or the captions that name a class of the dataset agree with the label on >= ``min_agreement`` of
+    rows. A label column that cannot be tied (another dataset's numbering) is not used. Without a usable label
+    column, captions that name a class give it (:func:`caption_classes`); rows naming none cast no vote.
+    Where nothing maps, returns ``(None, reason)``: no vote rather than a silently wrong one.
+
+    Parameters
+    ----------
+    rows : int [N,k] memory row ids (−1 = empty slot)
+    class_names : the dataset's C classes (indexed by label)
+    labels_by_source : the dataset manifest's ``file`` → label, every split
+    """
+    rows = np.asarray(rows)
+    uniq = np.unique(rows[rows >= 0])
+    C = len(class_names)
+    if uniq.size == 0:
+        return None, "no memory row was retrieved"
+    meta = memory.metadata(uniq)
+    col = np.array([-1 if m is None or m["label"] is None else int(m["label"]) for m in meta], np.int64)
+    caps = [None if m is None else m["caption"] for m in meta]
+    from_caps = caption_classes(caps, class_names)
+    has = col >= 0
+    chosen: np.ndarray | None = None
+    how = ""
+    if has.any():
+        srcs = [None if m is None else m["source"] for m in meta]
+        by_src = np.array([-2 if labels_by_source is None or s not in labels_by_source else labels_by_source[s]
+                           for s in srcs], np.int64)
+        src_known = has & (by_src >= 0)
+        both = has & (from_caps >= 0)
+        if (col[has] >= C).any():
+            how = f"its label column has labels >= {C} (another dataset's numbering)"
+        elif src_known.sum() >= 0.5 * has.sum() and (col[src_known] == by_src[src_known]).all():
+            chosen, how = col, f"label column ({int(src_known.sum())} of {int(has.sum())} rows are files of the dataset " \
+                               "manifest with the same label)"
+        elif both.any() and (col[both] == from_caps[both]).mean() >= min_agreement:
+            agree = float((col[both] == from_caps[both]).mean())
+            chosen, how = col, (f"label column (checked against captions: {agree:.0%} of {int(both.sum())} rows "
+                                "naming a class agree)")
+        elif both.any():
+            how = (f"its label column disagrees with the class its captions name on "
+                   f"{float((col[both] != from_caps[both]).mean()):.0%} of rows (another dataset's numbering)")
+        else:
+            how = ("its label column cannot be tied to this dataset's classes (row sources are not files of the "
+                   "manifest and no caption names a class)")
+    else:
+        how = "the memory has no labels"
+    if chosen is None:
+        if (from_caps >= 0).any():
+            chosen = from_caps
+            how = (f"captions ({int((from_caps >= 0).sum())} of {uniq.size} retrieved rows name a class; "
+                   f"label column not used: {how})")
+        else:
+            return None, f"{how}, and no retrieved row's caption names a class of the dataset"
+    lut = np.full(int(uniq.max()) + 1, -1, np.int64)
+    lut[uniq] = chosen
+    return np.where(rows >= 0, lut[np.maximum(rows, 0)], -1), how
+
+
+def labels_by_source(manifest: str | os.PathLike) -> dict[str, int]:
+    """A dataset manifest's ``file`` (as written, relative to the manifest) → label, over every split."""
+    ds = read_split(manifest)
+    base = ds.manifest.parent.resolve()
+    return {os.path.relpath(f, base): int(y) for f, y in zip(ds.files, ds.labels)}
