@@ -89,16 +89,22 @@ def evaluate_dataset(memory: str | os.PathLike, dataset: str | os.PathLike, spli
 
         stages = tqdm(total=3, desc="eval", unit="stage")
     try:
-        def tick(name: str) -> None:
+        started: list[str] = []
+
+        def tick(name: str) -> None:  # told when a stage starts: the previous one is done
             if stages is not None:
+                if started:
+                    stages.update(1)
                 stages.set_postfix_str(name)
-                stages.update(1)
+            started.append(name)
 
         result = evaluate_zero_shot(mem, image, ds.labels, cls, ds.class_names, keys=keys, weights=weights,
                                     mode=mode, k=k, alpha=alpha, search=search, fuse=fuse, backend=backend,
                                     exclude=own if n_own else None, dup_threshold=dup_threshold,
                                     labels_by_source=labels_by_source(ds.manifest), exact=exact,
                                     batch_size=batch_size, progress=tick)
+        if stages is not None:
+            stages.update(1)
     finally:
         if stages is not None:
             stages.close()
