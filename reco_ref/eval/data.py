@@ -386,7 +386,6 @@ def memory_class_labels(memory: Any, rows: np.ndarray, class_names: list[str],
 
 
 def labels_by_source(manifest: str | os.PathLike) -> dict[str, int]:
-    """A dataset manifest's ``file`` (as written, relative to the manifest) → label, over every split."""
-    ds = read_split(manifest)
-    base = ds.manifest.parent.resolve()
-    return {os.path.relpath(f, base): int(y) for f, y in zip(ds.files, ds.labels)}
+    """A dataset manifest's ``file`` (as written: what ``build-memory`` stores as a row's source) → label, every split."""
+    ds = read_split(manifest)  # validates the labels
+    return {r["file"]: int(y) for r, y in zip(read_manifest_rows(ds.manifest), ds.labels)}
