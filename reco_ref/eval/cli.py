@@ -70,6 +70,13 @@ def _run_eval(a: argparse.Namespace) -> int:
     from .report import markdown_table, method_rows, write_report
 
     say = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if (a.dataset is None) == (a.pairs is None):
+        from ..errors import RecoError
+
+        raise RecoError("give exactly one of --dataset MANIFEST.csv (zero-shot classification) or --pairs PAIRS.csv "
+                        "(image-text retrieval)")
+    if a.pairs is not None:
+        return _run_retrieval(a, say)
     result = evaluate_dataset(a.memory, a.dataset, a.split, fusion=a.fusion, mode=a.mode, k=a.k, alpha=a.alpha,
                               templates=a.templates, model=a.model, backend=a.backend,
                               cache_dir=a.cache if a.cache is not None else default_cache_dir(), search=a.search,
@@ -80,6 +87,22 @@ def _run_eval(a: argparse.Namespace) -> int:
     if not a.quiet:
         print(markdown_table(["method", "top1", "top5", "mean_per_class_recall"], method_rows(result)), end="")
         print(f"k-NN vote labels: {result['knn_vote_labels']}")
+    return 0
+
+
+def _run_retrieval(a: argparse.Namespace, say) -> int:
+    from .data import default_cache_dir
+    from .evaluate import evaluate_pairs
+    from .report import RETRIEVAL_HEADER, markdown_table, retrieval_rows, write_retrieval_report
+
+    split = None if a.split in ("", "all") else a.split
+    r = evaluate_pairs(a.memory, a.pairs, split, fusion=a.fusion, k=a.k, alpha=a.alpha, model=a.model,
+                       backend=a.backend, cache_dir=a.cache if a.cache is not None else default_cache_dir(),
+                       search=a.search, fuse=a.fuse, exact=a.exact, batch_size=a.batch_size, threads=a.threads,
+                       progress=not (a.quiet or a.no_progress), say=say)
+    write_retrieval_report(r, json_path=a.json, markdown_path=a.markdown, png_path=a.png)
+    if not a.quiet:
+        print(markdown_table(RETRIEVAL_HEADER, retrieval_rows(r)), end="")
     return 0
 
 
@@ -140,8 +163,10 @@ def register(subparsers) -> None:
                     "mean_per_class_recall. Images that are memory rows themselves are excluded from their own "
                     "retrieval.")
     e.add_argument("--memory", required=True, help="memory directory (reco-ref build-memory)")
-    e.add_argument("--dataset", required=True, help="dataset manifest CSV (or its folder)")
-    e.add_argument("--split", default="test", help="split to evaluate (default test)")
+    e.add_argument("--dataset", help="dataset manifest CSV (or its folder): zero-shot classification")
+    e.add_argument("--pairs", help="instead of --dataset: a pairs CSV (image,caption[,split]) for image↔text "
+                                   "retrieval, Recall@1/5/10 both directions")
+    e.add_argument("--split", default="test", help="split to evaluate (default test; with --pairs 'all' = every row)")
     e.add_argument("--fusion", help="RECO weights .npz (default: the shipped weights of --model)")
     e.add_argument("--mode", default="both", choices=("none", "image", "text", "both"),
                    help="sides RECO and the surrogate enhance (default both; by_mode in the JSON has all four)")

@@ -200,3 +200,44 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
             order = np.argsort(-s, kind="stable")[:top]
             out[name] = [{"class": class_names[c], "score": float(s[c])} for c in order]
     return out
+
+
+def evaluate_pairs(memory: str | os.PathLike, pairs: str | os.PathLike, split: str | None = None, *,
+                   fusion: str | os.PathLike | None = None, k: int = 10, alpha: float = DEFAULT_ALPHA,
+                   model: Any = "reco-mini", backend: str = "numpy", cache_dir: str | os.PathLike | None = None,
+                   search: str = "uni", fuse: str = "cross", exact: bool = False, batch_size: int = 1024,
+                   threads: int | None = None, progress: bool = False,
+                   say: Callable[[str], None] | None = None) -> dict:
+    """Image↔text retrieval (Recall@1/5/10) on a pairs CSV (``image,caption[,split]``) against a memory.
+
+    Returns :func:`reco_ref.eval.retrieval.evaluate_retrieval`'s result plus ``pairs``, ``split``, ``memory``,
+    ``fusion``, ``excluded_own_rows``.
+    """
+    from ..encoders import load
+    from ..fusion import get_backend
+    from ..memory import read_pairs_csv
+    from .data import Split, embed_split, own_rows
+    from .retrieval import evaluate_retrieval
+
+    say = say or (lambda _s: None)
+    get_backend(backend)
+    items = read_pairs_csv(pairs, split=split)
+    if not items:
+        raise RecoError(f"{pairs}: no image-caption pairs" + (f" in split {split!r}" if split else ""))
+    captions = [it["caption"] or "" for it in items]
+    enc = load(model, threads=threads) if isinstance(model, (str, os.PathLike)) else model
+    mem = open_memory(memory, enc)
+    weights, wpath = load_weights(fusion, enc)
+    say(f"{len(items)} pairs from {pairs}" + (f" [{split}]" if split else "") + f"; memory {mem.root}: {len(mem)} rows; "
+        f"fusion {wpath}")
+    ds = Split(manifest=Path(pairs), split=split, files=[it["image"] for it in items],
+               labels=np.zeros(len(items), np.int64), class_names=[])
+    image, keys = embed_split(ds, enc, cache_dir=cache_dir, progress=progress)
+    text = enc.encode_texts(captions)
+    own = own_rows(mem, keys if (keys is not None and mem.key_dim is not None) else image)
+    n_own = int((own >= 0).sum())
+    r = evaluate_retrieval(mem, image, text, captions, keys=keys, weights=weights, k=k, alpha=alpha, search=search,
+                           fuse=fuse, backend=backend, exclude=own if n_own else None, exact=exact,
+                           batch_size=batch_size)
+    return {**r, "task": "retrieval", "pairs": str(pairs), "split": split, "memory": str(mem.root), "fusion": wpath,
+            "excluded_own_rows": n_own, "search": search, "fuse": fuse}

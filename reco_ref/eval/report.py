@@ -149,3 +149,34 @@ def write_report(result: Mapping[str, Any], *, json_path: str | os.PathLike | No
     if png_path is not None:
         bar_chart_png(png_path, zero_shot_chart_groups(result), ylabel="accuracy",
                       title=title or f"zero-shot, n={result['n']}, k={result['k']}, mode={result['mode']}")
+
+
+def retrieval_rows(result: Mapping[str, Any]) -> list[list[Any]]:
+    """Rows ``[method (mode), i→t R@1, R@5, R@10, t→i R@1, R@5, R@10]`` of a retrieval result."""
+    def cells(r):
+        return [r["image_to_text"][f"R@{k}"] for k in (1, 5, 10)] + [r["text_to_image"][f"R@{k}"] for k in (1, 5, 10)]
+
+    rows = [["frozen encoder"] + cells(result["frozen"])]
+    for method in ("surrogate", "reco"):
+        for mode, r in (result.get(method) or {}).items():
+            rows.append([f"{method} ({mode})"] + cells(r))
+    return rows
+
+
+RETRIEVAL_HEADER = ["method (enhanced side)", "i→t R@1", "i→t R@5", "i→t R@10", "t→i R@1", "t→i R@5", "t→i R@10"]
+
+
+def write_retrieval_report(result: Mapping[str, Any], *, json_path: str | os.PathLike | None = None,
+                           markdown_path: str | os.PathLike | None = None,
+                           png_path: str | os.PathLike | None = None) -> None:
+    """Write a retrieval result as JSON, a Markdown table and/or a PNG bar chart (R@1 / R@5 / R@10 groups)."""
+    if json_path is not None:
+        atomic_write_json(json_path, result)
+    if markdown_path is not None:
+        text = (f"## Image↔text retrieval, n = {result['n']} pairs, k = {result['k']}\n\n"
+                + markdown_table(RETRIEVAL_HEADER, retrieval_rows(result)))
+        atomic_write_text(markdown_path, text)
+    if png_path is not None:
+        rows = retrieval_rows(result)
+        groups = {h: {r[0]: r[i + 1] for r in rows} for i, h in enumerate(RETRIEVAL_HEADER[1:])}
+        bar_chart_png(png_path, groups, ylabel="recall", title=f"image-text retrieval, n={result['n']}, k={result['k']}")

@@ -131,6 +131,23 @@ def test_eval_mismatches_are_one_line_errors(setup, tmp_path, capsys):
     assert "no rows with split 'valid'" in err
 
 
+def test_eval_pairs_gives_recall_at_k(setup, tmp_path, capsys):
+    argv = ["eval", "--memory", str(setup["mem"]), "--pairs", str(DEMO / "pairs.csv"), "--split", "query",
+            "--fusion", str(setup["w"]), "--k", "3", "--json", str(tmp_path / "r.json"), "--markdown",
+            str(tmp_path / "r.md"), "--png", str(tmp_path / "r.png"), "--no-progress"]
+    assert main(argv) == 0
+    assert "| frozen encoder |" in capsys.readouterr().out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["task"] == "retrieval" and r["k"] == 3
+    for side in ("image_to_text", "text_to_image"):
+        rec = r["frozen"][side]
+        assert set(rec) == {"R@1", "R@5", "R@10"} and rec["R@1"] <= rec["R@5"] <= rec["R@10"] <= 1.0
+        assert r["reco"]["both"][side] == rec  # identity weights
+    assert "i→t R@1" in (tmp_path / "r.md").read_text() and (tmp_path / "r.png").is_file()
+    err = _one_line_error(capsys, argv + ["--dataset", str(setup["manifest"])], "eval")
+    assert "exactly one of --dataset" in err
+
+
 @pytest.mark.parametrize("opt, value", [("--k", "0"), ("--alpha", "-1"), ("--alpha", "nan"), ("--batch-size", "0"),
                                         ("--dup-threshold", "2"), ("--mode", "all")])
 def test_eval_numeric_options_are_checked_at_the_door(setup, capsys, opt, value):

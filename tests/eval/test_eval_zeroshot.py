@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from reco_ref.errors import ParamsFormatError, RecoError
+from reco_ref.errors import ParamsFormatError, RecoError, ShapeError
 from reco_ref.eval.data import caption_classes, memory_class_labels, own_rows
 from reco_ref.eval.report import bar_chart_png, markdown_table, write_report
 from reco_ref.eval.zeroshot import MODES, evaluate_zero_shot, surrogate_refine
@@ -163,3 +163,28 @@ def test_report_writers(world, tmp_path):
 
     with Image.open(tmp_path / "g.png") as im:
         assert im.size == (900, 480)
+
+
+def test_retrieval_recalls_identity_reco_and_duplicate_captions(world):
+    from reco_ref.eval.metrics import recall_at_k
+    from reco_ref.eval.report import retrieval_rows, write_retrieval_report
+    from reco_ref.eval.retrieval import evaluate_retrieval
+
+    rng = np.random.default_rng(5)
+    img = world["q_img"][:8]
+    txt = _unit(img + 0.8 / np.sqrt(D) * rng.normal(size=img.shape))  # caption i near image i
+    caps = [f"c{i}" for i in range(8)]
+    caps[7] = caps[6]  # the same caption twice: either image is a right answer for it
+    r = evaluate_retrieval(world["mem"], img, txt, caps, weights=_weights(), k=5)
+    rel = np.eye(8, dtype=bool)
+    rel[6, 7] = rel[7, 6] = True
+    sim = img.astype(np.float64) @ txt.astype(np.float64).T
+    assert r["frozen"]["image_to_text"] == recall_at_k(sim, rel)
+    assert r["frozen"]["text_to_image"] == recall_at_k(sim.T, rel.T)
+    assert set(r["reco"]) == {"image", "text", "both"}
+    assert all(r["reco"][m] == r["frozen"] for m in r["reco"])  # untrained: the identity
+    assert r["frozen"]["image_to_text"]["R@10"] == 1.0  # 8 candidates
+    rows = retrieval_rows(r)
+    assert rows[0][0] == "frozen encoder" and len(rows) == 7 and len(rows[0]) == 7
+    with pytest.raises(ShapeError):
+        evaluate_retrieval(world["mem"], img, txt[:4], caps)
