@@ -128,9 +128,11 @@ def _run_query(a: argparse.Namespace) -> int:
     for nb in r["neighbours"]:
         print(f"  {nb['score']:.3f}  row {nb['row']:<7d} {str(nb['caption'])[:70]!r}  {nb['source']}")
     if "frozen_top" in r:
-        print(f"  {'frozen top classes':36s} {'refined (RECO) top classes':36s}")
-        for f, g in zip(r["frozen_top"], r["reco_top"]):
-            print(f"  {f['score']:.3f} {f['class'][:29]:30s} {g['score']:.3f} {g['class'][:29]:30s}")
+        refined = r.get("reco_top") or [None] * len(r["frozen_top"])
+        print(f"  {'frozen top classes':36s} {'refined (RECO) top classes' if r.get('reco_top') else ''}")
+        for f, g in zip(r["frozen_top"], refined):
+            right = f"{g['score']:.3f} {g['class'][:29]}" if g else ""
+            print(f"  {f['score']:.3f} {f['class'][:29]:30s} {right}")
     return 0
 
 
@@ -167,7 +169,8 @@ def register(subparsers) -> None:
     e.add_argument("--pairs", help="instead of --dataset: a pairs CSV (image,caption[,split]) for image↔text "
                                    "retrieval, Recall@1/5/10 both directions")
     e.add_argument("--split", default="test", help="split to evaluate (default test; with --pairs 'all' = every row)")
-    e.add_argument("--fusion", help="RECO weights .npz (default: the shipped weights of --model)")
+    e.add_argument("--fusion", help="RECO weights .npz (default: the shipped weights of --model; 'none': no RECO row, "
+                                    "only the frozen encoder and the training-free references)")
     e.add_argument("--mode", default="both", choices=("none", "image", "text", "both"),
                    help="sides RECO and the surrogate enhance (default both; by_mode in the JSON has all four)")
     e.add_argument("--k", "-k", type=_positive, default=10, help="neighbours per query, every method (default 10)")
@@ -200,7 +203,7 @@ def register(subparsers) -> None:
     q.add_argument("image", nargs="?", help="query image file (or use --text)")
     q.add_argument("--text", help="query text instead of an image")
     q.add_argument("--memory", required=True, help="memory directory")
-    q.add_argument("--fusion", help="RECO weights .npz (default: the shipped weights of --model)")
+    q.add_argument("--fusion", help="RECO weights .npz (default: the shipped weights of --model; 'none': no refining)")
     q.add_argument("--classes", help="dataset manifest whose class names to rank")
     q.add_argument("--class-names", help="text file, one class name per line")
     q.add_argument("--templates", default=None, help="template set or file for the class embeddings (default generic)")

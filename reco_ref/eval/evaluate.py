@@ -4,6 +4,7 @@
 
     from reco_ref.eval.evaluate import evaluate_dataset, query
     result = evaluate_dataset("mem/flowers102-train", "../shared/data/flowers102/manifest.csv", "test")
+    result = evaluate_dataset(..., fusion="none")     # no RECO: frozen, surrogate and k-NN vote only
     hits = query("mem/flowers102-train", image="rose.jpg", class_names=["rose", "tulip"])
 
 Both check, before any heavy work, that the memory, the encoder and the fusion weights belong together
@@ -24,9 +25,14 @@ from .zeroshot import DEFAULT_ALPHA, check_mode, evaluate_zero_shot
 
 
 def load_weights(fusion: str | os.PathLike | None, encoder: Any) -> tuple[Any, str]:
-    """``(RecoWeights, path)``: ``fusion`` or the shipped weights of ``encoder``, checked against the encoder."""
+    """``(RecoWeights, path)``: ``fusion`` or the shipped weights of ``encoder``, checked against the encoder.
+
+    ``fusion="none"`` gives ``(None, None)``: no RECO at all (the frozen encoder and the training-free references).
+    """
     from ..train.weights import check_weights_match, default_weights_path, load_reco_weights
 
+    if fusion is not None and str(fusion) == "none":
+        return None, None
     if fusion is None:
         path = default_weights_path(encoder.name)
         if not path.is_file():
@@ -75,7 +81,7 @@ def evaluate_dataset(memory: str | os.PathLike, dataset: str | os.PathLike, spli
     mem = open_memory(memory, enc)
     weights, wpath = load_weights(fusion, enc)
     say(f"{len(ds)} images, {ds.n_classes} classes from {ds.manifest} [{split}]; memory {mem.root}: {len(mem)} rows; "
-        f"fusion {wpath}; templates {tname} ({len(tlist)})")
+        f"fusion {wpath or 'none (no RECO row)'}; templates {tname} ({len(tlist)})")
     cls = class_embeddings(enc, ds.class_names, tlist)  # [C,D]
     image, keys = embed_split(ds, enc, cache_dir=cache_dir, progress=progress)  # [N,D], [N,Dk] | None
     search_vectors = keys if (keys is not None and mem.key_dim is not None) else image
@@ -87,7 +93,7 @@ def evaluate_dataset(memory: str | os.PathLike, dataset: str | os.PathLike, spli
     if progress:
         from tqdm import tqdm
 
-        stages = tqdm(total=3, desc="eval", unit="stage")
+        stages = tqdm(total=2 if weights is None else 3, desc="eval", unit="stage")
     try:
         started: list[str] = []
 
@@ -110,8 +116,9 @@ def evaluate_dataset(memory: str | os.PathLike, dataset: str | os.PathLike, spli
             stages.close()
     return {**result, "fusion": wpath, "dataset": str(ds.manifest), "split": split, "memory": str(mem.root),
             "memory_rows": len(mem), "templates": tname, "template_list": list(tlist),
-            "fusion_meta": {key: weights.meta.get(key) for key in ("trained_on", "recipe", "seed", "k", "search",
-                                                                    "fuse", "encoder_name") if key in weights.meta},
+            "fusion_meta": None if weights is None else {
+                key: weights.meta.get(key) for key in ("trained_on", "recipe", "seed", "k", "search", "fuse",
+                                                       "encoder_name") if key in weights.meta},
             "encoder": {"name": enc.name, "fingerprint": enc.fingerprint, "dim": int(enc.dim),
                         "key_dim": None if enc.key_dim is None else int(enc.key_dim)}}
 
@@ -150,7 +157,8 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
     Returns
     -------
     dict with ``query``, ``modality``, ``k``, ``fusion``, ``neighbours`` (row, score, caption, source, label),
-    and with classes ``frozen_top`` / ``reco_top`` (lists of ``{"class", "score"}``).
+    and with classes ``frozen_top`` / ``reco_top`` (lists of ``{"class", "score"}``; ``reco_top`` and
+    ``refined_minus_frozen_cosine`` only with fusion weights, i.e. not with ``fusion="none"``).
     """
     from ..encoders import load
     from ..fusion import get_backend
@@ -186,16 +194,20 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
     meta = mem.metadata(rows[0][valid[0]])
     neighbours = [{"row": int(m["row"]), "score": float(s), "caption": m["caption"], "source": m["source"],
                    "label": m["label"]} for m, s in zip(meta, scores[0][valid[0]])]
-    refined, _, _ = refine(weights.phi(modality), mem, v, modality, search_queries=key, k=k, backend=backend)
     out = {"query": str(image) if image is not None else text, "modality": modality, "k": k, "fusion": wpath,
-           "memory": str(mem.root), "neighbours": neighbours,
-           "refined_minus_frozen_cosine": float(1.0 - (refined[0].astype(np.float64) @ v[0].astype(np.float64)))}
+           "memory": str(mem.root), "neighbours": neighbours}
+    if weights is not None:
+        refined, _, _ = refine(weights.phi(modality), mem, v, modality, search_queries=key, k=k, backend=backend)
+        out["refined_minus_frozen_cosine"] = float(1.0 - (refined[0].astype(np.float64) @ v[0].astype(np.float64)))
     if class_names:
         _, tlist = resolve_templates(templates)
         cls = class_embeddings(enc, class_names, tlist)  # [C,D]
-        cls_bar, _, _ = refine(weights.text, mem, cls, "text", k=k, backend=backend)  # [C,D]
+        sides = [("frozen_top", v[0], cls)]
+        if weights is not None:
+            cls_bar, _, _ = refine(weights.text, mem, cls, "text", k=k, backend=backend)  # [C,D]
+            sides.append(("reco_top", refined[0], cls_bar))
         top = min(top, len(class_names))
-        for name, a, b in (("frozen_top", v[0], cls), ("reco_top", refined[0], cls_bar)):
+        for name, a, b in sides:
             s = b.astype(np.float64) @ a.astype(np.float64)  # [C]
             order = np.argsort(-s, kind="stable")[:top]
             out[name] = [{"class": class_names[c], "score": float(s[c])} for c in order]

@@ -101,6 +101,13 @@ def test_eval_train_split_excludes_own_rows_and_prints_table(setup, tmp_path, ca
     assert r["excluded_own_rows"] == r["n"] == r["memory_rows"]  # every train image is a memory row
 
 
+def test_eval_fusion_none_reports_the_references_only(setup, tmp_path, capsys):
+    assert main(_eval(setup, "--fusion", "none", "--quiet", "--json", str(tmp_path / "n.json"))) == 0
+    r = json.loads((tmp_path / "n.json").read_text())
+    assert all(key in r for key in CONTRACT) and r["reco"] is None and r["fusion"] is None
+    assert set(r["surrogate"]) >= METRICS and set(r["knn_vote"]) >= METRICS and "reco" not in r["by_mode"]
+
+
 def test_eval_without_shipped_weights_says_how_to_pass_fusion(setup, tmp_path, capsys, monkeypatch):
     import reco_ref.train.weights as weights
 
@@ -179,6 +186,10 @@ def test_query_text_prints_neighbours_and_classes_from_a_manifest(setup, capsys)
     out = capsys.readouterr().out
     assert out.startswith("text query 'a drawing of a cat.': 3 neighbours")
     assert "frozen top classes" in out and "refined (RECO) top classes" in out
+    assert main(["query", "--text", "a cat", "--memory", str(setup["mem"]), "--fusion", "none", "--classes",
+                 str(setup["manifest"]), "--json", "-"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert "reco_top" not in r and len(r["frozen_top"]) == 5 and r["fusion"] is None
 
 
 def test_query_errors(setup, tmp_path, capsys):
@@ -207,7 +218,7 @@ def test_eval_on_a_flowers102_slice(shared_data, tmp_path):
     test = read_split(shared_data / "flowers102", "test")
     first = {int(y): f for f, y in reversed(list(zip(train.files, train.labels)))}
     rows = [[f, y, train.class_names[y], "train"] for y, f in sorted(first.items())]
-    rows += [[f, int(y), test.class_names[y], "test"] for f, y in list(zip(test.files, test.labels))[::16]]
+    rows += [[f, int(y), test.class_names[y], "test"] for f, y in list(zip(test.files, test.labels))[::32]]
     _write_manifest(tmp_path / "manifest.csv", rows)
     enc = load("reco-mini")
     build_memory(tmp_path / "mem", read_pairs_csv(tmp_path / "manifest.csv", split="train"), enc, progress=False)
