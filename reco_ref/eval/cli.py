@@ -18,24 +18,22 @@ def _positive(text: str) -> int:
     return value
 
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+def _number_in(lo: float, hi: float, lo_open: bool, what: str):
+    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` when ``lo_open``), else a usage error."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _cosine(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a cosine in (-1, 1], got {text!r}") from None
-    if not -1.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a cosine in (-1, 1], got {text}")
-    return value
+_nonnegative_float = _number_in(0.0, math.inf, False, "a finite number >= 0")
+_cosine = _number_in(-1.0, 1.0, True, "a cosine in (-1, 1]")
 
 
 # ---------------------------------------------------------------------------------------------- demo

@@ -157,16 +157,8 @@ def knn_vote_scores(labels: np.ndarray, scores: np.ndarray, valid: np.ndarray, n
 def knn_vote(labels: np.ndarray, scores: np.ndarray, valid: np.ndarray, n_classes: int) -> np.ndarray:
     """Majority label of the valid neighbours; ties go to the class with the larger summed cosine.
 
-    Parameters
-    ----------
-    labels : int [N,k] — neighbours' labels (any value where invalid; −1 = unlabelled, no vote)
-    scores : float [N,k] — cosines
-    valid : bool [N,k]
-    n_classes : C
-
-    Returns
-    -------
-    int64 [N] — predicted label, −1 for a query without any valid (labelled) neighbour
+    Arguments as :func:`knn_vote_scores`. Returns int64 [N]: the predicted label, −1 for a query without any valid
+    (labelled) neighbour.
     """
     votes = knn_vote_scores(labels, scores, valid, n_classes)  # [N,C]
     pred = np.argmax(votes, axis=1)
