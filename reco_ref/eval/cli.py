@@ -41,7 +41,7 @@ def _run_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(out_dir=a.out, data=a.data, k=a.k, backend=a.backend, seed=a.seed, quiet=a.quiet, limit=a.limit,
-             memory_limit=a.memory_limit, encoder=a.model, threads=a.threads)
+             memory_limit=a.memory_limit, encoder=a.model, threads=a.threads, fusion=a.fusion)
     return 0
 
 
@@ -151,6 +151,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the fusion init and the --data subsets")
     p.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
+    p.add_argument("--fusion", help="trained RECO weights .npz shown beside the untrained layers (default: the "
+                                    "shipped weights when present; 'none': untrained only)")
     p.add_argument("--quiet", action="store_true", help="print nothing (results.json is still written)")
     p.set_defaults(func=_run_demo)
 

@@ -18,7 +18,8 @@ Steps (each a function below, each printed with its timing by :func:`run_demo`):
    :func:`reco_ref.fusion.fusion_forward`; class prompts are fed the *image* embeddings of theirs. The fusion
    layers here are **untrained**: at initialisation they are the identity (``W_o, b_o, W_2, b_2, e_q = 0``),
    so ``refined == frozen``; the demo measures ``max |refined − frozen|`` instead of assuming it, and prints
-   the RECO loss (spec §3) that training would start from.
+   the RECO loss (spec §3) that training would start from. :func:`step_trained` then refines the same queries
+   and prompts with trained weights (``fusion=``, or the shipped ones when present) for comparison.
 5. :func:`step_evaluate` (spec §4) — zero-shot classification of the queries with one prompt per class,
    ``argmax_c ⟨v, t_c⟩``; the same with the (untrained, identity) fusion layers; and a retrieval baseline:
    the majority category of the ``k`` image→image neighbours (ties: larger summed cosine). Chance ``1/C``
@@ -262,16 +263,41 @@ def step_fuse(e: dict, s: dict, mem: Any, k: int, backend: str, seed: int, say: 
         "infonce_frozen": float(frozen_loss), "loss_batch": int(len(sel))}}
 
 
-def step_evaluate(ds: dict, e: dict, s: dict, f: dict, k: int, say: Say) -> dict:
+def step_trained(e: dict, s: dict, mem: Any, k: int, backend: str, fusion: Any, say: Say, timing: dict) -> dict | None:
+    """Step 4b: the trained fusion weights (``fusion`` path, or the shipped ones when present), refining the queries
+    and the class prompts exactly as step 4 does with the untrained layers. None when there are no weights."""
+    from ..train.refine import refine
+    from ..train.weights import check_weights_match, default_weights_path, load_reco_weights
+
+    enc = e["enc"]
+    if fusion is not None and str(fusion) == "none":
+        return None
+    path = Path(fusion) if fusion is not None else default_weights_path(enc.name)
+    if fusion is None and not path.is_file():
+        say(f"      (no shipped trained fusion weights at {path} yet: only the untrained layers are shown)")
+        return None
+    w = load_reco_weights(path)
+    check_weights_match(w, encoder_fingerprint=enc.fingerprint, dim=enc.dim, where=f"fusion weights {path}")
+    t = time.perf_counter()
+    v_bar = refine(w.image, mem, e["q_img"], "image", search_queries=s["q_search"], k=k, backend=backend)[0]
+    t_bar = refine(w.text, mem, e["cls_txt"], "text", k=k, backend=backend)[0]
+    timing["fusion_trained"] = time.perf_counter() - t
+    say(f"      trained φ_I, φ_T from {path}: mean cosine(v̄, v) = "
+        f"{float((v_bar * e['q_img']).sum(axis=1).mean()):.3f} ({timing['fusion_trained'] * 1e3:.0f} ms)")
+    return {"v_bar": v_bar, "t_bar": t_bar, "path": str(path)}
+
+
+def step_evaluate(ds: dict, e: dict, s: dict, f: dict, k: int, say: Say, trained: dict | None = None) -> dict:
     """Step 5: top-1 of zero-shot (frozen, untrained RECO), the k-NN vote, chance and the majority class."""
     y = ds["query_labels"]
     n_q, C = y.size, len(ds["class_names"])
     pred_frozen = zero_shot(e["q_img"], e["cls_txt"])
     pred_reco = zero_shot(f["v_bar"], f["t_bar"])
     pred_knn = knn_vote(s["nb_labels"], s["scores"], s["valid"], C)
-    acc = {name: float((p == y).mean()) if n_q else 0.0
-           for name, p in (("zero_shot_frozen", pred_frozen), ("zero_shot_reco_untrained", pred_reco),
-                           ("knn_vote", pred_knn))}
+    preds = [("zero_shot_frozen", pred_frozen), ("zero_shot_reco_untrained", pred_reco), ("knn_vote", pred_knn)]
+    if trained is not None:
+        preds.append(("zero_shot_reco_trained", zero_shot(trained["v_bar"], trained["t_bar"])))
+    acc = {name: float((p == y).mean()) if n_q else 0.0 for name, p in preds}
     chance = 1.0 / C
     majority = float(np.bincount(y, minlength=C).max() / n_q) if n_q else 0.0
     same_preds = bool(np.array_equal(pred_frozen, pred_reco))
@@ -279,6 +305,7 @@ def step_evaluate(ds: dict, e: dict, s: dict, f: dict, k: int, say: Say) -> dict
     table = [
         ("zero-shot, frozen encoder", acc["zero_shot_frozen"]),
         ("zero-shot, RECO with untrained φ (identity)", acc["zero_shot_reco_untrained"]),
+    ] + ([("zero-shot, RECO with trained φ", acc["zero_shot_reco_trained"])] if trained is not None else []) + [
         (f"retrieval baseline: {k}-NN vote (image→image)", acc["knn_vote"]),
         ("chance (1/C)", chance),
         ("majority class", majority),
@@ -294,7 +321,7 @@ def step_evaluate(ds: dict, e: dict, s: dict, f: dict, k: int, say: Say) -> dict
 def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, k: int = 10,
              backend: str = "numpy", seed: int = 0, quiet: bool = False, *, limit: int | None = 100,
              memory_limit: int | None = None, encoder: Any = "reco-mini", n_show: int = 3,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, fusion: Any = None) -> dict:
     """Run encode → memory → search → fuse → evaluate and print each step; return the measured results.
 
     Parameters
@@ -310,6 +337,8 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     encoder : encoder name or folder (``reco_ref.encoders.load``), or an already loaded pair
     n_show : queries whose neighbours are printed (one per category where possible)
     threads : ONNX Runtime / decode threads (None = all cores)
+    fusion : trained RECO weights (.npz) to show beside the untrained layers; None = the shipped weights of the
+        encoder when present (:func:`reco_ref.train.weights.default_weights_path`), ``"none"`` = untrained only
 
     Returns
     -------
@@ -320,6 +349,10 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise RecoError(f"k: expected a positive integer, got {k!r}")
     check_backend(backend)  # before any encoding
+    if fusion is not None and str(fusion) != "none":
+        from ..train.weights import load_reco_weights
+
+        load_reco_weights(fusion)  # a missing or malformed file fails here, not after the encoding
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
     ds = shipped_data() if data is None else manifest_data(data, limit=limit, memory_limit=memory_limit, seed=seed)
@@ -335,7 +368,8 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     mem = step_memory(ds, e, mem_dir, say, timing)
     s = step_search(ds, e, mem, k, seed, n_show, say, timing)
     f = step_fuse(e, s, mem, k, backend, seed, say, timing)
-    ev = step_evaluate(ds, e, s, f, k, say)
+    trained = step_trained(e, s, mem, k, backend, fusion, say, timing)
+    ev = step_evaluate(ds, e, s, f, k, say, trained)
     timing["total"] = time.perf_counter() - t_start
 
     enc = e["enc"]
@@ -348,7 +382,7 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
         "timing_s": {key: round(v, 4) for key, v in timing.items()},
         "search": {"k": k, "modality": "image->image", "neighbour_precision": s["precision"],
                    "neighbour_precision_chance": s["chance_precision"]},
-        "fusion": f["summary"],
+        "fusion": {**f["summary"], "trained_weights": None if trained is None else trained["path"]},
         "eval": ev,
         "examples": [{**{kk: v for kk, v in ex.items() if kk != "image"},
                       "neighbours": [{kk: v for kk, v in nb.items() if kk != "image"} for nb in ex["neighbours"]]}

@@ -38,10 +38,17 @@ def _pairs() -> list[dict]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """One verbose run of the demo on the shipped data: (results dict, printed report, out dir)."""
+    from reco_ref.encoders import load
+    from reco_ref.train.weights import init_reco_weights, save_reco_weights
+
     out = tmp_path_factory.mktemp("demo")
+    enc = load("reco-mini")
+    # "trained" weights that are the identity: the trained row must then equal the frozen one exactly
+    weights = tmp_path_factory.mktemp("w") / "identity.npz"
+    save_reco_weights(weights, init_reco_weights(enc.dim, meta={"encoder_fingerprint": enc.fingerprint}))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        results = run_demo(out_dir=out, k=10, seed=0)
+        results = run_demo(out_dir=out, k=10, seed=0, fusion=weights)
     return results, buf.getvalue(), out
 
 
@@ -94,6 +101,10 @@ def test_demo_fusion_is_identity_at_init(demo_run):
         assert term == pytest.approx(f["infonce_frozen"], rel=1e-5)
     assert f["reco_loss_init"] == pytest.approx(3 * f["infonce_frozen"], rel=1e-5)
     assert f["infonce_frozen"] > 0 and math.isfinite(f["infonce_frozen"])
+    # step 4b: the trained weights given (identity here) go through train.refine and give the frozen numbers
+    assert f["trained_weights"].endswith("identity.npz")
+    assert ev["zero_shot_reco_trained"] == ev["zero_shot_frozen"]
+    assert "RECO with trained φ" in demo_run[1]
 
 
 @needs_reco_mini
@@ -159,6 +170,8 @@ def test_run_demo_rejects_bad_arguments(tmp_path):
         run_demo(out_dir=tmp_path, k=0, quiet=True)
     with pytest.raises(RecoError, match="fusion backend.*'nope' unknown"):
         run_demo(out_dir=tmp_path, backend="nope", quiet=True)
+    with pytest.raises(FileNotFoundError, match="fusion weights not found"):
+        run_demo(out_dir=tmp_path / "w", fusion=tmp_path / "missing.npz", quiet=True)
     assert not (tmp_path / "memory").exists()
     (tmp_path / "manifest.csv").write_text("file,label,class_name,split\na.jpg,0,cat,train\nb.jpg,0,cat,test\n")
     with pytest.raises(RecoError, match="limit: expected a positive integer"):
