@@ -188,3 +188,21 @@ def test_retrieval_recalls_identity_reco_and_duplicate_captions(world):
     assert rows[0][0] == "frozen encoder" and len(rows) == 7 and len(rows[0]) == 7
     with pytest.raises(ShapeError):
         evaluate_retrieval(world["mem"], img, txt[:4], caps)
+
+
+def test_knn_vote_from_captions_when_the_memory_has_no_labels(world, tmp_path):
+    items = [{"image": "", "caption": f"a {NAMES[c]} in a garden", "source": f"x{i}", "label": None, "split": None,
+              "tags": None} for i, c in enumerate(world["y_mem"])]
+    items[0]["caption"] = "a garden"  # names no class: casts no vote
+    build_memory_from_arrays(tmp_path / "m", world["mem_img"], world["mem_img"], name="s", fingerprint=FP,
+                             items=items, progress=False)
+    mem = Memory.open(tmp_path / "m")
+    labels, how = memory_class_labels(mem, np.array([[0, 1, 11, -1]]), NAMES)
+    assert labels.tolist() == [[-1, 0, 1, -1]] and how.startswith("captions") and "no labels" in how
+    r = evaluate_zero_shot(mem, world["q_img"], world["y_q"], world["cls"], NAMES, k=5)
+    assert r["reco"] is None and r["knn_vote"]["top1"] == 1.0 and r["knn_vote"]["abstained"] == 0
+    # nothing to map at all: null with the reason, never a guess
+    bare = tmp_path / "bare"
+    build_memory_from_arrays(bare, world["mem_img"], world["mem_img"], name="s", fingerprint=FP, progress=False)
+    r = evaluate_zero_shot(Memory.open(bare), world["q_img"], world["y_q"], world["cls"], NAMES, k=5)
+    assert r["knn_vote"] is None and "no labels" in r["knn_vote_labels"]
