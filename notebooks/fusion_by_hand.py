@@ -394,14 +394,14 @@ assert not bad
 
 # %%
 labels = ["q"] + [f"r{i}" for i in range(1, k + 1)]
-fig, axes = plt.subplots(B, h, figsize=(3.2 * h, 3.0 * B))
+fig, axes = plt.subplots(B, h, figsize=(3.8 * h, 3.4 * B))
 for b in range(B):
     for j in range(h):
         ax = axes[b, j]
         im = ax.imshow(P[b, j], vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(T), labels), ax.set_yticks(range(T), labels)
-        ax.set_title(f"example {b}, head {j}" + ("  (r4, r5 masked)" if b == 1 else ""), fontsize=9)
-        ax.set_xlabel("key token"), ax.set_ylabel("query token")
+        ax.set_title(f"example {b}, head {j}" + (" (r4, r5 masked)" if b == 1 else ""), fontsize=8)
+        ax.set_xlabel("key token", fontsize=8), ax.set_ylabel("query token", fontsize=8)
 fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight")
 plt.show()
 
