@@ -144,7 +144,7 @@ assert np.allclose(neighbours, mem.embeddings("text", rows_uni))  # ... then the
 #
 # With 165 rows HNSW is exact at any setting, so we grow a bigger base with the same neighbourhood structure:
 # `reco_ref.memory.synth` projects the memory's real image keys to 64-d (uncentred SVD, which preserves inner
-# products) and grows 20,000 points around them (each a mix of a real point and one of its real neighbours,
+# products) and grows 10,000 points around them (each a mix of a real point and one of its real neighbours,
 # plus low-rank and isotropic noise). Recall@10 counts a returned row as a hit when it scores at least the
 # exact 10th score (ties count); `ef` is the search beam width.
 
@@ -153,13 +153,13 @@ from reco_ref.memory.index import exact_search, hnsw_build
 from reco_ref.memory.synth import expand_array, project
 
 base = project(mem.embeddings("image_keys", np.arange(len(mem))), 64)  # [165, 64] unit rows
-vectors = expand_array(base, 20_000, seed=0)                            # [20000, 64]
-qs = expand_array(base, 500, seed=1)                                     # [500, 64] held-out draws
+vectors = expand_array(base, 10_000, seed=0)                            # [10000, 64]
+qs = expand_array(base, 300, seed=1)                                     # [300, 64] held-out draws
 t = time.perf_counter()
 index = hnsw_build(vectors, M=8, ef_construction=40, num_threads=2)
 print(f"HNSW build: {len(vectors)} vectors in {time.perf_counter() - t:.1f} s")
 t = time.perf_counter()
-true_rows, true_scores = exact_search(vectors, qs, 10)                   # [500, 10] each
+true_rows, true_scores = exact_search(vectors, qs, 10)                   # [300, 10] each
 t_exact = time.perf_counter() - t
 
 efs = [10, 12, 16, 24, 32, 48, 64, 128]
@@ -167,7 +167,7 @@ recall, qps = [], []
 for ef in efs:
     index.set_ef(ef)
     t = time.perf_counter()
-    got, _ = index.knn_query(qs, k=10, num_threads=2)                    # [500, 10] row ids
+    got, _ = index.knn_query(qs, k=10, num_threads=2)                    # [300, 10] row ids
     dt = time.perf_counter() - t
     got_scores = np.einsum("qd,qkd->qk", qs, vectors[got.astype(np.int64)])
     recall.append(float((got_scores >= true_scores[:, -1:] - 1e-6).mean()))
@@ -180,7 +180,7 @@ ax.plot(efs, recall, "o-")
 ax.set_xscale("log", base=2)
 ax.set_xlabel("ef (HNSW beam width)")
 ax.set_ylabel("recall@10 vs exact search")
-ax.set_title("HNSW (M=8) on 20,000 synthetic 64-d keys")
+ax.set_title("HNSW (M=8) on 10,000 synthetic 64-d keys")
 ax.grid(alpha=0.3)
 fig.tight_layout()
 plt.show()

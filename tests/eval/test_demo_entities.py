@@ -1,7 +1,7 @@
 """The shipped flag memory (``weights/demo-entities``): complete, licensed, traceable, and it makes its point.
 
 The point: reco-mini cannot name the flags (zero-shot near chance) but finds each query's entity by image→image
-1-NN against the memory. The default run checks that on every 5th entity (~50 classes, a few seconds); the slow
+1-NN against the memory. The default run checks that on every 5th entity (51 classes, a few seconds); the slow
 test measures all 255 (``python3 scripts/make_demo_entities.py --measure-only`` prints the same numbers).
 """
 
