@@ -21,6 +21,7 @@ VERB_MODULES = (
     "reco_ref.encoders.cli",
     "reco_ref.memory.cli",
     "reco_ref.eval.cli",
+    "reco_ref.export.cli",
 )
 
 

@@ -6,6 +6,10 @@ TensorFlow's ``graph.proto`` family) - no TensorFlow, no protobuf runtime. The c
 ``name/op/input/attr``. The ONNX graph is written with ``onnx.helper`` (the ``export`` extra), never a runtime
 dependency of ``reco_ref``.
 
+A build-only tool: it lives with the rebuild scripts (``scripts/tools/``), not in the ``reco_ref`` package an
+edge device installs. ``scripts/reco_mini_graphs.py`` and the tests import it as the top-level module
+``graphdef_to_onnx`` after putting ``scripts/tools`` on ``sys.path``.
+
 What is converted (the op set of TF-slim image classifiers):
 
 =========================  =====================================================================
@@ -26,10 +30,10 @@ Every node whose inputs are all constants (``Const``, ``Identity`` of a const, t
 arithmetic of a frozen batch-norm) is evaluated here in float64 then stored as float32, so the ONNX graph
 only holds the convolutions and activations.
 
-Independent check: :func:`graphdef_forward_numpy` re-executes the *unconverted* GraphDef op by op in
-NumPy with TensorFlow's own semantics (NHWC, TF SAME padding, unfolded batch-norm arithmetic).  The
-tests compare the ONNX Runtime output of the converted graph against it; with TensorFlow unavailable
-that interpreter is the converter's oracle.
+Independent check: ``graphdef_forward_numpy`` in ``tests/encoders/graphdef_oracle.py`` re-executes the
+*unconverted* GraphDef op by op in NumPy with TensorFlow's own semantics (NHWC, TF SAME padding, unfolded
+batch-norm arithmetic). The tests compare the ONNX Runtime output of the converted graph against it; with
+TensorFlow unavailable that interpreter is the converter's oracle.
 
 Example
 -------
@@ -43,12 +47,18 @@ Example
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import EncoderConfigError
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run from a checkout: the package sits two folders up
+    sys.path.insert(0, str(ROOT))
+
+from reco_ref.errors import EncoderConfigError  # noqa: E402
 
 __all__ = [
     "parse_graphdef",
@@ -58,7 +68,6 @@ __all__ = [
     "node_map",
     "constant_values",
     "graphdef_to_onnx",
-    "graphdef_forward_numpy",
     "SUPPORTED_OPS",
 ]
 
@@ -772,122 +781,3 @@ def graphdef_to_onnx(
     model.ir_version = min(model.ir_version, 9)  # readable by older onnxruntime releases too
     onnx.checker.check_model(model)
     return model
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Independent NumPy re-execution of the GraphDef (the converter's oracle)
-# ----------------------------------------------------------------------------------------------------------
-def _tf_same_pads(size: int, k: int, s: int, d: int) -> tuple[int, int]:
-    # TF SAME: output = ceil(size / s); the odd pixel of padding goes at the end.
-    eff = (k - 1) * d + 1
-    out = -(-size // s)
-    total = max((out - 1) * s + eff - size, 0)
-    return total // 2, total - total // 2
-
-
-def _pad_nhwc(x: np.ndarray, k: Sequence[int], s: Sequence[int], d: Sequence[int], padding: str) -> np.ndarray:
-    if padding == "VALID":
-        return x
-    ph = _tf_same_pads(x.shape[1], k[0], s[0], d[0])
-    pw = _tf_same_pads(x.shape[2], k[1], s[1], d[1])
-    return np.pad(x, ((0, 0), ph, pw, (0, 0)))
-
-
-def _windows(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int) -> np.ndarray:
-    """Strided view ``[N, Ho, Wo, kh, kw, C]`` of the (already padded) NHWC input."""
-    n, h, w, c = x.shape
-    ho = (h - (kh - 1) * dh - 1) // sh + 1
-    wo = (w - (kw - 1) * dw - 1) // sw + 1
-    st = x.strides
-    return np.lib.stride_tricks.as_strided(
-        x, shape=(n, ho, wo, kh, kw, c), strides=(st[0], st[1] * sh, st[2] * sw, st[1] * dh, st[2] * dw, st[3]),
-        writeable=False,
-    )
-
-
-def graphdef_forward_numpy(graph: Any, feeds: Mapping[str, np.ndarray], fetches: Sequence[str]) -> list[np.ndarray]:
-    """Run the GraphDef op by op in NumPy (float64, NHWC, TF semantics) — no folding, no layout change.
-
-    Parameters
-    ----------
-    feeds : {placeholder name: array}
-        E.g. ``{"input": x}`` with ``x`` float32 ``[N, 224, 224, 3]``.
-    fetches : node names to return.
-    """
-    nodes = node_map(graph)
-    order = _ancestors(nodes, list(fetches), stop=list(feeds))
-    env: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float64) for k, v in feeds.items()}
-    for name in order:
-        if name in env:
-            continue
-        n = nodes[name]
-        op = n.op
-        x = [env[_clean(i)] for i in n.input if not i.startswith("^")]
-        if op == "Const":
-            t = tensor_to_numpy(n.attr["value"].tensor)
-            env[name] = t.astype(np.float64) if t.dtype.kind == "f" else t
-        elif op in ("Identity", "PlaceholderWithDefault"):
-            env[name] = x[0]
-        elif op in ("Add", "AddV2", "BiasAdd"):
-            env[name] = x[0] + x[1]
-        elif op == "Sub":
-            env[name] = x[0] - x[1]
-        elif op == "Mul":
-            env[name] = x[0] * x[1]
-        elif op == "Rsqrt":
-            env[name] = 1.0 / np.sqrt(x[0])
-        elif op == "Relu6":
-            env[name] = np.minimum(np.maximum(x[0], 0.0), 6.0)
-        elif op == "Relu":
-            env[name] = np.maximum(x[0], 0.0)
-        elif op in ("Conv2D", "DepthwiseConv2dNative"):
-            _check_nhwc(n)
-            s = _attr_ints(n, "strides")
-            d = _attr_ints(n, "dilations") or [1, 1, 1, 1]
-            w = x[1]
-            kh, kw, ci, co = w.shape
-            xp = _pad_nhwc(x[0], (kh, kw), (s[1], s[2]), (d[1], d[2]), _attr_str(n, "padding"))
-            win = _windows(np.ascontiguousarray(xp), kh, kw, s[1], s[2], d[1], d[2])  # [N,Ho,Wo,kh,kw,Ci]
-            if op == "Conv2D":
-                env[name] = np.tensordot(win, w, axes=([3, 4, 5], [0, 1, 2]))  # [N,Ho,Wo,Co]
-            else:
-                # out[..., c*mult + m] = sum_{i,j} win[..., i, j, c] * w[i, j, c, m]
-                out = np.einsum("nhwijc,ijcm->nhwcm", win, w)
-                env[name] = out.reshape(out.shape[0], out.shape[1], out.shape[2], ci * co)
-        elif op == "AvgPool":
-            _check_nhwc(n)
-            k = _attr_ints(n, "ksize")
-            s = _attr_ints(n, "strides")
-            pad = _attr_str(n, "padding")
-            ones = np.ones(x[0].shape[:3] + (1,))
-            xp = _pad_nhwc(x[0], (k[1], k[2]), (s[1], s[2]), (1, 1), pad)
-            cp = _pad_nhwc(ones, (k[1], k[2]), (s[1], s[2]), (1, 1), pad)
-            tot = _windows(np.ascontiguousarray(xp), k[1], k[2], s[1], s[2], 1, 1).sum(axis=(3, 4))
-            cnt = _windows(np.ascontiguousarray(cp), k[1], k[2], s[1], s[2], 1, 1).sum(axis=(3, 4))
-            env[name] = tot / cnt
-        elif op == "Mean":
-            axes = tuple(int(a) for a in np.asarray(x[1]).reshape(-1))
-            keep = bool(n.attr["keep_dims"].b) if "keep_dims" in n.attr else False
-            env[name] = x[0].mean(axis=axes, keepdims=keep)
-        elif op == "Squeeze":
-            dims = _attr_ints(n, "squeeze_dims")  # empty: every size-1 axis, as TF
-            env[name] = np.squeeze(x[0], axis=tuple(dims) if dims else None)
-        elif op == "Reshape":
-            shape = [int(v) for v in np.asarray(x[1]).reshape(-1)]
-            if shape and shape[0] > 0 and x[0].shape[0] != shape[0]:
-                shape[0] = -1
-            env[name] = x[0].reshape(shape)
-        elif op == "MatMul":
-            a, bm = x
-            if n.attr["transpose_a"].b:
-                a = a.T
-            if n.attr["transpose_b"].b:
-                bm = bm.T
-            env[name] = a @ bm
-        elif op == "Softmax":
-            z = x[0] - x[0].max(axis=-1, keepdims=True)
-            e = np.exp(z)
-            env[name] = e / e.sum(axis=-1, keepdims=True)
-        else:
-            raise EncoderConfigError(f"node {name!r}: op {op!r} has no NumPy rule")
-    return [env[f] for f in fetches]

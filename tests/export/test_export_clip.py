@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch", reason="torch (the oracle extra) is not ins
 pytest.importorskip("onnx", reason="onnx is needed by torch.onnx.export")
 
 from reco_ref.encoders import load  # noqa: E402
-from reco_ref.encoders.export_clip import export_clip_model  # noqa: E402
+from reco_ref.export.clip import export_clip_model  # noqa: E402
 from reco_ref.encoders.images import decode_image  # noqa: E402
 from reco_ref.encoders.preprocess import preprocess_batch  # noqa: E402
 from reco_ref.tokenizers import ClipBPE  # noqa: E402
@@ -112,7 +112,7 @@ def test_open_clip_vit_b32_parity(tmp_path, rng):
     """OpenCLIP ViT-B-32 (pretrained=None, seeded): ONNX == open_clip forward <= 1e-4; preprocess and
     tokenizer ids identical."""
     open_clip = pytest.importorskip("open_clip", reason="open_clip_torch (and torchvision) not installed")
-    from reco_ref.encoders.export_clip import export_open_clip
+    from reco_ref.export.clip import export_open_clip
 
     cfg = export_open_clip("ViT-B-32", None, tmp_path, seed=0)
     torch.manual_seed(0)

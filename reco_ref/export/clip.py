@@ -1,6 +1,7 @@
 """Export an OpenCLIP / OpenAI CLIP model to the project's ONNX pair + ``encoder.json``.
 
-Needs the optional extra ``clip-export`` (torch, open_clip_torch, onnx); nothing here is imported at run time.
+Needs the optional extra ``clip-export`` (torch, open_clip_torch, onnx); nothing here is imported at run time
+(the room :mod:`reco_ref.export`). The exported folder is loaded at run time by :func:`reco_ref.encoders.load`.
 Run it where the weights are::
 
     reco-ref export-clip --model ViT-B-32 --pretrained openai --out weights/clip-vit-b-32
@@ -9,7 +10,7 @@ Run it where the weights are::
 What the graphs hold (choices, documented):
 
 * ``image.onnx``: ``pixels [N,3,S,S] float32 -> image_embeds [N,D]`` = ``encode_image`` (ViT/ResNet tower +
-  projection) followed by L2 normalisation.  Preprocessing stays in Python (:mod:`.preprocess`), configured
+  projection) followed by L2 normalisation.  Preprocessing stays in Python (:mod:`reco_ref.encoders.preprocess`), configured
   from the model's own ``preprocess_cfg`` (shortest-side resize, centre crop, mean/std, interpolation).
 * ``text.onnx``: ``input_ids [N,77] int64 -> text_embeds [N,D]`` = ``encode_text`` incl. the EOT pooling
   (``argmax`` of the ids, as CLIP) and the projection, then L2 normalisation.  Pooling is therefore inside the
@@ -34,7 +35,7 @@ import numpy as np
 
 from ..errors import EncoderConfigError
 from ..io import atomic_write_bytes, atomic_write_json, sha256_file
-from .config import parse_config
+from ..encoders.config import parse_config
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_EOT_ID = 49407
@@ -186,7 +187,7 @@ def export_clip_model(model, out: str | Path, *, image_size: int, context_length
             "output": "text_embeds", "pooling": "none", "normalize": True,
         },
         "sha256": {"image.onnx": sha256_file(out / "image.onnx"), "text.onnx": sha256_file(out / "text.onnx")},
-        "description": (f"exported by reco_ref.encoders.export_clip (opset {opset}); ONNX Runtime vs torch max |diff|: "
+        "description": (f"exported by reco_ref.export.clip (opset {opset}); ONNX Runtime vs torch max |diff|: "
                         f"image {err_img:.3g}, text {err_txt:.3g}"),
         "source": source,
     }
