@@ -89,3 +89,10 @@ def test_readme_commands_are_what_ci_runs():
     block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).splitlines()
     assert block[0].startswith("python3 -m pip install -e . && reco-ref demo")
     assert block[1].split("  #", 1)[0].rstrip() == ci
+
+
+def test_readme_stays_a_front_page():
+    """The README is read in five minutes; reference material belongs in docs/<topic>.md (issue 12)."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").count("\n")
+    assert lines < 250, f"README.md has {lines} lines (front page budget: < 250); move reference material to docs/"
+    assert "<!-- RESULTS -->" in (ROOT / "README.md").read_text(encoding="utf-8")
