@@ -33,10 +33,7 @@ MAY_IMPORT = {
 }
 
 #: known upward imports, each with its reason; an edge not listed here fails the test
-KNOWN_UPWARD = {
-    # the device AdamW applies the host optimiser's decay rule (matrices only by default); lazy import
-    ("reco_ref.fusion.cuda.adamw", "reco_ref.train.optim"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 #: rooms whose internal import cycle is being removed by another change (issue 8 item 3: memory's
 #: store ⇄ shards); their cycles are reported by test_memory_cycle_is_still_known instead
