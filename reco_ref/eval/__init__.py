@@ -1,5 +1,6 @@
-"""Evaluation (spec §4): zero-shot classification, retrieval metrics, ablations, and the ``reco-ref demo`` verb.
+"""Evaluation (spec §4): zero-shot classification, retrieval metrics, the k-NN vote, reports, and the demo.
 
-The demo's logic lives in :mod:`reco_ref.demo` (:func:`reco_ref.demo.run_demo`); :mod:`.cli` only registers
-the verb.
+Modules: :mod:`.data` (dataset manifests, split embeddings, overlap with a memory, demo datasets),
+:mod:`.metrics` (top-k, mean per-class recall, k-NN vote, Recall@K), :mod:`.demo` (``reco-ref demo``),
+:mod:`.cli` (the verbs; parsing only).
 """

@@ -1,4 +1,4 @@
-"""``reco-ref demo`` (reco_ref.demo): end to end on the shipped sample, the CLI verb, bad input, the shipped data.
+"""``reco-ref demo`` (reco_ref.eval.demo, re-exported as reco_ref.demo.run_demo): end to end on the shipped sample, the CLI verb, bad input, the shipped data.
 
 The end-to-end run uses the real embedded encoder (reco-mini) on ``weights/demo``; it takes ~10 s on 2 cores.
 """
@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 from reco_ref.cli import main
-from reco_ref.demo import _balanced, _figure, knn_vote, run_demo, zero_shot
+from reco_ref.demo import run_demo
+from reco_ref.eval.data import balanced_subset
+from reco_ref.eval.demo import figure
+from reco_ref.eval.metrics import knn_vote, zero_shot
 from reco_ref.errors import MemoryFormatError, RecoError
 from reco_ref.paths import weights_dir
 
@@ -190,19 +193,19 @@ def test_zero_shot_is_argmax_of_cosines():
 
 def test_balanced_subset_spreads_over_classes_and_is_seeded():
     labels = np.repeat(np.arange(5), [40, 3, 10, 10, 1])
-    a = _balanced(labels, 12, np.random.default_rng(0))
-    b = _balanced(labels, 12, np.random.default_rng(0))
+    a = balanced_subset(labels, 12, np.random.default_rng(0))
+    b = balanced_subset(labels, 12, np.random.default_rng(0))
     assert a.tolist() == b.tolist() and a.tolist() == sorted(a.tolist()) and len(set(a.tolist())) == 12
     counts = np.bincount(labels[a], minlength=5)  # ranks 0 and 1 of every class, then 3 of the 4 rank-2 rows
     assert counts[4] == 1 and set(counts[:4].tolist()) <= {2, 3} and counts.sum() == 12
-    assert _balanced(labels, 100, np.random.default_rng(0)).tolist() == list(range(labels.size))
+    assert balanced_subset(labels, 100, np.random.default_rng(0)).tolist() == list(range(labels.size))
 
 
 def test_figure_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import now raises ImportError
-    assert _figure(tmp_path / "f.png", [{"image": "x", "category": "c", "neighbours": []}], 5) is False
+    assert figure(tmp_path / "f.png", [{"image": "x", "category": "c", "neighbours": []}], 5) is False
     assert not (tmp_path / "f.png").exists()
 
 
