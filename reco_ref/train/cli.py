@@ -48,6 +48,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exact", action="store_true", help="brute-force retrieval instead of HNSW")
     g.add_argument("--batch-size", type=_positive, default=d.batch_size, help=f"pairs per step (default {d.batch_size})")
     g.add_argument("--epochs", type=_positive, default=d.epochs, help=f"epochs (default {d.epochs})")
+    g.add_argument("--steps-per-epoch", type=_positive, default=None,
+                   help="cap on batches per epoch, a seeded subset of the shuffled epoch (default: a full pass)")
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="final learning rate of the cosine (default 0)")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"linear warm-up (default {d.warmup_steps})")
@@ -66,7 +68,7 @@ def config_from_args(a: argparse.Namespace, **override):
 
     kw = dict(k=a.k, search=a.search, fuse=a.fuse, dup_threshold_image=a.dup_threshold_image,
               dup_threshold_text=a.dup_threshold_text, unique_captions=not a.allow_repeated_captions,
-              exact_search=a.exact, batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, min_lr=a.min_lr,
+              exact_search=a.exact, batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, lr=a.lr, min_lr=a.min_lr,
               warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, heads=a.heads, seed=a.seed,
               backend=a.backend, checkpoint_every=a.checkpoint_every, select_on=a.select_on)
     kw.update(override)

@@ -67,7 +67,11 @@ class TrainConfig:
     heads, mlp_ratio : fusion layer shape (8, 4 [ours])
     model : "reco" (the fusion layer) | "mlp" (the equal-size MLP control)
     seed : init, data order
-    backend : "numpy" | "numba" | "cuda" (fusion and InfoNCE)
+    backend : "numpy" | "numba" | "cuda" — the fusion layer's backend
+    loss_backend : backend of the InfoNCE terms ("numpy" [ours]: at training batch sizes the [B,B] loss is cheap
+        and NumPy's was faster than Numba's parallel kernel on a loaded 2-core machine; use "cuda" with a GPU)
+    steps_per_epoch : cap on batches per epoch (None = one full pass); the epoch's plan is shuffled, so a cap
+        takes a seeded subset of its batches — for short recipes on a slow machine
     checkpoint_every : steps between checkpoints (also one at every epoch end)
     select_on : "top1" (mean zero-shot top-1 over validation sets; ties keep the earlier) | "loss"
     """
@@ -91,11 +95,15 @@ class TrainConfig:
     model: str = "reco"
     seed: int = 0
     backend: str = "numpy"
+    loss_backend: str = "numpy"
+    steps_per_epoch: int | None = None
     checkpoint_every: int = 100
     select_on: str = "top1"
 
     def check(self) -> None:
         """One-line :class:`RecoError` for a bad field."""
+        if self.steps_per_epoch is not None and (isinstance(self.steps_per_epoch, bool) or self.steps_per_epoch < 1):
+            raise RecoError(f"steps_per_epoch: expected a positive integer or None, got {self.steps_per_epoch!r}")
         for name in ("k", "batch_size", "epochs", "heads", "mlp_ratio", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -103,7 +111,8 @@ class TrainConfig:
         if self.batch_size < 2:
             raise RecoError(f"batch_size: expected at least 2 (InfoNCE needs negatives), got {self.batch_size}")
         for name, allowed in (("search", ("uni", "cross")), ("fuse", ("cross", "uni")), ("model", ("reco", "mlp")),
-                              ("backend", ("numpy", "numba", "cuda")), ("select_on", ("top1", "loss"))):
+                              ("backend", ("numpy", "numba", "cuda")), ("loss_backend", ("numpy", "numba", "cuda")),
+                              ("select_on", ("top1", "loss"))):
             if getattr(self, name) not in allowed:
                 raise RecoError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
         for name in ("lr", "min_lr", "weight_decay"):
@@ -275,7 +284,7 @@ def _validate(model: _Model, pv: _PreparedVal, cfg: TrainConfig) -> dict:
         v, t, nb_i, m_i, nb_t, m_t = src.batch(idx)
         vb, _ = model.forward("image", v, nb_i, m_i)
         tb, _ = model.forward("text", t, nb_t, m_t)
-        loss, _ = reco_loss_forward(vb, tb, v, t, float(model.tau), weights=cfg.loss_weights, backend=cfg.backend)
+        loss, _ = reco_loss_forward(vb, tb, v, t, float(model.tau), weights=cfg.loss_weights, backend=cfg.loss_backend)
         tot += loss * len(idx)
         n += len(idx)
     refined = np.empty_like(src.v)
@@ -370,7 +379,7 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
     dim = dims.pop()
     vals = [_prepare_val(v, cfg) for v in val]
     plans = [epoch_batches(prepared, cfg.batch_size, seed=cfg.seed, epoch=e, unique_captions=cfg.unique_captions)
-             for e in range(cfg.epochs)]
+             [:cfg.steps_per_epoch] for e in range(cfg.epochs)]
     total = sum(len(p) for p in plans)
     if total == 0:
         raise RecoError(f"no training batch: every source has fewer than 2 rows per batch of {cfg.batch_size}")
@@ -430,7 +439,7 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
                 vb, ci = model.forward("image", v, nb_i, m_i)
                 tb, ct = model.forward("text", t, nb_t, m_t)
                 loss, lc = reco_loss_forward(vb, tb, v, t, float(model.tau), weights=cfg.loss_weights,
-                                             backend=cfg.backend)
+                                             backend=cfg.loss_backend)
                 dvb, dtb, dtau = reco_loss_backward(lc)
                 grads = model.backward("image", ci, dvb) | model.backward("text", ct, dtb)
                 grads["tau"] = np.array(dtau, np.float64)
