@@ -109,17 +109,49 @@ def test_enhanced_query(benchmark, memory, batch):
     benchmark.extra_info["queries_per_s"] = batch / benchmark.stats.stats.median
 
 
+def _median_ms(fn, repeats: int = 50) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def components(mem, image, keys) -> dict:
+    """Median ms of the parts of one batch-1 enhanced query: HNSW search, gather, the numba layer alone."""
+    from reco_ref.fusion import get_backend
+    from reco_ref.train.refine import retrieve_for
+    from reco_ref.train.weights import init_reco_weights
+
+    w = init_reco_weights(D, heads=8)
+    q, sq = image[:1], keys[:1]
+    nb, ok, _ = retrieve_for(mem, q, "image", search_queries=sq, k=K)
+    mod = get_backend("numba")
+    return {"HNSW key search (k=10)": _median_ms(lambda: mem.search(sq, "image", k=K)),
+            "search + gather of the fed embeddings": _median_ms(lambda: retrieve_for(mem, q, "image", search_queries=sq,
+                                                                                      k=K)),
+            "numba fusion forward alone (no checks)": _median_ms(lambda: mod.fusion_forward(w.image, q, nb, ok,
+                                                                                             heads=8))}
+
+
 def main() -> int:
+    latency_only = "--latency-only" in sys.argv
     with tempfile.TemporaryDirectory() as tmp:
         mem, image, keys = make_memory(Path(tmp) / "mem")
-        rates = {b: train_pairs_per_second(mem, b, Path(tmp)) for b in ("numpy", "numba")}
+        rates = {} if latency_only else {b: train_pairs_per_second(mem, b, Path(tmp)) for b in ("numpy", "numba")}
         one_checked = query_latency(mem, image, keys, batch=1)
         one = query_latency(mem, image, keys, batch=1, validate=False)
         many = query_latency(mem, image, keys, batch=256, repeats=10, validate=False)
+        parts = components(mem, image, keys)
     print(f"| measure | value |\n|:---|---:|")
     for b, r in rates.items():
         print(f"| train pairs/s, {b} (D={D}, k={K}, batch {BATCH}) | {r:.1f} |")
-    print(f"| train speed-up numba / numpy (same run) | {rates['numba'] / rates['numpy']:.2f}x |")
+    if rates:
+        print(f"| train speed-up numba / numpy (same run) | {rates['numba'] / rates['numpy']:.2f}x |")
+    for name, ms in parts.items():
+        print(f"| batch-1 part: {name}, median | {ms:.2f} ms |")
     print(f"| enhanced query, batch 1, numba (HNSW + fusion, params validated per call), median | {one_checked * 1e3:.2f} ms |")
     print(f"| enhanced query, batch 1, numba (HNSW + fusion, validate_params=False), median | {one * 1e3:.2f} ms |")
     print(f"| enhanced queries/s, batch 256, numba | {256 / many:.0f} |")

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..checks import check_array
 from ..errors import SearchError, ShapeError
-from ..fusion import check_params, fusion_forward, get_backend
+from ..fusion import fusion_forward, get_backend
 from ..memory import retrieve, search_index
 from ..memory.index import ExactIndex
 
@@ -82,9 +82,9 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
     batch_size : queries per retrieval + fusion call
     exact : brute-force search instead of HNSW
     validate_params : scan φ's arrays (shapes, dtype, finiteness) on every fusion call, as the fusion front
-        door does (default). ``False`` checks them once here and then calls the backend directly — for a query
-        server answering single queries, where the scan of 7M parameters costs as much as the layer itself
-        (weights from :func:`~reco_ref.train.weights.load_reco_weights` were fully validated at load)
+        door does (default). ``False`` skips the scan and calls the backend directly — for a query server
+        answering single queries, where scanning 7M parameters costs about as much as the layer itself; only
+        for parameters already validated, e.g. by :func:`~reco_ref.train.weights.load_reco_weights` at load
 
     Returns
     -------
@@ -111,7 +111,6 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
             raise ShapeError(f"exclude: {len(excl)} entries, queries has {n}")
     dtype = phi["ln1_gamma"].dtype
     if not validate_params:
-        check_params(phi)  # once per call instead of once per batch
         heads = getattr(phi, "heads", None)
         if heads is None:
             raise ShapeError("phi: validate_params=False needs FusionParams (with .heads), got a plain dict")

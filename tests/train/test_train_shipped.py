@@ -46,5 +46,6 @@ def test_shipped_weights_reproduce_model_card(shared_data, tmp_path):
     for name in ("flowers102", "cub100"):
         ds = rebuild.Dataset(name, shared_data, CACHE, enc)
         mem = rebuild.memory(tmp_path, f"mem-{name}", ds, ds.rows("train"), enc)
-        r = rebuild.evaluate(w, ds, mem, enc, 10, "numpy")
-        assert abs(r["reco"]["top1"] - w.meta["metrics"][name]["reco"]) <= 2 / r["n"], name  # HNSW build jitter
+        r = rebuild.evaluate(w, ds, mem, enc, 10, "numba")
+        # a multi-threaded HNSW build is not bit-reproducible (insertion order), so a few neighbours may differ
+        assert abs(r["reco"]["top1"] - w.meta["metrics"][name]["reco"]) <= 0.01, (name, r["reco"]["top1"])
