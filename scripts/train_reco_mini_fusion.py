@@ -21,6 +21,7 @@ Every run is evaluated (frozen / RECO / k-NN vote / surrogate, mode both, k=10) 
 against that dataset's *train* memory. ``metrics.json`` in the output folder holds every number with the command.
 
     nice -n 10 python3 scripts/train_reco_mini_fusion.py --backend numba
+    python3 scripts/train_reco_mini_fusion.py --work WORK --eval-weights RUN/best.npz   # any weights, same numbers
 """
 
 from __future__ import annotations
@@ -215,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     ap.add_argument("--prepare-only", action="store_true", help="build the memories and eval arrays, train nothing")
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate the runs' kept weights (no training)")
+    ap.add_argument("--eval-weights", help="evaluate this RecoWeights file (e.g. a `reco-ref train` run's best.npz) on "
+                                           "both test splits and the do-no-harm check, print JSON, train nothing")
     a = ap.parse_args(argv)
 
     from reco_ref.encoders import load
@@ -275,9 +278,18 @@ def main(argv=None) -> int:
     if a.prepare_only:
         print(f"prepared {work}")
         return 0
+    eval_mem = {"flowers102": mems["flowers-train"], "cub100": mems["cub-train"]}
+    if a.eval_weights:
+        from reco_ref.train.weights import load_reco_weights
+
+        w = load_reco_weights(a.eval_weights)
+        entry = evaluate_run(Path(a.eval_weights).parent.name, w, str(w.meta.get("trained_on")), ds, eval_mem, work,
+                             enc, a.k, a.backend)
+        entry["weights"], entry["command"] = str(a.eval_weights), command
+        print(json.dumps(entry))
+        return 0
     cfg = TrainConfig(k=a.k, batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
                       seed=a.seed, backend=a.backend, checkpoint_every=25, steps_per_epoch=a.steps_per_epoch)
-    eval_mem = {"flowers102": mems["flowers-train"], "cub100": mems["cub-train"]}
     report = {"command": command, "inputs": inputs, "recipe": cfg.to_json(), "runs": {}}
     from reco_ref.train.weights import load_reco_weights
 

@@ -39,7 +39,7 @@ from ..errors import CheckpointError, RecoError
 from ..fusion import fusion_backward, fusion_forward
 from ..io import atomic_save_npz, atomic_write_json, atomic_write_text, load_npz
 from .checkpoint import load_checkpoint, save_checkpoint
-from .losses import reco_loss_backward, reco_loss_forward
+from .losses import DEFAULT_TAU, reco_loss_backward, reco_loss_forward
 from .mlp import mlp_backward, mlp_forward, mlp_hidden_for, mlp_init
 from .optim import adamw_init, adamw_step, lr_at
 from .pairs import PreparedSource, epoch_batches, prepare_source, search_rows
@@ -190,8 +190,6 @@ class _Model:
         else:
             hidden = mlp_hidden_for(dim, cfg.heads, cfg.mlp_ratio)
             self.modules = {"image": mlp_init(dim, hidden, seed=cfg.seed), "text": mlp_init(dim, hidden, seed=cfg.seed + 1)}
-        from .losses import DEFAULT_TAU
-
         self.tau = np.array(DEFAULT_TAU, np.float64)  # 0-d, updated in place
         self.flat = {f"{m}.{n}": a for m, p in self.modules.items() for n, a in p.items()}
         self.flat["tau"] = self.tau
