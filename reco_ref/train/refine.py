@@ -24,7 +24,7 @@ import numpy as np
 
 from ..checks import check_array
 from ..errors import SearchError, ShapeError
-from ..fusion import fusion_forward
+from ..fusion import fusion_forward, get_backend
 from ..memory import retrieve, search_index
 from ..memory.index import ExactIndex
 
@@ -62,7 +62,7 @@ def retrieve_for(memory: Any, queries: np.ndarray, query_modality: str, *, searc
 
 def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
            k: int = 10, search: str = "uni", fuse: str = "cross", exclude: Any = None, dup_threshold: Any = None,
-           backend: str = "numpy", batch_size: int = 1024, exact: bool = False
+           backend: str = "numpy", batch_size: int = 1024, exact: bool = False, validate_params: bool = True
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Refined embeddings ``x̄ = φ(x, neighbours)`` for every query row, in batches.
 
@@ -81,6 +81,10 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
     backend : "numpy" | "numba" | "cuda" (fusion)
     batch_size : queries per retrieval + fusion call
     exact : brute-force search instead of HNSW
+    validate_params : scan φ's arrays (shapes, dtype, finiteness) on every fusion call, as the fusion front
+        door does (default). ``False`` skips the scan and calls the backend directly — for a query server
+        answering single queries, where scanning 7M parameters costs about as much as the layer itself; only
+        for parameters already validated, e.g. by :func:`~reco_ref.train.weights.load_reco_weights` at load
 
     Returns
     -------
@@ -106,6 +110,11 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
         if len(excl) != n:
             raise ShapeError(f"exclude: {len(excl)} entries, queries has {n}")
     dtype = phi["ln1_gamma"].dtype
+    if not validate_params:
+        heads = getattr(phi, "heads", None)
+        if heads is None:
+            raise ShapeError("phi: validate_params=False needs FusionParams (with .heads), got a plain dict")
+        mod = get_backend(backend)
     refined = np.empty((n, D), np.float32)
     rows = np.empty((n, k), np.int64)
     valid = np.empty((n, k), bool)
@@ -114,8 +123,13 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
         nb, ok, r = retrieve_for(memory, q[lo:hi], query_modality, search_queries=None if sq is None else sq[lo:hi],
                                  k=k, search=search, fuse=fuse, exclude=None if excl is None else excl[lo:hi],
                                  dup_threshold=dup_threshold, exact=exact)
-        out, _ = fusion_forward(phi, np.ascontiguousarray(q[lo:hi], dtype=dtype), nb.astype(dtype, copy=False), ok,
-                                backend=backend)
+        qb, nbb = np.ascontiguousarray(q[lo:hi], dtype=dtype), np.ascontiguousarray(nb, dtype=dtype)
+        if validate_params:
+            out, _ = fusion_forward(phi, qb, nbb, ok, backend=backend)
+        else:
+            out, _ = mod.fusion_forward(phi, qb, nbb, np.ascontiguousarray(ok), heads=heads)
+            if not np.isfinite(out).all():
+                raise ShapeError("fusion output: a row is not finite (a zero query row?)")
         refined[lo:hi] = out
         rows[lo:hi] = r
         valid[lo:hi] = ok

@@ -104,6 +104,10 @@ def test_refine_identity_at_init_and_matches_manual(mem):
     np.testing.assert_array_equal(rows, r)
     np.testing.assert_allclose(out, ref, atol=1e-6)
     assert not (rows == own[:, None]).any()  # self-exclusion
+    fast, fast_rows, _ = refine(w.image, m, image[:7], "image", search_queries=keys[:7], k=5, exclude=own,
+                                batch_size=3, exact=True, validate_params=False)
+    np.testing.assert_array_equal(fast, out)
+    np.testing.assert_array_equal(fast_rows, rows)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
 
 
