@@ -20,6 +20,7 @@ from .errors import RecoError
 VERB_MODULES = (
     "reco_ref.encoders.cli",
     "reco_ref.memory.cli",
+    "reco_ref.train.cli",
     "reco_ref.eval.cli",
     "reco_ref.export.cli",
 )

@@ -214,3 +214,35 @@ def register(subparsers) -> None:
     q.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
     q.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
     q.set_defaults(func=_run_query)
+    register_ablate(subparsers)
+
+
+def _run_ablate(a: argparse.Namespace) -> int:
+    from .ablate import ablate_command
+
+    ablate_command(a)
+    return 0
+
+
+def register_ablate(subparsers) -> None:
+    """``reco-ref ablate``: trains each arm with the train room's recipe/data options, evaluates it here."""
+    from ..train.cli import add_data_args, add_recipe_args
+
+    p = subparsers.add_parser(
+        "ablate", help="the paper's ablations as one table: search × fuse, k, the MLP control, 1 %% memory",
+        description="Train each ablation arm on the training memories, evaluate every arm zero-shot on a dataset's "
+                    "test split against its train memory, write OUT/ablations.json and OUT/ablations.md.")
+    add_data_args(p)
+    add_recipe_args(p)
+    p.add_argument("--eval-memory", required=True, help="memory evaluated against (the evaluated dataset's train split)")
+    p.add_argument("--eval-dataset", required=True, help="dataset manifest of the evaluated dataset")
+    p.add_argument("--eval-split", default="test", help="split whose images are the queries (default test)")
+    p.add_argument("--eval-embeddings", help="precomputed image embeddings .npy of the eval split rows "
+                                             "(default: encode the images)")
+    p.add_argument("--eval-keys", help="precomputed image search keys .npy of the eval split rows")
+    p.add_argument("--small-memory", help="1 %% memory the '1 %% at training' arm retrieves from while training")
+    p.add_argument("--ks", default="1,5,10,20,50", help="k values evaluated (default 1,5,10,20,50)")
+    p.add_argument("--arms", default="all", help="comma list of arms: search_fuse,k,mlp,small_memory (default all)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_ablate)

@@ -1,5 +1,6 @@
-"""``reco-ref train`` and ``reco-ref ablate`` — argument parsing only; the work is in
-:func:`reco_ref.train.loop.train` / :func:`reco_ref.train.commands.train_command` and :mod:`reco_ref.eval.ablate`.
+"""``reco-ref train`` — argument parsing only; the work is in :func:`reco_ref.train.loop.train` /
+:func:`reco_ref.train.commands.train_command`. The recipe/data option groups are reused by ``reco-ref ablate``
+(registered by :mod:`reco_ref.eval.cli`, since ablations are evaluation and eval may import train, not back).
 """
 
 from __future__ import annotations
@@ -63,18 +64,6 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="validation score the kept weights are chosen on (default top1)")
 
 
-def config_from_args(a: argparse.Namespace, **override):
-    from .loop import TrainConfig
-
-    kw = dict(k=a.k, search=a.search, fuse=a.fuse, dup_threshold_image=a.dup_threshold_image,
-              dup_threshold_text=a.dup_threshold_text, unique_captions=not a.allow_repeated_captions,
-              exact_search=a.exact, batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, lr=a.lr, min_lr=a.min_lr,
-              warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, heads=a.heads, seed=a.seed,
-              backend=a.backend, checkpoint_every=a.checkpoint_every, select_on=a.select_on)
-    kw.update(override)
-    return TrainConfig(**kw)
-
-
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """Training sources and validation sets (shared by ``train`` and ``ablate``)."""
     g = p.add_argument_group("data")
@@ -103,13 +92,6 @@ def _run_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _run_ablate(a: argparse.Namespace) -> int:
-    from ..eval.ablate import ablate_command
-
-    ablate_command(a)
-    return 0
-
-
 def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train RECO's fusion modules (φ_I, φ_T, τ) on a memory's pairs; resumable (--resume)",
@@ -125,21 +107,3 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
-    p = sub.add_parser(
-        "ablate", help="the paper's ablations as one table: search × fuse, k, the MLP control, 1 %% memory",
-        description="Train each ablation arm on the training memories, evaluate every arm zero-shot on a dataset's "
-                    "test split against its train memory, write OUT/ablations.json and OUT/ablations.md.")
-    add_data_args(p)
-    add_recipe_args(p)
-    p.add_argument("--eval-memory", required=True, help="memory evaluated against (the evaluated dataset's train split)")
-    p.add_argument("--eval-dataset", required=True, help="dataset manifest of the evaluated dataset")
-    p.add_argument("--eval-split", default="test", help="split whose images are the queries (default test)")
-    p.add_argument("--eval-embeddings", help="precomputed image embeddings .npy of the eval split rows "
-                                             "(default: encode the images)")
-    p.add_argument("--eval-keys", help="precomputed image search keys .npy of the eval split rows")
-    p.add_argument("--small-memory", help="1 %% memory the '1 %% at training' arm retrieves from while training")
-    p.add_argument("--ks", default="1,5,10,20,50", help="k values evaluated (default 1,5,10,20,50)")
-    p.add_argument("--arms", default="all", help="comma list of arms: search_fuse,k,mlp,small_memory (default all)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_ablate)

@@ -78,9 +78,18 @@ def val_sets_from_args(a: argparse.Namespace, encoder: Any = None) -> list[ValSe
     return out
 
 
-def train_command(a: argparse.Namespace) -> TrainResult:
-    from .cli import config_from_args
+def config_from_args(a: argparse.Namespace, **override) -> TrainConfig:
+    """A :class:`TrainConfig` from the recipe options of ``train``/``ablate`` (see ``train.cli.add_recipe_args``)."""
+    kw = dict(k=a.k, search=a.search, fuse=a.fuse, dup_threshold_image=a.dup_threshold_image,
+              dup_threshold_text=a.dup_threshold_text, unique_captions=not a.allow_repeated_captions,
+              exact_search=a.exact, batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, lr=a.lr, min_lr=a.min_lr,
+              warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, heads=a.heads, seed=a.seed,
+              backend=a.backend, checkpoint_every=a.checkpoint_every, select_on=a.select_on)
+    kw.update(override)
+    return TrainConfig(**kw)
 
+
+def train_command(a: argparse.Namespace) -> TrainResult:
     cfg: TrainConfig = config_from_args(a, model=a.control)
     cfg.check()
     sources = sources_from_args(a)

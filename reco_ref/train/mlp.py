@@ -73,22 +73,24 @@ def mlp_forward(params: dict, query: np.ndarray, retrieved: np.ndarray, mask: np
     rbar = (w[..., None] * r).sum(1) / np.maximum(1, w.sum(1, keepdims=True))  # [B,D]
     z = np.concatenate([q, rbar], axis=1)  # [B,2D]
     a, ln_cache = layernorm_forward(z, params["ln_gamma"], params["ln_beta"])  # [B,2D]
-    pre = linear_forward(a, params["w_1"], params["b_1"])  # [B,H]
-    u = gelu_forward(pre)  # [B,H]
-    y = q + linear_forward(u, params["w_2"], params["b_2"])  # [B,D]
+    pre, lin1_cache = linear_forward(a, params["w_1"], params["b_1"])  # [B,H]
+    u, gelu_cache = gelu_forward(pre)  # [B,H]
+    v, lin2_cache = linear_forward(u, params["w_2"], params["b_2"])  # [B,D]
+    y = q + v  # [B,D]
     out, nc = l2normalize_forward(y)
     if not np.isfinite(out).all():
         raise ShapeError("mlp output: a row is zero or not finite before normalisation; a query row must not be zero")
-    return out.astype(q.dtype), {"a": a, "ln": ln_cache, "pre": pre, "u": u, "norm": nc}
+    return out.astype(q.dtype), {"ln": ln_cache, "lin1": lin1_cache, "gelu": gelu_cache, "lin2": lin2_cache,
+                                  "norm": nc}
 
 
 def mlp_backward(params: dict, cache: dict, dout: np.ndarray) -> dict[str, np.ndarray]:
     """Gradients of ``sum(dout * out)`` for every MLP parameter (same names, shapes, dtype)."""
-    dy = l2normalize_backward(dout, cache["norm"])  # [B,D]
-    du, dw2, db2 = linear_backward(dy, cache["u"], params["w_2"])  # [B,H], [H,D], [D]
-    dpre = gelu_backward(du, cache["pre"])  # [B,H]
-    da, dw1, db1 = linear_backward(dpre, cache["a"], params["w_1"])  # [B,2D], [2D,H], [H]
-    _, dgamma, dbeta = layernorm_backward(da, cache["ln"])
+    dy = l2normalize_backward(cache["norm"], dout)  # [B,D]
+    du, dw2, db2 = linear_backward(cache["lin2"], dy)  # [B,H], [H,D], [D]
+    dpre = gelu_backward(cache["gelu"], du)  # [B,H]
+    da, dw1, db1 = linear_backward(cache["lin1"], dpre)  # [B,2D], [2D,H], [H]
+    _, dgamma, dbeta = layernorm_backward(cache["ln"], da)
     dt = params["w_1"].dtype
     return {"ln_gamma": dgamma.astype(dt), "ln_beta": dbeta.astype(dt), "w_1": dw1.astype(dt), "b_1": db1.astype(dt),
             "w_2": dw2.astype(dt), "b_2": db2.astype(dt)}
