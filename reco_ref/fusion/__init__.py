@@ -160,6 +160,8 @@ def check_params(params: Mapping[str, np.ndarray], finite: bool = True, *, resca
         known = stamped()
         if known is not None:
             return known
+    if isinstance(params, FusionParams):
+        params._stamp = None  # a check that fails below must not leave an old stamp standing
     if not isinstance(params, Mapping):
         raise ShapeError(f"params: expected a dict of arrays, got {type(params).__name__}")
     missing = [n for n in PARAM_NAMES if n not in params]
