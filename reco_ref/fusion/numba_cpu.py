@@ -568,6 +568,105 @@ def _layernorm1_backward_v2(ds, p, m, nv, dq_proj, dh, xhat, rstd, gamma, dx, pa
             part[blk, 3, d] = der[d]
 
 
+# Batch-1 GEMVs.  One query reads every weight once and does 2 FLOPs per weight: the time is the
+# weight read.  These stream each weight matrix row by row, contiguously, with the (≤ 12 KiB) output
+# row in L1; single-threaded like every batch-1 step (SMALL_WORK).  No prange: nothing to split.
+_JIT1 = dict(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
+
+
+@njit(**_JIT1)
+def _gemv_v1(x, w, y):
+    """y = x @ w for one row.  x [1,Din], w [Din,Dout] (row-major, read once) -> y [1,Dout].
+
+    Plain axpy per weight row: the output row is loaded and stored once per weight row, which makes
+    it L1-bound (measured 1.7× slower than v2 at 768×3072).
+    """
+    Din, Dout = w.shape
+    for j in range(Dout):
+        y[0, j] = 0.0
+    for i in range(Din):
+        xi = x[0, i]
+        for j in range(Dout):
+            y[0, j] += xi * w[i, j]
+
+
+@njit(**_JIT1)
+def _gemv_v2(x, w, y):
+    """_gemv_v1 with four weight rows per pass over y: a quarter of the L1 traffic on y.
+
+    x [1,Din], w [Din,Dout] -> y [1,Dout]
+    """
+    Din, Dout = w.shape
+    for j in range(Dout):
+        y[0, j] = 0.0
+    i = 0
+    while i + 4 <= Din:
+        x0, x1, x2, x3 = x[0, i], x[0, i + 1], x[0, i + 2], x[0, i + 3]
+        for j in range(Dout):
+            y[0, j] += x0 * w[i, j] + x1 * w[i + 1, j] + x2 * w[i + 2, j] + x3 * w[i + 3, j]
+        i += 4
+    while i < Din:
+        xi = x[0, i]
+        for j in range(Dout):
+            y[0, j] += xi * w[i, j]
+        i += 1
+
+
+@njit(**_JIT1)
+def _fold_heads_v1(w, v, m):
+    """m[h, 0, i] = Σ_{j in head h} w[i, j] v[0, j]  (M = W_k[:, h] q0_h for one row, W read once).
+
+    w [Din,D], v [1,D] -> m [h,1,Din]
+    """
+    Din, D = w.shape
+    H = m.shape[0]
+    dh = D // H
+    for i in range(Din):
+        for hh in range(H):
+            o = hh * dh
+            acc = 0.0
+            for d in range(dh):
+                acc += w[i, o + d] * v[0, o + d]
+            m[hh, 0, i] = acc
+
+
+@njit(**_JIT1)
+def _unfold_heads_v1(c, w, y):
+    """y[0, j] = Σ_i c[h(j), 0, i] w[i, j]  (ctx_h = C[h] W_v[:, h] for one row, W read once).
+
+    c [h,1,Din], w [Din,D] -> y [1,D]; four weight rows per pass over y, as _gemv_v2.
+    """
+    Din, D = w.shape
+    H = c.shape[0]
+    dh = D // H
+    for j in range(D):
+        y[0, j] = 0.0
+    i = 0
+    while i + 4 <= Din:
+        for hh in range(H):
+            o = hh * dh
+            c0, c1, c2, c3 = c[hh, 0, i], c[hh, 0, i + 1], c[hh, 0, i + 2], c[hh, 0, i + 3]
+            for d in range(dh):
+                y[0, o + d] += c0 * w[i, o + d] + c1 * w[i + 1, o + d] + c2 * w[i + 2, o + d] + c3 * w[i + 3, o + d]
+        i += 4
+    while i < Din:
+        for hh in range(H):
+            o = hh * dh
+            ci = c[hh, 0, i]
+            for d in range(dh):
+                y[0, o + d] += ci * w[i, o + d]
+        i += 1
+
+
+def _mm(x, w):
+    """x @ w: the streaming GEMV kernel for one row, BLAS otherwise.  x [B,Din], w [Din,Dout]"""
+    if x.shape[0] != 1:
+        return x @ w
+    y = np.empty((1, w.shape[1]), np.result_type(x, w))
+    _gemv_v2(x, w, y)
+    return y
+
+
 # float32 GELU without scalar libm calls, so the loops vectorise (numba has no SVML here).
 #   Φ(x) = ½·erfc(−x/√2);  erfc(z) ≈ (a₁t + a₂t² + a₃t³ + a₄t⁴ + a₅t⁵)·e^{−z²},  t = 1/(1 + p z), z ≥ 0
 # (Abramowitz & Stegun 7.1.26, |error| ≤ 1.5e-7 on erf), e^{−z²} = e^{−x²/2} by scaling and squaring
@@ -872,10 +971,14 @@ def _fusion_forward(params, query, retrieved, mask=None, *, heads: int):
     _tick("embed + LN1 (kernel)")
     # 2. Q for token 0, folded into one key vector per (head, row): M[h,b] = W_k[:, h] q0_h
     a1_0 = np.ascontiguousarray(a1[:, 0, :])              # [B,D]
-    q0 = a1_0 @ p["w_q"]                                  # [B,D] (GEMV at B = 1)
+    q0 = _mm(a1_0, p["w_q"])                              # [B,D] (GEMV at B = 1)
     q0 += p["b_q"]
-    q0h = q0.reshape(B, heads, dh).transpose(1, 0, 2)     # [h,B,dh] view
-    m = np.matmul(q0h, _heads_view(p["w_k"], heads).transpose(0, 2, 1))  # [h,B,D]
+    if B == 1:
+        m = np.empty((heads, 1, D), dt)
+        _fold_heads_v1(p["w_k"], q0, m)                   # [h,1,D], W_k streamed once
+    else:
+        q0h = q0.reshape(B, heads, dh).transpose(1, 0, 2)  # [h,B,dh] view
+        m = np.matmul(q0h, _heads_view(p["w_k"], heads).transpose(0, 2, 1))  # [h,B,D]
     _tick("Q, M = W_k q0 (GEMM)")
     # 3. masked softmax of the query row, context folded: C[h,b] = Σ_t p_t A1_t
     prob = np.empty((B, heads, T), dt)
@@ -883,11 +986,15 @@ def _fusion_forward(params, query, retrieved, mask=None, *, heads: int):
     _attention_row0_forward_v2(a1, m, valid, 1.0 / math.sqrt(dh), prob, c,
                                np.empty((B, heads, T), np.float64))
     _tick("attention row 0 (kernel)")
-    ctx = np.matmul(c, _heads_view(p["w_v"], heads))      # [h,B,dh] = C[h] W_v[:, h]
-    ctx = ctx.transpose(1, 0, 2).reshape(B, D)            # [B,D] (copy: B·D)
+    if B == 1:
+        ctx = np.empty((1, D), dt)
+        _unfold_heads_v1(c, p["w_v"], ctx)                # [1,D], W_v streamed once
+    else:
+        ctx = np.matmul(c, _heads_view(p["w_v"], heads))  # [h,B,dh] = C[h] W_v[:, h]
+        ctx = ctx.transpose(1, 0, 2).reshape(B, D)        # [B,D] (copy: B·D)
     ctx += p["b_v"]                                       # Σ_t p_t = 1
     # 4. H0 = X0 + ctx W_o + b_o;  A2 = LN_2(H0)
-    o = ctx @ p["w_o"]                                    # [B,D]
+    o = _mm(ctx, p["w_o"])                                # [B,D]
     _tick("ctx = C W_v, O = ctx W_o (GEMM)")
     h0 = np.empty((B, D), dt)
     xhat2 = np.empty((B, D), dt)
@@ -897,7 +1004,7 @@ def _fusion_forward(params, query, retrieved, mask=None, *, heads: int):
                                      h0, xhat2, rstd2, a2)
     _tick("bias + residual + LN2 (kernel)")
     # 5. MLP on token 0: pre = A2 W_1 + b_1, U = GELU(pre), Y0 = H0 + U W_2 + b_2
-    pre = a2 @ p["w_1"]                                   # [B,F]
+    pre = _mm(a2, p["w_1"])                               # [B,F]
     _tick("A2 W_1 (GEMM)")
     u = np.empty_like(pre)                                # [B,F]
     if dt == np.float32:
@@ -905,7 +1012,7 @@ def _fusion_forward(params, query, retrieved, mask=None, *, heads: int):
     else:
         _bias_gelu_forward(pre, p["b_1"], u, dt.type(_INV_SQRT2))  # exact erf
     _tick("bias + GELU (kernel)")
-    y0 = u @ p["w_2"]                                     # [B,D]
+    y0 = _mm(u, p["w_2"])                                 # [B,D]
     _tick("U W_2 (GEMM)")
     # 6. out = normalize(Y0)
     out = np.empty((B, D), dt)

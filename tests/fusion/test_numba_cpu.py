@@ -266,3 +266,28 @@ def test_small_problems_run_single_threaded_and_restore_settings(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         nb.fusion_backward(params, {"backend": "numpy", "B": 2, "k": 3, "D": 8}, np.ones_like(q))
     assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch1_gemv_kernels(dtype):
+    """The one-row GEMV kernels (plain, 4-row blocked, per-head fold/unfold) against numpy."""
+    rng = np.random.default_rng(13)
+    H, dh, Din = 3, 5, 18  # Din not a multiple of 4: the blocked kernels' remainder rows run too
+    D = H * dh
+    w = rng.standard_normal((Din, D)).astype(dtype)
+    x = rng.standard_normal((1, Din)).astype(dtype)
+    for kern in (nb._gemv_v1, nb._gemv_v2):
+        y = np.empty((1, D), dtype)
+        kern(x, w, y)
+        _close(y, x @ w, dtype, kern.__name__)
+    _close(nb._mm(x, w), x @ w, dtype, "_mm one row")
+    _close(nb._mm(np.vstack([x, x]), w), np.vstack([x, x]) @ w, dtype, "_mm two rows")
+    wk = rng.standard_normal((Din, D)).astype(dtype)
+    v = rng.standard_normal((1, D)).astype(dtype)
+    m = np.empty((H, 1, Din), dtype)
+    nb._fold_heads_v1(wk, v, m)
+    _close(m, np.matmul(v.reshape(1, H, dh).transpose(1, 0, 2), nb._heads_view(wk, H).transpose(0, 2, 1)), dtype, "fold")
+    c = rng.standard_normal((H, 1, Din)).astype(dtype)
+    y = np.empty((1, D), dtype)
+    nb._unfold_heads_v1(c, w, y)
+    _close(y, np.matmul(c, nb._heads_view(w, H)).transpose(1, 0, 2).reshape(1, D), dtype, "unfold")
