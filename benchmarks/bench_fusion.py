@@ -8,9 +8,13 @@ Shape: k = 10 neighbours (T = 11 tokens, 10 % of neighbour slots masked), D = 51
 B ∈ {1, 32, 256, 1024}.  Implementations:
 
 * ``numpy``      — :mod:`reco_ref.fusion.reference` (the readable truth; all tokens)
-* ``numba``      — :mod:`reco_ref.fusion.numba_cpu` (fused parallel kernels + BLAS; token-0 fast path)
+* ``numba``      — :mod:`reco_ref.fusion.numba_cpu` (fused parallel kernels + BLAS; token-0 fast path,
+  with K and V folded into one D-vector per (head, row), so it does fewer FLOPs than the *needed*
+  count below: ≈ ``72·B·D²`` + small terms, 4.8 GFLOP at B=256 — its "GFLOP/s (needed)" is a
+  work-equivalent rate and may exceed the sgemm peak)
 * ``torch_full`` — the same math with torch ops + autograd, every token (``benchmarks/torch_fusion.py``)
-* ``torch_row0`` — torch with the same dead-work elimination as the numba backend (like for like)
+* ``torch_row0`` — torch with the token-0 dead-work elimination (Q, attention row, W_o, LN_2, MLP on
+  token 0; K, V, LN_1 on every token): the "same work" comparison of issue 14
 * ``sgemm``      — ``numpy`` float32 matmul 2048³: this machine's GEMM peak, timed in every round
 
 Backends are called directly (``module.fusion_forward`` / ``fusion_backward``): the front door's
