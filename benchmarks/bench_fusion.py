@@ -108,6 +108,24 @@ def env(fusion_results):
     meta[SUITE + ".env.load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def rotating_rounds(steps: dict):
+    """``(one_round, times)``: each call of ``one_round`` times every step once, starting one step
+    later than the previous round, and appends to ``times[name]`` (seconds)."""
+    names = list(steps)
+    times = {n: [] for n in names}
+    counter = [0]
+
+    def one_round():
+        k = counter[0] % len(names)
+        counter[0] += 1
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - t0)
+
+    return one_round, times
+
+
 def _torch_or_skip():
     return pytest.importorskip("torch", reason="torch not installed: PyTorch CPU rows skipped")
 
@@ -170,17 +188,7 @@ def test_fusion_cpu(benchmark, env, fusion_results, torch_checked, B):
     names = list(steps)
     for f in steps.values():
         f()  # compile (numba) and warm caches
-    times = {n: [] for n in names}
-    counter = [0]
-
-    def one_round():
-        k = counter[0]
-        counter[0] += 1
-        for n in names[k % len(names):] + names[:k % len(names)]:
-            t0 = time.perf_counter()
-            steps[n]()
-            times[n].append(time.perf_counter() - t0)
-
+    one_round, times = rotating_rounds(steps)
     benchmark.group = "fusion CPU fp32 (one round = every implementation once)"
     benchmark.extra_info.update(B=B)
     benchmark.pedantic(one_round, rounds=ROUNDS[B], warmup_rounds=0)

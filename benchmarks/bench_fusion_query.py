@@ -26,6 +26,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from bench_fusion import rotating_rounds
 from numba import njit, prange
 
 from reco_ref.fusion import fusion_backward, fusion_forward, load_params, numba_cpu, save_params
@@ -88,18 +89,7 @@ def test_one_query(benchmark, fusion_results, tmp_path):
     for f in rows.values():
         f()
         f()
-    times = {n: [] for n in rows}
-    names = list(rows)
-    counter = [0]
-
-    def one_round():
-        k = counter[0]
-        counter[0] += 1
-        for n in names[k % len(names):] + names[:k % len(names)]:
-            t0 = time.perf_counter()
-            rows[n]()
-            times[n].append(time.perf_counter() - t0)
-
+    one_round, times = rotating_rounds(rows)
     benchmark.group = "one query (B=1 forward, D=768)"
     benchmark.pedantic(one_round, rounds=ROUNDS_QUERY, warmup_rounds=0)
     # The NumPy reference runs after the rotation, not inside it: it calls 2-thread BLAS at B=1, whose

@@ -17,7 +17,9 @@ How the work is split
   here and it keeps float32 well within 1e-4 of the reference.  GELU and the short per-head sums
   over the ``T`` tokens run in the data's dtype.
 * Small problems (``B·T·D < SMALL_WORK``) run on the calling thread (numba kernels, and the GEMMs
-  too when ``threadpoolctl`` is installed): waking worker threads costs more than the work.
+  too when ``threadpoolctl`` is installed): waking worker threads costs more than the work.  Large
+  ones keep numba's threads but run the GEMMs on ``STEP_BLAS_THREADS`` (default 1) BLAS threads:
+  2-thread OpenBLAS on an oversubscribed machine was measured 4–50× slower (docs/performance.md).
 
 Dead work that is skipped (legal because only ``Y[:, 0]`` is read out, spec §2)
 -------------------------------------------------------------------------------
@@ -349,6 +351,39 @@ def _attention_row0_backward(dctx, p, q0, kv, valid, heads, dq0, dkv, dp):
                     dkv[b, t, D + o + d] = 0.0
 
 
+@njit(inline="always")
+def _ln1_row_backward(dar, xhat, rstd, gamma, dh, b, t, dx, dg, dbt, deq, der):
+    """One row of the LN_1 backward (shared by v1 and v2; inlined, so it runs under the caller's
+    fastmath flags): dx[b,t] = LN_1ᵀ(dar) (+ dh[b] on token 0), and the row's contributions to the
+    partial sums dγ₁ (dg), dβ₁ (dbt), de_q (deq, token 0) and de_r (der, tokens ≥ 1).
+
+    dar [D] float64 (this row's dA1), xhat [B,T,D], rstd [B,T], gamma [D], dh [B,D] -> dx [B,T,D]
+    g = dA⊙γ;  dz = (g − mean(g) − x̂ ⊙ mean(g⊙x̂)) · rstd
+    """
+    D = dar.shape[0]
+    sg = 0.0
+    sgx = 0.0
+    for d in range(D):
+        g = dar[d] * gamma[d]
+        sg += g
+        sgx += g * xhat[b, t, d]
+        dg[d] += dar[d] * xhat[b, t, d]
+        dbt[d] += dar[d]
+    mg = sg / D
+    mgx = sgx / D
+    r = rstd[b, t]
+    if t == 0:
+        for d in range(D):
+            v = (dar[d] * gamma[d] - mg - xhat[b, t, d] * mgx) * r + dh[b, d]
+            dx[b, t, d] = v
+            deq[d] += v
+    else:
+        for d in range(D):
+            v = (dar[d] * gamma[d] - mg - xhat[b, t, d] * mgx) * r
+            dx[b, t, d] = v
+            der[d] += v
+
+
 @njit(**_JIT)
 def _layernorm1_backward(da1, dq_proj, dh, xhat, rstd, gamma, dx, part):
     """dX = LN_1ᵀ(dA1) (+ dH0 on token 0, the residual);  partials of dγ₁, dβ₁, de_q, de_r.
@@ -377,27 +412,7 @@ def _layernorm1_backward(da1, dq_proj, dh, xhat, rstd, gamma, dx, part):
             else:
                 for d in range(D):
                     dar[d] = da1[b, t, d]
-            sg = 0.0
-            sgx = 0.0
-            for d in range(D):
-                g = dar[d] * gamma[d]
-                sg += g
-                sgx += g * xhat[b, t, d]
-                dg[d] += dar[d] * xhat[b, t, d]
-                dbt[d] += dar[d]
-            mg = sg / D
-            mgx = sgx / D
-            r = rstd[b, t]
-            if t == 0:
-                for d in range(D):
-                    v = (dar[d] * gamma[d] - mg - xhat[b, t, d] * mgx) * r + dh[b, d]
-                    dx[b, t, d] = v
-                    deq[d] += v
-            else:
-                for d in range(D):
-                    v = (dar[d] * gamma[d] - mg - xhat[b, t, d] * mgx) * r
-                    dx[b, t, d] = v
-                    der[d] += v
+            _ln1_row_backward(dar, xhat, rstd, gamma, dh, b, t, dx, dg, dbt, deq, der)
         for d in range(D):
             part[blk, 0, d] = dg[d]
             part[blk, 1, d] = dbt[d]
@@ -540,27 +555,7 @@ def _layernorm1_backward_v2(ds, p, m, nv, dq_proj, dh, xhat, rstd, gamma, dx, pa
                 if w2 != 0.0:  # masked key: p = ds = 0, nothing to add
                     for d in range(D):
                         dar[d] += w1 * m[hh, b, d] + w2 * nv[hh, b, d]
-            sg = 0.0
-            sgx = 0.0
-            for d in range(D):
-                gd = dar[d] * gamma[d]
-                sg += gd
-                sgx += gd * xhat[b, t, d]
-                dg[d] += dar[d] * xhat[b, t, d]
-                dbt[d] += dar[d]
-            mg = sg / D
-            mgx = sgx / D
-            r = rstd[b, t]
-            if t == 0:
-                for d in range(D):
-                    v = (dar[d] * gamma[d] - mg - xhat[b, t, d] * mgx) * r + dh[b, d]
-                    dx[b, t, d] = v
-                    deq[d] += v
-            else:
-                for d in range(D):
-                    v = (dar[d] * gamma[d] - mg - xhat[b, t, d] * mgx) * r
-                    dx[b, t, d] = v
-                    der[d] += v
+            _ln1_row_backward(dar, xhat, rstd, gamma, dh, b, t, dx, dg, dbt, deq, der)
         for d in range(D):
             part[blk, 0, d] = dg[d]
             part[blk, 1, d] = dbt[d]
@@ -824,19 +819,36 @@ except Exception:  # noqa: BLE001  (absent, or fails to inspect the loaded libra
     _BLAS_POOLS = None
 
 
+#: BLAS threads for the GEMMs of a large step (``B·T·D ≥ SMALL_WORK``); ``None`` leaves BLAS as
+#: configured.  Default 1: on a machine with more runnable threads than cores, 2-thread OpenBLAS
+#: calls wait for descheduled workers — measured at load ≈ 8 on 2 cores, a B=32 step took 43–340 ms
+#: with 2 BLAS threads vs 41–47 ms with one (numba on 2 threads either way), B=256 594–870 vs
+#: 165–182 ms (docs/performance.md).  On a dedicated multi-core machine set it to None (or a count).
+#: Needs threadpoolctl (optional); without it BLAS keeps its own threading.
+STEP_BLAS_THREADS = 1
+
+
+@contextmanager
+def _blas_threads(n):
+    if n is None or _BLAS_POOLS is None:
+        yield
+    else:
+        with _BLAS_POOLS.limit(limits=n, user_api="blas"):
+            yield
+
+
 @contextmanager
 def _threads_for(n_elements: int):
-    """Run the enclosed step single-threaded (numba kernels and BLAS) when the problem is small."""
+    """Run the enclosed step single-threaded (numba kernels and BLAS) when the problem is small;
+    a large step keeps numba's threads and runs BLAS on :data:`STEP_BLAS_THREADS`."""
     if n_elements >= SMALL_WORK:
-        yield
+        with _blas_threads(STEP_BLAS_THREADS):
+            yield
         return
     old = get_num_threads()
     set_num_threads(1)
     try:
-        if _BLAS_POOLS is not None:
-            with _BLAS_POOLS.limit(limits=1, user_api="blas"):
-                yield
-        else:
+        with _blas_threads(1):
             yield
     finally:
         set_num_threads(old)

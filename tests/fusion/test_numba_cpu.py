@@ -24,6 +24,16 @@ DTYPES = [np.float64, np.float32]
 _close = assert_matches_reference
 
 
+def _check_ln1_backward(dx, part, dx_want, dg_want, db_want, dtype):
+    """An LN_1 backward kernel's dX and partial sums (dγ₁, dβ₁, de_q, de_r) against the reference."""
+    s = part.sum(axis=0)
+    _close(dx, dx_want, dtype, "dx")
+    _close(s[0], dg_want, dtype, "dgamma")
+    _close(s[1], db_want, dtype, "dbeta")
+    _close(s[2], dx_want[:, 0].sum(0), dtype, "de_q")
+    _close(s[3], dx_want[:, 1:].sum((0, 1)), dtype, "de_r")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_embed_layernorm_and_backward_kernels(dtype):
     rng = np.random.default_rng(1)
@@ -48,12 +58,7 @@ def test_embed_layernorm_and_backward_kernels(dtype):
     dx = np.empty((B, T, D), dtype)
     part = np.empty((nb._nblk(B * T), 4, D), dtype)
     nb._layernorm1_backward(da1, dq_proj, dh, xhat, rstd, gamma, dx, part)
-    s = part.sum(axis=0)
-    _close(dx, dx_want, dtype, "dx")
-    _close(s[0], dg_want, dtype, "dgamma")
-    _close(s[1], db_want, dtype, "dbeta")
-    _close(s[2], dx_want[:, 0].sum(0), dtype, "de_q")
-    _close(s[3], dx_want[:, 1:].sum((0, 1)), dtype, "de_r")
+    _check_ln1_backward(dx, part, dx_want, dg_want, db_want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -178,12 +183,7 @@ def test_lowrank_attention_kernels_v2(dtype):
     dx_want[:, 0] += dh
     dx, part = np.empty((B, T, D), dtype), np.empty((nb._nblk(B * T), 4, D), dtype)
     nb._layernorm1_backward_v2(ds, p, m, nv, dq_proj, dh, xhat, rstd, gamma, dx, part)
-    s = part.sum(axis=0)
-    _close(dx, dx_want, dtype, "dx")
-    _close(s[0], dg_want, dtype, "dgamma")
-    _close(s[1], db_want, dtype, "dbeta")
-    _close(s[2], dx_want[:, 0].sum(0), dtype, "de_q")
-    _close(s[3], dx_want[:, 1:].sum((0, 1)), dtype, "de_r")
+    _check_ln1_backward(dx, part, dx_want, dg_want, db_want, dtype)
     assert np.all(dx[~valid] == 0)  # a masked slot gets exactly zero input gradient
 
 
@@ -291,3 +291,35 @@ def test_batch1_gemv_kernels(dtype):
     y = np.empty((1, D), dtype)
     nb._unfold_heads_v1(c, w, y)
     _close(y, np.matmul(c, nb._heads_view(w, H)).transpose(1, 0, 2).reshape(1, D), dtype, "unfold")
+
+
+def test_large_steps_pin_blas_threads_and_keep_numba_threads(monkeypatch):
+    """B·T·D ≥ SMALL_WORK: numba keeps its threads, BLAS runs on STEP_BLAS_THREADS (when threadpoolctl
+    is installed); None leaves BLAS alone.  Settings are restored afterwards."""
+    import numba
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen = []
+    real = nb._layernorm1_backward_v2
+
+    def numpy_blas():  # the BLAS numpy's matmul calls (other BLAS libraries loaded later do not matter)
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"]]
+
+    def spy(*a):
+        seen.append((numba.get_num_threads(), numpy_blas()))
+        return real(*a)
+
+    monkeypatch.setattr(nb, "_layernorm1_backward_v2", spy)
+    before_numba = numba.get_num_threads()
+    before_blas = numpy_blas()
+    rng = np.random.default_rng(7)
+    params = random_params(64, 2, rng, dtype=np.float32)
+    q, r, mask = random_inputs(100, 10, 64, rng, dtype=np.float32)  # 100·11·64 = 70400 ≥ SMALL_WORK
+    for setting in (1, None):
+        monkeypatch.setattr(nb, "STEP_BLAS_THREADS", setting)
+        out, cache = nb.fusion_forward(params, q, r, mask, heads=2)
+        nb.fusion_backward(params, cache, np.ones_like(q))
+    assert seen[0] == (before_numba, [1] * len(before_blas))
+    assert seen[1] == (before_numba, before_blas)
+    assert numba.get_num_threads() == before_numba
+    assert numpy_blas() == before_blas
