@@ -57,11 +57,12 @@ def flops_full(B: int, T: int = T, D: int = D) -> float:
     return 72.0 * B * T * D * D + 12.0 * B * T * T * D
 
 
-def _params(rng):
+def _params(rng, dim: int = D):
+    """Random fp32 parameters (plain dict), clearly non-identity, for width ``dim``."""
     from reco_ref.fusion.params import param_shapes
 
     p = {}
-    for name, shape in param_shapes(D, R).items():
+    for name, shape in param_shapes(dim, R).items():
         if name.endswith("_gamma"):
             a = 1.0 + 0.1 * rng.standard_normal(shape)
         elif name.startswith("w_"):

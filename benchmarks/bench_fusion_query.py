@@ -26,11 +26,11 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from bench_fusion import rotating_rounds
+from bench_fusion import _params, rotating_rounds
 from numba import njit, prange
 
 from reco_ref.fusion import fusion_backward, fusion_forward, load_params, numba_cpu, save_params
-from reco_ref.fusion.params import FusionConfig, FusionParams, param_shapes
+from reco_ref.fusion.params import FusionConfig, FusionParams
 
 KQ, DQ, HQ = 10, 768, 8  # one query: reco-mini's width
 ROUNDS_QUERY = 200
@@ -55,16 +55,7 @@ def _read_2t(a):
 
 
 def _random_params(D: int, heads: int, rng) -> FusionParams:
-    arrays = {}
-    for name, shape in param_shapes(D, 4).items():
-        if name.endswith("_gamma"):
-            a = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.startswith("w_"):
-            a = rng.standard_normal(shape) / np.sqrt(shape[0])
-        else:
-            a = 0.1 * rng.standard_normal(shape)
-        arrays[name] = a.astype(np.float32)
-    return FusionParams(arrays, FusionConfig(D, heads, 4, "float32"))
+    return FusionParams(_params(rng, D), FusionConfig(D, heads, 4, "float32"))
 
 
 def _pcts(ts):
