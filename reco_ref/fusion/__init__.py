@@ -101,11 +101,23 @@ def _resolve_heads(params, heads, D: int) -> int:
     return heads
 
 
-def check_params(params: Mapping[str, np.ndarray], finite: bool = True) -> tuple[int, np.dtype]:
+def check_params(params: Mapping[str, np.ndarray], finite: bool = True, *, rescan: bool = False) -> tuple[int, np.dtype]:
     """Check the 18 fusion arrays are present, consistently shaped and of one float dtype.
 
     Returns ``(D, dtype)``. Raises :class:`ShapeError` naming the array, expected and found.
+
+    Validation once at the door: a :class:`FusionParams` whose arrays are still the very objects
+    that passed a full check (made by ``init_params``/``load_params``, or checked here before) is
+    not re-scanned — see :class:`FusionParams` for what in-place writes get. ``rescan=True`` forces
+    the full check; plain dicts are always checked in full.
     """
+    stamped = None if rescan else getattr(params, "_stamped", None)
+    if stamped is not None:
+        known = stamped()
+        if known is not None:
+            return known
+    if isinstance(params, FusionParams):
+        params._stamp = None  # a check that fails below must not leave an old stamp standing
     if not isinstance(params, Mapping):
         raise ShapeError(f"params: expected a dict of arrays, got {type(params).__name__}")
     missing = [n for n in PARAM_NAMES if n not in params]
@@ -119,6 +131,8 @@ def check_params(params: Mapping[str, np.ndarray], finite: bool = True) -> tuple
     shapes = param_shapes(D, w1.shape[1] // D)
     for name in PARAM_NAMES:
         check_array(f"params[{name!r}]", params[name], shape=shapes[name], dtypes=[dtype], finite=finite)
+    if finite and isinstance(params, FusionParams):
+        params._set_stamp(D, dtype)  # fully checked now: later calls compare identities only
     return D, dtype
 
 
