@@ -36,7 +36,7 @@ def _phi(D: int, seed: int):
 
 def setup(model: str, threads: int, workdir: Path):
     """(encoder, memory, φ_I, refined class embeddings [C,D], demo query paths) for one encoder."""
-    from reco_ref.demo import SHIPPED_PROMPT, shipped_data
+    from reco_ref.eval.data import SHIPPED_PROMPT, shipped_data
     from reco_ref.encoders import load
     from reco_ref.fusion import fusion_forward
     from reco_ref.memory import Memory, build_memory_from_arrays, retrieve
@@ -64,6 +64,10 @@ def run(image: str | None = None, repeats: int = 7, threads: int = 2, batch: int
         for model in models:
             enc, mem, phi, cls, queries = setup(model, threads, Path(d))
             photos = [image] if image else queries
+            if "onnx" in backends:
+                from reco_ref.export.fusion import attach_in_memory
+
+                attach_in_memory(phi)
             for backend in backends:
                 out.append(profile_query(photos, enc, mem, phi, cls, k=K, batch=batch, backend=backend, repeats=repeats))
     return out

@@ -8,9 +8,13 @@ Shape: k = 10 neighbours (T = 11 tokens, 10 % of neighbour slots masked), D = 51
 B ∈ {1, 32, 256, 1024}.  Implementations:
 
 * ``numpy``      — :mod:`reco_ref.fusion.reference` (the readable truth; all tokens)
-* ``numba``      — :mod:`reco_ref.fusion.numba_cpu` (fused parallel kernels + BLAS; token-0 fast path)
+* ``numba``      — :mod:`reco_ref.fusion.numba_cpu` (fused parallel kernels + BLAS; token-0 fast path,
+  with K and V folded into one D-vector per (head, row), so it does fewer FLOPs than the *needed*
+  count below: ≈ ``72·B·D²`` + small terms, 4.8 GFLOP at B=256 — its "GFLOP/s (needed)" is a
+  work-equivalent rate and may exceed the sgemm peak)
 * ``torch_full`` — the same math with torch ops + autograd, every token (``benchmarks/torch_fusion.py``)
-* ``torch_row0`` — torch with the same dead-work elimination as the numba backend (like for like)
+* ``torch_row0`` — torch with the token-0 dead-work elimination (Q, attention row, W_o, LN_2, MLP on
+  token 0; K, V, LN_1 on every token): the "same work" comparison of issue 14
 * ``sgemm``      — ``numpy`` float32 matmul 2048³: this machine's GEMM peak, timed in every round
 
 Backends are called directly (``module.fusion_forward`` / ``fusion_backward``): the front door's
@@ -53,11 +57,12 @@ def flops_full(B: int, T: int = T, D: int = D) -> float:
     return 72.0 * B * T * D * D + 12.0 * B * T * T * D
 
 
-def _params(rng):
+def _params(rng, dim: int = D):
+    """Random fp32 parameters (plain dict), clearly non-identity, for width ``dim``."""
     from reco_ref.fusion.params import param_shapes
 
     p = {}
-    for name, shape in param_shapes(D, R).items():
+    for name, shape in param_shapes(dim, R).items():
         if name.endswith("_gamma"):
             a = 1.0 + 0.1 * rng.standard_normal(shape)
         elif name.startswith("w_"):
@@ -102,6 +107,24 @@ def env(fusion_results):
     meta[SUITE + ".env.cpu"] = f"{model}, {os.cpu_count()} logical cores"
     yield meta
     meta[SUITE + ".env.load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def rotating_rounds(steps: dict):
+    """``(one_round, times)``: each call of ``one_round`` times every step once, starting one step
+    later than the previous round, and appends to ``times[name]`` (seconds)."""
+    names = list(steps)
+    times = {n: [] for n in names}
+    counter = [0]
+
+    def one_round():
+        k = counter[0] % len(names)
+        counter[0] += 1
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - t0)
+
+    return one_round, times
 
 
 def _torch_or_skip():
@@ -166,17 +189,7 @@ def test_fusion_cpu(benchmark, env, fusion_results, torch_checked, B):
     names = list(steps)
     for f in steps.values():
         f()  # compile (numba) and warm caches
-    times = {n: [] for n in names}
-    counter = [0]
-
-    def one_round():
-        k = counter[0]
-        counter[0] += 1
-        for n in names[k % len(names):] + names[:k % len(names)]:
-            t0 = time.perf_counter()
-            steps[n]()
-            times[n].append(time.perf_counter() - t0)
-
+    one_round, times = rotating_rounds(steps)
     benchmark.group = "fusion CPU fp32 (one round = every implementation once)"
     benchmark.extra_info.update(B=B)
     benchmark.pedantic(one_round, rounds=ROUNDS[B], warmup_rounds=0)

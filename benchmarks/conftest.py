@@ -80,9 +80,10 @@ def fusion_table(results: dict) -> str:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not _FUSION["rows"]:
+    if not _FUSION["rows"] and not _FUSION.get("extra"):
         return
-    text = fusion_table(_FUSION)
+    # "extra": Markdown blocks other fusion suites add (bench_fusion_query.py: one query, profiles)
+    text = "\n".join([fusion_table(_FUSION)] + _FUSION.get("extra", []))
     terminalreporter.write_sep("=", "fusion benchmark table")
     terminalreporter.write_line(text)
     path = os.environ.get("RECO_REF_BENCH_TABLE")

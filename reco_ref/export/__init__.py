@@ -1,1 +1,16 @@
-"""Build-time exporters: graphs written for other runtimes (ONNX). Needs the ``export`` extra (``onnx``); never imported at run time."""
+"""Export: tools that write ONNX graphs from other frameworks' models.
+
+They need the export extras (``clip-export``: torch, open_clip_torch, onnx) and are never imported at run
+time: the folders they write are loaded by the runtime rooms (:func:`reco_ref.encoders.load` for an encoder
+pair), which need only ONNX Runtime.
+
+* :mod:`reco_ref.export.clip` — an OpenCLIP / OpenAI CLIP model → ``image.onnx`` + ``text.onnx`` +
+  ``encoder.json`` (verb ``reco-ref export-clip``, :mod:`reco_ref.export.cli`).
+* :mod:`reco_ref.export.fusion` — a fusion parameter set (φ_I, φ_T) → ``phi_image.onnx`` + ``phi_text.onnx`` +
+  ``fusion_onnx.json`` (verb ``reco-ref export-fusion``; needs the ``export`` extra, ``onnx``), run by the fusion
+  backend ``"onnx"`` (:mod:`reco_ref.fusion.onnx_backend`, onnxruntime only).
+
+Build-only converters used solely by the rebuild scripts (the TF GraphDef → ONNX converter of reco-mini)
+live in ``scripts/tools/``, not here. Nothing is imported by this ``__init__``: ``import reco_ref.export``
+stays free of torch.
+"""

@@ -38,8 +38,6 @@ edge deployment runs in float32. A float64 set is refused with a clear error rat
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from pathlib import Path
@@ -48,13 +46,13 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BackendUnavailableError, ParamsFormatError
+from ..fusion import onnx_backend
+from ..fusion.onnx_backend import FORMAT, MANIFEST, params_digest
 from ..fusion.params import PARAM_NAMES, FusionParams, load_param_set
 from ..io import atomic_write_bytes, atomic_write_json, sha256_file
 
-__all__ = ["MANIFEST", "FORMAT", "OPSET", "params_digest", "fusion_model_bytes", "export_fusion"]
+__all__ = ["MANIFEST", "FORMAT", "OPSET", "params_digest", "fusion_model_bytes", "export_fusion", "attach_in_memory"]
 
-MANIFEST = "fusion_onnx.json"
-FORMAT = "reco_ref.fusion.onnx"
 FORMAT_VERSION = 1
 #: Opset 17: LayerNormalization is a standard op from 17 on; ONNX Runtime ≥ 1.17 (our floor) runs it.
 OPSET = 17
@@ -72,19 +70,6 @@ def _onnx():
             f'python3 -m pip install -e ".[export]"'
         ) from exc
     return onnx, TensorProto, helper, numpy_helper
-
-
-def params_digest(params: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over the 18 arrays in :data:`PARAM_NAMES` order (name, dtype, shape, C-order bytes).
-
-    Ties an exported graph to the weights it was made from (:func:`reco_ref.fusion.onnx_backend.attach`).
-    """
-    h = hashlib.sha256()
-    for name in PARAM_NAMES:
-        a = np.ascontiguousarray(params[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def _check_float32(params: FusionParams, where: str) -> None:
@@ -246,3 +231,13 @@ def export_fusion(weights: str | os.PathLike, out_dir: str | os.PathLike) -> dic
         manifest["extras"][name] = float(a.reshape(()))
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def attach_in_memory(*params: FusionParams, threads: int | None = None) -> None:
+    """Build each module's graph in memory and attach it to the fusion backend ``"onnx"`` (needs ``onnx``).
+
+    After this, ``fusion_forward(p, ..., backend="onnx")`` runs on ONNX Runtime for every ``p`` given. The edge
+    path without ``onnx`` uses :func:`export_fusion` once and :func:`reco_ref.fusion.onnx_backend.attach`.
+    """
+    for i, p in enumerate(params):
+        onnx_backend.attach_model(p, fusion_model_bytes(p, name=f"phi_{i}"), threads=threads)

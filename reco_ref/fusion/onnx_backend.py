@@ -1,24 +1,29 @@
 r"""Fusion backend ``"onnx"``: φ's forward on ONNX Runtime (inference only; needs onnxruntime + numpy).
 
 The graph is the one :mod:`reco_ref.export.fusion` writes (``reco-ref export-fusion``): same inputs,
-``out = normalize(Y[:, 0])`` of spec §2, float32. Two ways to get a session for a :class:`FusionParams`:
+``out = normalize(Y[:, 0])`` of spec §2, float32. This module only *runs* graphs (the fusion room imports
+no build tool); a session is attached to a :class:`FusionParams` object in one of two ways:
 
 * **edge (no ``onnx`` package):** export once on a build machine, then at run time
-  ``attach(DIR, modules)`` with the same weights (``modules, extras = load_param_set(WEIGHTS)``). It checks
-  each module's SHA-256 against ``DIR/fusion_onnx.json`` (graphs made from other weights are refused)
-  and opens one session per module.
-* **anywhere ``onnx`` is installed:** the first ``fusion_forward(params, ..., backend="onnx")`` exports
-  the module in memory and caches the session.
+  ``attach(DIR, modules)`` with the same weights (``modules, extras = load_param_set(WEIGHTS)``);
+* **where ``onnx`` is installed:** ``reco_ref.export.fusion.attach_in_memory(params, ...)`` builds the graph
+  in memory and attaches it.
 
-Sessions are cached per params object. Before each run the backend compares a cheap checksum of the
-18 arrays (XOR of their bit patterns, one integer pass) with the one taken when the session was made, so
-editing the arrays in place afterwards (an optimiser step) is an error, never a stale answer.
+Either way the graph's own metadata (``params_sha256``, written by the exporter) must equal the SHA-256 of the
+given weights (:func:`params_digest`): graphs made from other weights are refused. ``fusion_forward(params, ...,
+backend="onnx")`` then runs the cached session; for params with no session attached it raises a one-line
+error saying how to attach one.
+
+Before each run the backend compares a cheap checksum of the 18 arrays (XOR of their bit patterns, one
+integer pass) with the one taken when the session was attached, so editing the arrays in place afterwards
+(an optimiser step) is an error, never a stale answer.
 
 ``fusion_backward`` raises: the graph has no backward (train with ``numpy`` / ``numba`` / ``cuda``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -30,12 +35,16 @@ import numpy as np
 from ..errors import BackendUnavailableError, ParamsFormatError, RecoError
 from .params import PARAM_NAMES, FusionParams
 
-__all__ = ["fusion_forward", "fusion_backward", "attach", "session_for", "clear_cache"]
+__all__ = ["FORMAT", "MANIFEST", "params_digest", "fusion_forward", "fusion_backward", "attach", "attach_model",
+           "session_for", "clear_cache"]
+
+#: the exporter's manifest (``DIR/fusion_onnx.json``) and its ``format`` value
+MANIFEST = "fusion_onnx.json"
+FORMAT = "reco_ref.fusion.onnx"
 
 #: id(params) → (weakref to params, checksum, session); an entry is dropped when its params object dies.
 _SESSIONS: dict[int, tuple] = {}
 _LOCK = threading.Lock()
-_THREADS: int | None = None
 
 
 def _ort():
@@ -44,6 +53,19 @@ def _ort():
     except ImportError as exc:  # a runtime dependency; missing means a broken install
         raise BackendUnavailableError(f"fusion backend 'onnx' needs onnxruntime ({exc}); python3 -m pip install -e .") from exc
     return onnxruntime
+
+
+def params_digest(params) -> str:
+    """SHA-256 over the 18 arrays in :data:`PARAM_NAMES` order (name, dtype, shape, C-order bytes).
+
+    The exporter writes it into each graph's metadata and the manifest; attaching compares it with the weights.
+    """
+    h = hashlib.sha256()
+    for name in PARAM_NAMES:
+        a = np.ascontiguousarray(params[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _checksum(params) -> tuple:
@@ -94,8 +116,6 @@ def attach(export_dir: str | os.PathLike, modules: dict, *, threads: int | None 
         Missing / malformed manifest or graph, a module missing on either side, or weights whose
         SHA-256 differs from the one the graph was exported from.
     """
-    from ..export.fusion import FORMAT, MANIFEST, params_digest  # numpy + hashlib only; onnx stays lazy there
-
     d = Path(export_dir)
     mpath = d / MANIFEST
     try:
@@ -109,24 +129,40 @@ def attach(export_dir: str | os.PathLike, modules: dict, *, threads: int | None 
                                 f"expected {FORMAT!r} with a 'modules' object")  # fmt: skip
     if sorted(manifest["modules"]) != sorted(modules):
         raise ParamsFormatError(f"{mpath}: field 'modules' lists {sorted(manifest['modules'])}, the weights hold {sorted(modules)}")
-    opened = {}
     for prefix, entry in manifest["modules"].items():
         params = _require_params(modules[prefix], f"modules[{prefix!r}]")
         want = entry.get("params_sha256") if isinstance(entry, dict) else None
-        got = params_digest(params)
-        if want != got:
+        if want != params_digest(params):
             raise ParamsFormatError(f"{mpath}: module {prefix!r} field 'params_sha256' is {str(want)[:12]}…, the given weights "
-                                    f"hash to {got[:12]}…; the graphs were exported from other weights (re-run export-fusion)")  # fmt: skip
+                                    f"hash to {params_digest(params)[:12]}…; the graphs were exported from other weights "
+                                    f"(re-run export-fusion)")  # fmt: skip
         gpath = d / str(entry.get("file", ""))
         if not gpath.is_file():
             raise ParamsFormatError(f"{mpath}: module {prefix!r} field 'file' names {gpath}, which does not exist")
-        try:
-            opened[prefix] = _make_session(str(gpath), threads)
-        except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
-            raise ParamsFormatError(f"{gpath}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from exc
-    for prefix, sess in opened.items():
-        _remember(modules[prefix], _checksum(modules[prefix]), sess)
+        attach_model(params, gpath, threads=threads)
     return manifest
+
+
+def attach_model(params: FusionParams, model: bytes | str | os.PathLike, *, threads: int | None = None) -> None:
+    """Open one exported graph (a file or the serialized bytes) as the session of ``params``.
+
+    Raises
+    ------
+    ParamsFormatError
+        ONNX Runtime cannot load it, or its metadata ``params_sha256`` differs from the weights' digest.
+    """
+    params = _require_params(params, "params")
+    where = "in-memory graph" if isinstance(model, (bytes, bytearray)) else str(model)
+    try:
+        sess = _make_session(model if isinstance(model, (bytes, bytearray)) else str(model), threads)
+    except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
+        raise ParamsFormatError(f"{where}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from exc
+    meta = sess.get_modelmeta().custom_metadata_map
+    want, got = meta.get("params_sha256"), params_digest(params)
+    if meta.get("reco_ref.format") != FORMAT or want != got:
+        raise ParamsFormatError(f"{where}: metadata 'params_sha256' is {str(want)[:12]}… (format {meta.get('reco_ref.format')!r}), "
+                                f"the weights hash to {got[:12]}…; expected a graph exported from these weights")  # fmt: skip
+    _remember(params, _checksum(params), sess)
 
 
 def _remember(params: FusionParams, check: tuple, sess) -> None:
@@ -151,8 +187,8 @@ def _lookup(params: FusionParams):
     return entry[1], entry[2]
 
 
-def session_for(params: FusionParams, *, threads: int | None = None):
-    """The cached session for ``params`` (attached, or exported in memory on first use; needs ``onnx`` then)."""
+def session_for(params: FusionParams):
+    """The session attached to ``params`` (:func:`attach`, :func:`attach_model`); an error if there is none."""
     params = _require_params(params, "params")
     check = _checksum(params)
     hit = _lookup(params)
@@ -162,19 +198,12 @@ def session_for(params: FusionParams, *, threads: int | None = None):
                             "would answer with the old weights (call reco_ref.fusion.onnx_backend.clear_cache(), re-attach "
                             "or re-export)")  # fmt: skip
         return hit[1]
-    try:
-        from ..export.fusion import fusion_model_bytes
-
-        blob = fusion_model_bytes(params)
-    except BackendUnavailableError as exc:
-        raise BackendUnavailableError(
-            f"fusion backend 'onnx': no exported graph is attached for these params and building one in memory failed "
-            f"({exc}); on a build machine run `reco-ref export-fusion --fusion WEIGHTS --out DIR`, then here "
-            f"reco_ref.fusion.onnx_backend.attach(DIR, load_param_set(WEIGHTS)[0])"
-        ) from exc
-    sess = _make_session(blob, threads if threads is not None else _THREADS)
-    _remember(params, check, sess)
-    return sess
+    raise BackendUnavailableError(
+        "fusion backend 'onnx': no graph is attached for these params; attach the exported graphs with "
+        "reco_ref.fusion.onnx_backend.attach(DIR, load_param_set(WEIGHTS)[0]) (DIR from `reco-ref export-fusion "
+        "--fusion WEIGHTS --out DIR`), or, where the onnx package is installed, "
+        "reco_ref.export.fusion.attach_in_memory(params)"
+    )
 
 
 def clear_cache() -> None:

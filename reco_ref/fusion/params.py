@@ -42,6 +42,7 @@ from ..io import atomic_save_npz, load_npz
 
 __all__ = [
     "PARAM_NAMES",
+    "adamw_decays",
     "FORMAT",
     "FORMAT_VERSION",
     "FusionConfig",
@@ -113,6 +114,23 @@ class FusionParams(dict):
 
     It behaves exactly like a dict (``params["w_q"]``, iteration, ``len``); the config is read-only:
     ``params.heads``, ``params.mlp_ratio``, ``params.dim``, ``params.dtype``, ``params.config``.
+
+    Validation once at the door
+    ---------------------------
+    A set made by :func:`init_params` or :func:`load_params` (both validated), or one that has
+    passed :func:`reco_ref.fusion.check_params` once, carries a *stamp*: references to its 18 array
+    objects with their shapes, strides and dtypes. While every entry is still the very same array
+    object with the same shape, strides and dtype, the front door trusts the stamp and does not
+    re-scan ~3–7 M floats for finiteness on every call (that scan was half of a batch-1 forward).
+
+    * Replacing an entry (``params["w_q"] = ...``, ``update``, ``pop``, ``del`` ...) drops the stamp:
+      the next call validates everything again, with the usual named errors.
+    * Reshaping an array in place (``a.shape = ...``) changes its shape/strides: re-validated.
+    * Writing *values* into a stamped array in place (``params["w_q"][0, 0] = np.nan``, an
+      optimiser's ``p -= lr * m / d``) is **not** re-scanned. Such a NaN/inf cannot pass silently:
+      it reaches the output, and the front door raises ``ShapeError("fusion output: rows [...] are
+      not finite ...")``, which does not name the array. ``check_params(params, rescan=True)``
+      re-scans and names it.
     """
 
     def __init__(self, arrays: Mapping[str, np.ndarray], config: FusionConfig):
@@ -120,6 +138,61 @@ class FusionParams(dict):
         if not isinstance(config, FusionConfig):
             raise TypeError(f"FusionParams: config must be a FusionConfig, got {type(config).__name__}")
         self._config = config
+        self._stamp = None  # (D, dtype, arrays, metas) once validated; see the class docstring
+
+    def _set_stamp(self, D: int, dtype: np.dtype) -> None:
+        """Record that the current 18 arrays passed full validation (shapes, dtype, finiteness)."""
+        arrays = tuple(dict.__getitem__(self, n) for n in PARAM_NAMES)
+        self._stamp = (int(D), np.dtype(dtype), arrays, tuple((a.shape, a.strides, a.dtype) for a in arrays))
+
+    def _stamped(self):
+        """``(D, dtype)`` when the arrays are still exactly the stamped ones, else ``None``.
+
+        18 identity and attribute comparisons (~10 µs); holding the stamped objects means an id
+        can never be reused by another array while the stamp lives.
+        """
+        st = self._stamp
+        if st is None:
+            return None
+        D, dtype, arrays, metas = st
+        for name, a, meta in zip(PARAM_NAMES, arrays, metas):
+            b = dict.get(self, name)
+            if b is not a or (b.shape, b.strides, b.dtype) != meta:
+                return None
+        return D, dtype
+
+    # Any change of an entry drops the stamp (and the references it holds).
+    def __setitem__(self, key, value):
+        self._stamp = None
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._stamp = None
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        self._stamp = None
+        return super().__ior__(other)
+
+    def update(self, *args, **kwargs):
+        self._stamp = None
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self._stamp = None
+        return super().setdefault(key, default)
+
+    def pop(self, *args):
+        self._stamp = None
+        return super().pop(*args)
+
+    def popitem(self):
+        self._stamp = None
+        return super().popitem()
+
+    def clear(self):
+        self._stamp = None
+        super().clear()
 
     @property
     def config(self) -> FusionConfig:
@@ -209,7 +282,9 @@ def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=n
         else:  # LayerNorm beta
             a = np.zeros(shape)
         arrays[name] = a.astype(dt)
-    return FusionParams(arrays, config)
+    params = FusionParams(arrays, config)
+    params._set_stamp(config.dim, dt)  # made here: shapes, dtype and finiteness hold by construction
+    return params
 
 
 def count_params(params: Mapping[str, np.ndarray]) -> int:
@@ -465,7 +540,9 @@ def load_params(path: str | os.PathLike) -> tuple[FusionParams, FusionConfig]:
     if list(header["modules"]) != [""]:
         raise ParamsFormatError(f"{path}: header field 'modules' has prefixes {list(header['modules'])}, expected [''] for kind 'module'")
     config = _header_config(path, "", header["modules"][""])
-    return FusionParams({n: raw[n] for n in PARAM_NAMES}, config), config
+    params = FusionParams({n: raw[n] for n in PARAM_NAMES}, config)
+    params._set_stamp(config.dim, config.dtype)  # _load_checked validated every entry
+    return params, config
 
 
 def load_param_set(path: str | os.PathLike) -> tuple[dict[str, FusionParams], dict[str, np.ndarray]]:
@@ -481,5 +558,19 @@ def load_param_set(path: str | os.PathLike) -> tuple[dict[str, FusionParams], di
     for prefix, entry in header["modules"].items():
         config = _header_config(path, prefix, entry)
         modules[prefix] = FusionParams({n: raw[f"{prefix}.{n}"] for n in PARAM_NAMES}, config)
+        modules[prefix]._set_stamp(config.dim, config.dtype)  # validated by _load_checked
     extras = {name: raw[name] for name in header["extras"]}
     return modules, extras
+
+
+def adamw_decays(name: str, p: np.ndarray, decay=None) -> bool:
+    """Whether weight decay applies to parameter ``name``.
+
+    ``decay`` is ``None`` (default: matrices only, ``ndim >= 2`` — LayerNorm, biases, type embeddings
+    and scalars like τ are not decayed), a collection of names, or a callable ``(name, array) -> bool``.
+    """
+    if decay is None:
+        return p.ndim >= 2
+    if callable(decay):
+        return bool(decay(name, p))
+    return name in decay

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from reco_ref.demo import shipped_data
+from reco_ref.eval.data import shipped_data
 from reco_ref.encoders import load
 from reco_ref.errors import MemoryFormatError
 from reco_ref.memory import Memory, build_memory_from_arrays

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reco_ref.demo import SHIPPED_PROMPT, shipped_data
+from reco_ref.eval.data import SHIPPED_PROMPT, shipped_data
 from reco_ref.encoders import load
 from reco_ref.errors import RecoError
 from reco_ref.eval.latency import STEPS, format_profile, profile_query

@@ -8,8 +8,9 @@ from export_testlib import nonidentity_params
 
 pytest.importorskip("onnx")
 
-from reco_ref.demo import SHIPPED_PROMPT, shipped_data  # noqa: E402
+from reco_ref.eval.data import SHIPPED_PROMPT, shipped_data  # noqa: E402
 from reco_ref.encoders import load  # noqa: E402
+from reco_ref.export.fusion import attach_in_memory  # noqa: E402
 from reco_ref.fusion import fusion_forward  # noqa: E402
 
 K = 10
@@ -35,6 +36,7 @@ def test_onnx_backend_predicts_like_numpy_on_demo_data():
     rows_i, m_i = _topk(q_keys, mem_keys, K)
     rows_t, m_t = _topk(cls, mem_txt, K)
     phi_i, phi_t = nonidentity_params(enc.dim, 8, 0), nonidentity_params(enc.dim, 8, 1)
+    attach_in_memory(phi_i, phi_t)
     preds, outs = {}, {}
     for backend in ("numpy", "onnx"):
         v_bar, _ = fusion_forward(phi_i, q_img, mem_txt[rows_i], m_i, backend=backend)  # [Q,D]

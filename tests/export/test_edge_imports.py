@@ -23,7 +23,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('numba', 'llvmlite', 'scipy', 'onnx', 'torch'):
             raise ImportError('blocked on the edge: ' + name)
 sys.meta_path.insert(0, Block())
-from reco_ref.demo import shipped_data
+from reco_ref.eval.data import shipped_data
 from reco_ref.encoders import load
 from reco_ref.fusion import fusion_forward, load_param_set, onnx_backend
 from reco_ref.memory import Memory, build_memory_from_arrays, retrieve

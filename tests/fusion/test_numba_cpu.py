@@ -17,11 +17,22 @@ from fusion_testlib import assert_matches_reference, random_inputs, random_param
 
 from reco_ref.fusion import numba_cpu as nb
 from reco_ref.fusion import reference as ref
+from reco_ref.fusion.constants import LN_EPS
 
 DTYPES = [np.float64, np.float32]
 
 
 _close = assert_matches_reference
+
+
+def _check_ln1_backward(dx, part, dx_want, dg_want, db_want, dtype):
+    """An LN_1 backward kernel's dX and partial sums (dγ₁, dβ₁, de_q, de_r) against the reference."""
+    s = part.sum(axis=0)
+    _close(dx, dx_want, dtype, "dx")
+    _close(s[0], dg_want, dtype, "dgamma")
+    _close(s[1], db_want, dtype, "dbeta")
+    _close(s[2], dx_want[:, 0].sum(0), dtype, "de_q")
+    _close(s[3], dx_want[:, 1:].sum((0, 1)), dtype, "de_r")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -35,25 +46,20 @@ def test_embed_layernorm_and_backward_kernels(dtype):
     want, cache = ref.layernorm_forward(X, gamma, beta)
     x, xhat, a1 = (np.empty((B, T, D), dtype) for _ in range(3))
     rstd = np.empty((B, T), dtype)
-    nb._embed_layernorm_forward(q, r, e_q, e_r, gamma, beta, 1e-5, x, xhat, rstd, a1)
+    nb._embed_layernorm_forward(q, r, e_q, e_r, gamma, beta, LN_EPS, x, xhat, rstd, a1)
     _close(a1, want, dtype, "a1")
-    _close(rstd, cache[1][..., 0], dtype, "rstd")
+    _close(rstd, cache["rstd"][..., 0], dtype, "rstd")
     # LN_1 backward: dA1 (+ the Q path's extra on token 0), residual dH0 on token 0, and the sums
     da1 = rng.standard_normal((B, T, D)).astype(dtype)
     dq_proj, dh = rng.standard_normal((B, D)).astype(dtype), rng.standard_normal((B, D)).astype(dtype)
     da_tot = da1.copy()
     da_tot[:, 0] += dq_proj
-    dx_want, dg_want, db_want = ref.layernorm_backward(da_tot, cache)
+    dx_want, dg_want, db_want = ref.layernorm_backward(cache, da_tot)
     dx_want[:, 0] += dh
     dx = np.empty((B, T, D), dtype)
     part = np.empty((nb._nblk(B * T), 4, D), dtype)
     nb._layernorm1_backward(da1, dq_proj, dh, xhat, rstd, gamma, dx, part)
-    s = part.sum(axis=0)
-    _close(dx, dx_want, dtype, "dx")
-    _close(s[0], dg_want, dtype, "dgamma")
-    _close(s[1], db_want, dtype, "dbeta")
-    _close(s[2], dx_want[:, 0].sum(0), dtype, "de_q")
-    _close(s[3], dx_want[:, 1:].sum((0, 1)), dtype, "de_r")
+    _check_ln1_backward(dx, part, dx_want, dg_want, db_want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -78,7 +84,7 @@ def test_attention_row0_kernels(dtype):
     assert np.all(p[~np.broadcast_to(valid[:, None, :], p.shape)] == 0)
     d0 = np.zeros((B, T, D), dtype)
     d0[:, 0] = dout[:, 0]
-    gq, gk, gv = (ref.merge_heads(g) for g in ref.attention_backward(sh(d0), cache))
+    gq, gk, gv = (ref.merge_heads(g) for g in ref.attention_backward(cache, sh(d0)))
     dq0 = np.empty((B, D), dtype)
     dkv = np.empty((B, T, 2 * D), dtype)
     nb._attention_row0_backward(np.ascontiguousarray(d0[:, 0]), p, q0, kv, valid, H, dq0, dkv, np.empty((B, H, T)))
@@ -93,9 +99,10 @@ def test_gelu_l2norm_colsum_kernels(dtype):
     b = rng.standard_normal(9).astype(dtype)
     pre, out = u.copy(), np.empty_like(u)
     nb._bias_gelu_forward(pre, b, out, dtype(nb._INV_SQRT2))
-    _close(out, ref.gelu_forward(u + b), dtype, "gelu")
+    want, gcache = ref.gelu_forward(u + b)
+    _close(out, want, dtype, "gelu")
     du = rng.standard_normal(u.shape).astype(dtype)
-    want = ref.gelu_backward(du, u + b)
+    want = ref.gelu_backward(gcache, du)
     nb._gelu_backward_inplace(du, pre, dtype(nb._INV_SQRT2), dtype(nb._INV_SQRT2PI))
     _close(du, want, dtype, "gelu backward")
     y, h, dout = (rng.standard_normal((4, 7)).astype(dtype) for _ in range(3))
@@ -107,20 +114,114 @@ def test_gelu_l2norm_colsum_kernels(dtype):
     _close(o, want, dtype, "l2")
     dz = np.empty_like(y)
     nb._l2norm_backward(dout, o, nrm, dz)
-    _close(dz, ref.l2normalize_backward(dout, c), dtype, "l2 backward")
+    _close(dz, ref.l2normalize_backward(c, dout), dtype, "l2 backward")
     m = rng.standard_normal((37, 5)).astype(dtype)
     _close(nb._colsum_rows(m), m.sum(0), dtype, "colsum")
     assert nb._colsum_rows(np.zeros((0, 3), dtype)).tolist() == [0, 0, 0]
 
 
 def test_fast_path_skips_dead_tokens():
-    """The cache holds token-0-only buffers for Q, LN_2 and the MLP, and K/V for all tokens."""
+    """The cache holds token-0-only buffers for Q, LN_2 and the MLP; K and V are never built: one
+    folded D-vector per (head, row) stands for them (M = W_k q0, C = Σ_t p_t A1_t)."""
     rng = np.random.default_rng(4)
     params = random_params(8, 2, rng)
     q, r, mask = random_inputs(3, 5, 8, rng)
     _, cache = nb.fusion_forward(params, q, r, mask, heads=2)
-    assert cache["kv"].shape == (3, 6, 16)
+    assert "kv" not in cache and cache["m"].shape == (2, 3, 8) and cache["c"].shape == (2, 3, 8)
+    assert cache["a1"].shape == (3, 6, 8)  # LN_1 for all tokens (the keys/values depend on them)
     assert cache["q0"].shape == (3, 8) and cache["a2"].shape == (3, 8) and cache["pre"].shape == (3, 32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowrank_attention_kernels_v2(dtype):
+    """v2 row-0 attention (keys/values folded into M, C, N, G) against the reference's full attention,
+    and the fused dA1 + LN_1 backward against the reference's LN backward."""
+    rng = np.random.default_rng(12)
+    B, H, T, dh = 3, 2, 6, 4
+    D = H * dh
+    a1 = rng.standard_normal((B, T, D)).astype(dtype)
+    w_q, w_k, w_v = (rng.standard_normal((D, D)).astype(dtype) for _ in range(3))
+    b_q, b_k, b_v = (rng.standard_normal(D).astype(dtype) for _ in range(3))
+    valid = rng.random((B, T)) < 0.5
+    valid[:, 0] = True
+    valid[1, 1:] = False
+    sh = lambda a: ref.split_heads(a, H)  # noqa: E731
+    Q, K, V = a1 @ w_q + b_q, a1 @ w_k + b_k, a1 @ w_v + b_v
+    want, cache = ref.attention_forward(sh(Q), sh(K), sh(V), valid)
+    q0 = np.ascontiguousarray(Q[:, 0])
+    q0h = q0.reshape(B, H, dh).transpose(1, 0, 2)
+    m = np.matmul(q0h, nb._heads_view(w_k, H).transpose(0, 2, 1))
+    p, c = np.empty((B, H, T), dtype), np.empty((H, B, D), dtype)
+    nb._attention_row0_forward_v2(a1, m, valid, 1.0 / np.sqrt(dh), p, c, np.empty((B, H, T)))
+    ctx = np.matmul(c, nb._heads_view(w_v, H)).transpose(1, 0, 2).reshape(B, D) + b_v
+    _close(p, cache["p"][:, :, 0], dtype, "p")
+    _close(ctx, ref.merge_heads(want)[:, 0], dtype, "ctx")
+    assert np.all(p[~np.broadcast_to(valid[:, None, :], p.shape)] == 0)
+    # backward: dctx on token 0 only -> dQ0, dK, dV through the reference, then dA1 and LN_1
+    dctx = rng.standard_normal((B, D)).astype(dtype)
+    d0 = np.zeros((B, T, D), dtype)
+    d0[:, 0] = dctx
+    gq, gk, gv = (ref.merge_heads(g) for g in ref.attention_backward(sh(d0), cache))
+    dctxh = dctx.reshape(B, H, dh).transpose(1, 0, 2)
+    nv = np.matmul(dctxh, nb._heads_view(w_v, H).transpose(0, 2, 1))
+    ds, g, dsum = np.empty((B, H, T), dtype), np.empty((H, B, D), dtype), np.empty((B, H), dtype)
+    nb._attention_row0_backward_v2(a1, p, nv, valid, 1.0 / np.sqrt(dh), ds, g, dsum, np.empty((B, H, T)))
+    dq0 = np.matmul(g, nb._heads_view(w_k, H)).transpose(1, 0, 2).reshape(B, D)
+    _close(dq0, gq[:, 0], dtype, "dq0")
+    dwk = np.matmul(g.transpose(0, 2, 1), q0h).transpose(1, 0, 2).reshape(D, D)
+    _close(dwk, a1.reshape(-1, D).T @ gk.reshape(-1, D), dtype, "dW_k")
+    dwv = np.matmul(c.transpose(0, 2, 1), dctxh).transpose(1, 0, 2).reshape(D, D)
+    _close(dwv, a1.reshape(-1, D).T @ gv.reshape(-1, D), dtype, "dW_v")
+    # db_k vanishes analytically (softmax is shift-invariant): both sides are round-off, so it is held
+    # to the dW_k scale, as in test_backends.py
+    dbk_err = np.abs((dsum[:, :, None] * q0.reshape(B, H, dh)).sum(0).reshape(D) - gk.sum((0, 1))).max()
+    assert dbk_err <= (1e-10 if dtype == np.float64 else 1e-4 * np.abs(dwk).max()), dbk_err
+    xhat = rng.standard_normal((B, T, D)).astype(dtype)
+    rstd, gamma = rng.random((B, T)).astype(dtype) + 0.5, rng.standard_normal(D).astype(dtype)
+    dq_proj, dh = rng.standard_normal((B, D)).astype(dtype), rng.standard_normal((B, D)).astype(dtype)
+    da1 = gk @ w_k.T + gv @ w_v.T  # the reference's dA1 from K and V (Q's part enters as dq_proj)
+    da1[:, 0] += dq_proj
+    dx_want, dg_want, db_want = ref.layernorm_backward(da1, (xhat, rstd[..., None], gamma))
+    dx_want[:, 0] += dh
+    dx, part = np.empty((B, T, D), dtype), np.empty((nb._nblk(B * T), 4, D), dtype)
+    nb._layernorm1_backward_v2(ds, p, m, nv, dq_proj, dh, xhat, rstd, gamma, dx, part)
+    _check_ln1_backward(dx, part, dx_want, dg_want, db_want, dtype)
+    assert np.all(dx[~valid] == 0)  # a masked slot gets exactly zero input gradient
+
+
+def test_gelu_f32_kernels_error_bound():
+    """The vectorised float32 GELU (v2) stays within its documented bound of the exact erf GELU on a
+    dense grid and at extremes; GELU' and the fused db_1 sum likewise."""
+    from scipy.special import erf
+
+    x64 = np.concatenate([np.linspace(-12, 12, 480_001), [-3e38, -1e30, -100, -10.95, 10.95, 100, 1e30, 3e38, 0]])
+    x = x64.astype(np.float32)
+    xe = x.astype(np.float64)
+    cdf = 0.5 * (1 + erf(xe / np.sqrt(2)))
+    pdf = np.exp(-0.5 * xe * xe) / np.sqrt(2 * np.pi)
+    pre, u = x[None].copy(), np.empty((1, x.size), np.float32)
+    nb._bias_gelu_forward_f32(pre, np.zeros(x.size, np.float32), u)
+    scale = np.maximum(1.0, np.abs(xe))
+    err = np.abs(u[0] - xe * cdf) / scale
+    # bound before rounding + one float32 rounding of the stored value (2^-24 relative)
+    assert err.max() <= nb.GELU_MAX_ABS_ERR + 2.0**-24 * 2, err.max()
+    tail = dict(zip(x[-9:].tolist(), u[0, -9:].tolist()))  # far tails are exact: x·1 or 0
+    assert [tail[v] for v in (100.0, float(np.float32(1e30)), float(np.float32(3e38)))] == [100.0, float(np.float32(1e30)), float(np.float32(3e38))]
+    assert [tail[v] for v in (-100.0, float(np.float32(-1e30)), float(np.float32(-3e38)), 0.0)] == [0.0, 0.0, 0.0, 0.0]
+    du = np.linspace(-2, 2, x.size).astype(np.float32)[None]
+    want = du[0].astype(np.float64) * (cdf + xe * pdf)
+    part = np.empty((1, x.size), np.float32)
+    got = du.copy()
+    nb._gelu_backward_colsum_f32(got, x[None], part)
+    assert np.abs(got[0] - want).max() <= 2 * (nb.GELU_MAX_ABS_ERR + 2.0**-24 * 2)
+    np.testing.assert_array_equal(part[0], got[0])  # one row: the column sum is the row
+    # the fused column sums over several blocks of rows equal numpy's sum of the same float32 values
+    rng = np.random.default_rng(5)
+    pre2 = (3 * rng.standard_normal((37, 50))).astype(np.float32)
+    du2 = rng.standard_normal((37, 50)).astype(np.float32)
+    part2 = np.empty((nb._nblk(37), 50), np.float32)
+    nb._gelu_backward_colsum_f32(du2, pre2, part2)
+    np.testing.assert_allclose(part2.sum(0), du2.sum(0, dtype=np.float64), rtol=0, atol=1e-5)
 
 
 def test_kernel_cache_second_process_does_not_recompile(tmp_path):
@@ -155,8 +256,8 @@ def test_small_problems_run_single_threaded_and_restore_settings(monkeypatch):
     import numba
 
     seen = []
-    real = nb._layernorm1_backward
-    monkeypatch.setattr(nb, "_layernorm1_backward", lambda *a: (seen.append(numba.get_num_threads()), real(*a))[1])
+    real = nb._layernorm1_backward_v2
+    monkeypatch.setattr(nb, "_layernorm1_backward_v2", lambda *a: (seen.append(numba.get_num_threads()), real(*a))[1])
     before = numba.get_num_threads()
     rng = np.random.default_rng(6)
     params = random_params(8, 2, rng)
@@ -167,3 +268,60 @@ def test_small_problems_run_single_threaded_and_restore_settings(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         nb.fusion_backward(params, {"backend": "numpy", "B": 2, "k": 3, "D": 8}, np.ones_like(q))
     assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch1_gemv_kernels(dtype):
+    """The one-row GEMV kernels (plain, 4-row blocked, per-head fold/unfold) against numpy."""
+    rng = np.random.default_rng(13)
+    H, dh, Din = 3, 5, 18  # Din not a multiple of 4: the blocked kernels' remainder rows run too
+    D = H * dh
+    w = rng.standard_normal((Din, D)).astype(dtype)
+    x = rng.standard_normal((1, Din)).astype(dtype)
+    for kern in (nb._gemv_v1, nb._gemv_v2):
+        y = np.empty((1, D), dtype)
+        kern(x, w, y)
+        _close(y, x @ w, dtype, kern.__name__)
+    _close(nb._mm(x, w), x @ w, dtype, "_mm one row")
+    _close(nb._mm(np.vstack([x, x]), w), np.vstack([x, x]) @ w, dtype, "_mm two rows")
+    wk = rng.standard_normal((Din, D)).astype(dtype)
+    v = rng.standard_normal((1, D)).astype(dtype)
+    m = np.empty((H, 1, Din), dtype)
+    nb._fold_heads_v1(wk, v, m)
+    _close(m, np.matmul(v.reshape(1, H, dh).transpose(1, 0, 2), nb._heads_view(wk, H).transpose(0, 2, 1)), dtype, "fold")
+    c = rng.standard_normal((H, 1, Din)).astype(dtype)
+    y = np.empty((1, D), dtype)
+    nb._unfold_heads_v1(c, w, y)
+    _close(y, np.matmul(c, nb._heads_view(w, H)).transpose(1, 0, 2).reshape(1, D), dtype, "unfold")
+
+
+def test_large_steps_pin_blas_threads_and_keep_numba_threads(monkeypatch):
+    """B·T·D ≥ SMALL_WORK: numba keeps its threads, BLAS runs on STEP_BLAS_THREADS (when threadpoolctl
+    is installed); None leaves BLAS alone.  Settings are restored afterwards."""
+    import numba
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen = []
+    real = nb._layernorm1_backward_v2
+
+    def numpy_blas():  # the BLAS numpy's matmul calls (other BLAS libraries loaded later do not matter)
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"]]
+
+    def spy(*a):
+        seen.append((numba.get_num_threads(), numpy_blas()))
+        return real(*a)
+
+    monkeypatch.setattr(nb, "_layernorm1_backward_v2", spy)
+    before_numba = numba.get_num_threads()
+    before_blas = numpy_blas()
+    rng = np.random.default_rng(7)
+    params = random_params(64, 2, rng, dtype=np.float32)
+    q, r, mask = random_inputs(100, 10, 64, rng, dtype=np.float32)  # 100·11·64 = 70400 ≥ SMALL_WORK
+    for setting in (1, None):
+        monkeypatch.setattr(nb, "STEP_BLAS_THREADS", setting)
+        out, cache = nb.fusion_forward(params, q, r, mask, heads=2)
+        nb.fusion_backward(params, cache, np.ones_like(q))
+    assert seen[0] == (before_numba, [1] * len(before_blas))
+    assert seen[1] == (before_numba, before_blas)
+    assert numba.get_num_threads() == before_numba
+    assert numpy_blas() == before_blas

@@ -12,7 +12,8 @@ from fusion_testlib import random_inputs, random_params
 
 pytest.importorskip("onnx")  # in-memory export; the edge path without onnx is tested in tests/export
 
-from reco_ref.errors import BackendUnavailableError, RecoError  # noqa: E402
+from reco_ref.errors import BackendUnavailableError, ParamsFormatError, RecoError  # noqa: E402
+from reco_ref.export.fusion import attach_in_memory, fusion_model_bytes  # noqa: E402
 from reco_ref.fusion import fusion_backward, fusion_forward, init_params  # noqa: E402
 from reco_ref.fusion import onnx_backend  # noqa: E402
 
@@ -39,6 +40,7 @@ def test_onnx_forward_matches_numpy(case):
     if mask is not None and k:
         r[~mask] = np.nan  # masked slots may hold anything
     ref, _ = fusion_forward(p, q, r, mask)
+    attach_in_memory(p)
     out, cache = fusion_forward(p, q, r, mask, backend="onnx")
     assert cache["backend"] == "onnx" and out.dtype == np.float32 and out.shape == (B, D)
     err = float(np.abs(out - ref).max())
@@ -49,6 +51,11 @@ def test_onnx_forward_matches_numpy(case):
 def test_onnx_session_is_cached_and_batch_is_dynamic():
     rng = np.random.default_rng(0)
     p = random_params(16, 2, rng, dtype=np.float32)
+    with pytest.raises(BackendUnavailableError, match="no graph is attached"):
+        fusion_forward(p, np.ones((1, 16), np.float32), np.ones((1, 2, 16), np.float32), backend="onnx")
+    with pytest.raises(ParamsFormatError, match="params_sha256"):  # a graph made from other weights
+        onnx_backend.attach_model(p, fusion_model_bytes(random_params(16, 2, rng, dtype=np.float32)))
+    attach_in_memory(p)
     s1 = onnx_backend.session_for(p)
     for B, k in ((1, 3), (9, 0), (4, 12)):
         q, r, mask = random_inputs(B, k, 16, rng, dtype=np.float32)
@@ -62,6 +69,7 @@ def test_onnx_refuses_backward_float64_and_stale_weights():
     rng = np.random.default_rng(1)
     p = random_params(8, 2, rng, dtype=np.float32)
     q, r, mask = random_inputs(2, 3, 8, rng, dtype=np.float32)
+    attach_in_memory(p)
     out, cache = fusion_forward(p, q, r, mask, backend="onnx")
     with pytest.raises(BackendUnavailableError, match="inference only"):
         fusion_backward(p, cache, np.ones_like(out))
@@ -71,6 +79,7 @@ def test_onnx_refuses_backward_float64_and_stale_weights():
     with pytest.raises(RecoError, match="changed in place"):
         fusion_forward(p, q, r, mask, backend="onnx")
     onnx_backend.clear_cache()
+    attach_in_memory(p)
     out2, _ = fusion_forward(p, q, r, mask, backend="onnx")
     ref2, _ = fusion_forward(p, q, r, mask)
     assert np.abs(out2 - ref2).max() <= TOL and np.abs(out2 - out).max() > 1e-3
@@ -80,5 +89,6 @@ def test_onnx_identity_at_init():
     rng = np.random.default_rng(2)
     p = init_params(16, 4, seed=0)
     q, r, mask = random_inputs(3, 2, 16, rng, dtype=np.float32)
+    attach_in_memory(p)
     out, _ = fusion_forward(p, q, r, mask, backend="onnx")
     np.testing.assert_allclose(out, q, rtol=0, atol=1e-6)

@@ -1,0 +1,107 @@
+"""What ``reco-ref train`` does, as plain functions (the CLI module only parses arguments)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import RecoError
+from ..memory import Memory, read_pairs
+from .loop import TrainConfig, TrainResult, ValSet, class_text_embeddings, train
+from .pairs import labels_of
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def class_names_of(manifest: str | Path) -> list[str]:
+    """Class names indexed by label, from a dataset manifest (``file,label,class_name,split``)."""
+    items = read_pairs(manifest, caption_template="{class_name}")
+    names: dict[int, str] = {}
+    for it in items:
+        names.setdefault(int(it["label"]), it["caption"])
+    if sorted(names) != list(range(len(names))):
+        raise RecoError(f"{manifest}: labels are not 0..C-1")
+    return [names[i] for i in range(len(names))]
+
+
+def _aligned(values: list | None, n: int, flag: str, of: str) -> list:
+    if not values:
+        return [None] * n
+    if len(values) != n:
+        raise RecoError(f"{flag}: given {len(values)} time(s), expected once per {of} ({n})")
+    return list(values)
+
+
+def open_memory(path: str) -> Memory:
+    return Memory.open(path, verify="size")
+
+
+def sources_from_args(a: argparse.Namespace) -> list[dict]:
+    retr = _aligned(a.retrieval, len(a.memory), "--retrieval", "--memory")
+    weights = _aligned(a.weight, len(a.memory), "--weight", "--memory")
+    out = []
+    for mem, r, w in zip(a.memory, retr, weights):
+        pairs = open_memory(mem)
+        retrieval = None if r in (None, "same") else open_memory(r)
+        out.append({"pairs": pairs, "retrieval": retrieval, "name": Path(mem).name, "weight": w})
+    return out
+
+
+def val_sets_from_args(a: argparse.Namespace, encoder: Any = None) -> list[ValSet]:
+    if not a.val_memory:
+        for flag in ("val_retrieval", "val_classes"):
+            if getattr(a, flag):
+                raise RecoError(f"--{flag.replace('_', '-')} needs --val-memory")
+        return []
+    n = len(a.val_memory)
+    retr = _aligned(a.val_retrieval, n, "--val-retrieval", "--val-memory")
+    classes = _aligned(a.val_classes, n, "--val-classes", "--val-memory")
+    if any(c is None for c in classes):
+        raise RecoError("--val-classes: a dataset manifest naming the classes is required for each --val-memory")
+    if any(r is None for r in retr):
+        raise RecoError("--val-retrieval: the memory each --val-memory retrieves from is required (the training rows)")
+    if encoder is None:
+        from ..memory.build import load_encoder
+
+        encoder = load_encoder(a.model)
+    templates = a.template or list(DEFAULT_TEMPLATES)
+    out = []
+    for mem, r, c in zip(a.val_memory, retr, classes):
+        pairs = open_memory(mem)
+        labels = labels_of(pairs)
+        names = class_names_of(c)
+        if labels.max() >= len(names):
+            raise RecoError(f"{mem}: label {labels.max()} but {c} names only {len(names)} classes")
+        out.append(ValSet(Path(mem).name, pairs, open_memory(r), labels, class_text_embeddings(encoder, names, templates)))
+    return out
+
+
+def config_from_args(a: argparse.Namespace, **override) -> TrainConfig:
+    """A :class:`TrainConfig` from the recipe options of ``train``/``ablate`` (see ``train.cli.add_recipe_args``)."""
+    kw = dict(k=a.k, search=a.search, fuse=a.fuse, dup_threshold_image=a.dup_threshold_image,
+              dup_threshold_text=a.dup_threshold_text, unique_captions=not a.allow_repeated_captions,
+              exact_search=a.exact, batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, lr=a.lr, min_lr=a.min_lr,
+              warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, heads=a.heads, seed=a.seed,
+              backend=a.backend, checkpoint_every=a.checkpoint_every, select_on=a.select_on)
+    kw.update(override)
+    return TrainConfig(**kw)
+
+
+def train_command(a: argparse.Namespace) -> TrainResult:
+    cfg: TrainConfig = config_from_args(a, model=a.control)
+    cfg.check()
+    sources = sources_from_args(a)
+    vals = val_sets_from_args(a)
+    meta = {"command": "reco-ref " + " ".join(sys.argv[1:]),
+            "trained_on": [{"memory": str(s["pairs"].root), "rows": len(s["pairs"]),
+                            "retrieval": str(s["retrieval"].root) if s["retrieval"] is not None else "same"}
+                           for s in sources],
+            "validation": [{"memory": str(v.pairs.root), "retrieval": str(v.retrieval.root)} for v in vals]}
+    res = train(sources, a.out, cfg, val=vals, meta=meta, resume=a.resume, progress=not a.no_progress)
+    best = res.best_record or {}
+    print(f"trained {res.steps} steps; kept epoch {best.get('epoch', cfg.epochs)} "
+          f"(validation top1 {best.get('top1', float('nan')):.4f}, loss {best.get('loss', float('nan')):.4f}) "
+          f"-> {Path(a.out) / 'best.npz'}", file=sys.stderr)
+    return res

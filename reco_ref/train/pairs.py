@@ -1,0 +1,266 @@
+r"""Training pairs, their neighbours and their batches: everything the loop needs, prepared once.
+
+The encoders are frozen, so nothing retrieval depends on changes during training: every training row's
+``k`` neighbours (image query → image index, text query → text index by default) are searched **once**,
+before the first step, and each step only gathers the rows it needs. The loop is then bit-reproducible and
+retrieval costs one search per row per run instead of one per row per epoch.
+
+Pairs are memory rows. A memory built with ``reco-ref build-memory --pairs MANIFEST --split train
+--caption-template "a photo of a {class_name}."`` holds per row the image embedding ``v`` [D], the image
+search key [Dk] (when the encoder has keys) and the caption's text embedding ``t`` [D]: the pairs and the
+retrieval memory are the same rows, and a pair's own row is excluded from its neighbours **by row id**.
+
+With a separate retrieval memory (e.g. training with 1 % of the memory), a pair's own row there is found
+by an exact ``k=1`` self-match of its image search vector (cosine ≥ 0.9999, the same image through the same
+encoder) — :func:`own_rows`.
+
+Choices [ours], each an option of :class:`SourceOptions` / the training config:
+
+* ``dup_threshold_image = 0.98`` — image-index searches also drop rows whose cosine to the query is ≥ 0.98
+  (near-duplicate images: copies of the query would teach the module to copy the answer).
+* ``dup_threshold_text = None`` — text-index searches keep identical captions. With class-template captions
+  ("a photo of a fire lily.") every other row of the query's class has *exactly* the query's caption; those
+  rows are the retrieval signal (other images of the named class), not a leak of the query's own pair,
+  which self-exclusion by row id already removes. A 0.98 filter here would drop every same-class row.
+* ``unique_captions = True`` — a batch holds each caption (identical text embedding) at most once:
+  InfoNCE treats every other row of the batch as a negative, and two rows with the same caption would be
+  pushed apart from a text that describes them both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import RecoError, SearchError
+from ..memory import search_index
+from ..memory.index import ExactIndex
+
+__all__ = ["SELF_MATCH_COSINE", "own_rows", "search_rows", "fed_modality", "caption_groups", "PreparedSource",
+           "prepare_source", "epoch_batches", "labels_of"]
+
+#: cosine at or above which a memory image counts as the query image itself (float32 rounding of 1.0)
+SELF_MATCH_COSINE = 0.9999
+_CHUNK = 2048  # queries per search call: bounds the search's temporary arrays
+
+
+def own_rows(memory: Any, search_vectors: np.ndarray, *, threshold: float = SELF_MATCH_COSINE) -> np.ndarray:
+    """The memory row holding each query image itself (exact k=1 self-match, cosine ≥ ``threshold``), or -1.
+
+    ``search_vectors`` [N, Dk] are what the memory's image index holds (image keys where ``memory.key_dim``
+    is set, else image embeddings). Returns int64 [N].
+    """
+    out = np.full(len(search_vectors), -1, np.int64)
+    for lo in range(0, len(search_vectors), _CHUNK):
+        rows, scores, valid = memory.search(np.asarray(search_vectors[lo:lo + _CHUNK]), modality="image", k=1,
+                                            exact=True)
+        out[lo:lo + _CHUNK] = np.where(valid[:, 0] & (scores[:, 0] >= threshold), rows[:, 0], -1)
+    return out
+
+
+def fed_modality(query_modality: str, fuse: str) -> str:
+    """Which memory modality φ is fed: the other one for ``fuse="cross"`` (the paper), the query's for ``"uni"``."""
+    if fuse not in ("uni", "cross"):
+        raise SearchError(f"fuse: expected 'uni' or 'cross', got {fuse!r}")
+    other = {"image": "text", "text": "image"}[query_modality]
+    return other if fuse == "cross" else query_modality
+
+
+def search_rows(memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
+                k: int = 10, search: str = "uni", exclude: np.ndarray | None = None, dup_threshold: Any = None,
+                exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour rows ``(rows int64 [N,k], valid bool [N,k])`` of every query, searched in chunks.
+
+    ``search="uni"``: image queries search the image index with ``search_queries`` (keys) when given;
+    text queries the text index. ``"cross"``: image embeddings search the text index; text embeddings search
+    the image *embeddings* (exactly, when the image index holds keys of another width).
+    """
+    if query_modality not in ("image", "text"):
+        raise SearchError(f"query_modality: expected 'image' or 'text', got {query_modality!r}")
+    if search not in ("uni", "cross"):
+        raise SearchError(f"search: expected 'uni' or 'cross', got {search!r}")
+    n = len(queries)
+    rows = np.full((n, k), -1, np.int64)
+    valid = np.zeros((n, k), bool)
+    keyed = getattr(memory, "key_dim", None) is not None
+    for lo in range(0, n, _CHUNK):
+        hi = min(n, lo + _CHUNK)
+        ex = None if exclude is None else exclude[lo:hi]
+        q = np.asarray(queries[lo:hi])
+        if query_modality == "image" and search == "uni":
+            sq = q if search_queries is None else np.asarray(search_queries[lo:hi])
+            r, _, v = memory.search(sq, modality="image", k=k, exact=exact, exclude=ex, dup_threshold=dup_threshold)
+        elif query_modality == "text" and search == "cross" and keyed:
+            r, _, v = search_index(ExactIndex(np.asarray(memory.image)), q, k, exclude=ex, dup_threshold=dup_threshold,
+                                   what=f"exact image-embedding index of {memory.root}")
+        else:
+            searched = query_modality if search == "uni" else {"image": "text", "text": "image"}[query_modality]
+            r, _, v = memory.search(q, modality=searched, k=k, exact=exact, exclude=ex, dup_threshold=dup_threshold)
+        rows[lo:hi], valid[lo:hi] = r, v
+    return rows, valid
+
+
+def caption_groups(text: np.ndarray) -> np.ndarray:
+    """Group id per row, equal iff the rows' text embeddings are bit-identical (the same caption) — int64 [n]."""
+    t = np.ascontiguousarray(text)
+    view = t.view(np.dtype((np.void, t.dtype.itemsize * t.shape[1]))).reshape(-1)
+    _, inverse = np.unique(view, return_inverse=True)
+    return inverse.reshape(-1).astype(np.int64)
+
+
+def labels_of(memory: Any) -> np.ndarray:
+    """Labels of every memory row from its metadata (int64 [n]; a row without a label is an error)."""
+    meta = memory.metadata(np.arange(len(memory)))
+    missing = [i for i, m in enumerate(meta) if m is None or m.get("label") is None]
+    if missing:
+        raise RecoError(f"{memory.root}: rows {missing[:5]} have no label in metadata.sqlite; build the memory from "
+                        "a dataset manifest (file,label,class_name,split) or pass labels explicitly")
+    return np.array([int(m["label"]) for m in meta], np.int64)
+
+
+@dataclass
+class PreparedSource:
+    """One source's pairs with neighbours resolved (all arrays in RAM).
+
+    Attributes
+    ----------
+    name : str
+    v, t : float32 [n, D] — pair image / caption embeddings
+    groups : int64 [n] — caption identity (for unique-caption batches)
+    nb_image : float32 [M, D] — the retrieval memory's array fed to image queries (text for fuse=cross)
+    nb_text : float32 [M, D] — the array fed to text queries
+    rows_i, valid_i : int64 / bool [n, k] — neighbours of the image queries
+    rows_t, valid_t : int64 / bool [n, k] — neighbours of the text queries
+    own : int64 [n] — each pair's own row in the retrieval memory (-1 none)
+    weight : float — share of batches (relative)
+    """
+
+    name: str
+    v: np.ndarray
+    t: np.ndarray
+    groups: np.ndarray
+    nb_image: np.ndarray
+    nb_text: np.ndarray
+    rows_i: np.ndarray
+    valid_i: np.ndarray
+    rows_t: np.ndarray
+    valid_t: np.ndarray
+    own: np.ndarray
+    weight: float
+
+    def __len__(self) -> int:
+        return len(self.v)
+
+    def batch(self, idx: np.ndarray):
+        """``(v [B,D], t [B,D], nb_i [B,k,D], mask_i [B,k], nb_t [B,k,D], mask_t [B,k])`` of pair rows ``idx``."""
+        ri, vi = self.rows_i[idx], self.valid_i[idx]
+        rt, vt = self.rows_t[idx], self.valid_t[idx]
+        nb_i = self.nb_image[np.where(vi, ri, 0)] * vi[..., None]  # zeros in masked slots
+        nb_t = self.nb_text[np.where(vt, rt, 0)] * vt[..., None]
+        return self.v[idx], self.t[idx], nb_i.astype(np.float32), vi, nb_t.astype(np.float32), vt
+
+
+def prepare_source(pairs: Any, retrieval: Any = None, *, name: str | None = None, k: int = 10, search: str = "uni",
+                   fuse: str = "cross", dup_threshold_image: Any = 0.98, dup_threshold_text: Any = None,
+                   exact: bool = False, weight: float | None = None, rows: np.ndarray | None = None
+                   ) -> PreparedSource:
+    """Resolve a source's pairs and their neighbours once (see the module docstring).
+
+    Parameters
+    ----------
+    pairs : Memory — its rows (or ``rows`` of them) are the training pairs
+    retrieval : Memory, optional — searched for neighbours (default ``pairs``: own row excluded by id)
+    k, search, fuse : retrieval settings (spec §1)
+    dup_threshold_image / dup_threshold_text : near-duplicate filter of image- / text-index searches
+    exact : brute-force search instead of HNSW
+    weight : share of batches (default: the number of pairs)
+    """
+    retrieval = pairs if retrieval is None else retrieval
+    if retrieval.dim != pairs.dim:
+        raise RecoError(f"{retrieval.root}: embedding dim {retrieval.dim} differs from the pairs memory "
+                        f"{pairs.root} ({pairs.dim})")
+    if retrieval.fingerprint != pairs.fingerprint:
+        raise RecoError(f"{retrieval.root}: encoder fingerprint differs from the pairs memory {pairs.root}; "
+                        "retrieval and pairs must come from one encoder")
+    idx = np.arange(len(pairs)) if rows is None else np.asarray(rows, np.int64)
+    v = np.ascontiguousarray(pairs.image[idx], np.float32)
+    t = np.ascontiguousarray(pairs.text[idx], np.float32)
+    keys = None if pairs.image_keys is None else np.ascontiguousarray(pairs.image_keys[idx], np.float32)
+    if retrieval is pairs:
+        own = idx.copy()
+    else:
+        own = own_rows(retrieval, keys if (keys is not None and retrieval.key_dim) else v)
+    search_img = "image" if search == "uni" else "text"  # index an image query searches
+    search_txt = "text" if search == "uni" else "image"
+    rows_i, valid_i = search_rows(retrieval, v, "image", search_queries=keys, k=k, search=search, exclude=own,
+                                  dup_threshold=dup_threshold_image if search_img == "image" else dup_threshold_text,
+                                  exact=exact)
+    rows_t, valid_t = search_rows(retrieval, t, "text", k=k, search=search, exclude=own,
+                                  dup_threshold=dup_threshold_text if search_txt == "text" else dup_threshold_image,
+                                  exact=exact)
+    fed_i, fed_t = fed_modality("image", fuse), fed_modality("text", fuse)
+    arrays = {m: np.ascontiguousarray(getattr(retrieval, m), np.float32) for m in {fed_i, fed_t}}
+    return PreparedSource(name=name or str(pairs.root), v=v, t=t, groups=caption_groups(t), nb_image=arrays[fed_i],
+                          nb_text=arrays[fed_t], rows_i=rows_i, valid_i=valid_i, rows_t=rows_t, valid_t=valid_t,
+                          own=own, weight=float(len(idx) if weight is None else weight))
+
+
+def _source_batches(groups: np.ndarray, batch_size: int, unique: bool, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of batches over rows ``0..n-1`` (``n // batch_size`` batches at most; the remainder is dropped).
+
+    ``unique``: each batch draws distinct caption groups with probability proportional to the rows each group
+    still has, then one (shuffled) row of each — groups drain evenly, so batches stay full until the epoch's
+    last few; a batch is never smaller than 2 rows.
+    """
+    n = len(groups)
+    n_batches = n // batch_size
+    if not unique:
+        perm = rng.permutation(n)
+        return [np.sort(perm[b * batch_size:(b + 1) * batch_size]) for b in range(n_batches)]
+    order = rng.permutation(n)
+    g_sorted = groups[order]
+    pos = np.argsort(g_sorted, kind="stable")  # rows of each group, in shuffled order
+    G = int(groups.max()) + 1 if n else 0
+    counts = np.bincount(groups, minlength=G)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    taken = np.zeros(G, np.int64)
+    out = []
+    for _ in range(n_batches):
+        left = counts - taken
+        live = np.flatnonzero(left > 0)
+        if live.size < 2:
+            break
+        m = min(batch_size, live.size)
+        pick = rng.choice(live, size=m, replace=False, p=left[live] / left[live].sum())
+        rows = order[pos[starts[pick] + taken[pick]]]
+        taken[pick] += 1
+        out.append(np.sort(rows))
+    return out
+
+
+def epoch_batches(sources: Sequence[PreparedSource], batch_size: int, *, seed: int, epoch: int,
+                  unique_captions: bool = True) -> list[tuple[int, np.ndarray]]:
+    """The epoch's batches ``[(source index, pair rows int64 [B]), ...]``: a pure function of (seed, epoch).
+
+    Each batch comes from one source; a source contributes batches in proportion to its ``weight``
+    (``weight / sum`` of the epoch's batches; a source whose share exceeds one pass over its rows gets
+    further shuffled passes, one whose share is smaller uses the first batches of its pass), and the sources are interleaved by a seeded shuffle.
+    """
+    rng = np.random.default_rng([int(seed), int(epoch), 0x7EC0])
+    per_source = [_source_batches(s.groups, min(batch_size, len(s)), unique_captions, rng) for s in sources]
+    total = sum(len(b) for b in per_source)
+    weights = np.array([s.weight for s in sources], float)
+    want = np.floor(total * weights / weights.sum() + 0.5).astype(int) if total else np.zeros(len(sources), int)
+    plan: list[tuple[int, np.ndarray]] = []
+    for si, batches in enumerate(per_source):
+        if not batches:
+            continue
+        extra = batches
+        while extra and len(batches) < want[si]:  # a source asked for more than one pass: another shuffled pass
+            extra = _source_batches(sources[si].groups, min(batch_size, len(sources[si])), unique_captions, rng)
+            batches = batches + extra
+        plan.extend((si, b) for b in batches[:max(1, want[si])])
+    order = rng.permutation(len(plan))
+    return [plan[i] for i in order]

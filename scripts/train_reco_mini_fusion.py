@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""Rebuild the shipped RECO fusion weights for reco-mini (weights/reco-mini-fusion/) and the leave-one-dataset-out runs.
+
+Inputs (pinned by sha256, checked before anything runs; never copied into the repository):
+
+* ``../shared/data/{flowers102,cub100}/manifest.csv`` — the dataset manifests (labels, class names, splits);
+* ``$CACHE/{flowers102,cub100}/{image,keys}.npy`` — reco-mini image embeddings [N,768] and image search keys
+  [N,1024], rows in manifest order (``--cache``, default ``/work/cache/emb``; ``reco-ref build-memory`` on the
+  manifests computes the same arrays from the images).
+
+Caption embeddings ("a photo of a {class_name}.") are computed here with reco-mini's text encoder. Memories are
+built into ``--work`` (default a temp folder) from those arrays. Runs (``--runs``, default all three):
+
+* ``ship``          — trained on Flowers-102 train + CUB-100 train (a seeded 90 %; the other 10 % validates),
+                      validated on Flowers-102 ``valid`` + the CUB hold-out → ``weights/reco-mini-fusion/``;
+* ``lodo-flowers``  — for Flowers-102 numbers: trained on CUB-100 only (90 %, 10 % validates): never saw a
+                      flower image or a flower class name;
+* ``lodo-cub``      — for CUB-100 numbers: trained on Flowers-102 train only, validated on Flowers ``valid``.
+
+Every run is evaluated (frozen / RECO / k-NN vote / surrogate, mode both, k=10) on the test split of each dataset
+against that dataset's *train* memory. ``metrics.json`` in the output folder holds every number with the command.
+
+    nice -n 10 python3 scripts/train_reco_mini_fusion.py --backend numba
+    python3 scripts/train_reco_mini_fusion.py --work WORK --eval-weights RUN/best.npz   # any weights, same numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reco_ref.io import atomic_save_npy, atomic_write_json, atomic_write_text, sha256_file  # noqa: E402
+
+PINNED = {
+    "flowers102/manifest.csv": "18f30189f38301609235cc33edc7d1a6ea0291e6799635e4dae73ef21c38f9e7",
+    "cub100/manifest.csv": "1d69a9ef9cc54afe3000c039d4af5453a03536fad94dacaa55b2577eebe9ad67",
+    "cache/cub100/image.npy": "3ed65ecbe9ca5b4bce214609d9e9bdd8c9000a0e2323d6395f3cdb927e4549d7",
+    "cache/cub100/keys.npy": "d92ce83ac5be56375df37968954acdad63af03aef63d06d9795ae599c59b26b0",
+    "cache/flowers102/image.npy": "1ef48345b9a41be0019dd1474e800becc4272b8f7c24e63f0629beb8247985a8",
+    "cache/flowers102/keys.npy": "7e4c7bf2af944c36387bf13484611515f37454c00b986286af59dcace6eafe42",
+}
+CAPTION = "a photo of a {}."
+DATASETS = ("flowers102", "cub100")
+HOLDOUT_FRACTION = 0.10  # of CUB-100 train, for validation (CUB has no validation split)
+HOLDOUT_SEED = 0
+
+
+def check_inputs(data: Path, cache: Path) -> dict:
+    found = {}
+    for key, want in PINNED.items():
+        path = cache / key.split("/", 1)[1] if key.startswith("cache/") else data / key
+        if not path.is_file():
+            sys.exit(f"train_reco_mini_fusion: error: input missing: {path}")
+        got = sha256_file(path)
+        if got != want:
+            sys.exit(f"train_reco_mini_fusion: error: {path}: sha256 {got}, pinned {want} (inputs changed; the "
+                     "shipped weights would not be reproduced)")
+        found[key] = {"path": str(path), "sha256": got}
+    return found
+
+
+class Dataset:
+    """One dataset: manifest rows, labels, splits, class names and the cached embeddings (manifest order)."""
+
+    def __init__(self, name: str, data: Path, cache: Path, encoder):
+        self.name = name
+        self.manifest = data / name / "manifest.csv"
+        with open(self.manifest, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        self.files = [r["file"] for r in rows]
+        self.labels = np.array([int(r["label"]) for r in rows], np.int64)
+        self.split = np.array([r["split"] for r in rows])
+        names = {}
+        for r in rows:
+            names.setdefault(int(r["label"]), r["class_name"])
+        self.class_names = [names[i] for i in range(len(names))]
+        self.image = np.load(cache / name / "image.npy")
+        self.keys = np.load(cache / name / "keys.npy")
+        caps = [CAPTION.format(c) for c in self.class_names]
+        self.class_caption_emb = np.asarray(encoder.encode_texts(caps), np.float32)  # [C,D], one per class
+        self.text = self.class_caption_emb[self.labels]  # [N,D]: each row's caption embedding
+
+    def rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+    def items(self, idx: np.ndarray) -> list[dict]:
+        return [{"image": str(self.manifest.parent / self.files[i]), "caption": CAPTION.format(self.class_names[
+            self.labels[i]]), "source": self.files[i], "label": int(self.labels[i]), "split": str(self.split[i]),
+            "tags": self.name} for i in idx]
+
+
+def holdout_split(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded 10 % of ``ds``'s train rows held out for validation: ``(train_rows, holdout_rows)``."""
+    train = ds.rows("train")
+    rng = np.random.default_rng(HOLDOUT_SEED)
+    pick = rng.permutation(len(train))[: int(round(HOLDOUT_FRACTION * len(train)))]
+    mask = np.zeros(len(train), bool)
+    mask[pick] = True
+    return train[~mask], train[mask]
+
+
+def memory(work: Path, name: str, ds: Dataset, idx: np.ndarray, encoder):
+    from reco_ref.memory import Memory, build_memory_from_arrays
+
+    out = work / name
+    if not (out / "manifest.json").is_file():
+        build_memory_from_arrays(out, ds.image[idx], ds.text[idx], keys=ds.keys[idx], items=ds.items(idx),
+                                 name=encoder.name, fingerprint=encoder.fingerprint, progress=False)
+    return Memory.open(out, encoder=encoder, verify="size")
+
+
+def evaluate(weights, ds: Dataset, mem, encoder, k: int, backend: str) -> dict:
+    from reco_ref.eval.templates import class_embeddings, resolve_templates
+    from reco_ref.eval.zeroshot import evaluate_zero_shot
+
+    tname, templates = resolve_templates(None, ds.manifest)
+    cls = class_embeddings(encoder, ds.class_names, templates)
+    te = ds.rows("test")
+    res = evaluate_zero_shot(mem, ds.image[te], ds.labels[te], cls, ds.class_names, keys=ds.keys[te],
+                             weights=weights, mode="both", k=k, backend=backend)
+    res["templates"] = tname
+    return res
+
+
+def demo_images(work: Path, encoder) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The 195 shipped clip-art images (weights/demo): embeddings, keys, labels, class names (encoded once, cached)."""
+    from reco_ref.io import load_npz
+
+    pairs = ROOT / "weights" / "demo" / "pairs.csv"
+    with open(pairs, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    names = {}
+    for r in rows:
+        names.setdefault(int(r["label"]), r["category"])
+    path = work / "demo-images.npz"
+    if not path.is_file():
+        img, keys = encoder.encode_images([str(pairs.parent / r["image"]) for r in rows], with_keys=True)
+        from reco_ref.io import atomic_save_npz
+
+        atomic_save_npz(path, {"image": img, "keys": keys})
+    z = load_npz(path)
+    return z["image"], z["keys"], np.array([int(r["label"]) for r in rows]), [names[i] for i in range(len(names))]
+
+
+def do_no_harm(weights, work: Path, ds: dict, encoder, k: int, backend: str) -> dict:
+    """Clip-art queries (weights/demo, 11 everyday classes, generic templates) against a memory that lacks their
+    classes: Flowers-102 train + CUB-100 train. RECO should stay within 1 point of the frozen encoder."""
+    from reco_ref.eval.templates import class_embeddings, resolve_templates
+    from reco_ref.eval.zeroshot import evaluate_zero_shot
+    from reco_ref.memory import Memory, build_memory_from_arrays
+
+    out = work / "mem-flowers-cub-train"
+    if not (out / "manifest.json").is_file():
+        idx = {n: d.rows("train") for n, d in ds.items()}
+        build_memory_from_arrays(out, np.concatenate([d.image[idx[n]] for n, d in ds.items()]),
+                                 np.concatenate([d.text[idx[n]] for n, d in ds.items()]),
+                                 keys=np.concatenate([d.keys[idx[n]] for n, d in ds.items()]),
+                                 items=[it for n, d in ds.items() for it in d.items(idx[n])], name=encoder.name,
+                                 fingerprint=encoder.fingerprint, progress=False)
+    mem = Memory.open(out, encoder=encoder, verify="size")
+    img, keys, labels, names = demo_images(work, encoder)
+    _, templates = resolve_templates("generic")
+    cls = class_embeddings(encoder, names, templates)
+    r = evaluate_zero_shot(mem, img, labels, cls, names, keys=keys, weights=weights, mode="both", k=k,
+                           backend=backend)
+    return {m: r[m] for m in ("frozen", "reco", "surrogate", "n", "classes", "k", "mode")} | {
+        "by_mode": {m: {x: v["top1"] for x, v in r["by_mode"][m].items()} for m in r["by_mode"]},
+        "memory": "flowers102 train + cub100 train", "queries": "weights/demo (195 clip-art images, 11 classes)",
+        "templates": "generic"}
+
+
+def evaluate_run(run: str, best, saw: str, ds: dict, eval_mem: dict, work: Path, enc, k: int, backend: str) -> dict:
+    """Every number of one run: each dataset's test split against its train memory, and the do-no-harm check."""
+    entry = {"trained_on": saw, "eval": {}}
+    for dname, d in ds.items():
+        r = evaluate(best, d, eval_mem[dname], enc, k, backend)
+        entry["eval"][dname] = {m: r[m] for m in ("frozen", "reco", "surrogate", "knn_vote", "n", "classes", "k",
+                                                 "mode", "templates")}
+        entry["eval"][dname]["by_mode"] = {m: {x: v["top1"] for x, v in r["by_mode"][m].items()} for m in r["by_mode"]}
+        print(f"[{run}] {dname}: frozen {r['frozen']['top1']:.4f}  surrogate {r['surrogate']['top1']:.4f}  "
+              f"knn {r['knn_vote']['top1']:.4f}  RECO {r['reco']['top1']:.4f}", flush=True)
+    h = do_no_harm(best, work, ds, enc, k, backend)
+    entry["do_no_harm"] = h
+    print(f"[{run}] do-no-harm (clip-art vs flowers+birds memory): frozen {h['frozen']['top1']:.4f}  "
+          f"surrogate {h['surrogate']['top1']:.4f}  RECO {h['reco']['top1']:.4f}", flush=True)
+    return entry
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding the dataset manifests")
+    ap.add_argument("--cache", default="/work/cache/emb", help="folder of the cached reco-mini embeddings")
+    ap.add_argument("--work", help="memories and run folders (default: a new temp folder)")
+    ap.add_argument("--out", default=str(ROOT / "weights" / "reco-mini-fusion"), help="where the shipped run goes")
+    ap.add_argument("--runs", default="lodo-flowers,lodo-cub,ship",
+                    help="comma list of runs: lodo-flowers, lodo-cub, ship, distractor")
+    ap.add_argument("--backend", default="numba", choices=("numpy", "numba", "cuda"))
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--steps-per-epoch", type=int, default=None, help="cap on batches per epoch (default: full pass)")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--warmup-steps", type=int, default=50)
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
+    ap.add_argument("--prepare-only", action="store_true", help="build the memories and eval arrays, train nothing")
+    ap.add_argument("--eval-only", action="store_true", help="re-evaluate the runs' kept weights (no training)")
+    ap.add_argument("--eval-weights", help="evaluate this RecoWeights file (e.g. a `reco-ref train` run's best.npz) on "
+                                           "both test splits and the do-no-harm check, print JSON, train nothing")
+    a = ap.parse_args(argv)
+
+    from reco_ref.encoders import load
+    from reco_ref.eval.templates import class_embeddings, resolve_templates
+    from reco_ref.train.loop import TrainConfig, ValSet, train
+    from reco_ref.train.weights import save_reco_weights
+
+    command = "python3 scripts/train_reco_mini_fusion.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    inputs = check_inputs(Path(a.data), Path(a.cache))
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="reco-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    enc = load("reco-mini")
+    ds = {n: Dataset(n, Path(a.data), Path(a.cache), enc) for n in DATASETS}
+    fl, cub = ds["flowers102"], ds["cub100"]
+    cub_tr, cub_ho = holdout_split(cub)
+    mems = {
+        "flowers-train": memory(work, "mem-flowers-train", fl, fl.rows("train"), enc),
+        "flowers-valid": memory(work, "mem-flowers-valid", fl, fl.rows("valid"), enc),
+        "cub-train": memory(work, "mem-cub-train", cub, cub.rows("train"), enc),
+        "cub-train90": memory(work, "mem-cub-train90", cub, cub_tr, enc),
+        "cub-holdout10": memory(work, "mem-cub-holdout10", cub, cub_ho, enc),
+        # for `reco-ref ablate`'s "1 % memory at training" arm: a seeded 1 % of Flowers-102 train
+        "flowers-train-1pct": memory(work, "mem-flowers-train-1pct", fl, np.sort(np.random.default_rng(0).permutation(
+            fl.rows("train"))[: len(fl.rows("train")) // 100]), enc),
+    }
+    for d in ds.values():  # test-split arrays for `reco-ref ablate --eval-embeddings/--eval-keys`
+        te = d.rows("test")
+        for kind, arr in (("image", d.image[te]), ("keys", d.keys[te])):
+            path = work / f"eval-{d.name}-test-{kind}.npy"
+            if not path.is_file():
+                atomic_save_npy(path, arr)
+
+    def val_set(name, pairs_key, retr_key, d: Dataset, idx):
+        _, templates = resolve_templates(None, d.manifest)
+        return ValSet(name, mems[pairs_key], mems[retr_key], d.labels[idx],
+                      class_embeddings(enc, d.class_names, templates))
+
+    v_fl = val_set("flowers102-valid", "flowers-valid", "flowers-train", fl, fl.rows("valid"))
+    v_cub = val_set("cub100-holdout10", "cub-holdout10", "cub-train90", cub, cub_ho)
+    runs = {
+        "lodo-flowers": ([{"pairs": mems["cub-train90"], "name": "cub100-train90"}], [v_cub],
+                         "CUB-100 train (seeded 90 %); no Flowers-102 image or class name"),
+        "lodo-cub": ([{"pairs": mems["flowers-train"], "name": "flowers102-train"}], [v_fl],
+                     "Flowers-102 train; no CUB-100 image or class name"),
+        "ship": ([{"pairs": mems["flowers-train"], "name": "flowers102-train"},
+                  {"pairs": mems["cub-train90"], "name": "cub100-train90"}], [v_fl, v_cub],
+                 "Flowers-102 train + CUB-100 train (seeded 90 %)"),
+        # an attempt at do-no-harm: the same pairs also retrieving from the *other* dataset's memory (irrelevant
+        # neighbours), ~23 % of the batches; not shipped (it did not help: docs/training.md)
+        "distractor": ([{"pairs": mems["flowers-train"], "name": "flowers102-train", "weight": 6552},
+                        {"pairs": mems["cub-train90"], "name": "cub100-train90", "weight": 2613},
+                        {"pairs": mems["flowers-train"], "retrieval": mems["cub-train90"],
+                         "name": "flowers102-train-vs-cub-memory", "weight": 2000},
+                        {"pairs": mems["cub-train90"], "retrieval": mems["flowers-train"],
+                         "name": "cub100-train90-vs-flowers-memory", "weight": 800}], [v_fl, v_cub],
+                       "Flowers-102 train + CUB-100 train (seeded 90 %), each also against the other's memory"),
+    }
+    if a.prepare_only:
+        print(f"prepared {work}")
+        return 0
+    eval_mem = {"flowers102": mems["flowers-train"], "cub100": mems["cub-train"]}
+    if a.eval_weights:
+        from reco_ref.train.weights import load_reco_weights
+
+        w = load_reco_weights(a.eval_weights)
+        entry = evaluate_run(Path(a.eval_weights).parent.name, w, str(w.meta.get("trained_on")), ds, eval_mem, work,
+                             enc, a.k, a.backend)
+        entry["weights"], entry["command"] = str(a.eval_weights), command
+        print(json.dumps(entry))
+        return 0
+    cfg = TrainConfig(k=a.k, batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
+                      seed=a.seed, backend=a.backend, checkpoint_every=25, steps_per_epoch=a.steps_per_epoch)
+    report = {"command": command, "inputs": inputs, "recipe": cfg.to_json(), "runs": {}}
+    from reco_ref.train.weights import load_reco_weights
+
+    previous = work / "metrics.json"
+    if previous.is_file():  # keep the numbers of runs not repeated now
+        report["runs"] = json.loads(previous.read_text()).get("runs", {})
+    for run in [r for r in a.runs.split(",") if r]:
+        sources, vals, saw = runs[run]
+        out = work / f"run-{run}"
+        if a.eval_only:
+            best, info = load_reco_weights(out / "best.npz"), report["runs"].get(run, {})
+        else:
+            t0 = time.perf_counter()
+            meta = {"encoder_name": enc.name, "encoder_fingerprint": enc.fingerprint, "trained_on": saw,
+                    "command": command, "inputs": inputs, "caption_template": CAPTION.replace("{}", "{class_name}"),
+                    "holdout": {"dataset": "cub100", "fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED}}
+            res = train(sources, out, cfg, val=vals, meta=meta,
+                        resume=a.resume and (out / "checkpoint.npz").exists())
+            best = res.best
+            info = {"train_seconds": round(time.perf_counter() - t0, 1), "steps": res.steps,
+                    "selected": res.best_record, "history": res.history}
+        entry = {k: info[k] for k in ("train_seconds", "steps", "selected", "history") if k in info}
+        entry.update(evaluate_run(run, best, saw, ds, eval_mem, work, enc, a.k, a.backend))
+        report["runs"][run] = entry
+        atomic_write_json(work / "metrics.json", report)
+        if run == "ship":
+            best.meta["metrics"] = {d: {m: entry["eval"][d][m]["top1"] for m in ("frozen", "reco", "surrogate",
+                                                                                  "knn_vote")} for d in ds}
+            best.meta["metrics"]["do_no_harm_clipart"] = {m: entry["do_no_harm"][m]["top1"]
+                                                          for m in ("frozen", "reco", "surrogate")}
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            save_reco_weights(Path(a.out) / "fusion.npz", best)
+            atomic_write_text(Path(a.out) / "log.jsonl", (out / "log.jsonl").read_text())
+    atomic_write_json(Path(a.out) / "metrics.json", report) if "ship" in a.runs else None
+    print(f"metrics: {work / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
