@@ -44,6 +44,17 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def best_rates(fns: dict, n: int, rounds: int) -> dict:
+    """{name: items/s} of the fastest of ``rounds`` interleaved rounds (each fn processes ``n`` items once)."""
+    for fn in fns.values():  # warm-up: allocations, page cache
+        fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):  # interleaved: a burst of load from other processes hurts every path alike
+        for k, fn in fns.items():
+            best[k] = min(best[k], _timed(fn))
+    return {k: n / v for k, v in best.items()}
+
+
 def overlap_rates(model: str = "reco-mini", n: int = 256, rounds: int = 5, threads: int = THREADS) -> dict:
     """{'raw', 'e2e', 'serial'} images/s (best of ``rounds`` interleaved rounds) and the ratios to raw."""
     from reco_ref.encoders import load
@@ -68,14 +79,7 @@ def overlap_rates(model: str = "reco-mini", n: int = 256, rounds: int = 5, threa
             px, _, _ = enc.preprocess(files[s : s + BATCH])
             enc.run_image_graph(px)
 
-    fns = {"raw": run_raw, "e2e": run_e2e, "serial": run_serial}
-    for fn in fns.values():  # warm-up: allocations, page cache
-        fn()
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            best[k] = min(best[k], _timed(fn))
-    rates = {k: n / v for k, v in best.items()}
+    rates = best_rates({"raw": run_raw, "e2e": run_e2e, "serial": run_serial}, n, rounds)
     return {"rates": rates, "e2e_over_raw": rates["e2e"] / rates["raw"],
             "serial_over_raw": rates["serial"] / rates["raw"], "n": n, "batch": BATCH, "threads": threads, "model": model}
 
@@ -92,13 +96,7 @@ def int8_rates(n: int = 256, rounds: int = 5, threads: int = THREADS) -> dict:
         outs = [enc.config.image.output, enc.config.image.key_output]
         fns[f"{prec} raw"] = (lambda s=enc._image, o=outs: [s.run(o, {"pixels": pixels}) for _ in range(0, n, BATCH)])
         fns[f"{prec} e2e"] = (lambda e=enc: e.encode_images(files, batch_size=BATCH, with_keys=True))
-    for fn in fns.values():
-        fn()
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            best[k] = min(best[k], _timed(fn))
-    rates = {k: n / v for k, v in best.items()}
+    rates = best_rates(fns, n, rounds)
     return {"rates": rates, "raw_int8_over_fp32": rates["int8 raw"] / rates["fp32 raw"],
             "e2e_int8_over_fp32": rates["int8 e2e"] / rates["fp32 e2e"], "n": n, "batch": BATCH, "threads": threads}
 
