@@ -23,7 +23,6 @@ Until the commit the existing memory stays valid and openable.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -37,165 +36,22 @@ import numpy as np
 from .. import __version__
 from ..errors import MemoryFormatError, ShapeError
 from ..io import atomic_open, atomic_path, atomic_save_npz, atomic_write_json, atomic_write_text, load_npy, load_npz
+from ..failpoints import failpoint
 from . import format as fmt
+from .estimate import estimate_build, format_estimate
 from .index import hnsw_add, hnsw_build, hnsw_load
+from .producers import DEFAULT_BATCH, ArrayProducer, EncoderProducer
 from .sources import items_digest
+from .store import Memory
 
 DEFAULT_CHUNK = 1024
-DEFAULT_BATCH = 64
 ESTIMATE_MIN_ITEMS = 5000  # builds at least this big print a disk/RAM/time estimate after their first chunk
-NORM_TOL = 1e-3  # precomputed arrays must be L2-normalised to this tolerance (or pass normalize=True)
 
 Log = Callable[[str], Any]
 
 
 def _silent(msg: str) -> None:
     pass
-
-
-def load_encoder(spec: Any, threads: int | None = None) -> Any:
-    """An encoder from a name/folder (``reco_ref.encoders.load``), a ``"module:factory"`` string, or a callable.
-
-    ``"module:factory"`` (e.g. a test double or a custom encoder) is imported and called with no
-    arguments; anything with ``encode_images`` is returned as is.  ``threads`` caps ONNX Runtime's
-    intra-op threads of a named encoder (Dask workers pass their share of the cores).  Dask workers call this so each one
-    builds its own encoder (its own ONNX session) from a picklable spec.
-    """
-    if hasattr(spec, "encode_images"):
-        return spec
-    if callable(spec):
-        return spec()
-    if isinstance(spec, str) and ":" in spec and not Path(spec).exists():
-        import importlib
-
-        mod, _, attr = spec.partition(":")
-        return getattr(importlib.import_module(mod), attr)()
-    from ..encoders import load
-
-    return load(spec) if threads is None else load(spec, threads=threads)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# producers: what turns a chunk of items into embeddings
-# ----------------------------------------------------------------------------------------------------------
-class EncoderProducer:
-    """Encodes a chunk of items with an encoder pair (``reco_ref.encoders.load(...)`` or a duck-typed twin).
-
-    Items whose caption is missing or whose image fails to decode become *failures* of the chunk,
-    with the encoder's error message; every other item becomes a row.
-    """
-
-    def __init__(self, encoder: Any, batch_size: int = DEFAULT_BATCH, text_batch_size: int = 256):
-        self.encoder = encoder
-        self.batch_size = int(batch_size)
-        self.text_batch_size = int(text_batch_size)
-        self.info = {"name": str(encoder.name), "fingerprint": str(encoder.fingerprint), "dim": int(encoder.dim),
-                     "key_dim": None if getattr(encoder, "key_dim", None) is None else int(encoder.key_dim)}
-        self.digest_extra = ""
-
-    def _images(self, paths: list[str]) -> tuple[np.ndarray, np.ndarray | None, list[int], list[tuple[int, str]]]:
-        """paths -> emb [m,D], keys [m,Dk] | None, ok positions, [(position, message)] for failures."""
-        enc = self.encoder
-        if self.info["key_dim"]:
-            out = enc.encode_images(paths, batch_size=self.batch_size, on_error="skip", with_keys=True)
-            if len(out) == 4:  # (emb, keys, ok, errors)
-                emb, keys, ok, errors = out
-            else:  # ((emb, keys), ok, errors)
-                (emb, keys), ok, errors = out
-        else:
-            emb, ok, errors = enc.encode_images(paths, batch_size=self.batch_size, on_error="skip")
-            keys = None
-        errs = []
-        for e in errors:  # ImageError(index, item, message) or any (index, ..., message) tuple
-            errs.append((int(e[0]), str(e[-1])))
-        return np.asarray(emb, np.float32), None if keys is None else np.asarray(keys, np.float32), \
-            [int(i) for i in ok], errs
-
-    def produce(self, items: list[dict], lo: int, offset: int) -> dict:
-        """Encode ``items`` (positions ``lo..`` of this run, item ids ``lo+offset..``) -> chunk arrays."""
-        first = lo + offset
-        D, Dk = self.info["dim"], self.info["key_dim"]
-        failed: list[tuple[int, str]] = []
-        with_caption = []
-        for i, it in enumerate(items):
-            if it.get("caption") is None:
-                failed.append((i, f"{it['source']}: no caption (missing sidecar .txt or empty caption field)"))
-            else:
-                with_caption.append(i)
-        paths = [items[i]["image"] for i in with_caption]
-        if paths:
-            img, keys, ok, errs = self._images(paths)
-        else:
-            img, keys, ok, errs = np.zeros((0, D), np.float32), None, [], []
-        failed += [(with_caption[p], msg) for p, msg in errs]
-        rows = [with_caption[p] for p in ok]  # positions in `items` of the encoded rows, ascending
-        if img.shape != (len(rows), D):
-            raise ShapeError(f"encoder {self.info['name']}: image embeddings {img.shape}, expected ({len(rows)}, {D})")
-        if rows:
-            txt = np.asarray(self.encoder.encode_texts([items[i]["caption"] for i in rows],
-                                                       batch_size=self.text_batch_size), np.float32)
-        else:
-            txt = np.zeros((0, D), np.float32)
-        if txt.shape != (len(rows), D):
-            raise ShapeError(f"encoder {self.info['name']}: text embeddings {txt.shape}, expected ({len(rows)}, {D})")
-        if keys is None and Dk:
-            raise ShapeError(f"encoder {self.info['name']}: key_dim {Dk} but no keys returned")
-        failed.sort()
-        out = {"item": np.asarray(rows, np.int64) + first, "image": img, "text": txt,
-               "failed_item": np.asarray([i for i, _ in failed], np.int64) + first,
-               "failed_error": np.asarray([m for _, m in failed], dtype=str)}
-        if Dk:
-            out["image_keys"] = keys
-        return out
-
-
-class ArrayProducer:
-    """Serves chunks of precomputed embedding arrays (``image [n,D]``, ``text [n,D]``, optional keys)."""
-
-    def __init__(self, image: np.ndarray, text: np.ndarray, *, keys: np.ndarray | None = None, name: str,
-                 fingerprint: str, normalize: bool = False):
-        if image.ndim != 2 or text.shape != image.shape:
-            raise ShapeError(f"embedding arrays: image {image.shape} and text {text.shape} must both be [n, D]")
-        if keys is not None and (keys.ndim != 2 or keys.shape[0] != image.shape[0]):
-            raise ShapeError(f"embedding arrays: image_keys {keys.shape} must be [n={image.shape[0]}, Dk]")
-        for nm, a in (("image", image), ("text", text), ("image_keys", keys)):
-            if a is not None and a.dtype not in (np.float16, np.float32, np.float64):
-                raise ShapeError(f"embedding array {nm}: dtype {a.dtype}, expected float16/32/64")
-        self.image, self.text, self.keys = image, text, keys
-        self.normalize = bool(normalize)
-        self.info = {"name": str(name), "fingerprint": str(fingerprint), "dim": int(image.shape[1]),
-                     "key_dim": None if keys is None else int(keys.shape[1])}
-        h = hashlib.sha256()  # the plan must pin the array contents, streamed so RAM stays bounded
-        for a in (image, text) + ((keys,) if keys is not None else ()):
-            for lo in range(0, a.shape[0], 65536):
-                h.update(np.ascontiguousarray(a[lo:lo + 65536]).tobytes())
-        self.digest_extra = h.hexdigest()
-
-    def _prep(self, name: str, a: np.ndarray, first: int) -> np.ndarray:
-        a = np.asarray(a, np.float32)
-        if not np.isfinite(a).all():
-            raise ShapeError(f"embedding array {name}: rows {first}..{first + len(a) - 1} hold NaN/inf")
-        norms = np.linalg.norm(a, axis=1)
-        if self.normalize:
-            if (norms == 0).any():
-                raise ShapeError(f"embedding array {name}: zero row near {first}; cannot L2-normalise")
-            return a / norms[:, None]
-        bad = np.abs(norms - 1) > NORM_TOL
-        if bad.any():
-            j = int(np.argmax(bad))
-            raise ShapeError(f"embedding array {name}: row {first + j} has L2 norm {norms[j]:.4f}, expected 1 "
-                             f"(tolerance {NORM_TOL}); pass normalize=True / --normalize to L2-normalise")
-        return a
-
-    def produce(self, items: list[dict], lo: int, offset: int) -> dict:
-        first, hi = lo, lo + len(items)
-        out = {"item": np.arange(first + offset, hi + offset, dtype=np.int64),
-               "image": self._prep("image", self.image[first:hi], first),
-               "text": self._prep("text", self.text[first:hi], first),
-               "failed_item": np.zeros(0, np.int64), "failed_error": np.zeros(0, dtype="<U1")}
-        if self.keys is not None:
-            out["image_keys"] = self._prep("image_keys", self.keys[first:hi], first)
-        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,14 +149,12 @@ def _encode_chunks(build: Path, plan: dict, items: list[dict], producer: Any, pr
             written += 1
             bar.update(hi - lo)
             if written == 1 and len(todo) > 1 and n >= ESTIMATE_MIN_ITEMS:
-                from .estimate import estimate_build, format_estimate
-
                 rate = (hi - lo) / max(time.perf_counter() - t0, 1e-9)
                 est = estimate_build(n, plan["encoder"]["dim"], key_dim=plan["encoder"]["key_dim"],
                                      dtype=plan["dtype"], M=plan["hnsw"]["M"],
                                      ef_construction=plan["hnsw"]["ef_construction"], encode_items_per_s=rate)
                 log(format_estimate(est))
-            fmt._kill_hook("chunk", written)
+            failpoint("memory.chunk", written)
     finally:
         bar.close()
 
@@ -458,8 +312,6 @@ def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resu
     base = None
     base_sha = None
     if kind == "add":
-        from .store import Memory
-
         mem = Memory.open(root, verify="size", allow_fingerprint_mismatch=True)
         if mem.fingerprint != producer.info["fingerprint"] or mem.dim != producer.info["dim"] \
                 or mem.key_dim != producer.info["key_dim"]:
@@ -510,7 +362,7 @@ def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resu
     manifest, files = _stage(root, plan, items, base=base, num_threads=num_threads, log=log)
     if base is not None:
         del base  # release the memmaps of the files about to be replaced
-    fmt._kill_hook("staged")
+    failpoint("memory.staged")
     fmt.commit_staged(root, manifest, files)
     return manifest
 
@@ -586,8 +438,6 @@ def add_to_memory(root: str | Path, items: list[dict], encoder: Any, *, resume: 
     New rows get ids ``len(memory)..``; the HNSW indexes are grown with ``resize_index`` and extended.
     The memory's dtype and HNSW parameters are kept.
     """
-    from .store import Memory
-
     _finish_pending_commit(Path(root), resume)
     dtype = Memory.open(root, verify=False, allow_fingerprint_mismatch=True).dtype
     return _run(Path(root), "add", items, EncoderProducer(encoder, batch_size), resume=resume, chunk_size=chunk_size,
@@ -600,8 +450,6 @@ def add_arrays_to_memory(root: str | Path, image: np.ndarray, text: np.ndarray, 
                          resume: bool = False, chunk_size: int = 65536, num_threads: int | None = None,
                          progress: bool = True, log: Log | None = None) -> dict:
     """Append precomputed embeddings to an existing memory (see :func:`build_memory_from_arrays`)."""
-    from .store import Memory
-
     _finish_pending_commit(Path(root), resume)
     mem = Memory.open(root, verify=False, allow_fingerprint_mismatch=True)
     n = image.shape[0]

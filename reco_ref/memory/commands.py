@@ -15,10 +15,11 @@ import numpy as np
 
 from ..errors import MemoryFormatError
 from ..io import load_npy
-from .build import (add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays, load_encoder)
+from .build import add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays
 from .estimate import estimate_build, format_estimate
+from .opener import open_memory
+from .producers import load_encoder
 from .sources import read_pairs
-from .store import Memory
 
 
 def _err(msg: str) -> None:
@@ -147,7 +148,7 @@ def add(*, memory: str, pairs: str | None = None, model: str = "reco-mini", resu
 def info(*, memory: str, verify: str = "sha256") -> dict:
     """``reco-ref memory-info``: validate and summarise a memory."""
     v: bool | str = {"sha256": True, "size": "size", "none": False}[verify]
-    return Memory.open(memory, verify=v, allow_fingerprint_mismatch=True).info()
+    return open_memory(memory, verify=v, allow_fingerprint_mismatch=True).info()
 
 
 def search(*, memory: str, text: list[str] | None = None, image: list[str] | None = None, modality: str | None = None,
@@ -155,7 +156,7 @@ def search(*, memory: str, text: list[str] | None = None, image: list[str] | Non
            allow_fingerprint_mismatch: bool = False) -> list[list[dict]]:
     """``reco-ref memory-search``: embed text or image queries with ``model`` and list the neighbours."""
     enc = load_encoder(model)
-    mem = Memory.open(memory, encoder=enc, verify="size", allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+    mem = open_memory(memory, encoder=enc, verify="size", allow_fingerprint_mismatch=allow_fingerprint_mismatch)
     if text:
         q = np.asarray(enc.encode_texts(list(text)), np.float32)
         modality = modality or "text"

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MemoryFormatError
+from ..failpoints import failpoint
 from ..io import TMP_PREFIX, atomic_write_json, fsync_dir, sha256_file
 
 FORMAT_VERSION = 1
@@ -85,7 +86,7 @@ def commit_staged(root: Path, manifest: dict, files: list[str]) -> None:
     """
     build = root / BUILD_DIR
     atomic_write_json(build / COMMIT, {"files": files, "manifest": manifest})
-    _kill_hook("commit")
+    failpoint("memory.commit")
     roll_forward(root)
 
 
@@ -103,9 +104,9 @@ def roll_forward(root: Path) -> bool:
             os.replace(src, root / name)
             fsync_dir(root)
         if i == 0:
-            _kill_hook("commit-move")
+            failpoint("memory.commit-move")
     atomic_write_json(root / MANIFEST, spec["manifest"])
-    _kill_hook("manifest")
+    failpoint("memory.manifest")
     # one atomic rename retires the whole build folder (plan, chunks, COMMIT); a kill before it just
     # repeats the (idempotent) roll-forward, a kill after it leaves only trash that the next run deletes
     trash = root / f".trash-build.{os.getpid()}"
@@ -296,23 +297,3 @@ def check_fingerprint(root: Path, m: dict, encoder: Any = None, fingerprint: str
             "its embeddings live in another space. Rebuild the memory with this encoder "
             "(or pass allow_fingerprint_mismatch=True / --allow-fingerprint-mismatch to override)"
         )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# test-only kill hook: makes "killed at any point" deterministic for the subprocess tests
-# ----------------------------------------------------------------------------------------------------------
-def _kill_hook(stage: str, count: int | None = None) -> None:
-    """SIGKILL this process when ``$RECO_REF_MEMORY_KILL_AT`` names this stage (test-only).
-
-    Values: ``chunk:N`` (after the N-th chunk file of this run is written), ``staged`` (all final files
-    staged, before COMMIT.json), ``commit`` (after COMMIT.json), ``commit-move`` (after the first rename),
-    ``manifest`` (after the manifest, before clean-up), ``add-staged`` etc. for ``add``.
-    """
-    want = os.environ.get("RECO_REF_MEMORY_KILL_AT")
-    if not want:
-        return
-    here = stage if count is None else f"{stage}:{count}"
-    if want == here:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)

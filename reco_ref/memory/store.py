@@ -45,7 +45,7 @@ class Memory:
     def open(cls, root: str | Path, *, encoder: Any = None, fingerprint: str | None = None,
              embed_dim: int | None = None, allow_fingerprint_mismatch: bool = False,
              verify: bool | str = True, num_threads: int | None = None) -> "Memory":
-        """Open and validate the memory at ``root`` (a sharded memory returns a :class:`ShardedMemory`).
+        """Open and validate the single memory at ``root`` (:func:`~reco_ref.memory.open_memory` opens any kind).
 
         Parameters
         ----------
@@ -57,11 +57,8 @@ class Memory:
         """
         root = Path(root)
         if (root / fmt.SHARDS).is_file():
-            from .shards import ShardedMemory
-
-            return ShardedMemory.open(root, encoder=encoder, fingerprint=fingerprint, embed_dim=embed_dim,
-                                      allow_fingerprint_mismatch=allow_fingerprint_mismatch, verify=verify,
-                                      num_threads=num_threads)
+            raise MemoryFormatError(f"{root}: a sharded memory ({fmt.SHARDS}); open it with "
+                                    "reco_ref.memory.open_memory (any kind) or ShardedMemory.open")
         if not root.is_dir():
             raise MemoryFormatError(f"{root}: no such memory directory")
         m = fmt.read_manifest(root)
