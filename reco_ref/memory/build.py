@@ -40,7 +40,8 @@ from ..failpoints import failpoint
 from . import format as fmt
 from .estimate import estimate_build, format_estimate
 from .index import hnsw_add, hnsw_build, hnsw_load
-from .producers import DEFAULT_BATCH, ArrayProducer, EncoderProducer
+from .limits import check_option
+from .producers import DEFAULT_BATCH, NORM_TOL, ArrayProducer, EncoderProducer
 from .sources import items_digest
 from .store import Memory
 
@@ -86,6 +87,9 @@ def _check_plan(old: dict, new: dict, path: Path) -> None:
             )
 
 
+_CHUNK_KEYS = ("item", "image", "text", "image_keys", "failed_item", "failed_error")
+
+
 def _chunk_path(build: Path, c: int) -> Path:
     return build / "chunks" / f"chunk_{c:06d}.npz"
 
@@ -119,12 +123,30 @@ def _iter_base(a: np.ndarray | None, block: int = 65536) -> Iterable[np.ndarray]
 
 def _iter_chunks(build: Path, n_chunks: int, key: str) -> Iterable[np.ndarray]:
     for c in range(n_chunks):
-        yield load_npz(_chunk_path(build, c))[key]
+        yield load_npz(_chunk_path(build, c), names=_CHUNK_KEYS)[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the pipeline
 # ----------------------------------------------------------------------------------------------------------
+def _check_rows(out: dict, items: list[dict], lo: int, offset: int, encoder: str) -> None:
+    """Every row entering a memory is finite and unit-norm: the one guard for all producers.
+
+    A NaN row would otherwise be indexed and later handed to the fusion layer as a valid neighbour.
+    """
+    for key in ("image", "text", "image_keys"):
+        if key not in out:
+            continue
+        a = np.asarray(out[key], np.float32)  # [m, D]
+        norms = np.linalg.norm(a, axis=1) if a.size else np.zeros(0, np.float32)  # [m]
+        bad = ~np.isfinite(norms) | (np.abs(norms - 1) > NORM_TOL)
+        if bad.any():
+            j = int(np.argmax(bad))
+            item = int(out["item"][j])
+            raise ShapeError(f"encoder {encoder}: {key} embedding of item {item} ({items[item - offset - lo]['source']}) "
+                             f"has L2 norm {norms[j]:.4g}, expected 1 (finite, unit-norm rows only)")
+
+
 def _encode_chunks(build: Path, plan: dict, items: list[dict], producer: Any, progress: bool, log: Log) -> None:
     from tqdm import tqdm
 
@@ -142,6 +164,7 @@ def _encode_chunks(build: Path, plan: dict, items: list[dict], producer: Any, pr
         for c in todo:
             lo, hi = c * cs, min((c + 1) * cs, n)
             out = producer.produce(items[lo:hi], lo, plan["item_offset"])
+            _check_rows(out, items, lo, plan["item_offset"], plan["encoder"]["name"])
             for k in ("image", "text", "image_keys"):
                 if k in out:
                     out[k] = np.asarray(out[k], np.float32).astype(plan["dtype"])
@@ -175,7 +198,7 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
     new_rows: list[np.ndarray] = []
     failures: list[str] = []
     for c in range(n_chunks):
-        z = load_npz(_chunk_path(build, c))
+        z = load_npz(_chunk_path(build, c), names=_CHUNK_KEYS)
         new_rows.append(z["item"])
         for i, msg in zip(z["failed_item"].tolist(), z["failed_error"].tolist()):
             it = items[i - first_item]
@@ -283,20 +306,103 @@ def _exclusive(root: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def check_out_dir(out: str | Path, *, resume: bool = False) -> None:
+    """Refuse to build at ``out`` when it is a file, or a non-empty folder that is not a memory.
+
+    A build writes files named ``image.npy``, ``manifest.json``, ... into ``out``; in a folder of the
+    user's own files it could replace one that happens to share a name, so it only goes into a new or
+    empty folder, a (partial) memory, or a sharded memory's folder.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MemoryFormatError(f"{out}: is a file; --out must name a new or empty folder for the memory")
+    if not out.is_dir():
+        return
+    names = {p.name for p in out.iterdir()}
+    if names & {fmt.MANIFEST, fmt.BUILD_DIR, fmt.SHARDS}:
+        return  # a memory, an interrupted build, or a sharded memory: the build decides (resume / refuse)
+    foreign = sorted(n for n in names if n != ".lock" and not n.startswith(".trash-build"))
+    if resume and all(n.startswith("shard_") for n in foreign):
+        return  # an interrupted sharded build
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise MemoryFormatError(f"{out}: folder is not empty and is not a memory (holds {shown}); build into a "
+                                "new or empty folder")
+
+
+def _same_input_added(mem: Memory, items: list[dict], digest: str) -> None:
+    """Refuse an add whose exact input (items digest) the memory's history already holds."""
+    for h in mem.manifest.get("history", []):
+        if h.get("items_sha256") == digest:
+            raise MemoryFormatError(
+                f"{mem.root}: these {len(items)} pairs were already added ({h.get('kind')} at {h.get('time')}); "
+                "adding them again would duplicate rows (pass --allow-duplicates / allow_duplicates=True to do it "
+                "anyway)")
+
+
+def _duplicate_candidates(mem: Memory, items: list[dict]) -> dict[tuple, list[int]]:
+    """Rows of ``mem`` whose (source, caption) equals that of an item to add: {(source, caption): [rows]}."""
+    wanted = {(it["source"], it["caption"]) for it in items}
+    sources = sorted({src for src, _ in wanted})
+    found: dict[tuple, list[int]] = {}
+    con = sqlite3.connect(f"file:{mem.root / fmt.META}?mode=ro", uri=True)
+    try:
+        for lo in range(0, len(sources), 900):  # SQLite's bound-parameter limit
+            part = sources[lo:lo + 900]
+            q = f"SELECT row, source, caption FROM rows WHERE source IN ({','.join('?' * len(part))})"
+            for r, src, cap in con.execute(q, part):
+                if (src, cap) in wanted:
+                    found.setdefault((src, cap), []).append(int(r))
+    finally:
+        con.close()
+    return found
+
+
+def _refuse_duplicates(build: Path, plan: dict, items: list[dict], mem: Memory, cand: dict[tuple, list[int]]) -> None:
+    """A new row is a duplicate when a memory row has its source, caption AND bit-identical embeddings.
+
+    (Source and caption alone are not enough: two folders may both hold ``img/001.jpg``.)  On a refusal
+    the encoded chunks are discarded, so a re-run with ``allow_duplicates=True`` starts clean.
+    """
+    first, dups = plan["item_offset"], []
+    for c in range(plan["n_chunks"]):
+        z = load_npz(_chunk_path(build, c), names=_CHUNK_KEYS)
+        for j, i in enumerate(z["item"].tolist()):
+            it = items[i - first]
+            for r in cand.get((it["source"], it["caption"]), ()):
+                if np.array_equal(z["image"][j], mem.image[r]) and np.array_equal(z["text"][j], mem.text[r]):
+                    dups.append((it["source"], r))
+                    break
+    if dups:
+        shutil.rmtree(build, ignore_errors=True)
+        src, r = dups[0]
+        raise MemoryFormatError(
+            f"{mem.root}: {len(dups)} of the pairs to add are already in the memory (same source, caption and "
+            f"embeddings, e.g. {src!r} = row {r}); adding them would duplicate rows (pass --allow-duplicates / "
+            "allow_duplicates=True to do it anyway)")
+
+
 def _run(root: Path, kind: str, items: list[dict], producer: Any, **kw: Any) -> dict:
     root = Path(root)
+    if kind == "build":
+        check_out_dir(root, resume=kw.get("resume", False))
+    elif not root.is_dir():
+        raise MemoryFormatError(f"{root}: no such memory directory")
     with _exclusive(root):
         return _run_locked(root, kind, items, producer, **kw)
 
 
 def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resume: bool, chunk_size: int,
                 dtype: str, M: int, ef_construction: int, seed: int, num_threads: int | None, progress: bool,
-                item_offset: int, resume_hint: str | None, log: Log | None) -> dict:
+                item_offset: int, resume_hint: str | None, log: Log | None, allow_duplicates: bool = False) -> dict:
     log = log or _silent
     if dtype not in fmt.DTYPES:
         raise MemoryFormatError(f"dtype {dtype!r} not supported (expected one of {fmt.DTYPES})")
-    if chunk_size < 1:
-        raise MemoryFormatError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size, M, ef_construction = (check_option(k, v) for k, v in (
+        ("chunk_size", chunk_size), ("M", M), ("ef_construction", ef_construction)))
+    seed = check_option("seed", seed)
+    if num_threads is not None:
+        num_threads = check_option("threads", num_threads)
     root = Path(root)
     build = root / fmt.BUILD_DIR
     for trash in root.glob(".trash-build*"):
@@ -311,6 +417,7 @@ def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resu
 
     base = None
     base_sha = None
+    dup_candidates: dict = {}
     if kind == "add":
         mem = Memory.open(root, verify="size", allow_fingerprint_mismatch=True)
         if mem.fingerprint != producer.info["fingerprint"] or mem.dim != producer.info["dim"] \
@@ -333,6 +440,14 @@ def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resu
                 last.get("items_sha256") == items_digest(items) + producer.digest_extra:
             log(f"{root}: this add was already committed")
             return mem.manifest
+        if not allow_duplicates:
+            _same_input_added(mem, items, items_digest(items) + producer.digest_extra)
+            dup_candidates = _duplicate_candidates(mem, items)
+        if producer.info["name"] != mem.manifest["encoder"]["name"]:
+            # same fingerprint = same weights; the memory keeps the name it was built under
+            log(f"{root}: encoder name {producer.info['name']!r} differs from the memory's "
+                f"{mem.manifest['encoder']['name']!r} (same fingerprint); the memory keeps its name")
+            producer.info = dict(producer.info, name=mem.manifest["encoder"]["name"])
     elif (root / fmt.MANIFEST).is_file():
         if resume and not build.is_dir():
             log(f"{root}: already complete")
@@ -359,6 +474,8 @@ def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resu
         atomic_write_json(plan_path, plan)
 
     _encode_chunks(build, plan, items, producer, progress, log)
+    if dup_candidates:
+        _refuse_duplicates(build, plan, items, mem, dup_candidates)
     manifest, files = _stage(root, plan, items, base=base, num_threads=num_threads, log=log)
     if base is not None:
         del base  # release the memmaps of the files about to be replaced
@@ -432,23 +549,26 @@ def _finish_pending_commit(root: Path, resume: bool) -> None:
 
 def add_to_memory(root: str | Path, items: list[dict], encoder: Any, *, resume: bool = False,
                   chunk_size: int = DEFAULT_CHUNK, batch_size: int = DEFAULT_BATCH, num_threads: int | None = None,
-                  progress: bool = True, resume_hint: str | None = None, log: Log | None = None) -> dict:
+                  progress: bool = True, resume_hint: str | None = None, log: Log | None = None,
+                  allow_duplicates: bool = False) -> dict:
     """Append ``items`` to the memory at ``root`` (same encoder required); resumable and atomic like a build.
 
     New rows get ids ``len(memory)..``; the HNSW indexes are grown with ``resize_index`` and extended.
-    The memory's dtype and HNSW parameters are kept.
+    The memory's dtype, HNSW parameters and encoder name are kept.  Pairs the memory already holds
+    (the same input again, or rows with the same source and caption) are refused unless
+    ``allow_duplicates=True``.
     """
     _finish_pending_commit(Path(root), resume)
     dtype = Memory.open(root, verify=False, allow_fingerprint_mismatch=True).dtype
     return _run(Path(root), "add", items, EncoderProducer(encoder, batch_size), resume=resume, chunk_size=chunk_size,
                 dtype=dtype, M=16, ef_construction=200, seed=100, num_threads=num_threads, progress=progress,
-                item_offset=0, resume_hint=resume_hint, log=log)
+                item_offset=0, resume_hint=resume_hint, log=log, allow_duplicates=allow_duplicates)
 
 
 def add_arrays_to_memory(root: str | Path, image: np.ndarray, text: np.ndarray, *, name: str, fingerprint: str,
                          keys: np.ndarray | None = None, items: list[dict] | None = None, normalize: bool = False,
                          resume: bool = False, chunk_size: int = 65536, num_threads: int | None = None,
-                         progress: bool = True, log: Log | None = None) -> dict:
+                         progress: bool = True, log: Log | None = None, allow_duplicates: bool = False) -> dict:
     """Append precomputed embeddings to an existing memory (see :func:`build_memory_from_arrays`)."""
     _finish_pending_commit(Path(root), resume)
     mem = Memory.open(root, verify=False, allow_fingerprint_mismatch=True)
@@ -459,5 +579,5 @@ def add_arrays_to_memory(root: str | Path, image: np.ndarray, text: np.ndarray, 
     producer = ArrayProducer(image, text, keys=keys, name=name, fingerprint=fingerprint, normalize=normalize)
     return _run(Path(root), "add", items, producer, resume=resume, chunk_size=chunk_size, dtype=mem.dtype, M=16,
                 ef_construction=200, seed=100, num_threads=num_threads, progress=progress, item_offset=0,
-                resume_hint=None, log=log)
+                resume_hint=None, log=log, allow_duplicates=allow_duplicates)
 

@@ -22,18 +22,20 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError
+from .limits import check_option
 
 DEFAULT_BATCH = 64
 NORM_TOL = 1e-3  # precomputed arrays must be L2-normalised to this tolerance (or pass normalize=True)
 
 
-def load_encoder(spec: Any, threads: int | None = None) -> Any:
+def load_encoder(spec: Any, threads: int | None = None, max_pixels: int | None = None) -> Any:
     """An encoder from a name/folder (``reco_ref.encoders.load``), a ``"module:factory"`` string, or a callable.
 
     ``"module:factory"`` (e.g. a test double or a custom encoder) is imported and called with no
     arguments; anything with ``encode_images`` is returned as is.  ``threads`` caps ONNX Runtime's
     intra-op threads of a named encoder (Dask workers pass their share of the cores).  Dask workers call this so each one
-    builds its own encoder (its own ONNX session) from a picklable spec.
+    builds its own encoder (its own ONNX session) from a picklable spec.  ``max_pixels`` overrides a named
+    encoder's image pixel budget (``--max-pixels``).
     """
     if hasattr(spec, "encode_images"):
         return spec
@@ -46,7 +48,8 @@ def load_encoder(spec: Any, threads: int | None = None) -> Any:
         return getattr(importlib.import_module(mod), attr)()
     from ..encoders import load
 
-    return load(spec) if threads is None else load(spec, threads=threads)
+    kw = {k: v for k, v in (("threads", threads), ("max_pixels", max_pixels)) if v is not None}
+    return load(spec, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,8 +64,8 @@ class EncoderProducer:
 
     def __init__(self, encoder: Any, batch_size: int = DEFAULT_BATCH, text_batch_size: int = 256):
         self.encoder = encoder
-        self.batch_size = int(batch_size)
-        self.text_batch_size = int(text_batch_size)
+        self.batch_size = check_option("batch_size", batch_size)
+        self.text_batch_size = check_option("batch_size", text_batch_size)
         self.info = {"name": str(encoder.name), "fingerprint": str(encoder.fingerprint), "dim": int(encoder.dim),
                      "key_dim": None if getattr(encoder, "key_dim", None) is None else int(encoder.key_dim)}
         self.digest_extra = ""
@@ -92,8 +95,10 @@ class EncoderProducer:
         failed: list[tuple[int, str]] = []
         with_caption = []
         for i, it in enumerate(items):
-            if it.get("caption") is None:
-                failed.append((i, f"{it['source']}: no caption (missing sidecar .txt or empty caption field)"))
+            cap = it.get("caption")
+            if cap is None or not str(cap).strip():  # an empty caption would embed as a real, meaningless text
+                failed.append((i, f"{it['source']}: no caption (missing sidecar .txt, or an empty/whitespace "
+                                  "caption field)"))
             else:
                 with_caption.append(i)
         paths = [items[i]["image"] for i in with_caption]

@@ -62,7 +62,7 @@ def _cli(*args, **env):
 
 def test_cli_build_resume_add_info_search(tmp_path):
     pairs = make_pairs(tmp_path / "src", 40, bad=(3,))
-    more = make_pairs(tmp_path / "src2", 10, name="more.csv")
+    more = make_pairs(tmp_path / "src2", 10, name="more.csv", start=40)
     out = tmp_path / "mem"
     p = _cli("build-memory", "--pairs", pairs, "--out", out, "--model", "memory_testlib:fake32", "--chunk-size", 8,
              "--no-progress", RECO_REF_FAILPOINT="memory.chunk:2")
