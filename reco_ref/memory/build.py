@@ -246,7 +246,7 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
         t0 = time.perf_counter()
         if base:
             index = hnsw_load(base["root"] / f"{modality}.hnsw", dim, expect_count=n_old, expect_M=M,
-                              expect_ef_construction=efc, max_elements=n)
+                              expect_ef_construction=efc, max_elements=n, vectors=vecs[:n_old])
             hnsw_add(index, vecs[n_old:], n_old, num_threads=num_threads)
         else:
             index = hnsw_build(vecs, M=M, ef_construction=efc, num_threads=num_threads, seed=seed)
@@ -321,7 +321,7 @@ def check_out_dir(out: str | Path, *, resume: bool = False) -> None:
     names = {p.name for p in out.iterdir()}
     if names & {fmt.MANIFEST, fmt.BUILD_DIR, fmt.SHARDS}:
         return  # a memory, an interrupted build, or a sharded memory: the build decides (resume / refuse)
-    foreign = sorted(n for n in names if n != ".lock" and not n.startswith(".trash-build"))
+    foreign = sorted(n for n in names if n not in (".lock", fmt.COMMIT_LOCK) and not n.startswith(".trash-build"))
     if resume and all(n.startswith("shard_") for n in foreign):
         return  # an interrupted sharded build
     if foreign:
