@@ -279,8 +279,18 @@ class Memory:
 
     def failures(self) -> list[dict]:
         """The items that could not be encoded (item id, source, error)."""
-        text = (self.root / fmt.FAILURES).read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        path = self.root / fmt.FAILURES
+        out = []
+        try:
+            for lineno, line in enumerate(path.read_bytes().decode("utf-8").splitlines(), 1):
+                if line.strip():
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict):
+                        raise ValueError(f"line {lineno} is not a JSON object")
+                    out.append(rec)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise MemoryFormatError(f"{path}: not a failure log of JSON lines ({type(exc).__name__}: {exc})") from None
+        return out
 
     def info(self) -> dict:
         """Summary for ``reco-ref memory-info``."""
