@@ -152,8 +152,8 @@ def _decode_opened(img: Image.Image, name: str, max_pixels: int, exif_transpose:
         raise ImageDecodeError(f"{name}: empty image ({w}x{h})")
     if max(w, h) > max_aspect * min(w, h):
         raise ImageDecodeError(
-            f"{name}: {w}x{h} has an aspect ratio above {max_aspect:g}:1; resizing its short side to the encoder's "
-            "input would allocate far more than the image holds (crop it first)")
+            f"{name}: {w}x{h} has an aspect ratio above {max_aspect:g}:1 (refused: the shortest-side resize would "
+            "grow its long side without bound, and the centre crop would keep a sliver of it); crop it first")
     img.load()  # force the decode here: a truncated file fails now, with its name
     if exif_transpose:
         img = ImageOps.exif_transpose(img)
