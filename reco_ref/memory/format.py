@@ -83,8 +83,9 @@ def remove_tmp_files(folder: Path) -> None:
 # commit: staged files -> final names -> manifest
 # ----------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def commit_lock(root: Path, *, shared: bool, wait_s: float = READ_WAIT_S):
-    """Hold ``root/.commit.lock``: exclusive for a commit (blocks), shared for a reader (waits ``wait_s``).
+def commit_lock(root: Path, *, shared: bool, wait_s: float | None = None):
+    """Hold ``root/.commit.lock``: exclusive for a commit (blocks), shared for a reader (waits ``wait_s``,
+    default :data:`READ_WAIT_S`).
 
     Why: a commit renames the staged files one by one and writes the manifest last; a reader that
     opened in between would pair an old manifest with new files.  A reader takes the lock shared for the
@@ -110,7 +111,7 @@ def commit_lock(root: Path, *, shared: bool, wait_s: float = READ_WAIT_S):
         else:
             import time
 
-            deadline = time.monotonic() + wait_s
+            deadline = time.monotonic() + (READ_WAIT_S if wait_s is None else wait_s)
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -132,9 +133,10 @@ def commit_staged(root: Path, manifest: dict, files: list[str]) -> None:
     ``manifest["files"]`` must already describe the staged files (hash computed on the staged copies).
     """
     build = root / BUILD_DIR
-    atomic_write_json(build / COMMIT, {"files": files, "manifest": manifest})
-    failpoint("memory.commit")
-    roll_forward(root)
+    with commit_lock(root, shared=False):  # readers never see COMMIT.json of a live commit
+        atomic_write_json(build / COMMIT, {"files": files, "manifest": manifest})
+        failpoint("memory.commit")
+        _roll_forward_locked(root, build, build / COMMIT)
 
 
 def roll_forward(root: Path) -> bool:

@@ -151,9 +151,12 @@ def read_pairs_csv(path: str | Path, *, split: str | None = None, caption_templa
                 continue
             if any(r.get(c) is None for c in cols):
                 raise MemoryFormatError(f"{where(i)}: has fewer fields than the header ({len(cols)})")
-            items.append(_item(_image_path(base, r["file"], where(i), allow_outside),
-                               _caption(template.format(**r), where(i)), r["file"], _label(r["label"], where(i)),
-                               r["split"]))
+            try:
+                caption = template.format(**r)
+            except (ValueError, TypeError) as exc:  # e.g. "{label:d}": every field is text
+                raise MemoryFormatError(f"caption template {template!r} on {where(i)}: {exc} (fields are text)") from None
+            items.append(_item(_image_path(base, r["file"], where(i), allow_outside), _caption(caption, where(i)),
+                               r["file"], _label(r["label"], where(i)), r["split"]))
         if split is not None and not items:
             splits = sorted({str(r["split"]) for r in rows})
             raise MemoryFormatError(f"{path}: no rows with split {split!r} (splits present: {splits})")
