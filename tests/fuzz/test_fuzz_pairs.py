@@ -45,7 +45,7 @@ def _csv_bytes(header, rows, encoding, sep=","):
     return text.encode(encoding, errors="replace")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=st.sampled_from(HEADERS), rows=st.lists(st.lists(FIELD, min_size=0, max_size=6), max_size=6),
        encoding=st.sampled_from(ENCODINGS), template=st.sampled_from([None, "{class_name}", "{", "{x}", "{}", "a {label:d}",
                                                                       "{class_name.__class__}", "}{"]),
@@ -61,7 +61,7 @@ def test_csv_files(tmp_path_factory, header, rows, encoding, template, allow_out
         _check_items(value, d, allow_outside)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(st.one_of(
     st.fixed_dictionaries({"image": st.one_of(st.sampled_from(PATHS), st.integers(), st.none(), st.lists(st.integers()))},
                           optional={"caption": st.one_of(TEXT, st.integers(), st.none(), st.lists(TEXT)),
@@ -116,7 +116,12 @@ CLI_CASES = {
 }
 
 
-def test_cli_pairs_files_one_line_and_no_change(tmp_path):
+CLI_SLICE = ("latin1.csv", "label.csv", "outside.csv", "bom.csv", "empty_captions.csv")
+
+
+@pytest.mark.parametrize("names", [CLI_SLICE, pytest.param(tuple(CLI_CASES), marks=pytest.mark.slow)],
+                         ids=["slice", "all"])
+def test_cli_pairs_files_one_line_and_no_change(tmp_path, names):
     """Through the real CLI: each bad pairs file gives one line (or builds correctly), nothing changes."""
     from memory_testlib import make_pairs
 
@@ -125,7 +130,7 @@ def test_cli_pairs_files_one_line_and_no_change(tmp_path):
         (src / name).write_bytes(data)
     before = tree(tmp_path)
     outcomes = {}
-    for name in CLI_CASES:
+    for name in names:
         out = tmp_path / f"out_{name}"
         p = run_cli("build-memory", "--pairs", src / name, "--out", out, "--model", "memory_testlib:fake32",
                     "--no-progress")
@@ -133,6 +138,7 @@ def test_cli_pairs_files_one_line_and_no_change(tmp_path):
     assert_unchanged(before, tree(tmp_path), "pairs CLI")
     assert outcomes["bom.csv"] == "ok" and outcomes["empty_captions.csv"] == "ok"
     assert all(v == "error" for k, v in outcomes.items() if k not in ("bom.csv", "empty_captions.csv", "nul.csv"))
+    assert len(outcomes) == len(names)
     fail = (tmp_path / "out_empty_captions.csv" / "failures.jsonl").read_text()
     assert fail.count("no caption") == 2  # empty / whitespace captions are reported, never embedded
 
