@@ -345,16 +345,20 @@ def _duplicate_candidates(mem: Memory, items: list[dict]) -> dict[tuple, list[in
     wanted = {(it["source"], it["caption"]) for it in items}
     sources = sorted({src for src, _ in wanted})
     found: dict[tuple, list[int]] = {}
-    con = sqlite3.connect(f"file:{mem.root / fmt.META}?mode=ro", uri=True)
     try:
-        for lo in range(0, len(sources), 900):  # SQLite's bound-parameter limit
-            part = sources[lo:lo + 900]
-            q = f"SELECT row, source, caption FROM rows WHERE source IN ({','.join('?' * len(part))})"
-            for r, src, cap in con.execute(q, part):
-                if (src, cap) in wanted:
-                    found.setdefault((src, cap), []).append(int(r))
-    finally:
-        con.close()
+        con = sqlite3.connect(f"file:{mem.root / fmt.META}?mode=ro", uri=True)
+        try:
+            for lo in range(0, len(sources), 900):  # SQLite's bound-parameter limit
+                part = sources[lo:lo + 900]
+                q = f"SELECT row, source, caption FROM rows WHERE source IN ({','.join('?' * len(part))})"
+                for r, src, cap in con.execute(q, part):
+                    if (src, cap) in wanted:
+                        found.setdefault((src, cap), []).append(int(r))
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise MemoryFormatError(f"{mem.root / fmt.META}: damaged metadata database "
+                                f"({' '.join(str(exc).split())[:300]})") from None
     return found
 
 

@@ -339,7 +339,8 @@ def check_meta(path: Path, rows: int, con: sqlite3.Connection | None = None) -> 
         try:
             ok = con.execute("PRAGMA quick_check").fetchone()
             if not ok or ok[0] != "ok":
-                raise MemoryFormatError(f"{path}: damaged metadata database ({ok[0] if ok else 'no answer'})")
+                detail = " ".join(str(ok[0]).split()) if ok else "no answer"
+                raise MemoryFormatError(f"{path}: damaged metadata database ({detail[:300]})")
             cols = [r[1] for r in con.execute("PRAGMA table_info(rows)")]
             if tuple(cols) != META_COLUMNS:
                 raise MemoryFormatError(f"{path}: table rows has columns {cols}, expected {list(META_COLUMNS)}")
@@ -348,7 +349,7 @@ def check_meta(path: Path, rows: int, con: sqlite3.Connection | None = None) -> 
             if own:
                 con.close()
     except sqlite3.Error as exc:
-        raise MemoryFormatError(f"{path}: not a readable metadata database ({exc})") from exc
+        raise MemoryFormatError(f"{path}: not a readable metadata database ({' '.join(str(exc).split())})") from exc
     if n != rows or (rows and (lo, hi) != (0, rows - 1)):
         raise MemoryFormatError(f"{path}: holds {n} rows with ids {lo}..{hi}, manifest says {rows} rows 0..{rows - 1}")
 

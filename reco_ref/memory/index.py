@@ -10,6 +10,7 @@ the sharded search must reproduce exactly.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from pathlib import Path
@@ -104,7 +105,8 @@ def hnsw_header(path: Path, name: str | None = None) -> dict:
      efc) = struct.unpack("<QQQQQQiIQQQdQ", raw)
     dim4 = size_el - (maxM0 * 4 + 4) - 8
     if off0 != 0 or maxM0 != 2 * M or maxM != M or dim4 <= 0 or dim4 % 4 or off_data != maxM0 * 4 + 4 \
-            or label_off != off_data + dim4 or max_el < count or not 2 <= M <= 1 << 16:
+            or label_off != off_data + dim4 or max_el < count or not 2 <= M <= 1 << 16 \
+            or abs(mult - 1.0 / math.log(M)) > 1e-12:
         raise MemoryFormatError(f"{name}: not an hnswlib index header (M={M}, maxM0={maxM0}, size={size_el})")
     return {"count": int(count), "max_elements": int(max_el), "M": int(M), "ef_construction": int(efc),
             "dim": int(dim4 // 4), "size_el": int(size_el), "label_offset": int(label_off),
@@ -133,6 +135,9 @@ def check_hnsw_file(path: Path, *, dim: int, count: int, M: int, ef_construction
     for key, value in want.items():
         if h[key] != value:
             raise MemoryFormatError(f"{name}: index {key} is {h[key]}, manifest says {value}")
+    if h["max_elements"] != max(count, 1):  # hnswlib allocates max_elements slots at load: no more than needed
+        raise MemoryFormatError(f"{name}: index capacity {h['max_elements']}, expected {max(count, 1)} "
+                                "(a memory's indexes hold exactly its rows)")
     n, size_el, maxM0 = count, h["size_el"], 2 * M
     links_up = M * 4 + 4  # bytes of one upper-level list: u32 count + M ids
     size = Path(path).stat().st_size
@@ -177,6 +182,8 @@ def check_hnsw_file(path: Path, *, dim: int, count: int, M: int, ef_construction
         fh.seek(level0_end)
         tail = fh.read()
     pos, top_seen = 0, False
+    levels = np.zeros(n, np.int64)  # [n] top level of each element
+    upper: list[tuple[int, np.ndarray]] = []  # (element, its lists [level, 1+M]) for the level check below
     for i in range(n):
         if pos + 4 > len(tail):
             raise MemoryFormatError(f"{bad}: file ends inside the link lists (element {i})")
@@ -194,9 +201,16 @@ def check_hnsw_file(path: Path, *, dim: int, count: int, M: int, ef_construction
         if (c > M).any() or (lists[:, 0] >> 16).any() or (lists[:, 1:][np.arange(M)[None, :] < c[:, None]] >= n).any():
             raise MemoryFormatError(f"{bad}: element {i} has an upper-level neighbour list out of range")
         top_seen |= i == h["enterpoint"] and level == h["maxlevel"]
+        levels[i] = level
+        upper.append((i, lists))
         pos += ll
     if pos != len(tail):
         raise MemoryFormatError(f"{name}: {len(tail) - pos} trailing bytes after the last link list")
+    for i, lists in upper:  # a neighbour on level l must itself reach level l (hnswlib reads its level-l list)
+        for lev in range(1, lists.shape[0] + 1):
+            nb = lists[lev - 1, 1:1 + (lists[lev - 1, 0] & 0xFFFF)].astype(np.int64)
+            if (levels[nb] < lev).any():
+                raise MemoryFormatError(f"{bad}: element {i} links on level {lev} to an element that has no level {lev}")
     if n and h["maxlevel"] > 0 and not top_seen:
         raise MemoryFormatError(f"{bad}: the entry point is not on the top level {h['maxlevel']}")
 

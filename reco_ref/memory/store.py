@@ -270,11 +270,17 @@ class Memory:
             con.row_factory = sqlite3.Row
             wanted = sorted({r for r in flat if r >= 0})
             found = {}
-            for lo in range(0, len(wanted), 900):  # SQLite's bound-parameter limit
-                part = wanted[lo:lo + 900]
-                q = f"SELECT * FROM rows WHERE row IN ({','.join('?' * len(part))})"
-                for rec in con.execute(q, part):
-                    found[rec["row"]] = dict(rec)
+            try:
+                for lo in range(0, len(wanted), 900):  # SQLite's bound-parameter limit
+                    part = wanted[lo:lo + 900]
+                    q = f"SELECT * FROM rows WHERE row IN ({','.join('?' * len(part))})"
+                    for rec in con.execute(q, part):
+                        found[rec["row"]] = dict(rec)
+            except sqlite3.Error as exc:  # e.g. a caption that is no longer UTF-8: the file is damaged
+                raise MemoryFormatError(f"{self.root / fmt.META}: damaged metadata database "
+                                        f"({' '.join(str(exc).split())[:300]})") from None
+        if any(found.get(r) is None for r in wanted):
+            raise MemoryFormatError(f"{self.root / fmt.META}: rows missing from the metadata database")
         return [found.get(r) if r >= 0 else None for r in flat]
 
     def failures(self) -> list[dict]:
