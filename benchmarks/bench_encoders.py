@@ -4,7 +4,7 @@ Every number is reported with a ratio against a reference measured in the same r
 tower; fp32 for int8), because absolute rates on a shared machine are noisy.
 
     python3 -m pytest benchmarks/bench_encoders.py --benchmark-only -q      # pytest-benchmark
-    python3 benchmarks/bench_encoders.py                                      # one table (README numbers)
+    python3 benchmarks/bench_encoders.py                                      # one table (docs/encoders.md numbers)
 
 Measured:
 * ``image graph``  : preprocessed pixels -> embeddings (ONNX Runtime only)
@@ -205,7 +205,7 @@ if pytest is not None:
         benchmark.extra_info["items_per_s"] = batch / benchmark.stats.stats.min
 
     def test_ratios_same_run(enc):
-        """All rates and ratios measured back to back in one process (the numbers for the README)."""
+        """All rates and ratios measured back to back in one process (the numbers in docs/encoders.md)."""
         rows = run_all(quick=True)
         for name, rate, cpu_rate, ratio in rows:
             print(f"{name:34s} {rate:9.1f} /s  {cpu_rate:9.1f} /CPU-s   {ratio}")

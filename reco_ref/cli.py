@@ -8,6 +8,9 @@ says so.  ``--debug`` (anywhere on the line) or ``RECO_REF_DEBUG=1`` re-raises i
 Each room that offers verbs has a ``cli`` module with ``register(subparsers)``; it adds its
 sub-commands and sets ``func`` to a function taking the parsed ``argparse.Namespace`` and
 returning an exit code.  Logic lives in the library, never here.
+
+A room's verbs exist once its module is listed in :data:`VERB_MODULES` (one line). A listed module
+that does not exist is a packaging bug, so :func:`build_parser` raises instead of dropping the verbs.
 """
 
 from __future__ import annotations
@@ -19,13 +22,12 @@ import sys
 
 from .errors import RecoError
 
-# Rooms that contribute verbs, in the order they appear in --help.
+# Rooms that contribute verbs, in the order they appear in --help; every entry must exist.
 VERB_MODULES = (
     "reco_ref.encoders.cli",
     "reco_ref.memory.cli",
-    "reco_ref.fusion.cli",
-    "reco_ref.train.cli",
     "reco_ref.eval.cli",
+    "reco_ref.export.cli",
 )
 
 
@@ -38,10 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # room has no verbs (yet); anything else is a real import error
-                continue
+            if exc.name and (name + ".").startswith(exc.name + "."):  # the module (or its room) itself is missing
+                raise ModuleNotFoundError(f"reco_ref.cli.VERB_MODULES lists {name!r}, which does not exist; "
+                                          f"fix or remove that line", name=name) from exc  # fmt: skip
             raise
-        module.register(sub)
+        register = getattr(module, "register", None)
+        if not callable(register):
+            raise AttributeError(f"reco_ref.cli.VERB_MODULES lists {name!r}, which defines no register(subparsers)")
+        register(sub)
     for p in sub.choices.values():  # --debug is accepted after the verb too
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

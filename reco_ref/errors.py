@@ -47,3 +47,7 @@ class BackendUnavailableError(RecoError, ImportError):
 
     Also an :class:`ImportError`, so ``except ImportError`` around optional backends keeps working.
     """
+
+
+class DatasetError(RecoError):
+    """A dataset manifest (``file,label,class_name,split``) is unreadable, malformed, or lacks the asked split."""

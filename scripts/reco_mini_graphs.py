@@ -18,11 +18,13 @@ from typing import Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+TOOLS = ROOT / "scripts" / "tools"  # build-only tools (need the export extra), never in the reco_ref package
+for _p in (ROOT, TOOLS):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from reco_ref.encoders.config import ImageConfig  # noqa: E402
-from reco_ref.encoders.graphdef_to_onnx import graphdef_to_onnx, load_graphdef  # noqa: E402
+from graphdef_to_onnx import graphdef_to_onnx, load_graphdef  # noqa: E402
 from reco_ref.errors import ImageDecodeError  # noqa: E402
 
 TF_INPUT = "input"

@@ -10,8 +10,9 @@ Public API::
 
 Modules: ``config`` (encoder.json schema + validation), ``images`` (safe decoding), ``preprocess`` (CLIP-exact
 resize/crop/normalise), ``onnx_pair`` (sessions, checks, batching, pooling), ``hf_layout`` (configs for
-Hugging Face ONNX CLIP exports), ``export_clip`` (OpenCLIP/OpenAI CLIP -> ONNX pair; needs the ``clip-export``
-extra), ``cli`` (``reco-ref encode`` / ``reco-ref export-clip``).
+Hugging Face ONNX CLIP exports), ``stream`` (chunked, resumable encoding to .npy), ``cli`` (``reco-ref encode`` /
+``reco-ref hf-clip-config``). Only what runs at run time lives here: exporting a CLIP model to an ONNX pair is
+:mod:`reco_ref.export.clip` (needs torch), converting a TF GraphDef is ``scripts/tools/graphdef_to_onnx.py``.
 """
 
 from .config import EncoderConfig, ImageConfig, TextConfig, parse_config, read_config

@@ -1,4 +1,4 @@
-"""``reco-ref encode`` and ``reco-ref export-clip``: argument parsing only (logic: stream.py, export_clip.py)."""
+"""``reco-ref encode`` and ``reco-ref hf-clip-config``: argument parsing only (logic: stream.py, hf_layout.py)."""
 
 from __future__ import annotations
 
@@ -31,21 +31,6 @@ def register(sub) -> None:
     p.add_argument("--restart", action="store_true", help="discard the finished chunks of an interrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_encode)
-
-    e = sub.add_parser(
-        "export-clip",
-        help="export an OpenCLIP / OpenAI CLIP model to an ONNX encoder pair + encoder.json (needs the clip-export extra)",
-        description="Export open_clip.create_model(MODEL, pretrained=PRETRAINED) to OUT/{image.onnx,text.onnx,encoder.json}. "
-        "Needs torch and open_clip_torch (pip install 'reco_ref[clip-export]'); PRETRAINED is a tag open_clip "
-        "knows (fetched by open_clip into its cache) or a local checkpoint file.",
-    )
-    e.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-32")
-    e.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path (default: none = random init)")
-    e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--name", default=None, help="encoder name in encoder.json (default: derived from model/pretrained)")
-    e.add_argument("--opset", type=int_option(7, 30), default=17, help="ONNX opset (default 17)")
-    e.add_argument("--seed", type=int_option(0, 2**32 - 1), default=0, help="torch seed for random init (pretrained none)")
-    e.set_defaults(func=_export_clip)
 
     h = sub.add_parser(
         "hf-clip-config",
@@ -83,14 +68,6 @@ def _encode(args: argparse.Namespace) -> int:
         print(f"skipped: {err['message']}", file=sys.stderr)
     print(f"{args.out}: {meta['n_ok']} of {meta['n_items']} {kind} embedded with {meta['model']} "
           f"(dim {meta['dim']}, fingerprint {meta['fingerprint'][:12]}); {len(meta['errors'])} error(s)")
-    return 0
-
-
-def _export_clip(args: argparse.Namespace) -> int:
-    from .export_clip import export_open_clip
-
-    cfg = export_open_clip(args.model, args.pretrained, args.out, name=args.name, opset=args.opset, seed=args.seed)
-    print(f"{args.out}: exported {cfg['name']} (embed_dim {cfg['embed_dim']}); load it with reco_ref.encoders.load({args.out!r})")
     return 0
 
 

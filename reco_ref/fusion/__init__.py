@@ -1,6 +1,7 @@
 """The RECO fusion layer φ (spec §2): one pre-LN transformer encoder layer read out at the query token.
 
-Front door. Validates inputs once, then dispatches to a backend module by name:
+Front door. Validates inputs once, then dispatches to a backend module by name, found in the
+shared registry :mod:`reco_ref.backends` (the training losses use the same one):
 
 ===========  ==================================  ======================================
 backend      module                              install
@@ -38,7 +39,7 @@ Backend contract (``reference.py``, ``numba_cpu.py``, ``cuda/__init__.py`` are i
     ``cache`` is a ``dict`` (the front door adds the key ``"backend"`` to it).
 ``fusion_backward(params, cache, dout, *, return_input_grads=False) -> dict``
 InfoNCE (:mod:`reco_ref.train.losses` dispatches to the same modules):
-``infonce_forward(a, b, tau, *, max_scale=100.0) -> (loss: float, cache: dict)`` and
+``infonce_forward(a, b, tau, *, max_scale=MAX_SCALE) -> (loss: float, cache: dict)`` and
 ``infonce_backward(cache, dloss=1.0) -> (da, db, dtau: float)``.
 
 Masked neighbour slots may hold anything finite or not: where a mask is given, the front door
@@ -48,13 +49,13 @@ effect on the output or on the other gradients; its own input gradient is exactl
 
 from __future__ import annotations
 
-import importlib
 from typing import Mapping
 
 import numpy as np
 
+from ..backends import BACKENDS, backend_of_cache, get_backend
 from ..checks import check_array
-from ..errors import BackendUnavailableError, RecoError, ShapeError
+from ..errors import ShapeError
 from .params import (
     PARAM_NAMES,
     FusionConfig,
@@ -85,51 +86,6 @@ __all__ = [
     "get_backend",
     "check_params",
 ]
-
-#: backend name → (module, what to install when it is missing)
-BACKENDS = {
-    "numpy": ("reco_ref.fusion.reference", "nothing (NumPy and SciPy are runtime dependencies)"),
-    "numba": ("reco_ref.fusion.numba_cpu", "numba (a runtime dependency: python3 -m pip install -e .)"),
-    "cuda": ("reco_ref.fusion.cuda", 'the cuda extra: python3 -m pip install -e ".[cuda]" (numba-cuda) and a CUDA GPU/driver'),
-}
-
-
-def get_backend(name: str):
-    """Import and return the backend module called ``name`` (see :data:`BACKENDS`).
-
-    Raises
-    ------
-    ValueError
-        Unknown name.
-    ImportError
-        The module (or a package it needs) is not installed; the message names the extra.
-    """
-    if name not in BACKENDS:
-        raise BackendUnavailableError(f"fusion backend {name!r} unknown; expected one of {sorted(BACKENDS)}")
-    module, install = BACKENDS[name]
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        raise BackendUnavailableError(f"fusion backend {name!r} unavailable: importing {module} failed ({exc}); install {install}") from exc
-    missing = [f for f in ("fusion_forward", "fusion_backward") if not callable(getattr(mod, f, None))]
-    if missing:
-        raise BackendUnavailableError(f"fusion backend {name!r} unavailable: {module} does not define {missing} (incomplete install?); install {install}")
-    return mod
-
-
-
-def backend_of_cache(cache: dict, backend: str | None, made_by_fn: str) -> str:
-    """The backend a backward must run on: the one that made ``cache`` (asking for another is an error).
-
-    Caches hold backend-specific buffers (host arrays, device arrays), so a backward on another backend
-    would read the wrong layout; ``made_by_fn`` names the forward in the message.
-    """
-    if not isinstance(cache, dict):
-        raise RecoError(f"cache: expected the dict returned by {made_by_fn}, got {type(cache).__name__}")
-    made_by = cache.get("backend", "numpy")
-    if backend is not None and backend != made_by:
-        raise RecoError(f"backend: cache was made by backend {made_by!r}, backward asked for {backend!r}")
-    return made_by
 
 def _resolve_heads(params, heads, D: int) -> int:
     if heads is None:

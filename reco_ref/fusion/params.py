@@ -42,6 +42,7 @@ from ..io import atomic_save_npz, load_npz
 
 __all__ = [
     "PARAM_NAMES",
+    "adamw_decays",
     "FORMAT",
     "FORMAT_VERSION",
     "FusionConfig",
@@ -483,3 +484,16 @@ def load_param_set(path: str | os.PathLike) -> tuple[dict[str, FusionParams], di
         modules[prefix] = FusionParams({n: raw[f"{prefix}.{n}"] for n in PARAM_NAMES}, config)
     extras = {name: raw[name] for name in header["extras"]}
     return modules, extras
+
+
+def adamw_decays(name: str, p: np.ndarray, decay=None) -> bool:
+    """Whether weight decay applies to parameter ``name``.
+
+    ``decay`` is ``None`` (default: matrices only, ``ndim >= 2`` — LayerNorm, biases, type embeddings
+    and scalars like τ are not decayed), a collection of names, or a callable ``(name, array) -> bool``.
+    """
+    if decay is None:
+        return p.ndim >= 2
+    if callable(decay):
+        return bool(decay(name, p))
+    return name in decay

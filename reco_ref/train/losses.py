@@ -16,7 +16,8 @@ beyond never overflow. The clamp: when ``exp(τ) > max_scale`` the scale is the 
 
 Backends: ``backend="numpy"`` runs the code below; ``"numba"`` and ``"cuda"`` dispatch to
 ``infonce_forward / infonce_backward`` of :mod:`reco_ref.fusion.numba_cpu` / ``reco_ref.fusion.cuda``
-(same signature minus ``backend``; their cache must be a dict).
+(same signature minus ``backend``; their cache must be a dict), found through the registry
+:mod:`reco_ref.backends` that the fusion front door uses too.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import math
 import numpy as np
 
 from ..checks import check_array
-from ..errors import BackendUnavailableError, ShapeError
-from ..fusion import backend_of_cache
+from ..backends import backend_function, backend_of_cache
+from ..errors import ShapeError
+from ..fusion.constants import MAX_SCALE  # clamp of the scale s = exp(τ), shared with the backends
 
 __all__ = [
     "DEFAULT_TAU",
@@ -40,8 +42,6 @@ __all__ = [
 
 #: τ at initialisation: log(1/0.07), as CLIP (spec §3).
 DEFAULT_TAU = math.log(1.0 / 0.07)
-#: Clamp of the scale s = exp(τ) (spec §3, as CLIP).
-MAX_SCALE = 100.0
 
 
 def _check_tau(tau) -> float:
@@ -62,17 +62,6 @@ def _check_pair(a, b):
     if a.shape[0] == 0:
         raise ShapeError("a: batch size N is 0, expected at least one pair")
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
-
-
-def _backend_fn(backend: str, name: str):
-    """``name`` from the fusion backend module ``backend`` (same registry as :mod:`reco_ref.fusion`)."""
-    from ..fusion import BACKENDS, get_backend
-
-    fn = getattr(get_backend(backend), name, None)
-    if not callable(fn):
-        raise BackendUnavailableError(f"fusion backend {backend!r} unavailable: {BACKENDS[backend][0]} does not define {name}; "
-                          f"install {BACKENDS[backend][1]}")  # fmt: skip
-    return fn
 
 
 def _logsumexp(z, axis):
@@ -146,7 +135,7 @@ def infonce_forward(a, b, tau, *, max_scale=MAX_SCALE, backend="numpy"):
     if backend == "numpy":
         loss, cache = _infonce_forward_numpy(a, b, tau, max_scale)
     else:
-        loss, cache = _backend_fn(backend, "infonce_forward")(a, b, tau, max_scale=max_scale)
+        loss, cache = backend_function(backend, "infonce_forward")(a, b, tau, max_scale=max_scale)
         loss = float(loss)
     if isinstance(cache, dict):
         cache["backend"] = backend
@@ -182,7 +171,7 @@ def infonce_backward(cache, dloss=1.0, *, backend=None):
         raise ShapeError(f"dloss: expected a finite value, got {dloss}")
     if backend == "numpy":
         return _infonce_backward_numpy(cache, dloss)
-    da, db, dtau = _backend_fn(backend, "infonce_backward")(cache, dloss)
+    da, db, dtau = backend_function(backend, "infonce_backward")(cache, dloss)
     return da, db, float(dtau)
 
 

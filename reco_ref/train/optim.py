@@ -25,6 +25,10 @@ from ..errors import CheckpointError, ShapeError
 
 __all__ = ["adamw_init", "adamw_step", "adamw_decays", "lr_at"]
 
+# the decay rule is a property of the parameters (matrices vs vectors): fusion.params owns it, so the CUDA
+# AdamW kernel in fusion/cuda can use it without importing the train room
+from ..fusion.params import adamw_decays  # noqa: E402  (re-exported)
+
 
 def adamw_init(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Zero moments for every parameter and ``step = 0``.
@@ -42,19 +46,6 @@ def adamw_init(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         state["m." + name] = np.zeros_like(p)
         state["v." + name] = np.zeros_like(p)
     return state
-
-
-def adamw_decays(name: str, p: np.ndarray, decay=None) -> bool:
-    """Whether weight decay applies to parameter ``name``.
-
-    ``decay`` is ``None`` (default: matrices only, ``ndim >= 2`` — LayerNorm, biases, type embeddings
-    and scalars like τ are not decayed), a collection of names, or a callable ``(name, array) -> bool``.
-    """
-    if decay is None:
-        return p.ndim >= 2
-    if callable(decay):
-        return bool(decay(name, p))
-    return name in decay
 
 
 def adamw_step(

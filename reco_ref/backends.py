@@ -1,0 +1,102 @@
+"""The compute-backend registry: one name → one module, shared by fusion and training.
+
+A *backend* is a module implementing the kernels behind the front doors
+:func:`reco_ref.fusion.fusion_forward` / ``fusion_backward`` and
+:func:`reco_ref.train.losses.infonce_forward` / ``infonce_backward``, with the signatures of the
+NumPy reference (:mod:`reco_ref.fusion.reference`). Both front doors find backends here, so a name
+means the same module everywhere and a missing install gives the same one-line error.
+
+Registering a backend is one line in :data:`BACKENDS` (or one :func:`register_backend` call for a
+backend that lives outside this package). Modules are named, never imported here: this is a shared
+helper and imports no room until a backend is asked for (:func:`get_backend`).
+
+Example
+-------
+>>> from reco_ref.backends import get_backend
+>>> get_backend("numpy").__name__
+'reco_ref.fusion.reference'
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Callable, NamedTuple
+
+from .errors import BackendUnavailableError, RecoError
+
+__all__ = ["Backend", "BACKENDS", "register_backend", "get_backend", "backend_function", "backend_of_cache"]
+
+
+class Backend(NamedTuple):
+    """Where a backend lives and what to install when importing it fails."""
+
+    module: str  # dotted module path, imported on first use
+    install: str  # the install hint printed in the error
+
+
+#: backend name → :class:`Backend`; one line per backend.
+BACKENDS: dict[str, Backend] = {
+    "numpy": Backend("reco_ref.fusion.reference", "nothing (NumPy and SciPy are runtime dependencies)"),
+    "numba": Backend("reco_ref.fusion.numba_cpu", "numba (a runtime dependency: python3 -m pip install -e .)"),
+    "cuda": Backend("reco_ref.fusion.cuda", 'the cuda extra: python3 -m pip install -e ".[cuda]" (numba-cuda) and a CUDA GPU/driver'),
+}
+
+#: what every backend module must define (the fusion layer); other functions are asked for by name
+REQUIRED = ("fusion_forward", "fusion_backward")
+
+
+def register_backend(name: str, module: str, install: str) -> None:
+    """Add (or replace) the backend ``name`` implemented by the module path ``module``."""
+    if not name or not isinstance(name, str):
+        raise RecoError(f"backend name: expected a non-empty str, got {name!r}")
+    BACKENDS[name] = Backend(module, install)
+
+
+def get_backend(name: str, needs: tuple[str, ...] = REQUIRED) -> ModuleType:
+    """Import and return the backend module called ``name`` (see :data:`BACKENDS`).
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`BACKENDS`.
+    needs : tuple of str
+        Functions the module must define (default: the fusion layer's forward and backward).
+
+    Raises
+    ------
+    BackendUnavailableError
+        Unknown name, the module (or a package it needs) not installed, or a function in
+        ``needs`` missing; the message names the backend and what to install.
+    """
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"fusion backend {name!r} unknown; expected one of {sorted(BACKENDS)}")
+    module, install = BACKENDS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailableError(f"fusion backend {name!r} unavailable: importing {module} failed ({exc}); install {install}") from exc
+    missing = [f for f in needs if not callable(getattr(mod, f, None))]
+    if missing:
+        raise BackendUnavailableError(f"fusion backend {name!r} unavailable: {module} does not define {missing} (incomplete install?); install {install}")
+    return mod
+
+
+def backend_function(name: str, function: str) -> Callable:
+    """The function ``function`` of backend ``name`` (e.g. ``"infonce_forward"``); errors as :func:`get_backend`."""
+    return getattr(get_backend(name, needs=REQUIRED + (function,)), function)
+
+
+def backend_of_cache(cache: dict, backend: str | None, made_by_fn: str) -> str:
+    """The backend a backward must run on: the one that made ``cache`` (asking for another is an error).
+
+    Caches hold backend-specific buffers (host arrays, device arrays), so a backward on another backend
+    would read the wrong layout; ``made_by_fn`` names the forward in the message. A cache without a
+    ``"backend"`` key was made by the NumPy reference.
+    """
+    if not isinstance(cache, dict):
+        raise RecoError(f"cache: expected the dict returned by {made_by_fn}, got {type(cache).__name__}")
+    made_by = cache.get("backend", "numpy")
+    if backend is not None and backend != made_by:
+        raise RecoError(f"backend: cache was made by backend {made_by!r}, backward asked for {backend!r}")
+    return made_by

@@ -1,0 +1,179 @@
+"""The house rules of docs/architecture.md, read off the source with ``ast`` (no import needed, fast).
+
+* every module of ``reco_ref/`` belongs to a known room, and a room imports only the rooms listed for it
+  in ``MAY_IMPORT`` (the pipeline order tokenizers → encoders → memory → fusion → train → eval; fusion
+  imports neither memory nor encoders) plus the shared helpers, which import no room;
+* no import cycle between modules — counting imports inside functions too (a lazy import hides a loop,
+  it does not remove it);
+* the runtime never imports the build/export frameworks (``torch``, ``onnx``): only ``reco_ref/export/``
+  may, and only inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "reco_ref"
+
+#: top-level modules that are shared helpers (import no room) — ARCHITECTURE.md "shared helpers"
+SHARED = {"reco_ref", "reco_ref.errors", "reco_ref.io", "reco_ref.checks", "reco_ref.paths", "reco_ref.backends"}
+
+#: room → the rooms it may import (besides itself and the shared helpers)
+MAY_IMPORT = {
+    "tokenizers": set(),
+    "encoders": {"tokenizers"},
+    "memory": {"tokenizers", "encoders"},
+    "fusion": set(),
+    "train": {"fusion"},
+    "eval": {"tokenizers", "encoders", "memory", "fusion", "train"},
+    "classify": {"tokenizers", "encoders", "memory", "fusion", "train", "eval"},
+    "export": {"tokenizers", "encoders", "fusion", "train"},
+    "cli": {"tokenizers", "encoders", "memory", "fusion", "train", "eval", "classify", "export"},
+}
+
+#: known upward imports, each with its reason; an edge not listed here fails the test
+KNOWN_UPWARD: set[tuple[str, str]] = set()
+
+#: rooms whose internal import cycle is being removed by another change (issue 8 item 3: memory's
+#: store ⇄ shards); their cycles are reported by test_memory_cycle_is_still_known instead
+CYCLE_EXEMPT_ROOMS = {"memory"}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in PKG.rglob("*.py"):
+        parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = p
+    return mods
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> tuple[set[str], set[str]]:
+    """(reco_ref modules imported anywhere in the file, top-level names of other packages imported)."""
+    is_pkg = path.name == "__init__.py"
+    ours, theirs = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                top = a.name.split(".")[0]
+                if top == "reco_ref":
+                    ours.add(a.name)
+                else:
+                    theirs.add(top)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_pkg else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.split(".")[0] != "reco_ref":
+                theirs.add(mod.split(".")[0])
+                continue
+            for a in node.names:  # `from pkg import sub` imports the submodule when there is one
+                ours.add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in MODULES else mod)
+    return {m for m in ours if m in MODULES and m != name}, theirs
+
+
+GRAPH = {n: _imports(n, p)[0] for n, p in MODULES.items()}
+
+
+def room(module: str) -> str:
+    if module in SHARED:
+        return "shared"
+    if module == "reco_ref.demo":  # being moved into reco_ref/eval/ (issue 8 item 1)
+        return "eval"
+    parts = module.split(".")
+    if len(parts) == 2 and parts[1] == "cli":
+        return "cli"
+    return parts[1]
+
+
+def test_every_module_is_in_a_known_room():
+    unknown = sorted(m for m in MODULES if room(m) not in MAY_IMPORT and room(m) != "shared")
+    assert not unknown, f"modules outside the rooms of docs/architecture.md (add the room to MAY_IMPORT and the doc): {unknown}"
+
+
+def test_rooms_import_only_the_rooms_above_them():
+    bad = []
+    for mod, deps in GRAPH.items():
+        r = room(mod)
+        allowed = set() if r == "shared" else MAY_IMPORT[r] | {"shared"}
+        for dep in deps:
+            rd = room(dep)
+            if rd != r and rd not in allowed and (mod, dep) not in KNOWN_UPWARD:
+                bad.append(f"{mod} ({r}) imports {dep} ({rd})")
+    assert not bad, "imports against the room order:\n" + "\n".join(sorted(bad))
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    cycles = [c for c in _cycles(GRAPH) if not all(room(m) in CYCLE_EXEMPT_ROOMS for m in c)]
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_memory_cycle_is_still_known():
+    """Remove ``memory`` from CYCLE_EXEMPT_ROOMS once this fails (the loop is gone)."""
+    mem = [c for c in _cycles(GRAPH) if all(room(m) == "memory" for m in c)]
+    if not mem:
+        assert "memory" not in CYCLE_EXEMPT_ROOMS, "memory has no import cycle any more: drop it from CYCLE_EXEMPT_ROOMS"
+
+
+def test_runtime_never_imports_build_frameworks():
+    bad = []
+    for mod, path in MODULES.items():
+        if room(mod) == "export":
+            continue
+        heavy = _imports(mod, path)[1] & {"torch", "onnx", "open_clip", "tensorflow"}
+        if heavy:
+            bad.append(f"{mod}: {sorted(heavy)}")
+    assert not bad, "runtime modules importing build/export frameworks (move them to reco_ref/export or scripts/tools):\n" + "\n".join(bad)
+
+
+def test_export_imports_its_frameworks_lazily():
+    for mod, path in MODULES.items():
+        if room(mod) != "export":
+            continue
+        top = [n for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name.split(".")[0] for n in top for a in n.names} | {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
+        assert not names & {"torch", "onnx", "open_clip"}, f"{mod} imports a framework at module level: the CLI would need it to start"
