@@ -178,3 +178,16 @@ def test_crafted_nan_rows_and_sqlite(small_memory, tmp_path):
             assert rec["outcome"] == "error", (what, verify, rec)
             if what.startswith("nan"):
                 assert "NaN" in rec["msg"] or "differ" in rec["msg"], rec["msg"]
+
+
+def test_oversized_manifest(small_memory, tmp_path):
+    from reco_ref.errors import MemoryFormatError
+    from reco_ref.memory import Memory
+
+    case = tmp_path / "big"
+    shutil.copytree(small_memory[0], case)
+    with open(case / "manifest.json", "ab") as fh:
+        fh.truncate(65 << 20)  # sparse: 65 MiB of zeros after the JSON
+    with pytest.raises(MemoryFormatError, match="not a manifest"):
+        Memory.open(case)
+    record("memory files: oversized manifest", "error")

@@ -164,3 +164,10 @@ def test_cli_random_pairs_files(tmp_path, seed):
                 "--no-progress", *rnd.choice([[], ["--allow-outside-paths"], ["--caption-template", "{"]]))
     check_cli(p, "pairs: CLI build-memory")
     assert_unchanged(before, tree(tmp_path), "pairs CLI")
+
+
+def test_oversized_csv_field(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("image,caption\nimg/a.jpg," + "x" * (2 << 20) + "\n")
+    outcome, msg = call("pairs: CSV / manifest", read_pairs, path)
+    assert outcome == "error" and "field larger than field limit" in msg
