@@ -28,7 +28,7 @@ def _npy(header: str, body: bytes, version: bytes = b"\x01\x00") -> bytes:
     return b"\x93NUMPY" + version + len(h).to_bytes(2, "little") + h + body
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(descr=st.sampled_from(DESCRS), fortran=st.booleans(),
        shape=st.lists(st.one_of(st.integers(0, 8), st.sampled_from([2**31, 2**40, 2**62, -1])), max_size=3),
        body=st.integers(0, 300), raw=st.sampled_from(["", "{", "{'descr': '<f4'}", "1+1"]))

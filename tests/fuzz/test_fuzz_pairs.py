@@ -45,7 +45,7 @@ def _csv_bytes(header, rows, encoding, sep=","):
     return text.encode(encoding, errors="replace")
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=st.sampled_from(HEADERS), rows=st.lists(st.lists(FIELD, min_size=0, max_size=6), max_size=6),
        encoding=st.sampled_from(ENCODINGS), template=st.sampled_from([None, "{class_name}", "{", "{x}", "{}", "a {label:d}",
                                                                       "{class_name.__class__}", "}{"]),
@@ -61,7 +61,7 @@ def test_csv_files(tmp_path_factory, header, rows, encoding, template, allow_out
         _check_items(value, d, allow_outside)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(st.one_of(
     st.fixed_dictionaries({"image": st.one_of(st.sampled_from(PATHS), st.integers(), st.none(), st.lists(st.integers()))},
                           optional={"caption": st.one_of(TEXT, st.integers(), st.none(), st.lists(TEXT)),
