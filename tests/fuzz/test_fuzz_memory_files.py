@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fuzz_lib import COUNTS, flip_bit, record, run_py
+from fuzz_lib import assert_unchanged, flip_bit, record, run_py, tree
 
 from reco_ref.io import sha256_file
 
@@ -90,6 +90,16 @@ def make_cases(mem: Path, root: Path, n: int, seed: int, rehash: bool) -> list[t
 
 
 def _run(cases, verify: str) -> dict[str, dict]:
+    """Run the reader over every case; the case folders must be byte-identical afterwards (readers write nothing)."""
+    before = {str(c): tree(c) for c, _, _ in cases}
+    out = _run_batches(cases, verify)
+    for c, _, _ in cases:
+        assert_unchanged(before[str(c)], tree(c), str(c))
+        assert set(tree(c)) == set(before[str(c)]), f"{c}: a reader created files"
+    return out
+
+
+def _run_batches(cases, verify: str) -> dict[str, dict]:
     out = {}
     for lo in range(0, len(cases), 60):  # batches keep a crash's blast radius (and argv) small
         batch = [str(c) for c, _, _ in cases[lo:lo + 60]]
