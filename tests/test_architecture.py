@@ -26,7 +26,7 @@ MAY_IMPORT = {
     "encoders": {"tokenizers"},
     "memory": {"tokenizers", "encoders"},
     "fusion": set(),
-    "train": {"fusion"},
+    "train": {"memory", "fusion"},  # the loop retrieves from a memory (issue 9); memory never imports train
     "eval": {"tokenizers", "encoders", "memory", "fusion", "train"},
     "classify": {"tokenizers", "encoders", "memory", "fusion", "train", "eval"},
     "export": {"tokenizers", "encoders", "fusion", "train"},

@@ -1,23 +1,137 @@
-"""``reco-ref demo`` — parsing only; the work is :func:`reco_ref.demo.run_demo`."""
+"""``reco-ref demo``, ``reco-ref eval``, ``reco-ref query`` — parsing only; the work is in :mod:`reco_ref.eval`."""
 
 from __future__ import annotations
 
 import argparse
-
-
-def _run_demo(a: argparse.Namespace) -> int:
-    from ..demo import run_demo
-
-    run_demo(out_dir=a.out, data=a.data, k=a.k, backend=a.backend, seed=a.seed, quiet=a.quiet, limit=a.limit,
-             memory_limit=a.memory_limit, encoder=a.model, threads=a.threads)
-    return 0
+import json
+import math
+import sys
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def _number_in(lo: float, hi: float, lo_open: bool, what: str):
+    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` when ``lo_open``), else a usage error."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_nonnegative_float = _number_in(0.0, math.inf, False, "a finite number >= 0")
+_cosine = _number_in(-1.0, 1.0, True, "a cosine in (-1, 1]")
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def _run_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=a.out, data=a.data, k=a.k, backend=a.backend, seed=a.seed, quiet=a.quiet, limit=a.limit,
+             memory_limit=a.memory_limit, encoder=a.model, threads=a.threads, fusion=a.fusion)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def _eval_command(a: argparse.Namespace) -> str:
+    """The command line that reproduces this evaluation (options at their defaults left out; paths as given)."""
+    import shlex
+
+    parts = ["reco-ref", "eval", "--memory", a.memory, "--dataset", a.dataset, "--split", a.split]
+    for opt, value, default in (("--fusion", a.fusion, None), ("--mode", a.mode, "both"), ("--k", a.k, 10),
+                                ("--alpha", a.alpha, 1.0), ("--search", a.search, "uni"), ("--fuse", a.fuse, "cross"),
+                                ("--dup-threshold", a.dup_threshold, None), ("--templates", a.templates, None),
+                                ("--model", a.model, "reco-mini")):
+        if value != default:
+            parts += [opt, str(value)]
+    if a.exact:
+        parts.append("--exact")
+    return " ".join(shlex.quote(str(x)) for x in parts)
+
+
+def _run_eval(a: argparse.Namespace) -> int:
+    from .data import default_cache_dir
+    from .evaluate import evaluate_dataset
+    from .report import markdown_table, method_rows, write_report
+
+    say = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if (a.dataset is None) == (a.pairs is None):
+        from ..errors import RecoError
+
+        raise RecoError("give exactly one of --dataset MANIFEST.csv (zero-shot classification) or --pairs PAIRS.csv "
+                        "(image-text retrieval)")
+    if a.pairs is not None:
+        return _run_retrieval(a, say)
+    result = evaluate_dataset(a.memory, a.dataset, a.split, fusion=a.fusion, mode=a.mode, k=a.k, alpha=a.alpha,
+                              templates=a.templates, model=a.model, backend=a.backend,
+                              cache_dir=a.cache if a.cache is not None else default_cache_dir(), search=a.search,
+                              fuse=a.fuse, dup_threshold=a.dup_threshold, exact=a.exact, batch_size=a.batch_size,
+                              threads=a.threads, progress=not (a.quiet or a.no_progress), say=say)
+    result["command"] = _eval_command(a)
+    write_report(result, json_path=a.json, markdown_path=a.markdown, png_path=a.png)
+    if not a.quiet:
+        print(markdown_table(["method", "top1", "top5", "mean_per_class_recall"], method_rows(result)), end="")
+        print(f"k-NN vote labels: {result['knn_vote_labels']}")
+    return 0
+
+
+def _run_retrieval(a: argparse.Namespace, say) -> int:
+    from .data import default_cache_dir
+    from .evaluate import evaluate_pairs
+    from .report import RETRIEVAL_HEADER, markdown_table, retrieval_rows, write_retrieval_report
+
+    split = None if a.split in ("", "all") else a.split
+    r = evaluate_pairs(a.memory, a.pairs, split, fusion=a.fusion, k=a.k, alpha=a.alpha, model=a.model,
+                       backend=a.backend, cache_dir=a.cache if a.cache is not None else default_cache_dir(),
+                       search=a.search, fuse=a.fuse, exact=a.exact, batch_size=a.batch_size, threads=a.threads,
+                       progress=not (a.quiet or a.no_progress), say=say)
+    write_retrieval_report(r, json_path=a.json, markdown_path=a.markdown, png_path=a.png)
+    if not a.quiet:
+        print(markdown_table(RETRIEVAL_HEADER, retrieval_rows(r)), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- query
+def _run_query(a: argparse.Namespace) -> int:
+    from ..io import atomic_write_json
+    from .evaluate import query, read_class_names
+
+    if a.classes and a.class_names:
+        from ..errors import RecoError
+
+        raise RecoError("give --classes or --class-names, not both")
+    names = read_class_names(a.classes or a.class_names) if (a.classes or a.class_names) else None
+    r = query(a.memory, image=a.image, text=a.text, fusion=a.fusion, class_names=names, k=a.k, top=a.top,
+              templates=a.templates, model=a.model, backend=a.backend, threads=a.threads)
+    if a.json == "-":
+        print(json.dumps(r, indent=1, ensure_ascii=False))
+        return 0
+    if a.json:
+        atomic_write_json(a.json, r)
+    print(f"{r['modality']} query {r['query']!r}: {len(r['neighbours'])} neighbours in {r['memory']} "
+          f"(fusion {r['fusion']})")
+    for nb in r["neighbours"]:
+        print(f"  {nb['score']:.3f}  row {nb['row']:<7d} {str(nb['caption'])[:70]!r}  {nb['source']}")
+    if "frozen_top" in r:
+        refined = r.get("reco_top") or [None] * len(r["frozen_top"])
+        print(f"  {'frozen top classes':36s} {'refined (RECO) top classes' if r.get('reco_top') else ''}")
+        for f, g in zip(r["frozen_top"], refined):
+            right = f"{g['score']:.3f} {g['class'][:29]}" if g else ""
+            print(f"  {f['score']:.3f} {f['class'][:29]:30s} {right}")
+    return 0
 
 
 def register(subparsers) -> None:
@@ -37,5 +151,66 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the fusion init and the --data subsets")
     p.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
+    p.add_argument("--fusion", help="trained RECO weights .npz shown beside the untrained layers (default: the "
+                                    "shipped weights when present; 'none': untrained only)")
     p.add_argument("--quiet", action="store_true", help="print nothing (results.json is still written)")
     p.set_defaults(func=_run_demo)
+
+    e = subparsers.add_parser(
+        "eval", help="zero-shot classification of a dataset split with a memory: frozen / RECO / k-NN vote / surrogate",
+        description="Zero-shot classification of one split of a dataset manifest (file,label,class_name,split) with "
+                    "prompt templates, against a memory built by `reco-ref build-memory`; reports side by side the "
+                    "frozen encoder, RECO (trained fusion weights), the untrained surrogate normalize(v + α·mean of "
+                    "the neighbours' fed embeddings) and the k-NN label vote over the memory: top1, top5, "
+                    "mean_per_class_recall. Images that are memory rows themselves are excluded from their own "
+                    "retrieval.")
+    e.add_argument("--memory", required=True, help="memory directory (reco-ref build-memory)")
+    e.add_argument("--dataset", help="dataset manifest CSV (or its folder): zero-shot classification")
+    e.add_argument("--pairs", help="instead of --dataset: a pairs CSV (image,caption[,split]) for image↔text "
+                                   "retrieval, Recall@1/5/10 both directions")
+    e.add_argument("--split", default="test", help="split to evaluate (default test; with --pairs 'all' = every row)")
+    e.add_argument("--fusion", help="RECO weights .npz (default: the shipped weights of --model; 'none': no RECO row, "
+                                    "only the frozen encoder and the training-free references)")
+    e.add_argument("--mode", default="both", choices=("none", "image", "text", "both"),
+                   help="sides RECO and the surrogate enhance (default both; by_mode in the JSON has all four)")
+    e.add_argument("--k", "-k", type=_positive, default=10, help="neighbours per query, every method (default 10)")
+    e.add_argument("--alpha", type=_nonnegative_float, default=1.0, help="surrogate weight α (default 1.0)")
+    e.add_argument("--search", default="uni", choices=("uni", "cross"), help="RECO/surrogate search (default uni)")
+    e.add_argument("--fuse", default="cross", choices=("uni", "cross"), help="RECO/surrogate fusion (default cross)")
+    e.add_argument("--dup-threshold", type=_cosine, default=None,
+                   help="also drop memory rows with cosine >= this to the query (default off)")
+    e.add_argument("--templates", default=None,
+                   help="prompt template set: auto (by dataset name; default), flowers, birds, generic, single, or a "
+                        "file with one template per line ({} = class name)")
+    e.add_argument("--json", help="write the result JSON here")
+    e.add_argument("--markdown", help="write a Markdown table here")
+    e.add_argument("--png", help="write a PNG bar chart here")
+    e.add_argument("--backend", default="numpy", choices=("numpy", "numba", "cuda"), help="fusion backend")
+    e.add_argument("--cache", default=None, help="embedding cache folder (default $RECO_REF_CACHE; unset = none)")
+    e.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
+    e.add_argument("--exact", action="store_true", help="brute-force search instead of HNSW")
+    e.add_argument("--batch-size", type=_positive, default=1024, help="queries per retrieval+fusion batch")
+    e.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--quiet", action="store_true", help="print nothing (files are still written)")
+    e.set_defaults(func=_run_eval)
+
+    q = subparsers.add_parser(
+        "query", help="one image or text against a memory: neighbours, frozen and refined top classes",
+        description="Search a memory with one image file (image→image) or --text (text→text); print the "
+                    "neighbours with captions and scores and, with --classes/--class-names, the frozen and the "
+                    "RECO-refined top classes.")
+    q.add_argument("image", nargs="?", help="query image file (or use --text)")
+    q.add_argument("--text", help="query text instead of an image")
+    q.add_argument("--memory", required=True, help="memory directory")
+    q.add_argument("--fusion", help="RECO weights .npz (default: the shipped weights of --model; 'none': no refining)")
+    q.add_argument("--classes", help="dataset manifest whose class names to rank")
+    q.add_argument("--class-names", help="text file, one class name per line")
+    q.add_argument("--templates", default=None, help="template set or file for the class embeddings (default generic)")
+    q.add_argument("-k", "--k", type=_positive, default=10, help="neighbours (default 10)")
+    q.add_argument("--top", type=_positive, default=5, help="classes listed (default 5)")
+    q.add_argument("--json", help="write the result JSON here ('-' : JSON to stdout only)")
+    q.add_argument("--backend", default="numpy", choices=("numpy", "numba", "cuda"), help="fusion backend")
+    q.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
+    q.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
+    q.set_defaults(func=_run_query)

@@ -193,3 +193,199 @@ def own_rows(memory: Any, search_vectors: np.ndarray, *, threshold: float = SELF
     rows, scores, valid = memory.search(search_vectors, modality="image", k=1, exact=True)
     own = np.where(valid[:, 0] & (scores[:, 0] >= threshold), rows[:, 0], -1)
     return own.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------ demo datasets (reco-ref demo)
+#: prompt of the shipped clip-art sample and of dataset folders (one prompt per class in the demo)
+SHIPPED_PROMPT = "a drawing of a {}."
+DATA_PROMPT = "a photo of a {}."
+
+
+def balanced_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` rows spread evenly over the classes (seeded), in their original order.
+
+    Rows are ranked inside their class in a random (seeded) order; all rank-0 rows come first, then rank 1, ...,
+    so every class gets ``n // C`` or one more row while it has them.
+    """
+    if n >= labels.size:
+        return np.arange(labels.size)
+    perm = rng.permutation(labels.size)
+    rank = np.empty(labels.size, np.int64)  # rank of each row inside its class, in permuted order
+    for c in np.unique(labels):
+        members = perm[labels[perm] == c]
+        rank[members] = np.arange(members.size)
+    order = np.lexsort((np.argsort(perm), rank))  # by rank, then by permuted position
+    return np.sort(order[:n])
+
+
+def shipped_data() -> dict:
+    """The shipped sample (``weights/demo/pairs.csv``) as a demo dataset dict (keys: see :func:`manifest_data`)."""
+    from ..memory import read_pairs_csv
+    from ..paths import weights_file
+
+    pairs = weights_file("demo", "pairs.csv")
+    with open(pairs, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        cols = tuple(reader.fieldnames or ())
+    need = ("image", "caption", "category", "label", "split")
+    if any(c not in cols for c in need):
+        raise DatasetError(f"{pairs}: columns {list(cols)}, expected {', '.join(need)}")
+    names: dict[int, str] = {}
+    for r in rows:
+        if names.setdefault(int(r["label"]), r["category"]) != r["category"]:
+            raise DatasetError(f"{pairs}: label {r['label']} is both {names[int(r['label'])]!r} and "
+                               f"{r['category']!r}")
+    class_names = [names[i] for i in range(len(names))]
+    memory = read_pairs_csv(pairs, split="memory")
+    queries = read_pairs_csv(pairs, split="query")
+    return {"name": "weights/demo (OpenClipart sample)", "memory": memory, "queries": queries,
+            "query_labels": np.array([q["label"] for q in queries], np.int64), "class_names": class_names,
+            "prompt": SHIPPED_PROMPT}
+
+
+def _split_items(ds: Split, caption: str) -> list[dict]:
+    """Memory items (``reco_ref.memory`` pair dicts) of a split, captions ``caption.format(class_name)``."""
+    base = ds.manifest.parent.resolve()
+    return [{"image": f, "caption": caption.format(ds.class_names[y]), "source": os.path.relpath(f, base),
+             "label": int(y), "split": ds.split, "tags": None} for f, y in zip(ds.files, ds.labels)]
+
+
+def manifest_data(folder: str | os.PathLike, *, limit: int | None = 100, memory_limit: int | None = None,
+                  seed: int = 0) -> dict:
+    """A dataset folder holding ``manifest.csv`` as a demo dataset: ``train`` = memory, ``test`` = queries.
+
+    Parameters
+    ----------
+    folder : e.g. ``../shared/data/flowers102``
+    limit : queries taken from the ``test`` split (class-balanced, seeded); None = all
+    memory_limit : memory rows taken from the ``train`` split (class-balanced, seeded); None = all
+
+    Returns
+    -------
+    dict with ``name``, ``memory`` (items as :func:`reco_ref.memory.read_pairs`, captions
+    ``"a photo of a {class_name}."``), ``queries`` (items), ``query_labels`` int64 ``[Q]``, ``class_names``
+    (indexed by label), ``prompt``.
+
+    Raises
+    ------
+    FileNotFoundError  the folder or its manifest.csv is missing
+    DatasetError       what :func:`read_split` refuses (columns, labels, a missing train/test split)
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder {folder}: not a directory (expected a dataset folder holding "
+                                f"manifest.csv with columns {','.join(MANIFEST_COLUMNS)})")
+    if not (folder / "manifest.csv").is_file():
+        raise FileNotFoundError(f"data folder {folder}: no manifest.csv in it (expected columns "
+                                f"{','.join(MANIFEST_COLUMNS)})")
+    for name, value in (("limit", limit), ("memory_limit", memory_limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RecoError(f"{name}: expected a positive integer or None, got {value!r}")
+    train, test = read_split(folder, "train"), read_split(folder, "test")
+    rng = np.random.default_rng(seed)
+    memory = _split_items(train, DATA_PROMPT)
+    memory = [memory[i] for i in balanced_subset(train.labels, memory_limit or len(train), rng)]
+    keep = balanced_subset(test.labels, limit or len(test), rng)
+    queries = _split_items(test, DATA_PROMPT)
+    return {"name": str(folder), "memory": memory, "queries": [queries[i] for i in keep],
+            "query_labels": test.labels[keep], "class_names": list(train.class_names), "prompt": DATA_PROMPT}
+
+
+# ------------------------------------------------------------------------- memory rows → dataset classes
+def caption_classes(captions: list[str | None], class_names: list[str]) -> np.ndarray:
+    """The class each caption names, or -1: whole-word, case-insensitive; the longest name found wins, and a
+    caption naming two classes of which neither contains the other is ambiguous (-1).
+
+    Returns int64 [len(captions)].
+    """
+    import re
+
+    pats = [(c, re.compile(r"(?<!\w)" + re.escape(" ".join(name.lower().split())) + r"(?!\w)"))
+            for c, name in enumerate(class_names)]
+    memo: dict[str, int] = {}
+    out = np.full(len(captions), -1, np.int64)
+    for i, cap in enumerate(captions):
+        text = " ".join((cap or "").lower().split())
+        if text not in memo:
+            found = [c for c, p in pats if p.search(text)]
+            best = -1
+            if found:
+                longest = max(found, key=lambda c: len(class_names[c]))
+                lname = class_names[longest].lower()
+                if all(class_names[c].lower() in lname for c in found):
+                    best = longest
+            memo[text] = best
+        out[i] = memo[text]
+    return out
+
+
+def memory_class_labels(memory: Any, rows: np.ndarray, class_names: list[str],
+                        labels_by_source: dict[str, int] | None = None, *, min_agreement: float = 0.95
+                        ) -> tuple[np.ndarray | None, str]:
+    """Dataset class of each retrieved memory row, for the k-NN vote: ``(labels like rows, -1 = no vote; how)``.
+
+    The memory's ``label`` column is used when it can be tied to this dataset's classes: either the rows'
+    ``source`` is a file of the dataset's manifest carrying the same label (``labels_by_source``, relative path →
+    label), or the captions that name a class of the dataset agree with the label on >= ``min_agreement`` of
+    rows. A label column that cannot be tied (another dataset's numbering) is not used. Without a usable label
+    column, captions that name a class give it (:func:`caption_classes`); rows naming none cast no vote.
+    Where nothing maps, returns ``(None, reason)``: no vote rather than a silently wrong one.
+
+    Parameters
+    ----------
+    rows : int [N,k] memory row ids (−1 = empty slot)
+    class_names : the dataset's C classes (indexed by label)
+    labels_by_source : the dataset manifest's ``file`` → label, every split
+    """
+    rows = np.asarray(rows)
+    uniq = np.unique(rows[rows >= 0])
+    C = len(class_names)
+    if uniq.size == 0:
+        return None, "no memory row was retrieved"
+    meta = memory.metadata(uniq)
+    col = np.array([-1 if m is None or m["label"] is None else int(m["label"]) for m in meta], np.int64)
+    caps = [None if m is None else m["caption"] for m in meta]
+    from_caps = caption_classes(caps, class_names)
+    has = col >= 0
+    chosen: np.ndarray | None = None
+    how = ""
+    if has.any():
+        srcs = [None if m is None else m["source"] for m in meta]
+        by_src = np.array([-2 if labels_by_source is None or s not in labels_by_source else labels_by_source[s]
+                           for s in srcs], np.int64)
+        src_known = has & (by_src >= 0)
+        both = has & (from_caps >= 0)
+        if (col[has] >= C).any():
+            how = f"its label column has labels >= {C} (another dataset's numbering)"
+        elif src_known.sum() >= 0.5 * has.sum() and (col[src_known] == by_src[src_known]).all():
+            chosen, how = col, f"label column ({int(src_known.sum())} of {int(has.sum())} rows are files of the dataset " \
+                               "manifest with the same label)"
+        elif both.any() and (col[both] == from_caps[both]).mean() >= min_agreement:
+            agree = float((col[both] == from_caps[both]).mean())
+            chosen, how = col, (f"label column (checked against captions: {agree:.0%} of {int(both.sum())} rows "
+                                "naming a class agree)")
+        elif both.any():
+            how = (f"its label column disagrees with the class its captions name on "
+                   f"{float((col[both] != from_caps[both]).mean()):.0%} of rows (another dataset's numbering)")
+        else:
+            how = ("its label column cannot be tied to this dataset's classes (row sources are not files of the "
+                   "manifest and no caption names a class)")
+    else:
+        how = "the memory has no labels"
+    if chosen is None:
+        if (from_caps >= 0).any():
+            chosen = from_caps
+            how = (f"captions ({int((from_caps >= 0).sum())} of {uniq.size} retrieved rows name a class; "
+                   f"label column not used: {how})")
+        else:
+            return None, f"{how}, and no retrieved row's caption names a class of the dataset"
+    lut = np.full(int(uniq.max()) + 1, -1, np.int64)
+    lut[uniq] = chosen
+    return np.where(rows >= 0, lut[np.maximum(rows, 0)], -1), how
+
+
+def labels_by_source(manifest: str | os.PathLike) -> dict[str, int]:
+    """A dataset manifest's ``file`` (as written: what ``build-memory`` stores as a row's source) → label, every split."""
+    ds = read_split(manifest)  # validates the labels
+    return {r["file"]: int(y) for r, y in zip(read_manifest_rows(ds.manifest), ds.labels)}

@@ -4,6 +4,8 @@
   (``infonce_forward / infonce_backward``) and the three-term RECO loss
   (``reco_loss_forward / reco_loss_backward``); backends ``numpy | numba | cuda``.
 * :mod:`reco_ref.train.optim` — AdamW (decay on matrices only) and ``lr_at`` (linear warm-up, cosine).
+* :mod:`reco_ref.train.weights` — :class:`RecoWeights` (φ_I, φ_T, τ, meta), init / save / load / checks.
+* :mod:`reco_ref.train.refine` — ``refine(phi, memory, queries, modality, ...)``: retrieval + fusion, batched.
 """
 
 from .losses import (  # noqa: F401

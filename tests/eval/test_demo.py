@@ -1,4 +1,4 @@
-"""``reco-ref demo`` (reco_ref.demo): end to end on the shipped sample, the CLI verb, bad input, the shipped data.
+"""``reco-ref demo`` (reco_ref.eval.demo, re-exported as reco_ref.demo.run_demo): end to end on the shipped sample, the CLI verb, bad input, the shipped data.
 
 The end-to-end run uses the real embedded encoder (reco-mini) on ``weights/demo``; it takes ~10 s on 2 cores.
 """
@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 from reco_ref.cli import main
-from reco_ref.demo import _balanced, _figure, knn_vote, run_demo, zero_shot
+from reco_ref.demo import run_demo
+from reco_ref.eval.data import balanced_subset
+from reco_ref.eval.demo import figure
+from reco_ref.eval.metrics import knn_vote, zero_shot
 from reco_ref.errors import MemoryFormatError, RecoError
 from reco_ref.paths import weights_dir
 
@@ -35,10 +38,17 @@ def _pairs() -> list[dict]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """One verbose run of the demo on the shipped data: (results dict, printed report, out dir)."""
+    from reco_ref.encoders import load
+    from reco_ref.train.weights import init_reco_weights, save_reco_weights
+
     out = tmp_path_factory.mktemp("demo")
+    enc = load("reco-mini")
+    # "trained" weights that are the identity: the trained row must then equal the frozen one exactly
+    weights = tmp_path_factory.mktemp("w") / "identity.npz"
+    save_reco_weights(weights, init_reco_weights(enc.dim, meta={"encoder_fingerprint": enc.fingerprint}))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        results = run_demo(out_dir=out, k=10, seed=0)
+        results = run_demo(out_dir=out, k=10, seed=0, fusion=weights)
     return results, buf.getvalue(), out
 
 
@@ -91,6 +101,10 @@ def test_demo_fusion_is_identity_at_init(demo_run):
         assert term == pytest.approx(f["infonce_frozen"], rel=1e-5)
     assert f["reco_loss_init"] == pytest.approx(3 * f["infonce_frozen"], rel=1e-5)
     assert f["infonce_frozen"] > 0 and math.isfinite(f["infonce_frozen"])
+    # step 4b: the trained weights given (identity here) go through train.refine and give the frozen numbers
+    assert f["trained_weights"].endswith("identity.npz")
+    assert ev["zero_shot_reco_trained"] == ev["zero_shot_frozen"]
+    assert "RECO with trained φ" in demo_run[1]
 
 
 @needs_reco_mini
@@ -156,6 +170,8 @@ def test_run_demo_rejects_bad_arguments(tmp_path):
         run_demo(out_dir=tmp_path, k=0, quiet=True)
     with pytest.raises(RecoError, match="fusion backend.*'nope' unknown"):
         run_demo(out_dir=tmp_path, backend="nope", quiet=True)
+    with pytest.raises(FileNotFoundError, match="fusion weights not found"):
+        run_demo(out_dir=tmp_path / "w", fusion=tmp_path / "missing.npz", quiet=True)
     assert not (tmp_path / "memory").exists()
     (tmp_path / "manifest.csv").write_text("file,label,class_name,split\na.jpg,0,cat,train\nb.jpg,0,cat,test\n")
     with pytest.raises(RecoError, match="limit: expected a positive integer"):
@@ -190,19 +206,19 @@ def test_zero_shot_is_argmax_of_cosines():
 
 def test_balanced_subset_spreads_over_classes_and_is_seeded():
     labels = np.repeat(np.arange(5), [40, 3, 10, 10, 1])
-    a = _balanced(labels, 12, np.random.default_rng(0))
-    b = _balanced(labels, 12, np.random.default_rng(0))
+    a = balanced_subset(labels, 12, np.random.default_rng(0))
+    b = balanced_subset(labels, 12, np.random.default_rng(0))
     assert a.tolist() == b.tolist() and a.tolist() == sorted(a.tolist()) and len(set(a.tolist())) == 12
     counts = np.bincount(labels[a], minlength=5)  # ranks 0 and 1 of every class, then 3 of the 4 rank-2 rows
     assert counts[4] == 1 and set(counts[:4].tolist()) <= {2, 3} and counts.sum() == 12
-    assert _balanced(labels, 100, np.random.default_rng(0)).tolist() == list(range(labels.size))
+    assert balanced_subset(labels, 100, np.random.default_rng(0)).tolist() == list(range(labels.size))
 
 
 def test_figure_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import now raises ImportError
-    assert _figure(tmp_path / "f.png", [{"image": "x", "category": "c", "neighbours": []}], 5) is False
+    assert figure(tmp_path / "f.png", [{"image": "x", "category": "c", "neighbours": []}], 5) is False
     assert not (tmp_path / "f.png").exists()
 
 

@@ -1,0 +1,122 @@
+r"""Retrieval-enhance a batch of embeddings with a memory and a fusion module (spec §1–§2, inference).
+
+.. math::
+
+    \bar x = \varphi\big(x,\ \{ E^{M}_{\mathrm{fed}}[j] : j \in \mathrm{kNN}_{\mathrm{searched}}(x) \}\big)
+
+``search="uni"`` searches the query's own modality (image keys for images when the memory has them),
+``"cross"`` the other one; ``fuse="cross"`` feeds the other modality's embeddings of the retrieved rows,
+``"uni"`` the query's own. Retrieval is :func:`reco_ref.memory.retrieve`; the fusion is
+:func:`reco_ref.fusion.fusion_forward` on the chosen backend. Queries are processed ``batch_size`` at a
+time so memory use stays bounded.
+
+One case needs an index the memory does not store: a *text* query searched cross-modally against a memory
+whose image index holds search keys (``memory.key_dim`` set, e.g. reco-mini's 1024-d keys) — text
+embeddings live in the D-dim joint space, not the key space. That search then runs exactly (brute force)
+over the memory's image *embeddings* ``V^M``, with the same exclusion and padding rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..checks import check_array
+from ..errors import SearchError, ShapeError
+from ..fusion import fusion_forward
+from ..memory import retrieve, search_index
+from ..memory.index import ExactIndex
+
+__all__ = ["refine", "retrieve_for"]
+
+
+def retrieve_for(memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
+                 k: int = 10, search: str = "uni", fuse: str = "cross", exclude: Any = None,
+                 dup_threshold: Any = None, exact: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbours to feed φ for ``queries`` (one batch): ``(neighbours [N,k,D] f32, valid [N,k], rows [N,k])``.
+
+    ``search_queries`` ([N, Dk] image keys) is what a uni-modal image search uses on a memory with keys;
+    every other search uses ``queries`` themselves.
+    """
+    if query_modality not in ("image", "text"):
+        raise SearchError(f"query_modality: expected 'image' or 'text', got {query_modality!r}")
+    if search not in ("uni", "cross"):
+        raise SearchError(f"search: expected 'uni' or 'cross', got {search!r}")
+    if fuse not in ("uni", "cross"):
+        raise SearchError(f"fuse: expected 'uni' or 'cross', got {fuse!r}")
+    keyed = getattr(memory, "key_dim", None) is not None
+    if query_modality == "image" and search == "uni":
+        q = queries if search_queries is None else search_queries
+        return retrieve(memory, q, "image", search="uni", fuse=fuse, k=k, exclude=exclude,
+                        dup_threshold=dup_threshold, exact=exact)
+    if query_modality == "text" and search == "cross" and keyed:
+        # text query → image *embeddings* (the image index holds keys of another width): exact search.
+        rows, _, valid = search_index(ExactIndex(np.asarray(memory.image)), queries, k, exclude=exclude,
+                                      dup_threshold=dup_threshold, what=f"exact image-embedding index of {memory.root}")
+        fed = "text" if fuse == "uni" else "image"
+        return memory.embeddings(fed, rows), valid, rows
+    return retrieve(memory, queries, query_modality, search=search, fuse=fuse, k=k, exclude=exclude,
+                    dup_threshold=dup_threshold, exact=exact)
+
+
+def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
+           k: int = 10, search: str = "uni", fuse: str = "cross", exclude: Any = None, dup_threshold: Any = None,
+           backend: str = "numpy", batch_size: int = 1024, exact: bool = False
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Refined embeddings ``x̄ = φ(x, neighbours)`` for every query row, in batches.
+
+    Parameters
+    ----------
+    phi : FusionParams — φ_I for image queries, φ_T for text queries (``RecoWeights.phi(modality)``)
+    memory : Memory | ShardedMemory
+    queries : [N, D] — L2-normalised embeddings (the joint space; what φ refines)
+    query_modality : "image" | "text"
+    search_queries : [N, Dk], optional — image search keys for uni-modal image search on a memory with
+        ``key_dim`` (default: ``queries``)
+    k : neighbours per query
+    search, fuse : "uni" | "cross" (spec §1; default uni-modal search, cross-modal fusion)
+    exclude : int64 [N] own memory rows (−1 none), or [N, E] / list — dropped from the neighbours
+    dup_threshold : None (off), True (0.98) or a cosine — near-duplicates dropped
+    backend : "numpy" | "numba" | "cuda" (fusion)
+    batch_size : queries per retrieval + fusion call
+    exact : brute-force search instead of HNSW
+
+    Returns
+    -------
+    refined : float32 [N, D] — unit rows
+    rows : int64 [N, k] — retrieved memory rows (−1 where invalid)
+    valid : bool [N, k]
+    """
+    D = int(phi["ln1_gamma"].shape[0])
+    q = check_array("queries [N,D]", queries, ndim=2)
+    if q.shape[1] != D:
+        raise ShapeError(f"queries: embedding dim {q.shape[1]} does not match the fusion module's dim {D}")
+    n = q.shape[0]
+    sq = None
+    if search_queries is not None:
+        sq = check_array("search_queries [N,Dk]", search_queries, ndim=2)
+        if sq.shape[0] != n:
+            raise ShapeError(f"search_queries: {sq.shape[0]} rows, queries has {n}")
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ShapeError(f"batch_size: expected a positive int, got {batch_size!r}")
+    excl = None
+    if exclude is not None:
+        excl = np.asarray(exclude) if not isinstance(exclude, list) else exclude
+        if len(excl) != n:
+            raise ShapeError(f"exclude: {len(excl)} entries, queries has {n}")
+    dtype = phi["ln1_gamma"].dtype
+    refined = np.empty((n, D), np.float32)
+    rows = np.empty((n, k), np.int64)
+    valid = np.empty((n, k), bool)
+    for lo in range(0, n, int(batch_size)):
+        hi = min(n, lo + int(batch_size))
+        nb, ok, r = retrieve_for(memory, q[lo:hi], query_modality, search_queries=None if sq is None else sq[lo:hi],
+                                 k=k, search=search, fuse=fuse, exclude=None if excl is None else excl[lo:hi],
+                                 dup_threshold=dup_threshold, exact=exact)
+        out, _ = fusion_forward(phi, np.ascontiguousarray(q[lo:hi], dtype=dtype), nb.astype(dtype, copy=False), ok,
+                                backend=backend)
+        refined[lo:hi] = out
+        rows[lo:hi] = r
+        valid[lo:hi] = ok
+    return refined, rows, valid
