@@ -51,3 +51,38 @@ def check_array(
         bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
         raise ShapeError(f"{name}: contains {bad} NaN/inf value(s)")
     return a
+
+
+def check_int(name: str, value: object, lo: int, hi: int | None = None, error: type = ShapeError) -> int:
+    """``value`` as an int in ``[lo, hi]`` (``hi=None``: no upper bound), else ``error`` naming ``name``.
+
+    The one range check every numeric option goes through, at the CLI (:func:`int_option`) and at the
+    library function that receives it, so an out-of-range value never reaches a C extension (hnswlib
+    segfaults on ``M=0``) or an allocation sized by it.  Booleans and non-integral floats are refused.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
+            isinstance(value, float) and value.is_integer()):
+        raise error(f"{name}: expected an integer, got {value!r}")
+    v = int(value)
+    if v < lo or (hi is not None and v > hi):
+        want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise error(f"{name}: expected an integer {want}, got {v}")
+    return v
+
+
+def int_option(lo: int, hi: int | None = None):
+    """An argparse ``type=`` that parses an integer and checks it lies in ``[lo, hi]`` (one-line usage error)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        try:
+            return check_int("value", v, lo, hi)
+        except ShapeError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
+
+    parse.__name__ = "integer"
+    return parse

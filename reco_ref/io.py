@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -122,33 +122,99 @@ def atomic_save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], c
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Load every array of an ``.npz`` into memory, never unpickling.
+NPZ_MAX_RATIO = 100  # an .npz may declare at most this many times its own size (plus NPZ_SLACK) uncompressed
+NPZ_SLACK = 256 << 20
+
+
+def _npy_header(fh: Any, where: str) -> tuple[tuple[int, ...], np.dtype, int, str]:
+    """Read an ``.npy`` header from ``fh`` -> (shape, dtype, data bytes it promises, order); no data is read."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"format version {version} not supported")
+        shape, fortran, dtype = read(fh)  # a literal dict parsed by ast.literal_eval: never unpickles
+    except Exception as exc:  # numpy raises ValueError / EOFError / SyntaxError on mangled headers
+        raise RecoError(f"{where}: not a readable .npy header ({type(exc).__name__}: {exc})") from None
+    if dtype.hasobject:
+        raise RecoError(f"{where}: holds Python objects (dtype {dtype}); refusing: it would need pickle")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return tuple(int(d) for d in shape), dtype, count * dtype.itemsize, "F" if fortran else "C"
+
+
+def load_npz(path: str | os.PathLike, names: Iterable[str] | None = None,
+             max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Load the arrays of an ``.npz`` into memory, never unpickling, checking before decompressing.
+
+    Before any entry is decompressed: every entry name must be in ``names`` (when given) and end in
+    ``.npy``; each entry's ``.npy`` header must promise exactly its declared uncompressed size; and the
+    declared total must stay within ``max_bytes`` (default: ``NPZ_MAX_RATIO`` times the file's size plus
+    ``NPZ_SLACK``), so a small crafted file cannot make the reader allocate gigabytes.
 
     Raises
     ------
     FileNotFoundError
         If ``path`` does not exist.
     RecoError
-        If the file is not a readable npz or holds object arrays.
+        If the file is not a readable npz, holds unexpected entries or object arrays, or declares more
+        data than allowed.
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    allowed = None if names is None else {f"{n}.npy" for n in names}
+    limit = max_bytes if max_bytes is not None else NPZ_MAX_RATIO * path.stat().st_size + NPZ_SLACK
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            total = 0
+            for info in infos:
+                if not info.filename.endswith(".npy") or (allowed is not None and info.filename not in allowed):
+                    want = "" if allowed is None else f" (expected only {', '.join(sorted(allowed))})"
+                    raise RecoError(f"{path}: unexpected entry {info.filename!r}{want}")
+                total += info.file_size
+            if total > limit:
+                raise RecoError(f"{path}: entries declare {total} bytes uncompressed, more than the {limit} allowed "
+                                f"for a {path.stat().st_size}-byte file (a decompression bomb?)")
+            out = {}
+            for info in infos:
+                where = f"{path}[{info.filename}]"
+                with zf.open(info) as fh:
+                    shape, dtype, nbytes, order = _npy_header(fh, where)
+                    if fh.tell() + nbytes != info.file_size:
+                        raise RecoError(f"{where}: header promises {nbytes} data bytes for shape {shape}, the entry "
+                                        f"holds {info.file_size - fh.tell()}")
+                    data = bytearray(nbytes)  # writeable, exactly the promised size
+                    if fh.readinto(data) != nbytes:
+                        raise RecoError(f"{where}: entry ends before its {nbytes} data bytes")
+                out[info.filename[:-4]] = np.frombuffer(data, dtype=dtype).reshape(shape, order=order)
+            return out
+    except RecoError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise RecoError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+
+
+def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
+    """Load one ``.npy`` (memory-mapped read-only by default), never unpickling.
+
+    The header is checked against the file size first, so a crafted header cannot make the reader
+    allocate more than the file holds.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as exc:  # zipfile.BadZipFile is an OSError? no: handled below
-        raise RecoError(f"{path}: not a readable .npz without pickle ({exc})") from exc
-    except Exception as exc:  # zipfile.BadZipFile and friends
-        raise RecoError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from exc
-
-
-def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
-    """Load one ``.npy`` (memory-mapped read-only by default), never unpickling."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    with open(path, "rb") as fh:
+        shape, dtype, nbytes, _ = _npy_header(fh, str(path))
+        offset = fh.tell()
+    size = path.stat().st_size
+    if offset + nbytes != size:
+        raise RecoError(f"{path}: header promises {nbytes} data bytes for shape {shape} {dtype}, the file holds "
+                        f"{size - offset} (truncated or crafted)")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except Exception as exc:
@@ -162,3 +228,43 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def list_files(folder: str | os.PathLike, suffixes: Iterable[str]) -> list[Path]:
+    """Every file under ``folder`` (recursively, symlinks followed) whose suffix is in ``suffixes``, sorted.
+
+    Symbolic links are followed, but a link that leads back into a folder already on the walk (a loop)
+    raises :class:`RecoError` naming it instead of being skipped without a trace; a link with an
+    image suffix whose target is missing (broken, or a loop of file links) is listed, so the decoder
+    reports it as a failure with its name.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory")
+    want = {s.lower() for s in suffixes}
+    out: list[Path] = []
+
+    def walk(d: Path, seen: frozenset) -> None:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as exc:
+            raise RecoError(f"{d}: cannot list folder ({exc.strerror or exc})") from None
+        for e in entries:
+            p = Path(e.path)
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+            except OSError:  # ELOOP / too many levels: a loop of links
+                is_dir = False
+            if is_dir:
+                st = p.stat()
+                ident = (st.st_dev, st.st_ino)
+                if ident in seen:
+                    raise RecoError(f"{p}: symbolic link loop (leads back to a folder above it); remove the link "
+                                    "or point it elsewhere")
+                walk(p, seen | {ident})
+            elif p.suffix.lower() in want:
+                out.append(p)
+
+    st = root.stat()
+    walk(root, frozenset({(st.st_dev, st.st_ino)}))
+    return sorted(out)

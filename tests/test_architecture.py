@@ -17,7 +17,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "reco_ref"
 
 #: top-level modules that are shared helpers (import no room) — ARCHITECTURE.md "shared helpers"
-SHARED = {"reco_ref", "reco_ref.errors", "reco_ref.io", "reco_ref.checks", "reco_ref.paths", "reco_ref.backends"}
+SHARED = {"reco_ref", "reco_ref.errors", "reco_ref.io", "reco_ref.checks", "reco_ref.paths", "reco_ref.backends",
+          "reco_ref.failpoints"}
 
 #: room → the rooms it may import (besides itself and the shared helpers)
 MAY_IMPORT = {
@@ -35,9 +36,8 @@ MAY_IMPORT = {
 #: known upward imports, each with its reason; an edge not listed here fails the test
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 
-#: rooms whose internal import cycle is being removed by another change (issue 8 item 3: memory's
-#: store ⇄ shards); their cycles are reported by test_memory_cycle_is_still_known instead
-CYCLE_EXEMPT_ROOMS = {"memory"}
+#: rooms whose internal import cycle is tolerated (none: memory's store ⇄ shards loop is gone, issue 8 item 3)
+CYCLE_EXEMPT_ROOMS: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:
@@ -150,13 +150,6 @@ def test_no_import_cycles():
 def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
-
-
-def test_memory_cycle_is_still_known():
-    """Remove ``memory`` from CYCLE_EXEMPT_ROOMS once this fails (the loop is gone)."""
-    mem = [c for c in _cycles(GRAPH) if all(room(m) == "memory" for m in c)]
-    if not mem:
-        assert "memory" not in CYCLE_EXEMPT_ROOMS, "memory has no import cycle any more: drop it from CYCLE_EXEMPT_ROOMS"
 
 
 def test_runtime_never_imports_build_frameworks():

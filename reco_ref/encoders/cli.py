@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from ..checks import int_option
 
 
 def register(sub) -> None:
@@ -17,14 +20,14 @@ def register(sub) -> None:
         "its finished chunks when re-run with the same arguments.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", metavar="DIR|LIST", help="folder (recursive) or text file with one image path per line")
+    src.add_argument("--images", metavar="DIR|LIST|IMAGE", help="folder (recursive), text file with one image path per line, or one image file")
     src.add_argument("--texts", metavar="FILE", help="UTF-8 text file, one text per line")
     p.add_argument("--model", default="reco-mini", help="shipped encoder name or folder with encoder.json (default reco-mini)")
     p.add_argument("--out", required=True, help="output .npy")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--batch-size", type=int, default=None, help="graph batch (default 64 images / 256 texts)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="items per resumable chunk file (default 1024)")
-    p.add_argument("--max-pixels", type=int, default=None, help="largest accepted image (width*height); default from encoder.json (89,478,485)")
+    p.add_argument("--threads", type=int_option(1, 4096), default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--batch-size", type=int_option(1, 65_536), default=None, help="graph batch (default 64 images / 256 texts)")
+    p.add_argument("--chunk-size", type=int_option(1, 1 << 22), default=1024, help="items per resumable chunk file (default 1024)")
+    p.add_argument("--max-pixels", type=int_option(1, 1 << 40), default=None, help="largest accepted image (width*height); default from encoder.json (89,478,485)")
     p.add_argument("--restart", action="store_true", help="discard the finished chunks of an interrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_encode)
@@ -42,11 +45,20 @@ def register(sub) -> None:
 
 
 def _encode(args: argparse.Namespace) -> int:
+    from ..errors import RecoError
+    from .images import IMAGE_SUFFIXES
     from .onnx_pair import load
     from .stream import encode_to_file, read_image_list, read_text_lines
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise RecoError(f"--out {out}: is a folder; name the output .npy file")
+    if not out.parent.is_dir():
+        raise RecoError(f"--out {out}: its folder {out.parent} does not exist")
     enc = load(args.model, threads=args.threads, max_pixels=args.max_pixels)
-    if args.images:
+    if args.images and Path(args.images).is_file() and Path(args.images).suffix.lower() in IMAGE_SUFFIXES:
+        items, kind = [args.images], "images"  # one image file (not a list of paths)
+    elif args.images:
         items, kind = [str(p) for p in read_image_list(args.images)], "images"
     else:
         items, kind = read_text_lines(args.texts), "texts"

@@ -6,7 +6,12 @@ What can go wrong with user images, and what happens here:
 * truncated file (``image file is truncated``)    -> ImageDecodeError (the pixels are forced here, inside the
                                                      ``try``, not later in resize where the file name is lost)
 * decompression bomb: width*height > ``max_pixels`` -> ImageDecodeError, decided from the header BEFORE any
-                                                     pixel is decoded (OpenClipart has 100-230 MP images)
+                                                     pixel is decoded (OpenClipart has 100-230 MP images);
+                                                     Pillow's own guard is kept at or above ``max_pixels`` so
+                                                     this one decides, and its warning is silenced
+* extreme aspect ratio: long side > ``max_aspect`` (50) x short side -> ImageDecodeError from the header: a
+                                                     20000x1 PNG of 140 bytes would be resized to 224x4480000
+                                                     (3 GB) by the shortest-side resize
 * EXIF orientation                                  -> applied (``exif_transpose=True``), as a viewer shows it
 * modes: 1, L, P, LA, PA, RGBA, CMYK, YCbCr, I;16*, I, F -> 8-bit RGB; alpha is composited on white
   (``alpha="white"``) or dropped (``alpha="drop"`` = Pillow ``convert("RGB")``, what open_clip does)
@@ -18,6 +23,7 @@ indices that worked and ``(index, item, message)`` for the rest.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence, Union
 
@@ -25,9 +31,16 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import ImageDecodeError
+from ..io import list_files
 from .config import PIL_MAX_IMAGE_PIXELS
 
 ImageItem = Union[str, os.PathLike, Image.Image]
+MAX_ASPECT = 50  # long side / short side accepted; the resize of anything longer costs O(aspect) memory
+LIMIT_HINT = "--max-pixels on the command line, max_pixels= in Python"
+
+# Our header check (decode_image) is the guard; Pillow's warning between its limit and twice it would
+# only add a multi-line message to stderr for an image we refuse (or accept) anyway.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageError(NamedTuple):
@@ -52,7 +65,7 @@ def _to_8bit_rgb(img: Image.Image, alpha: str) -> Image.Image:
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # Pillow's convert("L") clips 16/32-bit values at 255 (a white image); scale the range down instead.
-        a = np.asarray(img, dtype=np.int64)  # [H,W]
+        a = np.asarray(img, dtype=np.float32)  # [H,W]; 4 B/pixel (exact below 2**24, enough for 8 bits out)
         top = 65535 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255
         a8 = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
         return Image.fromarray(a8, mode="L").convert("RGB")
@@ -76,6 +89,7 @@ def decode_image(
     max_pixels: int = PIL_MAX_IMAGE_PIXELS,
     exif_transpose: bool = True,
     alpha: str = "white",
+    max_aspect: float = MAX_ASPECT,
 ) -> Image.Image:
     """Open (if a path) and decode one image to an 8-bit RGB PIL image.
 
@@ -88,6 +102,8 @@ def decode_image(
         Rotate/flip by the EXIF orientation tag first.
     alpha : {"white", "drop"}
         How transparency becomes RGB.
+    max_aspect : float
+        Largest accepted long-side / short-side ratio; checked from the header before decoding.
 
     Raises
     ------
@@ -97,38 +113,47 @@ def decode_image(
     if not isinstance(item, (str, os.PathLike, Image.Image)):
         raise TypeError(f"image item: expected a path or a PIL.Image.Image, got {type(item).__name__}")
     name = describe(item)
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's guard must not be stricter than ours (one guard decides)
     try:
         if isinstance(item, Image.Image):
-            return _decode_opened(item, name, max_pixels, exif_transpose, alpha)
+            return _decode_opened(item, name, max_pixels, exif_transpose, alpha, max_aspect)
         path = Path(item)
         if not path.is_file():
+            if path.is_symlink():
+                raise ImageDecodeError(f"{name}: broken symbolic link (its target is missing, or links form a loop)")
             raise ImageDecodeError(f"{name}: no such image file")
         # Pillow checks its own guard in open(): between MAX_IMAGE_PIXELS and twice that it only warns (our
         # check below then decides), above it raises DecompressionBombError (converted below).  No
         # warnings.catch_warnings() here: it is not thread-safe, and this runs in decode threads.
         with Image.open(path) as img:
-            return _decode_opened(img, name, max_pixels, exif_transpose, alpha)
+            return _decode_opened(img, name, max_pixels, exif_transpose, alpha, max_aspect)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(
-            f"{name}: refused by Pillow's decompression-bomb guard ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
-            "as well as image.max_pixels to accept it"
+            f"{name}: refused by the decompression-bomb guard ({exc}); to accept it raise the pixel limit "
+            f"({LIMIT_HINT})"
         ) from None
     except (OSError, ValueError, SyntaxError, MemoryError, Image.UnidentifiedImageError, EOFError) as exc:
         # SyntaxError / EOFError are what some Pillow plugins raise on malformed headers
         raise ImageDecodeError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
-def _decode_opened(img: Image.Image, name: str, max_pixels: int, exif_transpose: bool, alpha: str) -> Image.Image:
+def _decode_opened(img: Image.Image, name: str, max_pixels: int, exif_transpose: bool, alpha: str,
+                   max_aspect: float = MAX_ASPECT) -> Image.Image:
     w, h = img.size
     if w * h > max_pixels:
         raise ImageDecodeError(
             f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-            "(decompression-bomb guard; raise image.max_pixels / --max-pixels to accept it)"
+            f"(decompression-bomb guard; to accept it raise the limit: {LIMIT_HINT})"
         )
     if w < 1 or h < 1:
         raise ImageDecodeError(f"{name}: empty image ({w}x{h})")
+    if max(w, h) > max_aspect * min(w, h):
+        raise ImageDecodeError(
+            f"{name}: {w}x{h} has an aspect ratio above {max_aspect:g}:1 (refused: the shortest-side resize would "
+            "grow its long side without bound, and the centre crop would keep a sliver of it); crop it first")
     img.load()  # force the decode here: a truncated file fails now, with its name
     if exif_transpose:
         img = ImageOps.exif_transpose(img)
@@ -169,9 +194,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def list_images(folder: str | os.PathLike, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[Path]:
-    """Every file under ``folder`` (recursively) with an image suffix, sorted by path (a stable order)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a directory")
-    want = {s.lower() for s in suffixes}
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in want)
+    """Every file under ``folder`` (recursively) with an image suffix, sorted by path (a stable order).
+
+    Broken links are listed (the decoder reports them); a folder-link loop is an error naming the link.
+    """
+    return list_files(folder, suffixes)

@@ -34,7 +34,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import ImageDecodeError
 from .config import ImageConfig
+from .images import MAX_ASPECT
 
 _CHANNELS = np.arange(3)
 
@@ -58,6 +60,9 @@ def resize_shortest(img: Image.Image, shortest: int, interpolation: str = "bicub
     size = resized_size(img.width, img.height, shortest)
     if size == img.size:
         return img
+    if size[0] * size[1] > shortest * shortest * MAX_ASPECT:  # the bound decode_image's aspect guard implies
+        raise ImageDecodeError(f"<PIL {img.mode} {img.width}x{img.height}>: would be resized to {size[0]}x{size[1]}, "
+                               f"more than {MAX_ASPECT}x the {shortest}x{shortest} input (aspect ratio too extreme)")
     return img.resize(size, RESAMPLE[interpolation])
 
 

@@ -149,7 +149,7 @@ def ablate_command(a: argparse.Namespace) -> dict:
     """``reco-ref ablate``: parse-level objects → :func:`run_ablation`."""
     from ..io import load_npy
     from ..memory import Memory
-    from ..memory.build import load_encoder
+    from ..memory.producers import load_encoder
     from ..train.commands import config_from_args
     from ..train.commands import sources_from_args, val_sets_from_args
     from .data import embed_split, read_split

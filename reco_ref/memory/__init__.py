@@ -2,30 +2,32 @@
 
 Front door::
 
-    from reco_ref.memory import Memory, build_memory, read_pairs, retrieve
+    from reco_ref.memory import open_memory, build_memory, read_pairs, retrieve
     items = read_pairs("pairs.csv")                       # or a dataset manifest / caption folder / .jsonl
     build_memory("mem/", items, reco_ref.encoders.load("reco-mini"), resume=True)
-    mem = Memory.open("mem/", encoder=enc)                # validates manifest, hashes, shapes, fingerprint
+    mem = open_memory("mem/", encoder=enc)                # validates manifest, hashes, shapes, fingerprint
     rows, scores, valid = mem.search(q, modality="image", k=10, exclude=self_rows, dup_threshold=True)
     neighbours, valid, rows = retrieve(mem, q, "image", search="uni", fuse="cross", k=10)
 
-Modules: :mod:`.format` (files, manifest, commit), :mod:`.sources` (pair readers), :mod:`.build`
-(chunks, resume, add), :mod:`.index` (hnswlib + brute force), :mod:`.search` (exclusion, masks, the
-four retrieval combinations), :mod:`.store` (:class:`Memory`), :mod:`.shards` (N shards, exact
-merge), :mod:`.dask_build` (shards built on a Dask cluster), :mod:`.estimate` (disk/RAM/time),
+Modules: :mod:`.format` (files, manifest, commit), :mod:`.sources` (pair readers), :mod:`.producers`
+(encoder / precomputed arrays -> chunk rows), :mod:`.build` (chunks, resume, add), :mod:`.index`
+(hnswlib + brute force), :mod:`.search` (exclusion, masks, the four retrieval combinations),
+:mod:`.store` (:class:`Memory`, one directory), :mod:`.shards` (N shards, exact merge),
+:mod:`.opener` (:func:`open_memory`: dispatches on the directory kind), :mod:`.dask_build` (shards built on a Dask cluster), :mod:`.estimate` (disk/RAM/time),
 :mod:`.synth` (benchmark vectors from real embeddings).
 """
 
 from .build import add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays
 from .estimate import estimate_build, format_estimate
 from .format import FORMAT_VERSION
+from .opener import memory_kind, open_memory
 from .search import DEFAULT_DUP_THRESHOLD, retrieve, search_index
 from .shards import ShardedMemory, write_shards_manifest
 from .sources import read_caption_folder, read_pairs, read_pairs_csv, read_pairs_jsonl
 from .store import Memory
 
 __all__ = [
-    "FORMAT_VERSION", "DEFAULT_DUP_THRESHOLD", "Memory", "ShardedMemory", "add_arrays_to_memory", "add_to_memory",
+    "FORMAT_VERSION", "DEFAULT_DUP_THRESHOLD", "Memory", "memory_kind", "open_memory", "ShardedMemory", "add_arrays_to_memory", "add_to_memory",
     "build_memory", "build_memory_from_arrays", "estimate_build", "format_estimate", "read_caption_folder",
     "read_pairs", "read_pairs_csv", "read_pairs_jsonl", "retrieve", "search_index", "write_shards_manifest",
 ]

@@ -23,7 +23,6 @@ Until the commit the existing memory stays valid and openable.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -37,165 +36,23 @@ import numpy as np
 from .. import __version__
 from ..errors import MemoryFormatError, ShapeError
 from ..io import atomic_open, atomic_path, atomic_save_npz, atomic_write_json, atomic_write_text, load_npy, load_npz
+from ..failpoints import failpoint
 from . import format as fmt
+from .estimate import estimate_build, format_estimate
 from .index import hnsw_add, hnsw_build, hnsw_load
+from .limits import check_option
+from .producers import DEFAULT_BATCH, NORM_TOL, ArrayProducer, EncoderProducer
 from .sources import items_digest
+from .store import Memory
 
 DEFAULT_CHUNK = 1024
-DEFAULT_BATCH = 64
 ESTIMATE_MIN_ITEMS = 5000  # builds at least this big print a disk/RAM/time estimate after their first chunk
-NORM_TOL = 1e-3  # precomputed arrays must be L2-normalised to this tolerance (or pass normalize=True)
 
 Log = Callable[[str], Any]
 
 
 def _silent(msg: str) -> None:
     pass
-
-
-def load_encoder(spec: Any, threads: int | None = None) -> Any:
-    """An encoder from a name/folder (``reco_ref.encoders.load``), a ``"module:factory"`` string, or a callable.
-
-    ``"module:factory"`` (e.g. a test double or a custom encoder) is imported and called with no
-    arguments; anything with ``encode_images`` is returned as is.  ``threads`` caps ONNX Runtime's
-    intra-op threads of a named encoder (Dask workers pass their share of the cores).  Dask workers call this so each one
-    builds its own encoder (its own ONNX session) from a picklable spec.
-    """
-    if hasattr(spec, "encode_images"):
-        return spec
-    if callable(spec):
-        return spec()
-    if isinstance(spec, str) and ":" in spec and not Path(spec).exists():
-        import importlib
-
-        mod, _, attr = spec.partition(":")
-        return getattr(importlib.import_module(mod), attr)()
-    from ..encoders import load
-
-    return load(spec) if threads is None else load(spec, threads=threads)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# producers: what turns a chunk of items into embeddings
-# ----------------------------------------------------------------------------------------------------------
-class EncoderProducer:
-    """Encodes a chunk of items with an encoder pair (``reco_ref.encoders.load(...)`` or a duck-typed twin).
-
-    Items whose caption is missing or whose image fails to decode become *failures* of the chunk,
-    with the encoder's error message; every other item becomes a row.
-    """
-
-    def __init__(self, encoder: Any, batch_size: int = DEFAULT_BATCH, text_batch_size: int = 256):
-        self.encoder = encoder
-        self.batch_size = int(batch_size)
-        self.text_batch_size = int(text_batch_size)
-        self.info = {"name": str(encoder.name), "fingerprint": str(encoder.fingerprint), "dim": int(encoder.dim),
-                     "key_dim": None if getattr(encoder, "key_dim", None) is None else int(encoder.key_dim)}
-        self.digest_extra = ""
-
-    def _images(self, paths: list[str]) -> tuple[np.ndarray, np.ndarray | None, list[int], list[tuple[int, str]]]:
-        """paths -> emb [m,D], keys [m,Dk] | None, ok positions, [(position, message)] for failures."""
-        enc = self.encoder
-        if self.info["key_dim"]:
-            out = enc.encode_images(paths, batch_size=self.batch_size, on_error="skip", with_keys=True)
-            if len(out) == 4:  # (emb, keys, ok, errors)
-                emb, keys, ok, errors = out
-            else:  # ((emb, keys), ok, errors)
-                (emb, keys), ok, errors = out
-        else:
-            emb, ok, errors = enc.encode_images(paths, batch_size=self.batch_size, on_error="skip")
-            keys = None
-        errs = []
-        for e in errors:  # ImageError(index, item, message) or any (index, ..., message) tuple
-            errs.append((int(e[0]), str(e[-1])))
-        return np.asarray(emb, np.float32), None if keys is None else np.asarray(keys, np.float32), \
-            [int(i) for i in ok], errs
-
-    def produce(self, items: list[dict], lo: int, offset: int) -> dict:
-        """Encode ``items`` (positions ``lo..`` of this run, item ids ``lo+offset..``) -> chunk arrays."""
-        first = lo + offset
-        D, Dk = self.info["dim"], self.info["key_dim"]
-        failed: list[tuple[int, str]] = []
-        with_caption = []
-        for i, it in enumerate(items):
-            if it.get("caption") is None:
-                failed.append((i, f"{it['source']}: no caption (missing sidecar .txt or empty caption field)"))
-            else:
-                with_caption.append(i)
-        paths = [items[i]["image"] for i in with_caption]
-        if paths:
-            img, keys, ok, errs = self._images(paths)
-        else:
-            img, keys, ok, errs = np.zeros((0, D), np.float32), None, [], []
-        failed += [(with_caption[p], msg) for p, msg in errs]
-        rows = [with_caption[p] for p in ok]  # positions in `items` of the encoded rows, ascending
-        if img.shape != (len(rows), D):
-            raise ShapeError(f"encoder {self.info['name']}: image embeddings {img.shape}, expected ({len(rows)}, {D})")
-        if rows:
-            txt = np.asarray(self.encoder.encode_texts([items[i]["caption"] for i in rows],
-                                                       batch_size=self.text_batch_size), np.float32)
-        else:
-            txt = np.zeros((0, D), np.float32)
-        if txt.shape != (len(rows), D):
-            raise ShapeError(f"encoder {self.info['name']}: text embeddings {txt.shape}, expected ({len(rows)}, {D})")
-        if keys is None and Dk:
-            raise ShapeError(f"encoder {self.info['name']}: key_dim {Dk} but no keys returned")
-        failed.sort()
-        out = {"item": np.asarray(rows, np.int64) + first, "image": img, "text": txt,
-               "failed_item": np.asarray([i for i, _ in failed], np.int64) + first,
-               "failed_error": np.asarray([m for _, m in failed], dtype=str)}
-        if Dk:
-            out["image_keys"] = keys
-        return out
-
-
-class ArrayProducer:
-    """Serves chunks of precomputed embedding arrays (``image [n,D]``, ``text [n,D]``, optional keys)."""
-
-    def __init__(self, image: np.ndarray, text: np.ndarray, *, keys: np.ndarray | None = None, name: str,
-                 fingerprint: str, normalize: bool = False):
-        if image.ndim != 2 or text.shape != image.shape:
-            raise ShapeError(f"embedding arrays: image {image.shape} and text {text.shape} must both be [n, D]")
-        if keys is not None and (keys.ndim != 2 or keys.shape[0] != image.shape[0]):
-            raise ShapeError(f"embedding arrays: image_keys {keys.shape} must be [n={image.shape[0]}, Dk]")
-        for nm, a in (("image", image), ("text", text), ("image_keys", keys)):
-            if a is not None and a.dtype not in (np.float16, np.float32, np.float64):
-                raise ShapeError(f"embedding array {nm}: dtype {a.dtype}, expected float16/32/64")
-        self.image, self.text, self.keys = image, text, keys
-        self.normalize = bool(normalize)
-        self.info = {"name": str(name), "fingerprint": str(fingerprint), "dim": int(image.shape[1]),
-                     "key_dim": None if keys is None else int(keys.shape[1])}
-        h = hashlib.sha256()  # the plan must pin the array contents, streamed so RAM stays bounded
-        for a in (image, text) + ((keys,) if keys is not None else ()):
-            for lo in range(0, a.shape[0], 65536):
-                h.update(np.ascontiguousarray(a[lo:lo + 65536]).tobytes())
-        self.digest_extra = h.hexdigest()
-
-    def _prep(self, name: str, a: np.ndarray, first: int) -> np.ndarray:
-        a = np.asarray(a, np.float32)
-        if not np.isfinite(a).all():
-            raise ShapeError(f"embedding array {name}: rows {first}..{first + len(a) - 1} hold NaN/inf")
-        norms = np.linalg.norm(a, axis=1)
-        if self.normalize:
-            if (norms == 0).any():
-                raise ShapeError(f"embedding array {name}: zero row near {first}; cannot L2-normalise")
-            return a / norms[:, None]
-        bad = np.abs(norms - 1) > NORM_TOL
-        if bad.any():
-            j = int(np.argmax(bad))
-            raise ShapeError(f"embedding array {name}: row {first + j} has L2 norm {norms[j]:.4f}, expected 1 "
-                             f"(tolerance {NORM_TOL}); pass normalize=True / --normalize to L2-normalise")
-        return a
-
-    def produce(self, items: list[dict], lo: int, offset: int) -> dict:
-        first, hi = lo, lo + len(items)
-        out = {"item": np.arange(first + offset, hi + offset, dtype=np.int64),
-               "image": self._prep("image", self.image[first:hi], first),
-               "text": self._prep("text", self.text[first:hi], first),
-               "failed_item": np.zeros(0, np.int64), "failed_error": np.zeros(0, dtype="<U1")}
-        if self.keys is not None:
-            out["image_keys"] = self._prep("image_keys", self.keys[first:hi], first)
-        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,6 +85,9 @@ def _check_plan(old: dict, new: dict, path: Path) -> None:
                 f"now {new.get(key)!r}). Resume with the same inputs and options, or delete {path.parent} "
                 "to start over"
             )
+
+
+_CHUNK_KEYS = ("item", "image", "text", "image_keys", "failed_item", "failed_error")
 
 
 def _chunk_path(build: Path, c: int) -> Path:
@@ -263,12 +123,30 @@ def _iter_base(a: np.ndarray | None, block: int = 65536) -> Iterable[np.ndarray]
 
 def _iter_chunks(build: Path, n_chunks: int, key: str) -> Iterable[np.ndarray]:
     for c in range(n_chunks):
-        yield load_npz(_chunk_path(build, c))[key]
+        yield load_npz(_chunk_path(build, c), names=_CHUNK_KEYS)[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the pipeline
 # ----------------------------------------------------------------------------------------------------------
+def _check_rows(out: dict, items: list[dict], lo: int, offset: int, encoder: str) -> None:
+    """Every row entering a memory is finite and unit-norm: the one guard for all producers.
+
+    A NaN row would otherwise be indexed and later handed to the fusion layer as a valid neighbour.
+    """
+    for key in ("image", "text", "image_keys"):
+        if key not in out:
+            continue
+        a = np.asarray(out[key], np.float32)  # [m, D]
+        norms = np.linalg.norm(a, axis=1) if a.size else np.zeros(0, np.float32)  # [m]
+        bad = ~np.isfinite(norms) | (np.abs(norms - 1) > NORM_TOL)
+        if bad.any():
+            j = int(np.argmax(bad))
+            item = int(out["item"][j])
+            raise ShapeError(f"encoder {encoder}: {key} embedding of item {item} ({items[item - offset - lo]['source']}) "
+                             f"has L2 norm {norms[j]:.4g}, expected 1 (finite, unit-norm rows only)")
+
+
 def _encode_chunks(build: Path, plan: dict, items: list[dict], producer: Any, progress: bool, log: Log) -> None:
     from tqdm import tqdm
 
@@ -286,6 +164,7 @@ def _encode_chunks(build: Path, plan: dict, items: list[dict], producer: Any, pr
         for c in todo:
             lo, hi = c * cs, min((c + 1) * cs, n)
             out = producer.produce(items[lo:hi], lo, plan["item_offset"])
+            _check_rows(out, items, lo, plan["item_offset"], plan["encoder"]["name"])
             for k in ("image", "text", "image_keys"):
                 if k in out:
                     out[k] = np.asarray(out[k], np.float32).astype(plan["dtype"])
@@ -293,14 +172,12 @@ def _encode_chunks(build: Path, plan: dict, items: list[dict], producer: Any, pr
             written += 1
             bar.update(hi - lo)
             if written == 1 and len(todo) > 1 and n >= ESTIMATE_MIN_ITEMS:
-                from .estimate import estimate_build, format_estimate
-
                 rate = (hi - lo) / max(time.perf_counter() - t0, 1e-9)
                 est = estimate_build(n, plan["encoder"]["dim"], key_dim=plan["encoder"]["key_dim"],
                                      dtype=plan["dtype"], M=plan["hnsw"]["M"],
                                      ef_construction=plan["hnsw"]["ef_construction"], encode_items_per_s=rate)
                 log(format_estimate(est))
-            fmt._kill_hook("chunk", written)
+            failpoint("memory.chunk", written)
     finally:
         bar.close()
 
@@ -321,7 +198,7 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
     new_rows: list[np.ndarray] = []
     failures: list[str] = []
     for c in range(n_chunks):
-        z = load_npz(_chunk_path(build, c))
+        z = load_npz(_chunk_path(build, c), names=_CHUNK_KEYS)
         new_rows.append(z["item"])
         for i, msg in zip(z["failed_item"].tolist(), z["failed_error"].tolist()):
             it = items[i - first_item]
@@ -369,7 +246,7 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
         t0 = time.perf_counter()
         if base:
             index = hnsw_load(base["root"] / f"{modality}.hnsw", dim, expect_count=n_old, expect_M=M,
-                              expect_ef_construction=efc, max_elements=n)
+                              expect_ef_construction=efc, max_elements=n, vectors=vecs[:n_old])
             hnsw_add(index, vecs[n_old:], n_old, num_threads=num_threads)
         else:
             index = hnsw_build(vecs, M=M, ef_construction=efc, num_threads=num_threads, seed=seed)
@@ -429,20 +306,107 @@ def _exclusive(root: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def check_out_dir(out: str | Path, *, resume: bool = False) -> None:
+    """Refuse to build at ``out`` when it is a file, or a non-empty folder that is not a memory.
+
+    A build writes files named ``image.npy``, ``manifest.json``, ... into ``out``; in a folder of the
+    user's own files it could replace one that happens to share a name, so it only goes into a new or
+    empty folder, a (partial) memory, or a sharded memory's folder.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MemoryFormatError(f"{out}: is a file; --out must name a new or empty folder for the memory")
+    if not out.is_dir():
+        return
+    names = {p.name for p in out.iterdir()}
+    if names & {fmt.MANIFEST, fmt.BUILD_DIR, fmt.SHARDS}:
+        return  # a memory, an interrupted build, or a sharded memory: the build decides (resume / refuse)
+    foreign = sorted(n for n in names if n not in (".lock", fmt.COMMIT_LOCK) and not n.startswith(".trash-build"))
+    if resume and all(n.startswith("shard_") for n in foreign):
+        return  # an interrupted sharded build
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise MemoryFormatError(f"{out}: folder is not empty and is not a memory (holds {shown}); build into a "
+                                "new or empty folder")
+
+
+def _same_input_added(mem: Memory, items: list[dict], digest: str) -> None:
+    """Refuse an add whose exact input (items digest) the memory's history already holds."""
+    for h in mem.manifest.get("history", []):
+        if h.get("items_sha256") == digest:
+            raise MemoryFormatError(
+                f"{mem.root}: these {len(items)} pairs were already added ({h.get('kind')} at {h.get('time')}); "
+                "adding them again would duplicate rows (pass --allow-duplicates / allow_duplicates=True to do it "
+                "anyway)")
+
+
+def _duplicate_candidates(mem: Memory, items: list[dict]) -> dict[tuple, list[int]]:
+    """Rows of ``mem`` whose (source, caption) equals that of an item to add: {(source, caption): [rows]}."""
+    wanted = {(it["source"], it["caption"]) for it in items}
+    sources = sorted({src for src, _ in wanted})
+    found: dict[tuple, list[int]] = {}
+    try:
+        con = sqlite3.connect(f"file:{mem.root / fmt.META}?mode=ro", uri=True)
+        try:
+            for lo in range(0, len(sources), 900):  # SQLite's bound-parameter limit
+                part = sources[lo:lo + 900]
+                q = f"SELECT row, source, caption FROM rows WHERE source IN ({','.join('?' * len(part))})"
+                for r, src, cap in con.execute(q, part):
+                    if (src, cap) in wanted:
+                        found.setdefault((src, cap), []).append(int(r))
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise MemoryFormatError(f"{mem.root / fmt.META}: damaged metadata database "
+                                f"({' '.join(str(exc).split())[:300]})") from None
+    return found
+
+
+def _refuse_duplicates(build: Path, plan: dict, items: list[dict], mem: Memory, cand: dict[tuple, list[int]]) -> None:
+    """A new row is a duplicate when a memory row has its source, caption AND bit-identical embeddings.
+
+    (Source and caption alone are not enough: two folders may both hold ``img/001.jpg``.)  On a refusal
+    the encoded chunks are discarded, so a re-run with ``allow_duplicates=True`` starts clean.
+    """
+    first, dups = plan["item_offset"], []
+    for c in range(plan["n_chunks"]):
+        z = load_npz(_chunk_path(build, c), names=_CHUNK_KEYS)
+        for j, i in enumerate(z["item"].tolist()):
+            it = items[i - first]
+            for r in cand.get((it["source"], it["caption"]), ()):
+                if np.array_equal(z["image"][j], mem.image[r]) and np.array_equal(z["text"][j], mem.text[r]):
+                    dups.append((it["source"], r))
+                    break
+    if dups:
+        shutil.rmtree(build, ignore_errors=True)
+        src, r = dups[0]
+        raise MemoryFormatError(
+            f"{mem.root}: {len(dups)} of the pairs to add are already in the memory (same source, caption and "
+            f"embeddings, e.g. {src!r} = row {r}); adding them would duplicate rows (pass --allow-duplicates / "
+            "allow_duplicates=True to do it anyway)")
+
+
 def _run(root: Path, kind: str, items: list[dict], producer: Any, **kw: Any) -> dict:
     root = Path(root)
+    if kind == "build":
+        check_out_dir(root, resume=kw.get("resume", False))
+    elif not root.is_dir():
+        raise MemoryFormatError(f"{root}: no such memory directory")
     with _exclusive(root):
         return _run_locked(root, kind, items, producer, **kw)
 
 
 def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resume: bool, chunk_size: int,
                 dtype: str, M: int, ef_construction: int, seed: int, num_threads: int | None, progress: bool,
-                item_offset: int, resume_hint: str | None, log: Log | None) -> dict:
+                item_offset: int, resume_hint: str | None, log: Log | None, allow_duplicates: bool = False) -> dict:
     log = log or _silent
     if dtype not in fmt.DTYPES:
         raise MemoryFormatError(f"dtype {dtype!r} not supported (expected one of {fmt.DTYPES})")
-    if chunk_size < 1:
-        raise MemoryFormatError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size, M, ef_construction = (check_option(k, v) for k, v in (
+        ("chunk_size", chunk_size), ("M", M), ("ef_construction", ef_construction)))
+    seed = check_option("seed", seed)
+    if num_threads is not None:
+        num_threads = check_option("threads", num_threads)
     root = Path(root)
     build = root / fmt.BUILD_DIR
     for trash in root.glob(".trash-build*"):
@@ -457,9 +421,8 @@ def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resu
 
     base = None
     base_sha = None
+    dup_candidates: dict = {}
     if kind == "add":
-        from .store import Memory
-
         mem = Memory.open(root, verify="size", allow_fingerprint_mismatch=True)
         if mem.fingerprint != producer.info["fingerprint"] or mem.dim != producer.info["dim"] \
                 or mem.key_dim != producer.info["key_dim"]:
@@ -481,6 +444,14 @@ def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resu
                 last.get("items_sha256") == items_digest(items) + producer.digest_extra:
             log(f"{root}: this add was already committed")
             return mem.manifest
+        if not allow_duplicates:
+            _same_input_added(mem, items, items_digest(items) + producer.digest_extra)
+            dup_candidates = _duplicate_candidates(mem, items)
+        if producer.info["name"] != mem.manifest["encoder"]["name"]:
+            # same fingerprint = same weights; the memory keeps the name it was built under
+            log(f"{root}: encoder name {producer.info['name']!r} differs from the memory's "
+                f"{mem.manifest['encoder']['name']!r} (same fingerprint); the memory keeps its name")
+            producer.info = dict(producer.info, name=mem.manifest["encoder"]["name"])
     elif (root / fmt.MANIFEST).is_file():
         if resume and not build.is_dir():
             log(f"{root}: already complete")
@@ -507,10 +478,12 @@ def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resu
         atomic_write_json(plan_path, plan)
 
     _encode_chunks(build, plan, items, producer, progress, log)
+    if dup_candidates:
+        _refuse_duplicates(build, plan, items, mem, dup_candidates)
     manifest, files = _stage(root, plan, items, base=base, num_threads=num_threads, log=log)
     if base is not None:
         del base  # release the memmaps of the files about to be replaced
-    fmt._kill_hook("staged")
+    failpoint("memory.staged")
     fmt.commit_staged(root, manifest, files)
     return manifest
 
@@ -580,28 +553,27 @@ def _finish_pending_commit(root: Path, resume: bool) -> None:
 
 def add_to_memory(root: str | Path, items: list[dict], encoder: Any, *, resume: bool = False,
                   chunk_size: int = DEFAULT_CHUNK, batch_size: int = DEFAULT_BATCH, num_threads: int | None = None,
-                  progress: bool = True, resume_hint: str | None = None, log: Log | None = None) -> dict:
+                  progress: bool = True, resume_hint: str | None = None, log: Log | None = None,
+                  allow_duplicates: bool = False) -> dict:
     """Append ``items`` to the memory at ``root`` (same encoder required); resumable and atomic like a build.
 
     New rows get ids ``len(memory)..``; the HNSW indexes are grown with ``resize_index`` and extended.
-    The memory's dtype and HNSW parameters are kept.
+    The memory's dtype, HNSW parameters and encoder name are kept.  Pairs the memory already holds
+    (the same input again, or rows with the same source and caption) are refused unless
+    ``allow_duplicates=True``.
     """
-    from .store import Memory
-
     _finish_pending_commit(Path(root), resume)
     dtype = Memory.open(root, verify=False, allow_fingerprint_mismatch=True).dtype
     return _run(Path(root), "add", items, EncoderProducer(encoder, batch_size), resume=resume, chunk_size=chunk_size,
                 dtype=dtype, M=16, ef_construction=200, seed=100, num_threads=num_threads, progress=progress,
-                item_offset=0, resume_hint=resume_hint, log=log)
+                item_offset=0, resume_hint=resume_hint, log=log, allow_duplicates=allow_duplicates)
 
 
 def add_arrays_to_memory(root: str | Path, image: np.ndarray, text: np.ndarray, *, name: str, fingerprint: str,
                          keys: np.ndarray | None = None, items: list[dict] | None = None, normalize: bool = False,
                          resume: bool = False, chunk_size: int = 65536, num_threads: int | None = None,
-                         progress: bool = True, log: Log | None = None) -> dict:
+                         progress: bool = True, log: Log | None = None, allow_duplicates: bool = False) -> dict:
     """Append precomputed embeddings to an existing memory (see :func:`build_memory_from_arrays`)."""
-    from .store import Memory
-
     _finish_pending_commit(Path(root), resume)
     mem = Memory.open(root, verify=False, allow_fingerprint_mismatch=True)
     n = image.shape[0]
@@ -611,5 +583,5 @@ def add_arrays_to_memory(root: str | Path, image: np.ndarray, text: np.ndarray, 
     producer = ArrayProducer(image, text, keys=keys, name=name, fingerprint=fingerprint, normalize=normalize)
     return _run(Path(root), "add", items, producer, resume=resume, chunk_size=chunk_size, dtype=mem.dtype, M=16,
                 ef_construction=200, seed=100, num_threads=num_threads, progress=progress, item_offset=0,
-                resume_hint=None, log=log)
+                resume_hint=None, log=log, allow_duplicates=allow_duplicates)
 

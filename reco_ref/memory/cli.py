@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..checks import int_option
+from .limits import LIMITS
+
+
+def _int(name: str):
+    """argparse type for the numeric option ``name``: its range from :data:`.limits.LIMITS`."""
+    return int_option(*LIMITS[name])
+
 
 def _build_args(p: argparse.ArgumentParser, *, add: bool = False) -> None:
     p.add_argument("--pairs", help="pairs CSV (image,caption), dataset manifest (file,label,class_name,split), "
@@ -13,9 +21,9 @@ def _build_args(p: argparse.ArgumentParser, *, add: bool = False) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--split", help="keep only rows of this split")
     p.add_argument("--caption-template", help='captions for a dataset manifest, e.g. "a photo of a {class_name}."')
-    p.add_argument("--chunk-size", type=int, help="items per atomic chunk (default 1024; 65536 for arrays)")
-    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size")
-    p.add_argument("--threads", type=int, help="hnswlib threads (default all cores)")
+    p.add_argument("--chunk-size", type=_int("chunk_size"), help="items per atomic chunk (default 1024; 65536 for arrays)")
+    p.add_argument("--batch-size", type=_int("batch_size"), default=64, help="encoder batch size")
+    p.add_argument("--threads", type=_int("threads"), help="hnswlib threads (default all cores)")
     p.add_argument("--image-embeddings", help="precomputed image embeddings .npy [n,D] (instead of encoding)")
     p.add_argument("--text-embeddings", help="precomputed text embeddings .npy [n,D]")
     p.add_argument("--image-keys", help="precomputed image search keys .npy [n,Dk] (optional)")
@@ -23,14 +31,21 @@ def _build_args(p: argparse.ArgumentParser, *, add: bool = False) -> None:
     p.add_argument("--encoder-fingerprint", help="fingerprint of that encoder (default: --model's)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise precomputed arrays")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-pixels", type=_int("max_pixels"),
+                   help="largest accepted image (width*height); default from the encoder's encoder.json")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="accept pairs whose image path is absolute or leaves the pairs file's folder (../)")
+    if add:
+        p.add_argument("--allow-duplicates", action="store_true",
+                       help="add pairs even if the memory already holds rows with the same source and caption")
     if not add:
         p.add_argument("--out", required=True, help="memory directory to create")
         p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="embedding storage")
-        p.add_argument("--M", type=int, default=16, help="HNSW M (default 16)")
-        p.add_argument("--ef-construction", type=int, default=200, help="HNSW ef_construction (default 200)")
-        p.add_argument("--shards", type=int, default=1, help="build N shards on Dask (default 1: no Dask)")
+        p.add_argument("--M", type=_int("M"), default=16, help="HNSW M (default 16)")
+        p.add_argument("--ef-construction", type=_int("ef_construction"), default=200, help="HNSW ef_construction (default 200)")
+        p.add_argument("--shards", type=_int("shards"), default=1, help="build N shards on Dask (default 1: no Dask)")
         p.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
-        p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default 2)")
+        p.add_argument("--workers", type=_int("workers"), default=2, help="LocalCluster workers (default 2)")
         p.add_argument("--estimate-only", action="store_true", help="print the disk/RAM/time estimate and stop")
 
 
@@ -41,7 +56,8 @@ def _common(a: argparse.Namespace) -> dict:
                 chunk_size=a.chunk_size, batch_size=a.batch_size, threads=a.threads,
                 image_embeddings=a.image_embeddings, text_embeddings=a.text_embeddings, image_keys=a.image_keys,
                 encoder_name=a.encoder_name, encoder_fingerprint=a.encoder_fingerprint, normalize=a.normalize,
-                progress=not a.no_progress, resume_hint=resume_hint_from_argv(sys.argv[1:]))
+                progress=not a.no_progress, resume_hint=resume_hint_from_argv(sys.argv[1:]), max_pixels=a.max_pixels,
+                allow_outside_paths=a.allow_outside_paths)
 
 
 def _run_build(a: argparse.Namespace) -> int:
@@ -54,7 +70,7 @@ def _run_build(a: argparse.Namespace) -> int:
 def _run_add(a: argparse.Namespace) -> int:
     from . import commands
 
-    return commands.add(memory=a.memory, **_common(a))
+    return commands.add(memory=a.memory, allow_duplicates=a.allow_duplicates, **_common(a))
 
 
 def _run_info(a: argparse.Namespace) -> int:
@@ -68,7 +84,8 @@ def _run_search(a: argparse.Namespace) -> int:
     from . import commands
 
     res = commands.search(memory=a.memory, text=a.text, image=a.image, modality=a.modality, k=a.k, exact=a.exact,
-                          ef=a.ef, model=a.model, allow_fingerprint_mismatch=a.allow_fingerprint_mismatch)
+                          ef=a.ef, model=a.model, allow_fingerprint_mismatch=a.allow_fingerprint_mismatch,
+                          max_pixels=a.max_pixels, verify=a.verify)
     print(commands.dumps(res))
     return 0
 
@@ -94,9 +111,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", nargs="+", help="text queries")
     p.add_argument("--image", nargs="+", help="image files as queries")
     p.add_argument("--modality", choices=("image", "text"), help="index searched (default: the query's)")
-    p.add_argument("-k", type=int, default=5, help="neighbours per query")
+    p.add_argument("-k", type=_int("k"), default=5, help="neighbours per query")
     p.add_argument("--exact", action="store_true", help="brute force instead of HNSW")
-    p.add_argument("--ef", type=int, help="HNSW beam width")
+    p.add_argument("--ef", type=_int("ef"), help="HNSW beam width")
     p.add_argument("--model", default="reco-mini", help="encoder (must match the memory's fingerprint)")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true", help="search anyway (debugging)")
+    p.add_argument("--max-pixels", type=_int("max_pixels"), help="largest accepted query image (width*height)")
+    p.add_argument("--verify", default="size", choices=("sha256", "size"),
+                   help="file check before searching: sizes + index structure (default; see docs/bad_inputs.md "
+                        "for what it skips) or full sha256 of every file")
     p.set_defaults(func=_run_search)

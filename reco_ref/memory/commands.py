@@ -13,12 +13,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import MemoryFormatError
+from ..errors import MemoryFormatError, SearchError, ShapeError
 from ..io import load_npy
-from .build import (add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays, load_encoder)
+from .build import add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays, check_out_dir
 from .estimate import estimate_build, format_estimate
+from .opener import open_memory
+from .producers import load_encoder
 from .sources import read_pairs
-from .store import Memory
 
 
 def _err(msg: str) -> None:
@@ -42,30 +43,41 @@ def estimate_for_items(items: list[dict], encoder: Any, *, sample: int = 32, dty
                           encode_items_per_s=rate)
 
 
-def _metadata_items(pairs: str | None, n: int, split: str | None, template: str | None) -> list[dict] | None:
+def _metadata_items(pairs: str | None, n: int, split: str | None, template: str | None,
+                    allow_outside_paths: bool = False) -> list[dict] | None:
     if not pairs:
         return None
-    items = read_pairs(pairs, split=split, caption_template=template)
+    items = read_pairs(pairs, split=split, caption_template=template, allow_outside=allow_outside_paths)
     if len(items) != n:
         raise MemoryFormatError(f"{pairs}: {len(items)} rows of metadata for {n} embedding rows")
     return items
 
 
+def _embeddings_file(path: str) -> np.ndarray:
+    """A precomputed embeddings ``.npy`` (memory-mapped): 2-D float, or an error naming the file."""
+    a = load_npy(path)
+    if a.ndim != 2 or a.dtype.kind != "f":
+        raise ShapeError(f"{path}: expected a 2-D float array [n, D] of embeddings, found {a.dtype} {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ShapeError(f"{path}: empty embeddings array {a.shape}")
+    return a
+
+
 def _array_inputs(image_embeddings: str | None, text_embeddings: str | None, image_keys: str | None,
                   model: str, encoder_name: str | None, encoder_fingerprint: str | None, pairs: str | None,
-                  split: str | None, template: str | None):
+                  split: str | None, template: str | None, allow_outside_paths: bool = False):
     """Precomputed arrays (memory-mapped) + their metadata rows + the encoder identity they claim.
 
     Returns ``(image [n,D], text [n,D], keys [n,Dk] | None, items | None, name, fingerprint)``.
     """
     if not (image_embeddings and text_embeddings):
         raise MemoryFormatError("--image-embeddings and --text-embeddings go together")
-    image, text = load_npy(image_embeddings), load_npy(text_embeddings)
-    keys = load_npy(image_keys) if image_keys else None
+    image, text = _embeddings_file(image_embeddings), _embeddings_file(text_embeddings)
+    keys = _embeddings_file(image_keys) if image_keys else None
     if encoder_fingerprint is None:
         enc = load_encoder(model)
         encoder_name, encoder_fingerprint = enc.name, enc.fingerprint
-    items = _metadata_items(pairs, image.shape[0], split, template)
+    items = _metadata_items(pairs, image.shape[0], split, template, allow_outside_paths)
     return image, text, keys, items, encoder_name or "unknown", encoder_fingerprint
 
 
@@ -76,14 +88,15 @@ def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resum
           image_embeddings: str | None = None, text_embeddings: str | None = None, image_keys: str | None = None,
           encoder_name: str | None = None, encoder_fingerprint: str | None = None, normalize: bool = False,
           estimate_only: bool = False, progress: bool = True, resume_hint: str | None = None,
-          log: Callable[[str], Any] = _err) -> int:
+          max_pixels: int | None = None, allow_outside_paths: bool = False, log: Callable[[str], Any] = _err) -> int:
     """``reco-ref build-memory``: from pairs (CSV / manifest / JSONL / caption folder) or from arrays."""
+    check_out_dir(out, resume=resume)
     common = dict(dtype=dtype, M=M, ef_construction=ef_construction, num_threads=threads, progress=progress,
                   resume_hint=resume_hint, log=log, resume=resume)
     if image_embeddings or text_embeddings:
         image, text, keys, items, encoder_name, encoder_fingerprint = _array_inputs(
             image_embeddings, text_embeddings, image_keys, model, encoder_name, encoder_fingerprint, pairs, split,
-            caption_template)
+            caption_template, allow_outside_paths)
         log(format_estimate(estimate_build(image.shape[0], image.shape[1], key_dim=None if keys is None else
                                            keys.shape[1], dtype=dtype, M=M, ef_construction=ef_construction)))
         if estimate_only:
@@ -95,10 +108,10 @@ def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resum
         return 0
     if not pairs:
         raise MemoryFormatError("build-memory needs --pairs (or --image-embeddings and --text-embeddings)")
-    items = read_pairs(pairs, split=split, caption_template=caption_template)
+    items = read_pairs(pairs, split=split, caption_template=caption_template, allow_outside=allow_outside_paths)
     if not items:
         raise MemoryFormatError(f"{pairs}: no pairs to build from")
-    encoder = load_encoder(model)
+    encoder = load_encoder(model, max_pixels=max_pixels)
     est = estimate_for_items(items, encoder, dtype=dtype, M=M, ef_construction=ef_construction)
     log(format_estimate(est))
     if estimate_only:
@@ -124,22 +137,24 @@ def add(*, memory: str, pairs: str | None = None, model: str = "reco-mini", resu
         batch_size: int = 64, threads: int | None = None, image_embeddings: str | None = None,
         text_embeddings: str | None = None, image_keys: str | None = None, encoder_name: str | None = None,
         encoder_fingerprint: str | None = None, normalize: bool = False, progress: bool = True,
-        resume_hint: str | None = None, log: Callable[[str], Any] = _err) -> int:
+        resume_hint: str | None = None, max_pixels: int | None = None, allow_outside_paths: bool = False,
+        allow_duplicates: bool = False, log: Callable[[str], Any] = _err) -> int:
     """``reco-ref memory-add``: append pairs (or arrays) to an existing memory."""
     if image_embeddings or text_embeddings:
         image, text, keys, items, encoder_name, encoder_fingerprint = _array_inputs(
             image_embeddings, text_embeddings, image_keys, model, encoder_name, encoder_fingerprint, pairs, split,
-            caption_template)
+            caption_template, allow_outside_paths)
         m = add_arrays_to_memory(memory, image, text, keys=keys, items=items, name=encoder_name,
                                  fingerprint=encoder_fingerprint, normalize=normalize, resume=resume,
-                                 chunk_size=chunk_size or 65536, num_threads=threads, progress=progress, log=log)
+                                 chunk_size=chunk_size or 65536, num_threads=threads, progress=progress, log=log,
+                                 allow_duplicates=allow_duplicates)
     else:
         if not pairs:
             raise MemoryFormatError("memory-add needs --pairs (or --image-embeddings and --text-embeddings)")
-        items = read_pairs(pairs, split=split, caption_template=caption_template)
-        m = add_to_memory(memory, items, load_encoder(model), resume=resume, chunk_size=chunk_size or 1024,
-                          batch_size=batch_size, num_threads=threads, progress=progress, resume_hint=resume_hint,
-                          log=log)
+        items = read_pairs(pairs, split=split, caption_template=caption_template, allow_outside=allow_outside_paths)
+        m = add_to_memory(memory, items, load_encoder(model, max_pixels=max_pixels), resume=resume,
+                          chunk_size=chunk_size or 1024, batch_size=batch_size, num_threads=threads, progress=progress,
+                          resume_hint=resume_hint, log=log, allow_duplicates=allow_duplicates)
     log(f"{memory}: now {m['counts']['rows']} rows ({m['counts']['failed']} failed items in total)")
     return 0
 
@@ -147,16 +162,26 @@ def add(*, memory: str, pairs: str | None = None, model: str = "reco-mini", resu
 def info(*, memory: str, verify: str = "sha256") -> dict:
     """``reco-ref memory-info``: validate and summarise a memory."""
     v: bool | str = {"sha256": True, "size": "size", "none": False}[verify]
-    return Memory.open(memory, verify=v, allow_fingerprint_mismatch=True).info()
+    return open_memory(memory, verify=v, allow_fingerprint_mismatch=True).info()
 
 
 def search(*, memory: str, text: list[str] | None = None, image: list[str] | None = None, modality: str | None = None,
            k: int = 5, exact: bool = False, ef: int | None = None, model: str = "reco-mini",
-           allow_fingerprint_mismatch: bool = False) -> list[list[dict]]:
+           allow_fingerprint_mismatch: bool = False, max_pixels: int | None = None,
+           verify: str = "size") -> list[list[dict]]:
     """``reco-ref memory-search``: embed text or image queries with ``model`` and list the neighbours."""
-    enc = load_encoder(model)
-    mem = Memory.open(memory, encoder=enc, verify="size", allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+    if text and image:
+        raise SearchError("memory-search takes --text or --image queries, not both")
+    enc = load_encoder(model, max_pixels=max_pixels)
+    mem = open_memory(memory, encoder=enc, verify={"sha256": True}.get(verify, verify),
+                      allow_fingerprint_mismatch=allow_fingerprint_mismatch)
     if text:
+        if modality == "image" and mem.key_dim:
+            raise SearchError(
+                f"{memory} indexes images by the encoder's image search keys (key_dim {mem.key_dim}), which text "
+                "queries cannot be compared with; search the text index (--modality text, the default for --text)")
+        if any(not t.strip() for t in text):
+            raise SearchError("--text: empty or whitespace-only query")
         q = np.asarray(enc.encode_texts(list(text)), np.float32)
         modality = modality or "text"
     elif image:

@@ -22,7 +22,8 @@ from typing import Any
 
 from ..errors import MemoryFormatError
 from . import format as fmt
-from .build import DEFAULT_CHUNK, build_memory, load_encoder
+from .build import DEFAULT_CHUNK, build_memory
+from .producers import load_encoder
 from .shards import ShardedMemory, write_shards_manifest
 
 _LOCAL = threading.local()  # encoder cache when a task runs outside a Dask worker

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from .index import ADD_BLOCK, hnsw_build
+
 NPY_HEADER = 128
 HNSW_HEADER = 96
 HNSW_RAM_EXTRA = 64  # per element in RAM beyond the file layout: label hash-map entry, mutex, level pointer
@@ -42,8 +44,6 @@ def hnsw_ram_bytes(n: int, dim: int, M: int) -> int:
 def calibrate_inserts_per_s(dim: int, M: int = 16, ef_construction: int = 200, threads: int | None = None,
                             n_cal: int = 2000, seed: int = 0) -> float:
     """Inserts per second of hnswlib on ``n_cal`` random unit vectors of ``dim`` (a small, quick index)."""
-    from .index import hnsw_build
-
     x = np.random.default_rng(seed).standard_normal((n_cal, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     t0 = time.perf_counter()
@@ -72,8 +72,6 @@ def estimate_build(n_items: int, embed_dim: int, *, key_dim: int | None = None, 
     if key_dim:
         disk["image_keys.npy"] = NPY_HEADER + n * key_dim * item
     chunk_bytes = 2 * chunk_size * (2 * embed_dim + (key_dim or 0)) * 4  # float32 chunk + its cast copy
-    from .index import ADD_BLOCK
-
     ram_index = max(hnsw_ram_bytes(n, key_dim or embed_dim, M), hnsw_ram_bytes(n, embed_dim, M))
     ram_peak = ram_index + min(n, ADD_BLOCK) * max(key_dim or 0, embed_dim) * 4 + chunk_bytes
     if inserts_per_s is None and n > 0:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MemoryFormatError
+from ..failpoints import failpoint
 from ..io import TMP_PREFIX, atomic_write_json, fsync_dir, sha256_file
 
 FORMAT_VERSION = 1
@@ -51,6 +52,9 @@ FAILURES = "failures.jsonl"
 BUILD_DIR = ".build"
 COMMIT = "COMMIT.json"
 SHARDS = "shards.json"
+COMMIT_LOCK = ".commit.lock"  # readers hold it shared while they open; a commit holds it exclusively
+READ_WAIT_S = 10.0  # how long a reader waits for a commit in progress before saying so
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KB; a bigger file is not one (and is not read into RAM)
 
 DTYPES = ("float16", "float32")
 # Keys every manifest must hold; validate_manifest checks each (name, type).
@@ -78,15 +82,61 @@ def remove_tmp_files(folder: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # commit: staged files -> final names -> manifest
 # ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def commit_lock(root: Path, *, shared: bool, wait_s: float | None = None):
+    """Hold ``root/.commit.lock``: exclusive for a commit (blocks), shared for a reader (waits ``wait_s``,
+    default :data:`READ_WAIT_S`).
+
+    Why: a commit renames the staged files one by one and writes the manifest last; a reader that
+    opened in between would pair an old manifest with new files.  A reader takes the lock shared for the
+    moment it opens (manifest, arrays, descriptors of every file) and then holds a consistent snapshot.
+    Readers that cannot create the lock file (read-only memory) and non-POSIX systems go without it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = root / COMMIT_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644) if not shared else os.open(path, os.O_RDONLY)
+    except OSError:
+        if not shared:
+            raise
+        yield  # no lock file (older memory, read-only folder): nothing to coordinate with
+        return
+    try:
+        if not shared:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            import time
+
+            deadline = time.monotonic() + (READ_WAIT_S if wait_s is None else wait_s)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise MemoryFormatError(
+                            f"{root}: being modified (a build or memory-add is committing its files right now); "
+                            "try again when it has finished") from None
+                    time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
 def commit_staged(root: Path, manifest: dict, files: list[str]) -> None:
     """Move ``.build/staged/<f>`` over ``root/<f>`` for every f, then write the manifest (see module doc).
 
     ``manifest["files"]`` must already describe the staged files (hash computed on the staged copies).
     """
     build = root / BUILD_DIR
-    atomic_write_json(build / COMMIT, {"files": files, "manifest": manifest})
-    _kill_hook("commit")
-    roll_forward(root)
+    with commit_lock(root, shared=False):  # readers never see COMMIT.json of a live commit
+        atomic_write_json(build / COMMIT, {"files": files, "manifest": manifest})
+        failpoint("memory.commit")
+        _roll_forward_locked(root, build, build / COMMIT)
 
 
 def roll_forward(root: Path) -> bool:
@@ -95,6 +145,12 @@ def roll_forward(root: Path) -> bool:
     commit = build / COMMIT
     if not commit.is_file():
         return False
+    with commit_lock(root, shared=False):
+        _roll_forward_locked(root, build, commit)
+    return True
+
+
+def _roll_forward_locked(root: Path, build: Path, commit: Path) -> None:
     spec = json.loads(commit.read_text())
     staged = build / "staged"
     for i, name in enumerate(spec["files"]):
@@ -103,9 +159,9 @@ def roll_forward(root: Path) -> bool:
             os.replace(src, root / name)
             fsync_dir(root)
         if i == 0:
-            _kill_hook("commit-move")
+            failpoint("memory.commit-move")
     atomic_write_json(root / MANIFEST, spec["manifest"])
-    _kill_hook("manifest")
+    failpoint("memory.manifest")
     # one atomic rename retires the whole build folder (plan, chunks, COMMIT); a kill before it just
     # repeats the (idempotent) roll-forward, a kill after it leaves only trash that the next run deletes
     trash = root / f".trash-build.{os.getpid()}"
@@ -113,7 +169,6 @@ def roll_forward(root: Path) -> bool:
     os.replace(build, trash)
     fsync_dir(root)
     shutil.rmtree(trash, ignore_errors=True)
-    return True
 
 
 def file_record(path: Path) -> dict:
@@ -162,10 +217,12 @@ def read_manifest(root: Path) -> dict:
         if (root / BUILD_DIR).is_dir():
             raise MemoryFormatError(describe_partial(root))
         raise MemoryFormatError(f"{root}: not a memory directory ({MANIFEST} missing)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise MemoryFormatError(f"{path}: {path.stat().st_size} bytes, not a manifest (at most {MAX_MANIFEST_BYTES})")
     try:
-        m = json.loads(path.read_text())
-    except ValueError as exc:
-        raise MemoryFormatError(f"{path}: not valid JSON ({exc})") from exc
+        m = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise MemoryFormatError(f"{path}: not valid JSON (UTF-8) ({type(exc).__name__}: {exc})") from None
     validate_manifest(m, path)
     # a pending (uncommitted) add leaves .build/ beside a complete manifest: the memory is valid as it is
     return m
@@ -206,6 +263,12 @@ def validate_manifest(m: Any, where: Path | str) -> None:
         rec = m["files"].get(f)
         if not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("bytes"), int):
             raise MemoryFormatError(f"{where}: files.{f} missing or lacks sha256/bytes")
+    known = {IMAGE, TEXT, IMAGE_KEYS, META, IMAGE_INDEX, TEXT_INDEX, FAILURES}
+    for f in m["files"]:
+        if f not in known:  # a name like "../x" must never make open() read outside the memory
+            raise MemoryFormatError(f"{where}: files lists {f!r}, which is not a memory file ({', '.join(sorted(known))})")
+    if not isinstance(m.get("history", []), list):
+        raise MemoryFormatError(f"{where}: field 'history' must be a list")
     for modality in ("image", "text"):
         h = m["hnsw"].get(modality)
         if not isinstance(h, dict):
@@ -257,18 +320,47 @@ def check_array_file(path: Path, a: np.ndarray, rows: int, dim: int, dtype: str)
         raise MemoryFormatError(f"{path}: dtype {a.dtype}, manifest says {dtype}")
 
 
-def check_meta(path: Path, rows: int) -> None:
-    """Check the SQLite metadata: table present, row ids exactly 0..rows-1."""
+def open_meta(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the metadata database (kept by a :class:`Memory` for its lifetime)."""
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            n, lo, hi = con.execute("SELECT COUNT(*), MIN(row), MAX(row) FROM rows").fetchone()
-        finally:
-            con.close()
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
     except sqlite3.Error as exc:
         raise MemoryFormatError(f"{path}: not a readable metadata database ({exc})") from exc
+
+
+META_COLUMNS = ("row", "item", "caption", "source", "label", "split", "tags")
+
+
+def check_meta(path: Path, rows: int, con: sqlite3.Connection | None = None) -> None:
+    """Check the SQLite metadata: integrity, table ``rows`` with its columns, row ids exactly 0..rows-1."""
+    own = con is None
+    try:
+        con = con or open_meta(path)
+        try:
+            ok = con.execute("PRAGMA quick_check").fetchone()
+            if not ok or ok[0] != "ok":
+                detail = " ".join(str(ok[0]).split()) if ok else "no answer"
+                raise MemoryFormatError(f"{path}: damaged metadata database ({detail[:300]})")
+            cols = [r[1] for r in con.execute("PRAGMA table_info(rows)")]
+            if tuple(cols) != META_COLUMNS:
+                raise MemoryFormatError(f"{path}: table rows has columns {cols}, expected {list(META_COLUMNS)}")
+            n, lo, hi = con.execute("SELECT COUNT(*), MIN(row), MAX(row) FROM rows").fetchone()
+        finally:
+            if own:
+                con.close()
+    except sqlite3.Error as exc:
+        raise MemoryFormatError(f"{path}: not a readable metadata database ({' '.join(str(exc).split())})") from exc
     if n != rows or (rows and (lo, hi) != (0, rows - 1)):
         raise MemoryFormatError(f"{path}: holds {n} rows with ids {lo}..{hi}, manifest says {rows} rows 0..{rows - 1}")
+
+
+def check_finite(path: Path, a: np.ndarray, block: int = 65536) -> None:
+    """Every value of the (memory-mapped) array ``a`` is finite, read in row blocks (bounded RAM)."""
+    for lo in range(0, a.shape[0], block):
+        part = np.asarray(a[lo:lo + block])
+        if not np.isfinite(part).all():
+            r = lo + int(np.argmin(np.isfinite(part).all(1)))
+            raise MemoryFormatError(f"{path}: row {r} holds NaN/inf (the memory is corrupt; rebuild it)")
 
 
 def check_fingerprint(root: Path, m: dict, encoder: Any = None, fingerprint: str | None = None,
@@ -296,23 +388,3 @@ def check_fingerprint(root: Path, m: dict, encoder: Any = None, fingerprint: str
             "its embeddings live in another space. Rebuild the memory with this encoder "
             "(or pass allow_fingerprint_mismatch=True / --allow-fingerprint-mismatch to override)"
         )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# test-only kill hook: makes "killed at any point" deterministic for the subprocess tests
-# ----------------------------------------------------------------------------------------------------------
-def _kill_hook(stage: str, count: int | None = None) -> None:
-    """SIGKILL this process when ``$RECO_REF_MEMORY_KILL_AT`` names this stage (test-only).
-
-    Values: ``chunk:N`` (after the N-th chunk file of this run is written), ``staged`` (all final files
-    staged, before COMMIT.json), ``commit`` (after COMMIT.json), ``commit-move`` (after the first rename),
-    ``manifest`` (after the manifest, before clean-up), ``add-staged`` etc. for ``add``.
-    """
-    want = os.environ.get("RECO_REF_MEMORY_KILL_AT")
-    if not want:
-        return
-    here = stage if count is None else f"{stage}:{count}"
-    if want == here:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -10,6 +10,7 @@ the sharded search must reproduce exactly.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from pathlib import Path
@@ -66,22 +67,27 @@ def hnsw_add(index: hnswlib.Index, vectors: np.ndarray, first_row: int, num_thre
 
 
 def hnsw_load(path: Path, dim: int, *, expect_count: int, expect_M: int, expect_ef_construction: int,
-              max_elements: int = 0) -> hnswlib.Index:
-    """Load an index file and check it against what the manifest recorded (count, M, dim)."""
+              max_elements: int = 0, vectors: np.ndarray | None = None, source: str | None = None) -> hnswlib.Index:
+    """Check an index file's whole structure (:func:`check_hnsw_file`), then load it with hnswlib.
+
+    hnswlib trusts every byte of the file it loads: a flipped bit in a neighbour id becomes an
+    out-of-bounds read at search time (the interpreter dies).  So the file is validated first, every
+    time, whatever ``verify`` mode opened the memory.  ``source``: a path to read instead of ``path``
+    (``/proc/self/fd/N`` of a descriptor a :class:`~reco_ref.memory.store.Memory` holds open), ``path``
+    naming it in messages.
+    """
+    src = Path(source) if source else Path(path)
+    check_hnsw_file(src, dim=dim, count=expect_count, M=expect_M, ef_construction=expect_ef_construction,
+                    vectors=vectors, name=str(path))
     index = hnswlib.Index(space="ip", dim=int(dim))
     try:
-        index.load_index(str(path), max_elements=int(max_elements))
+        index.load_index(str(src), max_elements=int(max_elements))
     except (RuntimeError, ValueError, MemoryError) as exc:
         raise MemoryFormatError(f"{path}: not a readable hnswlib index of dim {dim} ({exc})") from exc
-    found = {"count": index.get_current_count(), "M": index.M, "ef_construction": index.ef_construction}
-    want = {"count": expect_count, "M": expect_M, "ef_construction": expect_ef_construction}
-    for key in want:
-        if found[key] != want[key]:
-            raise MemoryFormatError(f"{path}: index {key} is {found[key]}, manifest says {want[key]}")
     return index
 
 
-def hnsw_header(path: Path) -> dict:
+def hnsw_header(path: Path, name: str | None = None) -> dict:
     """Read the fixed 96-byte header of an hnswlib (0.7/0.8) index file without loading the index.
 
     Layout (little-endian): offsetLevel0, max_elements, cur_element_count, size_data_per_element,
@@ -90,21 +96,128 @@ def hnsw_header(path: Path) -> dict:
     """
     import struct
 
+    name = name or str(path)
     with open(path, "rb") as fh:
-        raw = fh.read(96)
-    if len(raw) < 96:
-        raise MemoryFormatError(f"{path}: {len(raw)} bytes, too short for an hnswlib index header")
+        raw = fh.read(HNSW_HEADER)
+    if len(raw) < HNSW_HEADER:
+        raise MemoryFormatError(f"{name}: {len(raw)} bytes, too short for an hnswlib index header")
     (off0, max_el, count, size_el, label_off, off_data, maxlevel, enter, maxM, maxM0, M, mult,
      efc) = struct.unpack("<QQQQQQiIQQQdQ", raw)
     dim4 = size_el - (maxM0 * 4 + 4) - 8
-    if off0 != 0 or maxM0 != 2 * M or dim4 <= 0 or dim4 % 4 or off_data != maxM0 * 4 + 4:
-        raise MemoryFormatError(f"{path}: not an hnswlib index header (M={M}, maxM0={maxM0}, size={size_el})")
+    if off0 != 0 or maxM0 != 2 * M or maxM != M or dim4 <= 0 or dim4 % 4 or off_data != maxM0 * 4 + 4 \
+            or label_off != off_data + dim4 or max_el < count or not 2 <= M <= 1 << 16 \
+            or abs(mult - 1.0 / math.log(M)) > 1e-12:
+        raise MemoryFormatError(f"{name}: not an hnswlib index header (M={M}, maxM0={maxM0}, size={size_el})")
     return {"count": int(count), "max_elements": int(max_el), "M": int(M), "ef_construction": int(efc),
-            "dim": int(dim4 // 4)}
+            "dim": int(dim4 // 4), "size_el": int(size_el), "label_offset": int(label_off),
+            "offset_data": int(off_data), "maxlevel": int(maxlevel), "enterpoint": int(enter), "mult": float(mult)}
+
+
+HNSW_HEADER = 96
+
+
+def check_hnsw_file(path: Path, *, dim: int, count: int, M: int, ef_construction: int,
+                    vectors: np.ndarray | None = None, name: str | None = None, block: int = 65536) -> None:
+    """Validate an hnswlib index file completely, without hnswlib: what makes loading it safe.
+
+    Checks: the header against the manifest (dim, count, M, ef_construction) and itself; the exact file
+    size implied by the per-element link-list sizes; every level-0 and upper-level neighbour list
+    (count <= its capacity, ids < count, no deleted marks); every level <= maxlevel and the entry point
+    on the top level; labels a permutation of ``0..count-1``; stored vectors finite and, when
+    ``vectors [count, dim]`` is given, equal to ``vectors[label]`` in float32 (the index holds exactly
+    the memory's rows).  Cost: one read of the file (plus one of ``vectors``).
+    """
+    import struct
+
+    name = name or str(path)
+    h = hnsw_header(path, name)
+    want = {"dim": dim, "count": count, "M": M, "ef_construction": ef_construction}
+    for key, value in want.items():
+        if h[key] != value:
+            raise MemoryFormatError(f"{name}: index {key} is {h[key]}, manifest says {value}")
+    if h["max_elements"] != max(count, 1):  # hnswlib allocates max_elements slots at load: no more than needed
+        raise MemoryFormatError(f"{name}: index capacity {h['max_elements']}, expected {max(count, 1)} "
+                                "(a memory's indexes hold exactly its rows)")
+    n, size_el, maxM0 = count, h["size_el"], 2 * M
+    links_up = M * 4 + 4  # bytes of one upper-level list: u32 count + M ids
+    size = Path(path).stat().st_size
+    level0_end = HNSW_HEADER + n * size_el
+    if size < level0_end + 4 * n:
+        raise MemoryFormatError(f"{name}: {size} bytes, too short for {n} elements of {size_el} bytes")
+    if n and not (0 <= h["maxlevel"] <= 64 and h["enterpoint"] < n):
+        raise MemoryFormatError(f"{name}: entry point {h['enterpoint']} / max level {h['maxlevel']} out of range")
+    bad = f"{name}: corrupt index structure"
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=HNSW_HEADER, shape=(n, size_el)) if n else None
+    seen = np.zeros(n, np.int64)
+    if vectors is not None and (vectors.shape != (n, dim)):
+        raise MemoryFormatError(f"{name}: index holds {n}x{dim} vectors, the memory's array is {vectors.shape}")
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        el = np.ascontiguousarray(raw[lo:hi])  # [b, size_el] bytes of level 0
+        head = el[:, :4].copy().view("<u4")[:, 0]  # [b] u16 count | deleted mark << 16
+        cnt = head & 0xFFFF
+        if (cnt > maxM0).any() or (head >> 16).any():
+            raise MemoryFormatError(f"{bad}: level-0 neighbour count > {maxM0} or a deleted mark "
+                                    f"(element {lo + int(np.argmax((cnt > maxM0) | ((head >> 16) > 0)))})")
+        ids = el[:, 4:4 + 4 * maxM0].copy().view("<u4")  # [b, maxM0]
+        used = np.arange(maxM0)[None, :] < cnt[:, None]
+        if (ids[used] >= n).any():
+            raise MemoryFormatError(f"{bad}: a level-0 neighbour id is >= the element count {n}")
+        labels = el[:, h["label_offset"]:h["label_offset"] + 8].copy().view("<u8")[:, 0]  # [b]
+        if (labels >= n).any():
+            raise MemoryFormatError(f"{bad}: a label is >= the element count {n} (labels must be row ids)")
+        seen += np.bincount(labels.astype(np.int64), minlength=n)
+        data = el[:, h["offset_data"]:h["offset_data"] + 4 * dim].copy().view("<f4")  # [b, dim]
+        if not np.isfinite(data).all():
+            raise MemoryFormatError(f"{name}: holds NaN/inf vector components (element {lo + int(np.argmax(~np.isfinite(data).all(1)))})")
+        if vectors is not None:
+            mine = np.asarray(vectors[labels.astype(np.int64)], np.float32)
+            if not np.array_equal(mine, data):
+                raise MemoryFormatError(f"{name}: the index's vectors differ from the memory's rows (element "
+                                        f"{lo + int(np.argmax((mine != data).any(1)))}); the files do not belong together")
+    if n and (seen != 1).any():
+        raise MemoryFormatError(f"{bad}: labels are not the row ids 0..{n - 1} (each once)")
+    # upper levels: u32 size then `size` bytes per element, in element order, up to the file's end
+    with open(path, "rb") as fh:
+        fh.seek(level0_end)
+        tail = fh.read()
+    pos, top_seen = 0, False
+    levels = np.zeros(n, np.int64)  # [n] top level of each element
+    upper: list[tuple[int, np.ndarray]] = []  # (element, its lists [level, 1+M]) for the level check below
+    for i in range(n):
+        if pos + 4 > len(tail):
+            raise MemoryFormatError(f"{bad}: file ends inside the link lists (element {i})")
+        (ll,) = struct.unpack_from("<I", tail, pos)
+        pos += 4
+        if not ll:
+            if i == h["enterpoint"] and h["maxlevel"] > 0:
+                raise MemoryFormatError(f"{bad}: the entry point has no upper levels but max level is {h['maxlevel']}")
+            continue
+        level, rest = divmod(ll, links_up)
+        if rest or level > h["maxlevel"] or pos + ll > len(tail):
+            raise MemoryFormatError(f"{bad}: element {i} has link-list size {ll} (level {level}, max {h['maxlevel']})")
+        lists = np.frombuffer(tail, dtype="<u4", count=ll // 4, offset=pos).reshape(level, M + 1)  # [level, 1+M]
+        c = lists[:, 0] & 0xFFFF
+        if (c > M).any() or (lists[:, 0] >> 16).any() or (lists[:, 1:][np.arange(M)[None, :] < c[:, None]] >= n).any():
+            raise MemoryFormatError(f"{bad}: element {i} has an upper-level neighbour list out of range")
+        top_seen |= i == h["enterpoint"] and level == h["maxlevel"]
+        levels[i] = level
+        upper.append((i, lists))
+        pos += ll
+    if pos != len(tail):
+        raise MemoryFormatError(f"{name}: {len(tail) - pos} trailing bytes after the last link list")
+    for i, lists in upper:  # a neighbour on level l must itself reach level l (hnswlib reads its level-l list)
+        for lev in range(1, lists.shape[0] + 1):
+            nb = lists[lev - 1, 1:1 + (lists[lev - 1, 0] & 0xFFFF)].astype(np.int64)
+            if (levels[nb] < lev).any():
+                raise MemoryFormatError(f"{bad}: element {i} links on level {lev} to an element that has no level {lev}")
+    if n and h["maxlevel"] > 0 and not top_seen:
+        raise MemoryFormatError(f"{bad}: the entry point is not on the top level {h['maxlevel']}")
 
 
 def check_hnsw_header(path: Path, *, dim: int, count: int, M: int, ef_construction: int) -> None:
-    """Compare an index file's header with what the manifest recorded (cheap: 96 bytes read)."""
+    """Compare an index file's header with what the manifest recorded (cheap: 96 bytes read; the full
+    structure is checked by :func:`check_hnsw_file` each time the index is loaded)."""
     h = hnsw_header(path)
     want = {"dim": dim, "count": count, "M": M, "ef_construction": ef_construction}
     for key, value in want.items():

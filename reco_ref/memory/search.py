@@ -3,8 +3,9 @@
 Two functions:
 
 * :func:`search_index` — k nearest rows of one index (HNSW or exact) for a batch of queries, after
-  dropping excluded rows (self-exclusion) and near-duplicates; pads with ``row=-1, score=-inf,
-  valid=False`` when fewer than ``k`` survive (tiny memory, exclusions).  Never a garbage index.
+  dropping excluded rows (self-exclusion) and near-duplicates; ``min(k, n)`` columns (a memory of n
+  rows has no more to give), padded with ``row=-1, score=-inf, valid=False`` where fewer survive
+  (exclusions, duplicates).  Never a garbage index.
 * :func:`retrieve` — the four ablation combinations: ``search ∈ {uni, cross}`` picks the index,
   ``fuse ∈ {cross, uni}`` picks which modality's embeddings the fusion module is fed.
 """
@@ -20,15 +21,31 @@ from ..errors import SearchError
 
 DEFAULT_DUP_THRESHOLD = 0.98  # spec §1 [ours]: neighbours with cosine >= this count as near-duplicates
 MODALITIES = ("image", "text")
+QUERY_NORM_TOL = 1e-2  # |‖q‖ - 1| allowed: float16 round-off passes, an unnormalised vector does not
+MAX_EF = 100_000
 
 
 def check_queries(queries: Any, dim: int, what: str) -> np.ndarray:
-    """queries [N,D] float32/64, finite, D == the index's dim -> float32 C-contiguous (ShapeError otherwise)."""
+    """queries [N,D] float16/32/64, finite, unit L2 norm, D == the index's dim -> float32 C-contiguous.
+
+    The rule for norms: every query must already be L2-normalised (``|‖q‖ - 1| <= 1e-2``), as every
+    encoder here returns them; the scores are then cosines.  An unnormalised query is refused (its
+    "cosine" could be 100), and the zero vector, which has no direction, is refused by name.
+    """
     if isinstance(queries, np.ndarray) and queries.ndim == 2 and queries.shape[1] != dim:
         raise SearchError(f"queries [N,D]: D={queries.shape[1]} but the {what} has dim {dim}; "
                           "pass queries embedded for that index")
     q = check_array("queries [N,D]", queries, shape=(None, dim), dtypes=(np.float32, np.float64, np.float16))
-    return np.ascontiguousarray(q, dtype=np.float32)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    norms = np.linalg.norm(q, axis=1)  # [N]
+    if (norms == 0).any():
+        raise SearchError(f"queries [N,D]: query {int(np.argmin(norms))} is the zero vector (no direction to search)")
+    bad = np.abs(norms - 1) > QUERY_NORM_TOL
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise SearchError(f"queries [N,D]: query {i} has L2 norm {norms[i]:.4g}; queries must be L2-normalised "
+                          "(q / ||q||, as the encoders return them) so that scores are cosines")
+    return q
 
 
 def normalize_exclude(exclude: Any, nq: int) -> np.ndarray:
@@ -64,7 +81,12 @@ def _dup_value(dup_threshold: Any) -> float | None:
         return None
     if dup_threshold is True:
         return DEFAULT_DUP_THRESHOLD
-    t = float(dup_threshold)
+    if isinstance(dup_threshold, (str, bytes)) or not np.isscalar(dup_threshold):
+        raise SearchError(f"dup_threshold: expected None, True or a cosine in (-1, 1], got {dup_threshold!r}")
+    try:
+        t = float(dup_threshold)
+    except (TypeError, ValueError):
+        raise SearchError(f"dup_threshold: expected None, True or a cosine in (-1, 1], got {dup_threshold!r}") from None
     if not -1.0 < t <= 1.0 + 1e-6:
         raise SearchError(f"dup_threshold: {t} is not a cosine in (-1, 1]")
     return t
@@ -86,29 +108,35 @@ def search_index(index: Any, queries: np.ndarray, k: int, *, exclude: Any = None
 
     Returns
     -------
-    rows : int64 [N, k] (−1 where invalid), scores : float32 [N, k] (−inf where invalid), valid : bool [N, k]
+    rows : int64 [N, k'] (−1 where invalid), scores : float32 [N, k'] (−inf where invalid), valid : bool [N, k']
+        with ``k' = min(k, len(index))``: a memory of n rows has at most n neighbours to give, so the
+        answer is capped at n columns (never padded to a huge ``k``); within those columns, slots left
+        empty by exclusions and duplicates are padded with −1 / −inf / False.  Candidates whose score is
+        not finite (a corrupt row) are never returned as valid.
 
     Candidates are over-fetched (``k + E``, doubled while a query still lacks survivors and the index has
     more rows), so excluding rows never shrinks the answer below what the memory can give.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise SearchError(f"k: expected an integer >= 1, got {k!r}")
-    k = int(k)
     q = check_queries(queries, index.dim, what)
     nq, n = q.shape[0], len(index)
+    k = min(int(k), n)  # the cap: never more columns than the memory has rows
+    if ef is not None and (isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or not 1 <= ef <= MAX_EF):
+        raise SearchError(f"ef: expected an integer in [1, {MAX_EF}], got {ef!r}")
     excl = normalize_exclude(exclude, nq)  # [N, E]
     dup = _dup_value(dup_threshold)
     rows = np.full((nq, k), -1, np.int64)
     scores = np.full((nq, k), -np.inf, np.float32)
     valid = np.zeros((nq, k), bool)
-    if n == 0 or nq == 0:
+    if k == 0 or nq == 0:
         return rows, scores, valid
     pending = np.arange(nq)  # queries still lacking k survivors
     fetch = min(n, k + excl.shape[1] + (k if dup is not None else 0))
     while pending.size:
         cand_r, cand_s = index.search(q[pending], fetch, ef=None if ef is None else max(int(ef), fetch),
                                       num_threads=num_threads)  # [P, fetch]
-        keep = np.ones(cand_r.shape, bool)
+        keep = np.isfinite(cand_s)  # a NaN score means a corrupt row: never a valid neighbour
         if excl.shape[1]:
             keep &= ~(cand_r[:, :, None] == excl[pending][:, None, :]).any(-1)
         if dup is not None:

@@ -16,60 +16,149 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import string
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from ..errors import MemoryFormatError
+from ..io import list_files
 
 MANIFEST_COLUMNS = ("file", "label", "class_name", "split")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+MAX_FIELD = 1 << 20  # longest accepted CSV field / caption (bytes): a caption is a sentence, not a file
+
+
+def _image_path(base: Path, image: Any, where: str, allow_outside: bool) -> Path:
+    """``image`` (as written in a pairs file at ``base``) -> absolute path, refusing ones outside ``base``.
+
+    Policy: a pairs file may only name images inside its own folder (relative paths that stay below it
+    after ``..`` is folded lexically).  Absolute paths and ``../`` escapes are refused unless
+    ``allow_outside=True`` (``--allow-outside-paths``): a pairs file from elsewhere must not make the
+    tool read, and copy captions beside, arbitrary files of the machine it runs on.
+    """
+    if not isinstance(image, str) or not image.strip() or "\0" in image:
+        raise MemoryFormatError(f"{where}: field 'image' must be a non-empty path string, found {image!r}")
+    rel = Path(image)
+    full = Path(os.path.normpath(base / rel))
+    if not allow_outside and (rel.is_absolute() or not (full == base or base in full.parents)):
+        raise MemoryFormatError(
+            f"{where}: image path {image!r} lies outside the pairs file's folder {base}; pairs may only name "
+            "images below their own folder (pass --allow-outside-paths / allow_outside=True to accept it)")
+    return full
+
+
+def _label(value: Any, where: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise MemoryFormatError(f"{where}: field 'label' must be an integer, found {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise MemoryFormatError(f"{where}: field 'label' must be an integer, found {value!r}") from None
+
+
+def _text(value: Any, field: str, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MemoryFormatError(f"{where}: field {field!r} must be a string, found {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def _caption(value: Any, where: str) -> str | None:
+    """A caption, or None when it is missing, empty or whitespace (the build reports those as failures)."""
+    text = _text(value, "caption", where)
+    return text if text is not None and text.strip() else None
 
 
 def _item(image: Path, caption: str | None, source: str, label=None, split=None, tags=None) -> dict:
-    return {"image": str(image), "caption": caption, "source": source,
-            "label": None if label in (None, "") else int(label), "split": split or None, "tags": tags or None}
+    return {"image": str(image), "caption": caption, "source": source, "label": label, "split": split or None,
+            "tags": tags or None}
 
 
-def read_pairs_csv(path: str | Path, *, split: str | None = None,
-                   caption_template: str | None = None) -> list[dict]:
+def _read_utf8(path: Path) -> str:
+    """The text of ``path`` (UTF-8, a BOM allowed), or an error naming the file and the offending byte."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise MemoryFormatError(f"{path}: is a folder, expected a text file") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise MemoryFormatError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); re-save it as UTF-8") from None
+
+
+def check_template(template: str, columns: Iterable[str], where: str) -> None:
+    """Refuse a caption template that is malformed or names a field the file does not have."""
+    cols = list(columns)
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise MemoryFormatError(f"caption template {template!r}: {exc} (use {{{{ and }}}} for literal braces)") from None
+    for f in fields:
+        if f not in cols:  # also refuses positional "{}" and attribute/index access "{x.y}", "{x[0]}"
+            raise MemoryFormatError(f"caption template {template!r} names field {f!r} that {where} does not have "
+                                    f"(columns: {', '.join(cols)})")
+
+
+def read_pairs_csv(path: str | Path, *, split: str | None = None, caption_template: str | None = None,
+                   allow_outside: bool = False) -> list[dict]:
     """Read a pairs CSV (``image,caption`` [+ label, split, tags]) or a dataset manifest.
 
     A dataset manifest (columns ``file,label,class_name,split``, as ``../shared/data/*/manifest.csv``)
     gets its captions from ``caption_template`` (e.g. ``"a photo of a {class_name}."``; default that
-    one), and ``split`` keeps only rows of that split.  Image paths are relative to the CSV's folder.
+    one), and ``split`` keeps only rows of that split.  Image paths are relative to the CSV's folder and
+    must stay inside it unless ``allow_outside=True``.  The file must be UTF-8 (a BOM is fine); labels
+    must be integers; empty or whitespace captions become ``None`` (reported as failures by the build).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
     base = path.parent.resolve()
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    text = _read_utf8(path)
+    old_limit = csv.field_size_limit()
+    try:
+        csv.field_size_limit(MAX_FIELD)
+        reader = csv.DictReader(text.splitlines(keepends=True))
         cols = tuple(reader.fieldnames or ())
         rows = list(reader)
+    except csv.Error as exc:
+        raise MemoryFormatError(f"{path}: not a readable CSV (line {reader.line_num}: {exc})") from None
+    finally:
+        csv.field_size_limit(old_limit)
+
+    def where(i: int) -> str:
+        return f"{path}: row {i + 2}"
+
     if "image" in cols and "caption" in cols:
         items = []
-        for r in rows:
+        for i, r in enumerate(rows):
             if split is not None and r.get("split") != split:
                 continue
-            items.append(_item(base / r["image"], r["caption"], r["image"], r.get("label"), r.get("split"),
-                               r.get("tags")))
+            items.append(_item(_image_path(base, r["image"], where(i), allow_outside), _caption(r["caption"], where(i)),
+                               r["image"], _label(r.get("label"), where(i)), r.get("split"), r.get("tags")))
         return items
     if all(c in cols for c in MANIFEST_COLUMNS):
         template = caption_template or "a photo of a {class_name}."
+        check_template(template, cols, str(path))
         items = []
-        for r in rows:
+        for i, r in enumerate(rows):
             if split is not None and r["split"] != split:
                 continue
+            if any(r.get(c) is None for c in cols):
+                raise MemoryFormatError(f"{where(i)}: has fewer fields than the header ({len(cols)})")
             try:
                 caption = template.format(**r)
-            except (KeyError, IndexError) as exc:
-                raise MemoryFormatError(
-                    f"caption template {template!r} names field {exc} that {path} does not have "
-                    f"(columns: {', '.join(cols)})"
-                ) from None
-            items.append(_item(base / r["file"], caption, r["file"], r["label"], r["split"]))
+            except (ValueError, TypeError) as exc:  # e.g. "{label:d}": every field is text
+                raise MemoryFormatError(f"caption template {template!r} on {where(i)}: {exc} (fields are text)") from None
+            items.append(_item(_image_path(base, r["file"], where(i), allow_outside), _caption(caption, where(i)),
+                               r["file"], _label(r["label"], where(i)), r["split"]))
         if split is not None and not items:
-            splits = sorted({r["split"] for r in rows})
+            splits = sorted({str(r["split"]) for r in rows})
             raise MemoryFormatError(f"{path}: no rows with split {split!r} (splits present: {splits})")
         return items
     raise MemoryFormatError(
@@ -78,54 +167,62 @@ def read_pairs_csv(path: str | Path, *, split: str | None = None,
     )
 
 
-def read_pairs_jsonl(path: str | Path, *, split: str | None = None) -> list[dict]:
+def read_pairs_jsonl(path: str | Path, *, split: str | None = None, allow_outside: bool = False) -> list[dict]:
     """Read JSON lines ``{"image": ..., "caption": ..., ["label", "split", "tags"]}`` (paths relative to the file)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
     base = path.parent.resolve()
     items = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                image = r["image"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise MemoryFormatError(f"{path}:{lineno}: expected a JSON object with 'image' ({exc})") from None
-            if split is not None and r.get("split") != split:
-                continue
-            tags = r.get("tags")
-            if isinstance(tags, list):
-                tags = ",".join(map(str, tags))
-            items.append(_item(base / image, r.get("caption"), image, r.get("label"), r.get("split"), tags))
+    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            r = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise MemoryFormatError(f"{where}: not valid JSON ({type(exc).__name__}: {exc})") from None
+        if not isinstance(r, dict) or "image" not in r:
+            raise MemoryFormatError(f"{where}: expected a JSON object with 'image', found {type(r).__name__}")
+        sp = _text(r.get("split"), "split", where)
+        if split is not None and sp != split:
+            continue
+        tags = r.get("tags")
+        if isinstance(tags, list) and all(isinstance(t, (str, int)) for t in tags):
+            tags = ",".join(map(str, tags))
+        tags = _text(tags, "tags", where)
+        items.append(_item(_image_path(base, r["image"], where, allow_outside), _caption(r.get("caption"), where),
+                           r["image"], _label(r.get("label"), where), sp, tags))
     return items
 
 
 def read_caption_folder(folder: str | Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[dict]:
     """Every image under ``folder`` (sorted) with the caption from its sidecar ``<stem>.txt``.
 
-    Images without a sidecar get ``caption=None`` (reported as failures by the build, never dropped).
+    Images without a sidecar, or with an empty one, get ``caption=None`` (reported as failures by the
+    build, never dropped); a sidecar that is not UTF-8 is an error naming it; a symbolic-link loop is an
+    error naming the link (:func:`reco_ref.io.list_files`).
     """
     root = Path(folder).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
-    want = {s.lower() for s in suffixes}
     items = []
-    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.suffix.lower() in want):
+    for p in list_files(root, suffixes):
         side = p.with_suffix(".txt")
-        caption = side.read_text(encoding="utf-8").strip() if side.is_file() else None
+        caption = _caption(_read_utf8(side).strip(), str(side)) if side.is_file() else None
         items.append(_item(p, caption, str(p.relative_to(root))))
     return items
 
 
-def read_pairs(path: str | Path, *, split: str | None = None, caption_template: str | None = None) -> list[dict]:
+def read_pairs(path: str | Path, *, split: str | None = None, caption_template: str | None = None,
+               allow_outside: bool = False) -> list[dict]:
     """Dispatch on what ``path`` is: folder (sidecar captions), ``.jsonl``, else CSV/manifest."""
     path = Path(path)
     if path.is_dir():
         return read_caption_folder(path)
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        return read_pairs_jsonl(path, split=split)
-    return read_pairs_csv(path, split=split, caption_template=caption_template)
+        return read_pairs_jsonl(path, split=split, allow_outside=allow_outside)
+    return read_pairs_csv(path, split=split, caption_template=caption_template, allow_outside=allow_outside)
 
 
 def items_digest(items: list[dict]) -> str:

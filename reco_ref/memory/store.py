@@ -5,11 +5,19 @@ the manifest's fields and versions, every listed file's size and sha256 (``verif
 shapes and dtypes against the manifest, the SQLite row ids, and the encoder in use (fingerprint and
 dim; ``allow_fingerprint_mismatch=True`` overrides).  HNSW indexes are loaded on first use and checked
 against the recorded build parameters (count, M, ef_construction).
+
+Readers during a writer: :meth:`Memory.open` runs under the shared commit lock (:func:`.format.commit_lock`),
+so it never pairs an old manifest with new files, and it keeps descriptors of every file it will read
+later (the arrays are memory-mapped, the SQLite file and the two index files are held open).  A commit
+replaces files by rename, so a handle keeps reading the files of the manifest it opened — a consistent
+snapshot — until it is dropped; open the memory again to see an ``add``.  (On systems without
+``/proc/self/fd`` an index loaded after a commit is refused with a "changed since it was opened" error.)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -30,7 +38,8 @@ class Memory:
     """
 
     def __init__(self, root: Path, manifest: dict, image: np.ndarray, text: np.ndarray,
-                 image_keys: np.ndarray | None, num_threads: int | None = None):
+                 image_keys: np.ndarray | None, num_threads: int | None = None, fds: dict | None = None,
+                 meta_con: sqlite3.Connection | None = None, stamp: tuple | None = None):
         self.root = root
         self.manifest = manifest
         self.image = image  # [n, D] memmap
@@ -39,13 +48,26 @@ class Memory:
         self.num_threads = num_threads
         self._hnsw: dict[str, HnswIndex] = {}
         self._lock = threading.Lock()
+        self._fds = fds or {}  # {"image.hnsw": fd, "text.hnsw": fd}: the files of the opened manifest
+        self._meta_con = meta_con  # read-only SQLite connection to the opened meta.sqlite
+        self._stamp = stamp  # manifest.json identity at open (inode, mtime, size)
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        con = getattr(self, "_meta_con", None)
+        if con is not None:
+            con.close()
 
     # ---- opening ---------------------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | Path, *, encoder: Any = None, fingerprint: str | None = None,
              embed_dim: int | None = None, allow_fingerprint_mismatch: bool = False,
              verify: bool | str = True, num_threads: int | None = None) -> "Memory":
-        """Open and validate the memory at ``root`` (a sharded memory returns a :class:`ShardedMemory`).
+        """Open and validate the single memory at ``root`` (:func:`~reco_ref.memory.open_memory` opens any kind).
 
         Parameters
         ----------
@@ -57,13 +79,19 @@ class Memory:
         """
         root = Path(root)
         if (root / fmt.SHARDS).is_file():
-            from .shards import ShardedMemory
-
-            return ShardedMemory.open(root, encoder=encoder, fingerprint=fingerprint, embed_dim=embed_dim,
-                                      allow_fingerprint_mismatch=allow_fingerprint_mismatch, verify=verify,
-                                      num_threads=num_threads)
+            raise MemoryFormatError(f"{root}: a sharded memory ({fmt.SHARDS}); open it with "
+                                    "reco_ref.memory.open_memory (any kind) or ShardedMemory.open")
         if not root.is_dir():
             raise MemoryFormatError(f"{root}: no such memory directory")
+        with fmt.commit_lock(root, shared=True):
+            return cls._open_locked(root, encoder=encoder, fingerprint=fingerprint, embed_dim=embed_dim,
+                                    allow_fingerprint_mismatch=allow_fingerprint_mismatch, verify=verify,
+                                    num_threads=num_threads)
+
+    @classmethod
+    def _open_locked(cls, root: Path, *, encoder: Any, fingerprint: str | None, embed_dim: int | None,
+                     allow_fingerprint_mismatch: bool, verify: bool | str, num_threads: int | None) -> "Memory":
+        stamp = _stamp(root / fmt.MANIFEST)
         m = fmt.read_manifest(root)
         fmt.check_files(root, m, verify)
         rows, D, Dk, dtype = m["counts"]["rows"], m["embed_dim"], m["key_dim"], m["dtype"]
@@ -74,19 +102,37 @@ class Memory:
             except Exception as exc:
                 raise MemoryFormatError(f"{root / name}: cannot be read as .npy ({exc})") from exc
             fmt.check_array_file(root / name, a, rows, dim, dtype)
+            if verify in (True, "sha256"):
+                fmt.check_finite(root / name, a)
             arrays[name] = a
-        fmt.check_meta(root / fmt.META, rows)
-        for modality in ("image", "text"):
-            h = m["hnsw"][modality]
-            check_hnsw_header(root / f"{modality}.hnsw", dim=h["dim"], count=h["count"], M=h["M"],
-                              ef_construction=h["ef_construction"])
-        fmt.check_fingerprint(root, m, encoder=encoder, fingerprint=fingerprint, embed_dim=embed_dim,
-                              allow_mismatch=allow_fingerprint_mismatch)
-        return cls(root, m, arrays[fmt.IMAGE], arrays[fmt.TEXT], arrays.get(fmt.IMAGE_KEYS), num_threads)
+        con = fmt.open_meta(root / fmt.META)
+        fds = {}
+        try:
+            fmt.check_meta(root / fmt.META, rows, con=con)
+            for modality in ("image", "text"):
+                h = m["hnsw"][modality]
+                check_hnsw_header(root / f"{modality}.hnsw", dim=h["dim"], count=h["count"], M=h["M"],
+                                  ef_construction=h["ef_construction"])
+            fmt.check_fingerprint(root, m, encoder=encoder, fingerprint=fingerprint, embed_dim=embed_dim,
+                                  allow_mismatch=allow_fingerprint_mismatch)
+            for f in (fmt.IMAGE_INDEX, fmt.TEXT_INDEX):
+                fds[f] = os.open(root / f, os.O_RDONLY)
+        except BaseException:
+            con.close()
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        if _stamp(root / fmt.MANIFEST) != stamp:  # no lock file (older memory) and a commit ran meanwhile
+            raise MemoryFormatError(f"{root}: being modified (its manifest changed while it was opened); try again")
+        return cls(root, m, arrays[fmt.IMAGE], arrays[fmt.TEXT], arrays.get(fmt.IMAGE_KEYS), num_threads,
+                   fds=fds, meta_con=con, stamp=stamp)
 
     def verify(self) -> None:
-        """Full sha256 check of every file (what ``open(verify=True)`` does)."""
+        """Full sha256 check of every file and finiteness of every array (what ``open(verify=True)`` does)."""
         fmt.check_files(self.root, self.manifest, True)
+        for name, a in ((fmt.IMAGE, self.image), (fmt.TEXT, self.text), (fmt.IMAGE_KEYS, self.image_keys)):
+            if a is not None:
+                fmt.check_finite(self.root / name, a)
 
     def check_encoder(self, encoder: Any, allow_mismatch: bool = False) -> None:
         """Refuse ``encoder`` if its fingerprint or dim differs from the memory's."""
@@ -136,8 +182,14 @@ class Memory:
         with self._lock:
             if modality not in self._hnsw:
                 h = self.manifest["hnsw"][modality]
-                idx = hnsw_load(self.root / f"{modality}.hnsw", h["dim"], expect_count=h["count"], expect_M=h["M"],
-                                expect_ef_construction=h["ef_construction"])
+                name = f"{modality}.hnsw"
+                source = _fd_path(self._fds.get(name))
+                if source is None and _stamp(self.root / fmt.MANIFEST) != self._stamp:
+                    raise MemoryFormatError(f"{self.root}: changed since it was opened (a build or memory-add "
+                                            "committed); open it again")
+                idx = hnsw_load(self.root / name, h["dim"], expect_count=h["count"], expect_M=h["M"],
+                                expect_ef_construction=h["ef_construction"], vectors=self.vectors(modality),
+                                source=source)
                 self._hnsw[modality] = HnswIndex(idx, self.vectors(modality))
             return self._hnsw[modality]
 
@@ -148,7 +200,8 @@ class Memory:
 
         Parameters
         ----------
-        queries : [N, D] float32/float64, L2-normalised; D = :meth:`search_dim` (``modality``'s index)
+        queries : [N, D] float16/32/64, L2-normalised (``|‖q‖-1| <= 1e-2``, else refused; the zero vector
+            too); D = :meth:`search_dim` (``modality``'s index)
         modality : "image" | "text" — the index searched (image→image: image queries; image→text etc. is
             cross-modal search: pass image embeddings with ``modality="text"``)
         k : neighbours per query
@@ -161,15 +214,16 @@ class Memory:
 
         Returns
         -------
-        rows : int64 [N, k] — row ids, −1 in invalid slots
-        scores : float32 [N, k] — cosine similarity, −inf in invalid slots
-        valid : bool [N, k] — False where fewer than k rows survive (k > len, exclusions)
+        rows : int64 [N, k'] — row ids, −1 in invalid slots; ``k' = min(k, len(self))`` (capped, not padded)
+        scores : float32 [N, k'] — cosine similarity, −inf in invalid slots
+        valid : bool [N, k'] — False where fewer than k' rows survive (exclusions, duplicates)
         """
         if (modality == "image" and self.key_dim and isinstance(queries, np.ndarray) and queries.ndim == 2
                 and queries.shape[1] == self.dim != self.key_dim):
             raise SearchError(
                 f"queries [N,D]: D={self.dim} is the embedding dim, but {self.root} indexes images by the encoder's "
-                f"search keys (key_dim {self.key_dim}); pass encoder.encode_image_keys(...) for image→image search"
+                f"image search keys (key_dim {self.key_dim}): image queries must be encoder.encode_image_keys(...); "
+                "text queries cannot search this index (search modality='text' for text→text)"
             )
         idx = self.index(modality, exact=exact)
         return search_index(idx, queries, k, exclude=exclude, dup_threshold=dup_threshold, ef=ef,
@@ -199,30 +253,50 @@ class Memory:
             order = np.argsort(sel, kind="stable")  # sorted gathers read the memmap sequentially
             out_ok = np.empty((sel.size, src.shape[1]), np.float32)
             out_ok[order] = src[sel[order]]
+            finite = np.isfinite(out_ok).all(1)
+            if not finite.all():  # never hand a NaN row to the fusion layer as a valid neighbour
+                raise MemoryFormatError(f"{self.root}: {modality} row {int(sel[np.argmin(finite)])} holds NaN/inf; "
+                                        "the memory is corrupt (run memory-info for a full check, then rebuild)")
             out[ok] = out_ok
         return out.reshape(rows.shape + (src.shape[1],))
 
     def metadata(self, rows: Any) -> list[dict | None]:
         """Metadata dicts (row, item, caption, source, label, split, tags) of ``rows`` (None for −1)."""
         flat = [int(r) for r in np.asarray(rows).reshape(-1)]
-        con = sqlite3.connect(f"file:{self.root / fmt.META}?mode=ro", uri=True)
-        try:
+        if any(r >= len(self) or r < -1 for r in flat):
+            raise SearchError(f"rows: ids must lie in [-1, {len(self) - 1}]")
+        with self._lock:  # one connection, the one of the opened manifest (a snapshot across commits)
+            con = self._meta_con
             con.row_factory = sqlite3.Row
             wanted = sorted({r for r in flat if r >= 0})
             found = {}
-            for lo in range(0, len(wanted), 900):  # SQLite's bound-parameter limit
-                part = wanted[lo:lo + 900]
-                q = f"SELECT * FROM rows WHERE row IN ({','.join('?' * len(part))})"
-                for rec in con.execute(q, part):
-                    found[rec["row"]] = dict(rec)
-        finally:
-            con.close()
+            try:
+                for lo in range(0, len(wanted), 900):  # SQLite's bound-parameter limit
+                    part = wanted[lo:lo + 900]
+                    q = f"SELECT * FROM rows WHERE row IN ({','.join('?' * len(part))})"
+                    for rec in con.execute(q, part):
+                        found[rec["row"]] = dict(rec)
+            except sqlite3.Error as exc:  # e.g. a caption that is no longer UTF-8: the file is damaged
+                raise MemoryFormatError(f"{self.root / fmt.META}: damaged metadata database "
+                                        f"({' '.join(str(exc).split())[:300]})") from None
+        if any(found.get(r) is None for r in wanted):
+            raise MemoryFormatError(f"{self.root / fmt.META}: rows missing from the metadata database")
         return [found.get(r) if r >= 0 else None for r in flat]
 
     def failures(self) -> list[dict]:
         """The items that could not be encoded (item id, source, error)."""
-        text = (self.root / fmt.FAILURES).read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        path = self.root / fmt.FAILURES
+        out = []
+        try:
+            for lineno, line in enumerate(path.read_bytes().decode("utf-8").splitlines(), 1):
+                if line.strip():
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict):
+                        raise ValueError(f"line {lineno} is not a JSON object")
+                    out.append(rec)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise MemoryFormatError(f"{path}: not a failure log of JSON lines ({type(exc).__name__}: {exc})") from None
+        return out
 
     def info(self) -> dict:
         """Summary for ``reco-ref memory-info``."""
@@ -234,6 +308,23 @@ class Memory:
             "bytes_on_disk": sum(f["bytes"] for f in files.values()),
             "files": {k: v["bytes"] for k, v in sorted(files.items())},
         }
+
+
+def _stamp(path: Path) -> tuple | None:
+    """Identity of a file for "did it change?": (inode, mtime ns, size); an atomic replace changes it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _fd_path(fd: int | None) -> str | None:
+    """A path that reads the file behind ``fd`` even after it was renamed over (Linux ``/proc``), or None."""
+    if fd is None:
+        return None
+    p = f"/proc/self/fd/{fd}"
+    return p if os.path.exists(p) else None
 
 
 def _check_modality(modality: str) -> str:

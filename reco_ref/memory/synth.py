@@ -29,6 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .index import exact_search
+
 
 def _image_paths(manifest: Path) -> list[Path]:
     import csv
@@ -81,8 +83,6 @@ def expand(base: np.ndarray, n: int, *, seed: int = 0, mix: float = 0.3, lowrank
     """Yield float32 blocks ``[b, D]`` (unit rows) totalling ``n`` rows grown from ``base [m, D]`` (module doc)."""
     base = np.ascontiguousarray(base, np.float32)
     m, D = base.shape
-    from .index import exact_search
-
     nn, _ = exact_search(base, base, n_neighbours + 1)
     nn = nn[:, 1:]  # [m, n_neighbours] nearest real neighbours, self dropped
     centred = base - base.mean(0)

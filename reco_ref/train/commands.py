@@ -63,7 +63,7 @@ def val_sets_from_args(a: argparse.Namespace, encoder: Any = None) -> list[ValSe
     if any(r is None for r in retr):
         raise RecoError("--val-retrieval: the memory each --val-memory retrieves from is required (the training rows)")
     if encoder is None:
-        from ..memory.build import load_encoder
+        from ..memory.producers import load_encoder
 
         encoder = load_encoder(a.model)
     templates = a.template or list(DEFAULT_TEMPLATES)

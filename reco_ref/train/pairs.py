@@ -71,7 +71,7 @@ def fed_modality(query_modality: str, fuse: str) -> str:
 def search_rows(memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
                 k: int = 10, search: str = "uni", exclude: np.ndarray | None = None, dup_threshold: Any = None,
                 exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbour rows ``(rows int64 [N,k], valid bool [N,k])`` of every query, searched in chunks.
+    """Neighbour rows ``(rows int64 [N,k'], valid bool [N,k'])`` of every query, ``k' = min(k, len(memory))``.
 
     ``search="uni"``: image queries search the image index with ``search_queries`` (keys) when given;
     text queries the text index. ``"cross"``: image embeddings search the text index; text embeddings search
@@ -82,6 +82,7 @@ def search_rows(memory: Any, queries: np.ndarray, query_modality: str, *, search
     if search not in ("uni", "cross"):
         raise SearchError(f"search: expected 'uni' or 'cross', got {search!r}")
     n = len(queries)
+    k = min(k, len(memory))  # searches return min(k, len(memory)) columns: a memory cannot give more
     rows = np.full((n, k), -1, np.int64)
     valid = np.zeros((n, k), bool)
     keyed = getattr(memory, "key_dim", None) is not None

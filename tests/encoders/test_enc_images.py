@@ -120,11 +120,24 @@ def test_size_guard_from_header_before_decoding(tmp_path):
     assert decode_image(Image.new("RGB", (10, 10)), max_pixels=100).size == (10, 10)
 
 
-def test_pillow_guard_converted(tmp_path, monkeypatch):
+def test_one_guard_decides_not_pillows(tmp_path, monkeypatch):
     Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow errors above 2x this
-    with pytest.raises(ImageDecodeError, match="big.png: refused by Pillow"):
-        decode_image(tmp_path / "big.png", max_pixels=10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow would error above 2x this ...
+    assert decode_image(tmp_path / "big.png", max_pixels=10**9).size == (40, 40)  # ... but max_pixels decides
+    assert Image.MAX_IMAGE_PIXELS == 10**9
+    with pytest.raises(ImageDecodeError, match=r"big.png: 40x40 = 1600 pixels exceeds the limit of 1000.*--max-pixels"):
+        decode_image(tmp_path / "big.png", max_pixels=1000)
+
+
+def test_aspect_ratio_guard_before_resize(tmp_path):
+    Image.new("L", (20000, 1)).save(tmp_path / "strip.png")  # ~100 bytes; its resize would take GBs
+    assert (tmp_path / "strip.png").stat().st_size < 1000
+    with pytest.raises(ImageDecodeError, match=r"strip.png: 20000x1 has an aspect ratio above 50:1"):
+        decode_image(tmp_path / "strip.png")
+    assert decode_image(Image.new("RGB", (500, 10))).size == (500, 10)  # 50:1 is fine
+    from reco_ref.encoders.preprocess import resize_shortest  # the resize itself refuses too
+    with pytest.raises(ImageDecodeError, match="aspect ratio too extreme"):
+        resize_shortest(Image.new("RGB", (5000, 1)), 224)
 
 
 def test_decode_many_collects_and_goes_on(tmp_path):

@@ -48,7 +48,8 @@ def setup(tmp_path_factory):
     manifest.parent.mkdir()
     _write_manifest(manifest, rows)
     enc = load("reco-mini")
-    items = read_pairs_csv(manifest, split="train", caption_template="a drawing of a {class_name}.")
+    items = read_pairs_csv(manifest, split="train", caption_template="a drawing of a {class_name}.",
+                           allow_outside=True)  # absolute paths into weights/demo (docs/bad_inputs.md, §5)
     # memory from the cached split embeddings: the train-split evaluation below then decodes no image again
     img, keys = embed_split(read_split(manifest, "train"), enc, cache_dir=root / "cache")
     build_memory_from_arrays(root / "mem", img, enc.encode_texts([it["caption"] for it in items]), keys=keys,
@@ -227,7 +228,8 @@ def test_eval_on_a_flowers102_slice(shared_data, tmp_path):
     rows += [[f, int(y), test.class_names[y], "test"] for f, y in list(zip(test.files, test.labels))[::10] if y < 30]
     _write_manifest(tmp_path / "manifest.csv", rows)
     enc = load("reco-mini")
-    build_memory(tmp_path / "mem", read_pairs_csv(tmp_path / "manifest.csv", split="train"), enc, progress=False)
+    items = read_pairs_csv(tmp_path / "manifest.csv", split="train", allow_outside=True)  # absolute dataset paths
+    build_memory(tmp_path / "mem", items, enc, progress=False)
     w = init_reco_weights(enc.dim, meta={"encoder_fingerprint": enc.fingerprint})
     save_reco_weights(tmp_path / "w.npz", w)
     r = evaluate_dataset(tmp_path / "mem", tmp_path / "manifest.csv", "test", fusion=tmp_path / "w.npz", k=5,

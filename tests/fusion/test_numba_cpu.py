@@ -161,7 +161,7 @@ def test_lowrank_attention_kernels_v2(dtype):
     dctx = rng.standard_normal((B, D)).astype(dtype)
     d0 = np.zeros((B, T, D), dtype)
     d0[:, 0] = dctx
-    gq, gk, gv = (ref.merge_heads(g) for g in ref.attention_backward(sh(d0), cache))
+    gq, gk, gv = (ref.merge_heads(g) for g in ref.attention_backward(cache, sh(d0)))
     dctxh = dctx.reshape(B, H, dh).transpose(1, 0, 2)
     nv = np.matmul(dctxh, nb._heads_view(w_v, H).transpose(0, 2, 1))
     ds, g, dsum = np.empty((B, H, T), dtype), np.empty((H, B, D), dtype), np.empty((B, H), dtype)
@@ -181,7 +181,7 @@ def test_lowrank_attention_kernels_v2(dtype):
     dq_proj, dh = rng.standard_normal((B, D)).astype(dtype), rng.standard_normal((B, D)).astype(dtype)
     da1 = gk @ w_k.T + gv @ w_v.T  # the reference's dA1 from K and V (Q's part enters as dq_proj)
     da1[:, 0] += dq_proj
-    dx_want, dg_want, db_want = ref.layernorm_backward(da1, (xhat, rstd[..., None], gamma))
+    dx_want, dg_want, db_want = ref.layernorm_backward({"xhat": xhat, "rstd": rstd[..., None], "gamma": gamma}, da1)
     dx_want[:, 0] += dh
     dx, part = np.empty((B, T, D), dtype), np.empty((nb._nblk(B * T), 4, D), dtype)
     nb._layernorm1_backward_v2(ds, p, m, nv, dq_proj, dh, xhat, rstd, gamma, dx, part)

@@ -89,12 +89,16 @@ def fake32_keys():
     return FakeEncoder(32, key_dim=16)
 
 
-def make_pairs(folder: Path, n: int, *, bad: tuple[int, ...] = (), name: str = "pairs.csv") -> Path:
-    """``n`` fake image files + a pairs CSV (image,caption,label,split); items in ``bad`` are corrupt."""
+def make_pairs(folder: Path, n: int, *, bad: tuple[int, ...] = (), name: str = "pairs.csv", start: int = 0) -> Path:
+    """``n`` fake image files + a pairs CSV (image,caption,label,split); items in ``bad`` are corrupt.
+
+    Item i (``start <= i < start + n``) has the same bytes and caption in every folder: two calls with
+    overlapping ranges make duplicate pairs.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "img").mkdir(exist_ok=True)
     rows = []
-    for i in range(n):
+    for i in range(start, start + n):
         p = folder / "img" / f"{i:05d}.jpg"
         p.write_bytes((b"BAD" if i in bad else b"OK") + f"image-{i}".encode())
         rows.append({"image": f"img/{i:05d}.jpg", "caption": f"a photo of thing {i % 7} number {i}",

@@ -30,7 +30,7 @@ def test_format_on_disk(tmp_path, pairs):
     items = read_pairs(pairs)
     m = _build(tmp_path / "mem", items)
     root = tmp_path / "mem"
-    names = sorted(p.name for p in root.iterdir() if p.name != ".lock")  # .lock: the writers' advisory lock
+    names = sorted(p.name for p in root.iterdir() if p.name not in (".lock", ".commit.lock"))  # advisory locks
     assert names == sorted(["manifest.json", "image.npy", "text.npy", "meta.sqlite", "image.hnsw", "text.hnsw",
                             "failures.jsonl"])
     assert m["format_version"] == fmt.FORMAT_VERSION and m["embed_dim"] == 32 and m["dtype"] == "float32"

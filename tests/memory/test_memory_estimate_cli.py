@@ -62,10 +62,10 @@ def _cli(*args, **env):
 
 def test_cli_build_resume_add_info_search(tmp_path):
     pairs = make_pairs(tmp_path / "src", 40, bad=(3,))
-    more = make_pairs(tmp_path / "src2", 10, name="more.csv")
+    more = make_pairs(tmp_path / "src2", 10, name="more.csv", start=40)
     out = tmp_path / "mem"
     p = _cli("build-memory", "--pairs", pairs, "--out", out, "--model", "memory_testlib:fake32", "--chunk-size", 8,
-             "--no-progress", RECO_REF_MEMORY_KILL_AT="chunk:2")
+             "--no-progress", RECO_REF_FAILPOINT="memory.chunk:2")
     assert p.returncode == -9
     p = _cli("memory-info", out)
     assert p.returncode == 1 and "incomplete" in p.stderr and "--resume" in p.stderr and "build-memory" in p.stderr

@@ -1,7 +1,7 @@
-"""kill -9 a real build subprocess at chosen points (test-only env hook) and at a random time; resume; compare.
+"""kill -9 a real build subprocess at chosen points (RECO_REF_FAILPOINT) and at a random time; resume; compare.
 
-The hook ``RECO_REF_MEMORY_KILL_AT=<stage>`` makes the process SIGKILL itself right after that stage
-(``chunk:N`` = after its N-th chunk file, ``staged``, ``commit``, ``commit-move``, ``manifest``), so
+The fail point ``RECO_REF_FAILPOINT=memory.<stage>`` (reco_ref/failpoints.py) makes the process SIGKILL
+itself right after that stage (``chunk:N`` = after its N-th chunk file, ``staged``, ``commit``, ``commit-move``, ``manifest``), so
 every phase of the build/commit protocol is interrupted at least once.  The resumed memory must be
 byte-identical (embeddings, metadata, failure log) to an uninterrupted build.
 """
@@ -73,7 +73,7 @@ def _same_as_ref(out: Path, ref: Path):
 def test_kill9_at_stage_then_resume(setup, tmp_path, stage):
     pairs, ref = setup
     out = tmp_path / "mem"
-    p = _run("build", pairs, out, 0, N_ITEMS, RECO_REF_MEMORY_KILL_AT=stage)
+    p = _run("build", pairs, out, 0, N_ITEMS, RECO_REF_FAILPOINT=f"memory.{stage}")
     assert p.returncode == -signal.SIGKILL, p.stderr
     if stage.startswith("chunk"):
         n_done = int(stage.split(":")[1])
@@ -129,7 +129,7 @@ def test_kill9_during_add_then_resume(setup, tmp_path, stage):
     pairs, ref = setup
     out = tmp_path / "mem"
     build_memory(out, read_pairs(pairs)[:20], FakeEncoder(32), chunk_size=CHUNK, progress=False)
-    p = _run("add", pairs, out, 20, N_ITEMS, RECO_REF_MEMORY_KILL_AT=stage)
+    p = _run("add", pairs, out, 20, N_ITEMS, RECO_REF_FAILPOINT=f"memory.{stage}")
     assert p.returncode == -signal.SIGKILL, p.stderr
     if stage == "chunk:2":
         assert len(Memory.open(out)) == 19  # the old memory is intact and usable

@@ -9,7 +9,8 @@ import pytest
 from memory_testlib import FakeEncoder, make_pairs
 
 from reco_ref.errors import MemoryFormatError
-from reco_ref.memory import Memory, ShardedMemory, build_memory, read_pairs, retrieve, write_shards_manifest
+from reco_ref.memory import (Memory, ShardedMemory, build_memory, open_memory, read_pairs, retrieve,
+                             write_shards_manifest)
 from reco_ref.memory.dask_build import build_sharded, shard_ranges
 
 pytest.importorskip("distributed")
@@ -39,7 +40,9 @@ def test_dask_build_equals_single_machine(built):
     spec = json.loads((d / "sharded/shards.json").read_text())
     assert [s["offset"] for s in spec["shards"]] == [0, 79] and spec["counts"] == {"rows": 148, "items": 150,
                                                                                     "failed": 2}
-    reopened = Memory.open(d / "sharded")  # Memory.open recognises a sharded memory
+    reopened = open_memory(d / "sharded")  # the one opener dispatches on the directory kind
+    with pytest.raises(MemoryFormatError, match="sharded memory.*open_memory"):
+        Memory.open(d / "sharded")
     assert isinstance(reopened, ShardedMemory) and len(reopened) == len(single) == 148
     every = np.arange(148)
     for modality in ("image", "text"):

@@ -1,0 +1,125 @@
+"""What every fuzz case asserts, and how cases run (in-process, or in a subprocess under a memory cap).
+
+The contract (issue 11): for every input, the tool either succeeds correctly or stops with ONE line
+``reco-ref VERB: error: ...`` (exit 1; argparse usage errors exit 2) — no traceback, no crash (a
+negative return code is a signal: the interpreter died), peak memory bounded (subprocesses run under
+``RLIMIT_AS``; in-process cases under ``tracemalloc``), and no pre-existing file changed.
+
+Outcome counts per class are collected in :data:`COUNTS`; ``RECO_REF_FUZZ_REPORT=path.json`` makes
+the session write them (docs/bad_inputs.md quotes the last full run).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import os
+import resource
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MEMLIB = ROOT / "tests" / "memory"
+if str(MEMLIB) not in sys.path:
+    sys.path.insert(0, str(MEMLIB))
+
+from reco_ref.errors import RecoError  # noqa: E402
+
+AS_LIMIT = 1 << 30  # address-space cap of a CLI subprocess with the fake encoder (its own need: ~0.5 GiB)
+COUNTS: collections.Counter = collections.Counter()  # (class, outcome) -> cases
+
+
+def record(cls: str, outcome: str) -> str:
+    COUNTS[(cls, outcome)] += 1
+    return outcome
+
+
+def env(**extra: str) -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(MEMLIB), e.get("PYTHONPATH", "")])
+    e.pop("RECO_REF_DEBUG", None)
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def _limit(nbytes: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
+    return apply
+
+
+def run_cli(*args, limit: int = AS_LIMIT, timeout: float = 180, **extra_env: str) -> subprocess.CompletedProcess:
+    """``python -m reco_ref.cli ARGS`` under an address-space cap of ``limit`` bytes."""
+    return subprocess.run([sys.executable, "-m", "reco_ref.cli", *map(str, args)], env=env(**extra_env),
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=_limit(limit))
+
+
+def run_py(code: str, *args, limit: int = AS_LIMIT, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env(), capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=_limit(limit))
+
+
+def check_cli(p: subprocess.CompletedProcess, cls: str, *, must_fail: bool = False) -> str:
+    """Assert the contract on a finished CLI run; return and record "ok" or "error"."""
+    assert p.returncode >= 0, f"crashed with signal {-p.returncode}: {p.stderr[-2000:]}"
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.returncode in (0, 1, 2), (p.returncode, p.stderr[-2000:])
+    if p.returncode == 0:
+        assert not must_fail, f"expected an error, got success: {p.stdout[-500:]} {p.stderr[-500:]}"
+        return record(cls, "ok")
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ": error: " in ln]
+    assert len(errs) == 1 and lines[-1] == errs[0], p.stderr[-2000:]
+    assert "unexpected" not in errs[0] and "a bug" not in errs[0], errs[0]  # every error is a named one
+    return record(cls, "error")
+
+
+@contextlib.contextmanager
+def peak_below(nbytes: int):
+    """Fail if Python-tracked allocations (numpy's included) inside the block peak above ``nbytes``."""
+    tracemalloc.start()
+    try:
+        yield
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= nbytes, f"peak allocation {peak} bytes > bound {nbytes}"
+
+
+def call(cls: str, fn, *args, **kw):
+    """Run a library call: success -> ("ok", value); a RecoError/FileNotFoundError -> ("error", message).
+
+    Any other exception propagates (the test fails with its traceback): it would reach the user as an
+    "unexpected" error.
+    """
+    try:
+        value = fn(*args, **kw)
+    except (RecoError, FileNotFoundError) as exc:
+        return record(cls, "error"), str(exc)
+    return record(cls, "ok"), value
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every regular file under ``folder`` (links not followed)."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            p = Path(dirpath) / f
+            if p.is_symlink() or not p.is_file():
+                continue
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def assert_unchanged(before: dict[str, str], after: dict[str, str], what: str = "") -> None:
+    changed = [k for k, v in before.items() if after.get(k) != v]
+    assert not changed, f"{what}: pre-existing files changed or removed: {changed[:5]}"
+
+
+def flip_bit(data: bytes, bit: int) -> bytes:
+    b = bytearray(data)
+    b[bit // 8] ^= 1 << (bit % 8)
+    return bytes(b)
