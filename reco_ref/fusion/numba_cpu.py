@@ -64,8 +64,7 @@ __all__ = [
 # fastmath off: IEEE semantics so the float64 path matches the reference to ~1e-13.
 _JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+from .constants import GELU_INV_SQRT2 as _INV_SQRT2, GELU_INV_SQRT_2PI as _INV_SQRT2PI, LN_EPS, MAX_SCALE  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,7 +576,7 @@ def _fusion_forward(params, query, retrieved, mask=None, *, heads: int):
     valid = np.ones((B, T), dtype=np.bool_)  # [B,T]; token 0 (the query) is always valid
     if mask is not None and k:
         valid[:, 1:] = mask
-    eps = 1e-5
+    eps = LN_EPS
     p = {name: np.ascontiguousarray(params[name]) for name in params}
 
     # 1. X = [q + e_q ; r + e_r], A1 = LN_1(X)               all T tokens
@@ -694,7 +693,7 @@ def _fusion_backward(params, cache, dout, *, return_input_grads=False):
 # --------------------------------------------------------------------------------------------
 
 
-def infonce_forward(a, b, tau, *, max_scale=100.0):
+def infonce_forward(a, b, tau, *, max_scale=MAX_SCALE):
     """Symmetric InfoNCE ``ℓ(a,b) = ½[CE_rows(Z,I) + CE_rows(Zᵀ,I)]``, ``Z = s a bᵀ``.
 
     Parameters

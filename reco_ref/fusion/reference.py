@@ -1,8 +1,19 @@
 r"""The readable truth: RECO's fusion layer as plain NumPy forward/backward pairs (spec §2).
 
-llm.c style: every step is a ``*_forward`` function returning its output (and a cache of what the
-backward needs) and a ``*_backward`` function turning the upstream gradient into the gradients of its
-inputs. Every function is dtype-preserving: float32 in → float32 out, float64 in → float64 out.
+llm.c style, one convention for every step (checked by ``tests/fusion/test_fusion_convention.py``):
+
+* ``out, cache = step_forward(inputs..., params...)`` — ``cache`` is always a plain ``dict`` of what
+  the backward needs (keys named after the buffers, shapes in the docstring);
+* ``grads = step_backward(cache, dout)`` — the cache first, then the upstream gradient ``dout`` of the
+  same shape as ``out``; it returns the gradient of every float input of the forward, in the
+  forward's argument order and named ``d<input>`` in the docstring: the array itself when there is
+  one input (``du``), a tuple when there are several (``dx, dw, db``).
+
+The whole layer, :func:`fusion_forward` / :func:`fusion_backward`, follows it too, with the
+documented difference that its backward also takes ``params`` first (the backend contract of
+:mod:`reco_ref.fusion`) and returns a dict named like the 18 parameters. Constants (LayerNorm
+epsilon, GELU's) come from :mod:`reco_ref.fusion.constants`, shared with the other backends.
+Every function is dtype-preserving: float32 in → float32 out, float64 in → float64 out.
 Nothing here validates its inputs — :mod:`reco_ref.fusion` (the front door) does that once.
 
 The layer (pre-LN transformer encoder layer, read out at the query token)::
@@ -28,6 +39,8 @@ import math
 import numpy as np
 from scipy.special import erf
 
+from .constants import GELU_INV_SQRT2, GELU_INV_SQRT_2PI, LN_EPS
+
 __all__ = [
     "LN_EPS",
     "layernorm_forward",
@@ -45,9 +58,6 @@ __all__ = [
     "fusion_forward",
     "fusion_backward",
 ]
-
-#: LayerNorm epsilon (spec §2; the same as torch's default).
-LN_EPS = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,8 +84,8 @@ def layernorm_forward(x, gamma, beta, eps=LN_EPS):
     Returns
     -------
     out : ndarray, shape [..., D]
-    cache : tuple
-        ``(xhat [..., D], rstd [..., 1], gamma [D])`` for :func:`layernorm_backward`.
+    cache : dict
+        ``xhat [..., D]``, ``rstd [..., 1]``, ``gamma [D]`` for :func:`layernorm_backward`.
     """
     mu = x.mean(axis=-1, keepdims=True)  # [..., 1]
     xc = x - mu  # [..., D]
@@ -83,10 +93,10 @@ def layernorm_forward(x, gamma, beta, eps=LN_EPS):
     rstd = 1.0 / np.sqrt(var + eps)  # [..., 1]
     xhat = xc * rstd  # [..., D]
     out = xhat * gamma + beta  # [..., D]
-    return out, (xhat, rstd, gamma)
+    return out, {"xhat": xhat, "rstd": rstd, "gamma": gamma}
 
 
-def layernorm_backward(dout, cache):
+def layernorm_backward(cache, dout):
     r"""Gradients of :func:`layernorm_forward`.
 
     .. math::
@@ -101,15 +111,15 @@ def layernorm_backward(dout, cache):
 
     Parameters
     ----------
+    cache : dict from :func:`layernorm_forward`
     dout : ndarray, shape [..., D]
-    cache : tuple from :func:`layernorm_forward`
 
     Returns
     -------
     dx : ndarray, shape [..., D]
     dgamma, dbeta : ndarray, shape [D]
     """
-    xhat, rstd, gamma = cache
+    xhat, rstd, gamma = cache["xhat"], cache["rstd"], cache["gamma"]  # [..., D], [..., 1], [D]
     lead = tuple(range(dout.ndim - 1))
     dgamma = (dout * xhat).sum(axis=lead)  # [D]
     dbeta = dout.sum(axis=lead)  # [D]
@@ -139,11 +149,14 @@ def linear_forward(x, w, b):
     Returns
     -------
     out : ndarray, shape [N, Dout]
+    cache : dict
+        ``x [N, Din]`` and ``w [Din, Dout]`` (references, not copies) for :func:`linear_backward`.
     """
-    return x @ w + b
+    out = x @ w + b  # [N, Dout]
+    return out, {"x": x, "w": w}
 
 
-def linear_backward(dout, x, w):
+def linear_backward(cache, dout):
     r"""Gradients of :func:`linear_forward`.
 
     .. math::
@@ -152,9 +165,8 @@ def linear_backward(dout, x, w):
 
     Parameters
     ----------
+    cache : dict from :func:`linear_forward`
     dout : ndarray, shape [N, Dout] (same leading axes as ``x``)
-    x : ndarray, shape [N, Din]
-    w : ndarray, shape [Din, Dout]
 
     Returns
     -------
@@ -162,6 +174,7 @@ def linear_backward(dout, x, w):
     dw : ndarray, shape [Din, Dout]
     db : ndarray, shape [Dout]
     """
+    x, w = cache["x"], cache["w"]  # [N, Din], [Din, Dout]
     x2 = x.reshape(-1, x.shape[-1])  # [N, Din]
     d2 = dout.reshape(-1, dout.shape[-1])  # [N, Dout]
     dx = dout @ w.T  # [..., Din]
@@ -219,7 +232,7 @@ def attention_forward(q, k, v, valid):
     return out, {"q": q, "k": k, "v": v, "p": p}
 
 
-def attention_backward(dout, cache):
+def attention_backward(cache, dout):
     r"""Gradients of :func:`attention_forward`.
 
     .. math::
@@ -233,8 +246,8 @@ def attention_backward(dout, cache):
 
     Parameters
     ----------
-    dout : ndarray, shape [B, h, Tq, dh]
     cache : dict from :func:`attention_forward`
+    dout : ndarray, shape [B, h, Tq, dh]
 
     Returns
     -------
@@ -267,10 +280,6 @@ def merge_heads(x):
 # GELU (exact, erf form)
 # ----------------------------------------------------------------------------------------------
 
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
 def gelu_forward(u):
     r"""Exact GELU (the erf form, torch's default ``approximate='none'``).
 
@@ -285,11 +294,14 @@ def gelu_forward(u):
     Returns
     -------
     out : ndarray, same shape and dtype as ``u``
+    cache : dict
+        ``u`` (a reference) for :func:`gelu_backward`.
     """
-    return 0.5 * u * (1.0 + erf(u * _INV_SQRT2))
+    out = 0.5 * u * (1.0 + erf(u * GELU_INV_SQRT2))  # same shape as u
+    return out, {"u": u}
 
 
-def gelu_backward(dout, u):
+def gelu_backward(cache, dout):
     r"""Gradient of :func:`gelu_forward`.
 
     .. math::
@@ -299,14 +311,16 @@ def gelu_backward(dout, u):
 
     Parameters
     ----------
-    dout, u : ndarray, same shape
+    cache : dict from :func:`gelu_forward`
+    dout : ndarray, same shape as ``u``
 
     Returns
     -------
     du : ndarray, same shape
     """
-    cdf = 0.5 * (1.0 + erf(u * _INV_SQRT2))
-    pdf = np.exp(-0.5 * u * u) * _INV_SQRT_2PI
+    u = cache["u"]
+    cdf = 0.5 * (1.0 + erf(u * GELU_INV_SQRT2))
+    pdf = np.exp(-0.5 * u * u) * GELU_INV_SQRT_2PI
     return dout * (cdf + u * pdf)
 
 
@@ -330,31 +344,32 @@ def l2normalize_forward(z):
     Returns
     -------
     y : ndarray, shape [B, D]
-    cache : tuple ``(y [B, D], norm [B, 1])``
+    cache : dict
+        ``y [B, D]`` and ``norm [B, 1]`` for :func:`l2normalize_backward`.
     """
     norm = np.sqrt((z * z).sum(axis=-1, keepdims=True))  # [B, 1]
     y = z / norm
-    return y, (y, norm)
+    return y, {"y": y, "norm": norm}
 
 
-def l2normalize_backward(dy, cache):
+def l2normalize_backward(cache, dout):
     r"""Gradient of :func:`l2normalize_forward`.
 
     .. math::
 
-        dz = \frac{dy - y\,(y^\top dy)}{\lVert z \rVert_2}
+        dz = \frac{d\mathrm{out} - y\,(y^\top d\mathrm{out})}{\lVert z \rVert_2}
 
     Parameters
     ----------
-    dy : ndarray, shape [B, D]
-    cache : tuple from :func:`l2normalize_forward`
+    cache : dict from :func:`l2normalize_forward`
+    dout : ndarray, shape [B, D]
 
     Returns
     -------
     dz : ndarray, shape [B, D]
     """
-    y, norm = cache
-    return (dy - y * (y * dy).sum(axis=-1, keepdims=True)) / norm
+    y, norm = cache["y"], cache["norm"]  # [B, D], [B, 1]
+    return (dout - y * (y * dout).sum(axis=-1, keepdims=True)) / norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,45 +419,34 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads):
     if mask is not None:
         valid[:, 1:] = mask
 
+    # The cache is one dict: the shapes, plus each step's own cache under the step's name.
+    cache = {"heads": int(heads), "B": B, "T": T, "D": D, "valid": valid}
+
     # Attention block (pre-LN).
-    A1, ln1_cache = layernorm_forward(X, p["ln1_gamma"], p["ln1_beta"])  # [B, T, D]
+    A1, cache["ln1"] = layernorm_forward(X, p["ln1_gamma"], p["ln1_beta"])  # [B, T, D]
     A1f = A1.reshape(B * T, D)  # [B*T, D]
-    Q = linear_forward(A1f, p["w_q"], p["b_q"]).reshape(B, T, D)  # [B, T, D]
-    K = linear_forward(A1f, p["w_k"], p["b_k"]).reshape(B, T, D)
-    V = linear_forward(A1f, p["w_v"], p["b_v"]).reshape(B, T, D)
-    att, att_cache = attention_forward(
-        split_heads(Q, heads), split_heads(K, heads), split_heads(V, heads), valid
+    Q, cache["lin_q"] = linear_forward(A1f, p["w_q"], p["b_q"])  # [B*T, D]
+    K, cache["lin_k"] = linear_forward(A1f, p["w_k"], p["b_k"])  # [B*T, D]
+    V, cache["lin_v"] = linear_forward(A1f, p["w_v"], p["b_v"])  # [B*T, D]
+    att, cache["att"] = attention_forward(
+        split_heads(Q.reshape(B, T, D), heads),
+        split_heads(K.reshape(B, T, D), heads),
+        split_heads(V.reshape(B, T, D), heads),
+        valid,
     )  # [B, h, T, dh]
     C = merge_heads(att).reshape(B * T, D)  # [B*T, D] concat_heads(P V)
-    O = linear_forward(C, p["w_o"], p["b_o"]).reshape(B, T, D)  # [B, T, D]
-    H = X + O  # [B, T, D]
+    O, cache["lin_o"] = linear_forward(C, p["w_o"], p["b_o"])  # [B*T, D]
+    H = X + O.reshape(B, T, D)  # [B, T, D]
 
     # MLP block (pre-LN).
-    A2, ln2_cache = layernorm_forward(H, p["ln2_gamma"], p["ln2_beta"])  # [B, T, D]
-    A2f = A2.reshape(B * T, D)  # [B*T, D]
-    pre = linear_forward(A2f, p["w_1"], p["b_1"])  # [B*T, R*D]
-    U = gelu_forward(pre)  # [B*T, R*D]
-    Y = H + linear_forward(U, p["w_2"], p["b_2"]).reshape(B, T, D)  # [B, T, D]
+    A2, cache["ln2"] = layernorm_forward(H, p["ln2_gamma"], p["ln2_beta"])  # [B, T, D]
+    pre, cache["lin_1"] = linear_forward(A2.reshape(B * T, D), p["w_1"], p["b_1"])  # [B*T, R*D]
+    U, cache["gelu"] = gelu_forward(pre)  # [B*T, R*D]
+    Z, cache["lin_2"] = linear_forward(U, p["w_2"], p["b_2"])  # [B*T, D]
+    Y = H + Z.reshape(B, T, D)  # [B, T, D]
 
     # Read-out at the query token, then normalise.
-    out, l2_cache = l2normalize_forward(Y[:, 0])  # [B, D]
-
-    cache = {
-        "heads": int(heads),
-        "B": B,
-        "T": T,
-        "D": D,
-        "valid": valid,
-        "ln1": ln1_cache,
-        "A1f": A1f,
-        "att": att_cache,
-        "C": C,
-        "ln2": ln2_cache,
-        "A2f": A2f,
-        "pre": pre,
-        "U": U,
-        "l2": l2_cache,
-    }
+    out, cache["l2"] = l2normalize_forward(Y[:, 0])  # [B, D]
     return out, cache
 
 
@@ -472,7 +476,8 @@ def fusion_backward(params, cache, dout, *, return_input_grads=False):
     Parameters
     ----------
     params : mapping of str to ndarray
-        The same parameters given to :func:`fusion_forward`.
+        The same parameters given to :func:`fusion_forward`. Part of the backend contract (the
+        fast backends read the weights from it); here the step caches already hold them.
     cache : dict from :func:`fusion_forward`
     dout : ndarray, shape [B, D]
         Gradient of the loss with respect to ``out``.
@@ -487,34 +492,32 @@ def fusion_backward(params, cache, dout, *, return_input_grads=False):
         One entry per parameter, same shapes and dtype as ``params`` (plus the two input entries
         when asked).
     """
-    p = params
     B, T, D, heads = cache["B"], cache["T"], cache["D"], cache["heads"]
     dtype = dout.dtype
 
     # Normalisation: only token 0 is read out, the other rows of Y get zero gradient.
     dY = np.zeros((B, T, D), dtype=dtype)  # [B, T, D]
-    dY[:, 0] = l2normalize_backward(dout, cache["l2"])
+    dY[:, 0] = l2normalize_backward(cache["l2"], dout)
     dYf = dY.reshape(B * T, D)  # [B*T, D]
 
     # MLP block.
-    dU, dw_2, db_2 = linear_backward(dYf, cache["U"], p["w_2"])  # [B*T, R*D]
-    dpre = gelu_backward(dU, cache["pre"])  # [B*T, R*D]
-    dA2, dw_1, db_1 = linear_backward(dpre, cache["A2f"], p["w_1"])  # [B*T, D]
-    dH_ln, dln2_gamma, dln2_beta = layernorm_backward(dA2.reshape(B, T, D), cache["ln2"])
+    dU, dw_2, db_2 = linear_backward(cache["lin_2"], dYf)  # [B*T, R*D]
+    dpre = gelu_backward(cache["gelu"], dU)  # [B*T, R*D]
+    dA2, dw_1, db_1 = linear_backward(cache["lin_1"], dpre)  # [B*T, D]
+    dH_ln, dln2_gamma, dln2_beta = layernorm_backward(cache["ln2"], dA2.reshape(B, T, D))
     dH = dY + dH_ln  # [B, T, D] residual: both paths
 
     # Attention block.
-    dC, dw_o, db_o = linear_backward(dH.reshape(B * T, D), cache["C"], p["w_o"])  # [B*T, D]
-    dQh, dKh, dVh = attention_backward(split_heads(dC.reshape(B, T, D), heads), cache["att"])
-    A1f = cache["A1f"]
+    dC, dw_o, db_o = linear_backward(cache["lin_o"], dH.reshape(B * T, D))  # [B*T, D]
+    dQh, dKh, dVh = attention_backward(cache["att"], split_heads(dC.reshape(B, T, D), heads))
     dA1 = np.zeros((B * T, D), dtype=dtype)  # [B*T, D] sums the three projections
     proj = {}
     for name, dh_ in (("q", dQh), ("k", dKh), ("v", dVh)):
         d = merge_heads(dh_).reshape(B * T, D)  # [B*T, D]
-        dA, dw, db = linear_backward(d, A1f, p["w_" + name])
+        dA, dw, db = linear_backward(cache["lin_" + name], d)
         dA1 += dA
         proj["w_" + name], proj["b_" + name] = dw, db
-    dX_ln, dln1_gamma, dln1_beta = layernorm_backward(dA1.reshape(B, T, D), cache["ln1"])
+    dX_ln, dln1_gamma, dln1_beta = layernorm_backward(cache["ln1"], dA1.reshape(B, T, D))
     dX = dH + dX_ln  # [B, T, D]
 
     grads = {

@@ -28,6 +28,7 @@ import numpy as np
 from ..checks import check_array
 from ..errors import BackendUnavailableError, ShapeError
 from ..fusion import backend_of_cache
+from ..fusion.constants import MAX_SCALE  # clamp of the scale s = exp(τ), shared with the backends
 
 __all__ = [
     "DEFAULT_TAU",
@@ -40,8 +41,6 @@ __all__ = [
 
 #: τ at initialisation: log(1/0.07), as CLIP (spec §3).
 DEFAULT_TAU = math.log(1.0 / 0.07)
-#: Clamp of the scale s = exp(τ) (spec §3, as CLIP).
-MAX_SCALE = 100.0
 
 
 def _check_tau(tau) -> float:

@@ -18,6 +18,7 @@ cuda = pytest.importorskip("numba.cuda", reason="numba-cuda not installed (extra
 from fusion_testlib import assert_matches_reference
 
 from reco_ref.fusion import reference as ref
+from reco_ref.fusion.constants import LN_EPS
 from reco_ref.fusion.cuda import KernelConfig, attention, gelu, gemm, l2norm, layernorm, reduce
 from reco_ref.fusion.cuda.config import get_config
 
@@ -100,10 +101,11 @@ def test_embed_layernorm_forward(version, dtype):
     q, r = rng.standard_normal((B, D)).astype(dtype), rng.standard_normal((B, k, D)).astype(dtype)
     e_q, e_r, gamma, beta = (rng.standard_normal(D).astype(dtype) for _ in range(4))
     X = np.concatenate([(q + e_q)[:, None], r + e_r], axis=1)
-    want, (xhat, rstd, _) = ref.layernorm_forward(X, gamma, beta)
+    want, cache = ref.layernorm_forward(X, gamma, beta)
+    xhat, rstd = cache["xhat"], cache["rstd"]
     bufs = [cuda.device_array(s, dtype) for s in [(B, T, D), (B, T, D), (B, T), (B, T, D)]]
     layernorm.embed_layernorm_forward(_dev(q), _dev(r), _dev(e_q), _dev(e_r), _dev(gamma), _dev(beta),
-                                      1e-5, *bufs, version=version)
+                                      LN_EPS, *bufs, version=version)
     x, xh, rs, a1 = (b.copy_to_host() for b in bufs)
     _close(x, X, dtype, "x")
     _close(xh, xhat, dtype, "xhat")
@@ -121,12 +123,12 @@ def test_residual_layernorm_and_backward(dtype):
     want, cache = ref.layernorm_forward(H, gamma, beta)
     h, xh, a2 = (cuda.device_array((B, D), dtype) for _ in range(3))
     rs = cuda.device_array(B, dtype)
-    layernorm.bias_residual_layernorm_forward(_dev(x0), _dev(o), _dev(b_o), _dev(gamma), _dev(beta), 1e-5,
+    layernorm.bias_residual_layernorm_forward(_dev(x0), _dev(o), _dev(b_o), _dev(gamma), _dev(beta), LN_EPS,
                                               h, xh, rs, a2)
     _close(h.copy_to_host(), H, dtype, "h")
     _close(a2.copy_to_host(), want, dtype, "a2")
     # backward with the residual gradient added, and the parameter sums
-    dx_want, dg_want, db_want = ref.layernorm_backward(da, cache)
+    dx_want, dg_want, db_want = ref.layernorm_backward(cache, da)
     dx = cuda.device_array((B, D), dtype)
     layernorm.layernorm_backward(_dev(da), xh, rs, _dev(gamma), dx, resid=_dev(dy))
     _close(dx.copy_to_host(), dx_want + dy, dtype, "dx")
@@ -164,7 +166,7 @@ def test_attention_v1_full(dtype):
     P = p.copy_to_host()
     _close(P, cache["p"], dtype, "p")
     assert np.all(P[~np.broadcast_to(valid[:, None, None, :], P.shape)] == 0)  # masked: exactly 0
-    gq, gk, gv = ref.attention_backward(dout, cache)
+    gq, gk, gv = ref.attention_backward(cache, dout)
     dq, dk, dv = (cuda.device_array((B, H, T, dh), dtype) for _ in range(3))
     attention.attention_full_backward(_dev(dout), dq_, dk_, dv_, p, dq, dk, dv)
     for name, got, w in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
@@ -195,7 +197,7 @@ def test_attention_v2_row0(dtype):
     # backward: gradient only on row 0 of the output
     d0 = np.zeros_like(dout)
     d0[:, :, 0] = dout[:, :, 0]
-    gq, gk, gv = ref.attention_backward(d0, cache)
+    gq, gk, gv = ref.attention_backward(cache, d0)
     dq0 = cuda.device_array((B, D), dtype)
     dkv = cuda.device_array((B, T, 2 * D), dtype)
     attention.attention_row0_backward(_dev(merge(d0)[:, 0]), p, q0, kv, _dev(valid), H, dq0, dkv)
@@ -226,14 +228,15 @@ def test_gelu_versions_and_backward(dtype):
     du = rng.standard_normal((N, F)).astype(dtype)
     out = cuda.device_array((N, F), dtype)
     gelu.gelu_forward(_dev(u), out)                                   # v1
-    _close(out.copy_to_host(), ref.gelu_forward(u), dtype, "v1")
+    _close(out.copy_to_host(), ref.gelu_forward(u)[0], dtype, "v1")
     pre = _dev(u)
     gelu.bias_gelu_forward(pre, _dev(bias), out)                      # v2 (bias fused, pre in place)
     _close(pre.copy_to_host(), u + bias, dtype, "pre")
-    _close(out.copy_to_host(), ref.gelu_forward(u + bias), dtype, "v2")
+    want, gcache = ref.gelu_forward(u + bias)
+    _close(out.copy_to_host(), want, dtype, "v2")
     g = _dev(du)
     gelu.gelu_backward(g, pre)
-    _close(g.copy_to_host(), ref.gelu_backward(du, u + bias), dtype, "backward")
+    _close(g.copy_to_host(), ref.gelu_backward(gcache, du), dtype, "backward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -248,12 +251,12 @@ def test_l2norm_forward_backward(dtype):
     out, norm = cuda.device_array((B, D), dtype), cuda.device_array(B, dtype)
     l2norm.bias_residual_l2norm_forward(dy, _dev(b2), _dev(h), out, norm)
     _close(out.copy_to_host(), want, dtype, "out")
-    _close(norm.copy_to_host(), cache[1][:, 0], dtype, "norm")
+    _close(norm.copy_to_host(), cache["norm"][:, 0], dtype, "norm")
     l2norm.l2norm_forward(_dev(Y), out, norm)
     _close(out.copy_to_host(), want, dtype, "plain")
     dz = cuda.device_array((B, D), dtype)
     l2norm.l2norm_backward(_dev(dout), out, norm, dz)
-    _close(dz.copy_to_host(), ref.l2normalize_backward(dout, cache), dtype, "backward")
+    _close(dz.copy_to_host(), ref.l2normalize_backward(cache, dout), dtype, "backward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -198,13 +198,16 @@ def test_every_step_preserves_float32(rng):
     x = rng.standard_normal((3, 5, 8)).astype(np.float32)
     g, b = np.ones(8, np.float32), np.zeros(8, np.float32)
     out, c = reference.layernorm_forward(x, g, b)
-    assert out.dtype == np.float32 and all(a.dtype == np.float32 for a in reference.layernorm_backward(out, c))
-    assert reference.gelu_forward(x).dtype == np.float32 and reference.gelu_backward(x, x).dtype == np.float32
+    assert out.dtype == np.float32 and all(a.dtype == np.float32 for a in reference.layernorm_backward(c, out))
+    u, c = reference.gelu_forward(x)
+    assert u.dtype == np.float32 and reference.gelu_backward(c, x).dtype == np.float32
+    out, c = reference.linear_forward(x, np.ones((8, 4), np.float32), np.zeros(4, np.float32))
+    assert out.dtype == np.float32 and all(a.dtype == np.float32 for a in reference.linear_backward(c, out))
     y, c = reference.l2normalize_forward(x[:, 0])
-    assert y.dtype == np.float32 and reference.l2normalize_backward(y, c).dtype == np.float32
+    assert y.dtype == np.float32 and reference.l2normalize_backward(c, y).dtype == np.float32
     qkv = x.reshape(3, 1, 5, 8)
     o, c = reference.attention_forward(qkv, qkv, qkv, np.ones((3, 5), bool))
-    assert o.dtype == np.float32 and all(a.dtype == np.float32 for a in reference.attention_backward(o, c))
+    assert o.dtype == np.float32 and all(a.dtype == np.float32 for a in reference.attention_backward(c, o))
 
 
 def test_attention_masked_probability_is_exactly_zero(rng):
@@ -220,7 +223,7 @@ def test_gelu_matches_definition():
 
     u = np.linspace(-6, 6, 101)
     expect = np.array([x * 0.5 * (1 + math.erf(x / math.sqrt(2))) for x in u])
-    np.testing.assert_allclose(reference.gelu_forward(u), expect, rtol=1e-15, atol=1e-16)
+    np.testing.assert_allclose(reference.gelu_forward(u)[0], expect, rtol=1e-15, atol=1e-16)
 
 
 def test_plain_dict_needs_heads(rng):

@@ -173,7 +173,7 @@ def test_infonce_learns_a_linear_map():
         a, ncache = reference.l2normalize_forward(z)
         loss, cache = infonce_forward(a, y, float(params["tau"]))
         da, _, dtau = infonce_backward(cache)
-        dW = x.T @ reference.l2normalize_backward(da, ncache)
+        dW = x.T @ reference.l2normalize_backward(ncache, da)
         adamw_step(params, {"W": dW, "tau": np.array(dtau)}, state,
                    lr_at(step, base_lr=0.05, warmup_steps=10, total_steps=150), weight_decay=0.0)  # fmt: skip
         losses.append(loss)

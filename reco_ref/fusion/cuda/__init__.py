@@ -5,7 +5,7 @@ Host-array contract (same signatures as :mod:`reco_ref.fusion.reference` and
 
 * ``fusion_forward(params, query, retrieved, mask=None, *, heads) -> (out, cache)``
 * ``fusion_backward(params, cache, dout, *, return_input_grads=False) -> grads``
-* ``infonce_forward(a, b, tau, *, max_scale=100.0) -> (loss, cache)``
+* ``infonce_forward(a, b, tau, *, max_scale=MAX_SCALE) -> (loss, cache)``
 * ``infonce_backward(cache, dloss=1.0) -> (da, db, dtau)``
 
 Device-resident entry points (numba device arrays in and out, no host round trip between
@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from ..constants import MAX_SCALE
 from .adamw import adamw_init_device, adamw_step_device, state_to_device, state_to_host
 from .config import SIMULATOR, KernelConfig, get_config, set_config
 from .infonce import infonce_backward_device, infonce_forward_device
@@ -85,7 +86,7 @@ def fusion_backward(params, cache, dout, *, return_input_grads: bool = False) ->
     return {name: np.ascontiguousarray(d.copy_to_host()) for name, d in g.items()}
 
 
-def infonce_forward(a, b, tau, *, max_scale: float = 100.0):
+def infonce_forward(a, b, tau, *, max_scale: float = MAX_SCALE):
     """Symmetric InfoNCE on host arrays (see :mod:`.infonce`); returns ``(loss: float, cache)``."""
     dt = np.result_type(a.dtype, b.dtype)
     da = cuda.to_device(np.ascontiguousarray(a, dtype=dt))

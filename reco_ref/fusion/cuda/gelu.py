@@ -14,12 +14,11 @@ import math
 
 from numba import cuda
 
+from ..constants import GELU_INV_SQRT2 as _INV_SQRT2, GELU_INV_SQRT_2PI as _INV_SQRT2PI
 from .config import KernelConfig, get_config
 
 __all__ = ["gelu_forward", "bias_gelu_forward", "gelu_backward"]
 
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 @cuda.jit

@@ -18,6 +18,7 @@ import math
 import numpy as np
 from numba import cuda
 
+from ..constants import MAX_SCALE
 from .config import KernelConfig, get_config
 from .gemm import gemm
 from .reduce import block_max, block_sum, sum_all
@@ -131,7 +132,7 @@ def _dtau_kernel(sc, ds, dtau):
         dtau[0] = 0.0 if sc[1] > 0.5 else sc[0] * ds[0]
 
 
-def infonce_forward_device(a, b, tau, *, max_scale: float = 100.0, cfg: KernelConfig | None = None):
+def infonce_forward_device(a, b, tau, *, max_scale: float = MAX_SCALE, cfg: KernelConfig | None = None):
     """Forward on device arrays.
 
     Parameters

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from ..constants import LN_EPS
 from ..params import PARAM_NAMES
 from .attention import attention_row0_backward, attention_row0_forward
 from .config import KernelConfig, get_config
@@ -42,9 +43,6 @@ __all__ = [
     "fusion_forward_device",
     "fusion_backward_device",
 ]
-
-LN_EPS = 1e-5
-
 
 def params_to_device(params) -> dict:
     """Host parameter dict → dict of contiguous device arrays (same names)."""
