@@ -20,6 +20,7 @@ VERB_MODULES = (
     "reco_ref.fusion.cli",
     "reco_ref.train.cli",
     "reco_ref.eval.cli",
+    "reco_ref.classify.cli",
 )
 
 

@@ -51,7 +51,7 @@ def test_autograd_oracle(attention):
                                attention)
     tloss.backward()
     np.testing.assert_allclose(logits, tl.detach().numpy(), atol=1e-10, rtol=0)
-    assert abs(loss - float(tloss)) < 1e-10
+    assert abs(loss - tloss.item()) < 1e-10
     for name, t in T.items():
         tg = np.zeros_like(t.detach().numpy()) if t.grad is None else t.grad.numpy()
         np.testing.assert_allclose(g[name], tg, atol=1e-10, rtol=0, err_msg=name)
