@@ -178,7 +178,8 @@ def cli_commands(run: dict, lt: Path, work: Path, cfg: ClassifyConfig) -> str:
     m = lt / f"{run['d']}-lt-r{run['ratio']}" / "manifest.csv"
     w = work / "runs" / (run["id"].replace("/", "_") + ".npz")
     mem = work / "mem" / (mem_name(run) or f"{run['d']}-b")
-    opts = f" --epochs {cfg.epochs} --width {cfg.width} --lr {cfg.lr:g} -k {cfg.k} --backend {cfg.backend}"
+    opts = (f" --epochs {cfg.epochs} --width {cfg.width} --lr {cfg.lr:g} -k {cfg.k} --logit-scale {cfg.logit_scale:g}"
+            f" --backend {cfg.backend}")
     if run["mem"] is None:
         opts += " --no-memory"
     if run.get("attention") == "uniform":

@@ -18,7 +18,7 @@ def _run_train(a: argparse.Namespace) -> int:
     if not a.no_memory and not a.memory:
         raise FileNotFoundError("--memory DIR is required (or train the no-memory classifier with --no-memory)")
     cfg = ClassifyConfig(memory=not a.no_memory, k=a.k, values=a.values, attention=a.attention, width=a.width,
-                         heads=a.heads, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                         heads=a.heads, logit_scale=a.logit_scale, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                          weight_decay=a.weight_decay, seed=a.seed, backend=a.backend).check()
     train_from_manifest(a.dataset, a.split, a.memory, a.out, cfg, encoder=_encoder(a), cache_dir=a.cache_dir,
                         val_split=a.val_split, label_noise=a.label_noise, resume=a.resume,
@@ -63,6 +63,7 @@ def register(subparsers) -> None:
                    help="softmax (default) or uniform average of the items (the attention-removed baseline)")
     t.add_argument("--width", type=int, default=128, help="attention width (default 128)")
     t.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    t.add_argument("--logit-scale", type=float, default=32.0, help="fixed logit scale s (default 32)")
     t.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
     t.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")

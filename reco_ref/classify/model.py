@@ -107,11 +107,11 @@ def _impl(backend: str):
 
 
 def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=4, attention="softmax",
-                     backend="numpy"):
+                     logit_scale=1.0, backend="numpy"):
     """Checked forward (see :func:`reco_ref.classify.reference.classify_forward`); ``cache["backend"]`` set."""
     check_inputs(params, query, keys, values, valid, heads)
     logits, cache = _impl(backend).classify_forward(params, query, keys, values, valid, heads=heads,
-                                                    attention=attention)
+                                                    attention=attention, logit_scale=logit_scale)
     cache["backend"] = backend
     return logits, cache
 
@@ -122,13 +122,13 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
 
 
 def predict_logits(params, query, keys=None, values=None, valid=None, *, heads=4, attention="softmax",
-                   backend="numpy", batch_size=1024) -> np.ndarray:
+                   logit_scale=1.0, backend="numpy", batch_size=1024) -> np.ndarray:
     """Logits ``[N, C]`` in batches (bounded memory)."""
     out = []
     for lo in range(0, len(query), batch_size):
         s = slice(lo, lo + batch_size)
         logits, _ = classify_forward(params, query[s], None if keys is None else keys[s],
                                      None if values is None else values[s], None if valid is None else valid[s],
-                                     heads=heads, attention=attention, backend=backend)
+                                     heads=heads, attention=attention, logit_scale=logit_scale, backend=backend)
         out.append(logits)
     return np.concatenate(out) if out else np.zeros((0, params["b_c"].shape[0]), params["b_c"].dtype)

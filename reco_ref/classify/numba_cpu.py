@@ -1,9 +1,11 @@
 """Numba CPU backend of the memory-attention classifier: same signatures as :mod:`reco_ref.classify.reference`.
 
-GEMMs stay on BLAS (``numpy @``); the row-wise work BLAS does badly is fused into ``@njit(parallel=True)``
-kernels: LayerNorm forward/backward over rows (statistics accumulated in float64), and the single-query masked
-multi-head attention, forward and backward, one batch row per thread (the ``[B, h, 1, k]`` score tensor is
-tiny; numpy pays a temporary per step for it). Results equal the reference up to rounding (tests/classify).
+GEMMs stay on BLAS (``numpy @``); the row-wise work BLAS does badly runs in ``@njit(parallel=True)`` kernels:
+LayerNorm forward/backward over rows (statistics accumulated in float64, here), and the single-query masked
+multi-head attention, forward and backward — the fusion layer's own query-row kernels
+(:func:`reco_ref.fusion.numba_cpu._attention_row0_forward` / ``_backward``: one query token over ``T`` tokens
+with ``[K | V]`` packed side by side and the biases added in place), which are exactly this module's attention.
+Results equal the reference up to rounding (tests/classify).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..fusion.constants import LN_EPS
-from .reference import cross_entropy_backward, cross_entropy_forward, uniform_attention_backward, \
+from ..fusion.numba_cpu import _attention_row0_backward, _attention_row0_forward
+from .reference import add_input_grads, cross_entropy_backward, cross_entropy_forward, uniform_attention_backward, \
     uniform_attention_forward
 
 __all__ = ["classify_forward", "classify_backward", "cross_entropy_forward", "cross_entropy_backward"]
@@ -60,70 +63,6 @@ def _ln_backward(dout, xhat, rstd, gamma, dx):
             dx[i, j] = (dout[i, j] * gamma[j] - s1 - xhat[i, j] * s2) * rstd[i]
 
 
-@njit(**_JIT)
-def _att1_forward(q, k, v, valid, heads, p, ctx):
-    """q [B, W], k/v [B, n, W], valid [B, n] -> p [B, h, n], ctx [B, W]; one query token, masked softmax."""
-    B, n, W = k.shape
-    dh = W // heads
-    scale = 1.0 / math.sqrt(dh)
-    for b in prange(B):
-        for hh in range(heads):
-            o = hh * dh
-            smax = -np.inf
-            for j in range(n):
-                if valid[b, j]:
-                    s = 0.0
-                    for d in range(dh):
-                        s += q[b, o + d] * k[b, j, o + d]
-                    s *= scale
-                    p[b, hh, j] = s
-                    if s > smax:
-                        smax = s
-            tot = 0.0
-            for j in range(n):
-                if valid[b, j]:
-                    e = math.exp(p[b, hh, j] - smax)
-                    p[b, hh, j] = e
-                    tot += e
-                else:
-                    p[b, hh, j] = 0.0
-            for j in range(n):
-                if tot > 0:
-                    p[b, hh, j] /= tot
-            for d in range(dh):
-                acc = 0.0
-                for j in range(n):
-                    acc += p[b, hh, j] * v[b, j, o + d]
-                ctx[b, o + d] = acc
-
-
-@njit(**_JIT)
-def _att1_backward(dctx, p, q, k, v, heads, dq, dk, dv):
-    """dP = dctx V^T, dV = P^T dctx, dS = P (dP - sum P dP), dQ = dS K / sqrt(dh), dK = dS^T Q / sqrt(dh)."""
-    B, n, W = k.shape
-    dh = W // heads
-    scale = 1.0 / math.sqrt(dh)
-    for b in prange(B):
-        for hh in range(heads):
-            o = hh * dh
-            dp = np.empty(n)
-            dot = 0.0
-            for j in range(n):
-                s = 0.0
-                for d in range(dh):
-                    s += dctx[b, o + d] * v[b, j, o + d]
-                dp[j] = s
-                dot += s * p[b, hh, j]
-            for d in range(dh):
-                dq[b, o + d] = 0.0
-            for j in range(n):
-                ds = p[b, hh, j] * (dp[j] - dot) * scale
-                for d in range(dh):
-                    dv[b, j, o + d] = p[b, hh, j] * dctx[b, o + d]
-                    dq[b, o + d] += ds * k[b, j, o + d]
-                    dk[b, j, o + d] = ds * q[b, o + d]
-
-
 def _layernorm_forward(x, gamma, beta):
     shape = x.shape
     x2 = np.ascontiguousarray(x.reshape(-1, shape[-1]))  # [N, D]
@@ -141,10 +80,12 @@ def _layernorm_backward(cache, dout):
     return dx.reshape(cache["shape"]), (d2 * cache["xhat"]).sum(axis=0), d2.sum(axis=0)
 
 
-def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=1, attention="softmax"):
+def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=1, attention="softmax",
+                     logit_scale=1.0):
     """Same contract as :func:`reco_ref.classify.reference.classify_forward`."""
     p = params
-    cache = {"memory": "w_v" in p and keys is not None, "attention": attention, "heads": int(heads)}
+    cache = {"memory": "w_v" in p and keys is not None, "attention": attention, "heads": int(heads),
+             "scale": logit_scale}
     z = query  # [B, D]
     if cache["memory"]:
         B, n, Dk = keys.shape
@@ -154,22 +95,23 @@ def classify_forward(params, query, keys=None, values=None, valid=None, *, heads
             valid = np.ones((B, n), dtype=bool)
         Av, cache["lnv"] = _layernorm_forward(values, p["lnv_gamma"], p["lnv_beta"])  # [B, n, Dv]
         cache["Av"] = Av
-        V = Av @ p["w_v"] + p["b_v"]  # [B, n, W]
         if attention == "uniform":
-            c, cache["att"] = uniform_attention_forward(V, valid)  # [B, W]
+            c, cache["att"] = uniform_attention_forward(Av @ p["w_v"] + p["b_v"], valid)  # [B, W]
         else:
             Aq, cache["lnq"] = _layernorm_forward(query, p["lnq_gamma"], p["lnq_beta"])  # [B, D]
             Ak, cache["lnk"] = _layernorm_forward(keys, p["lnk_gamma"], p["lnk_beta"])  # [B, n, Dk]
-            Q = Aq @ p["w_q"] + p["b_q"]  # [B, W]
-            K = Ak @ p["w_k"] + p["b_k"]  # [B, n, W]
+            Q = Aq @ p["w_q"]  # [B, W]; the kernel adds b_q (and b_k, b_v) in place
+            KV = np.concatenate([Ak @ p["w_k"], Av @ p["w_v"]], axis=-1)  # [B, n, 2W] = [K | V] before biases
             P = np.empty((B, heads, n), query.dtype)  # [B, h, n]
             c = np.empty((B, Wd), query.dtype)  # [B, W]
-            _att1_forward(Q, K, V, np.ascontiguousarray(valid), heads, P, c)
-            cache.update(Aq=Aq, Ak=Ak, Q=Q, K=K, V=V, P=P)
+            scratch = np.empty((B, heads, n), np.float64)  # [B, h, n]
+            _attention_row0_forward(Q, p["b_q"], KV, np.concatenate([p["b_k"], p["b_v"]]),
+                                    np.ascontiguousarray(valid), heads, P, c, scratch)
+            cache.update(Aq=Aq, Ak=Ak, Q=Q, KV=KV, P=P, valid=np.ascontiguousarray(valid))
         cache["ctx"] = c
         z = query + c @ p["w_o"] + p["b_o"]  # [B, D]
-    cache["z"] = z
-    return z @ p["w_c"] + p["b_c"], cache  # [B, C]
+    cache["z"] = z * z.dtype.type(logit_scale)  # [B, D] s·z
+    return cache["z"] @ p["w_c"] + p["b_c"], cache  # [B, C]
 
 
 def classify_backward(params, cache, dlogits, *, return_input_grads=False):
@@ -177,8 +119,9 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
     p = params
     z = cache["z"]
     grads = {"w_c": z.T @ dlogits, "b_c": dlogits.sum(axis=0)}
-    dz = dlogits @ p["w_c"].T  # [B, D]
+    dz = (dlogits @ p["w_c"].T) * dlogits.dtype.type(cache["scale"])  # [B, D]
     dq = dz
+    dkeys = dvalues = None  # input gradients, set on the memory path
     if cache["memory"]:
         c = cache["ctx"]
         grads["w_o"], grads["b_o"] = c.T @ dz, dz.sum(axis=0)
@@ -186,9 +129,12 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
         if cache["attention"] == "uniform":
             dV = uniform_attention_backward(cache["att"], dc)  # [B, n, W]
         else:
-            K, V = cache["K"], cache["V"]
-            dQ, dK, dV = np.empty_like(cache["Q"]), np.empty_like(K), np.empty_like(V)
-            _att1_backward(np.ascontiguousarray(dc), cache["P"], cache["Q"], K, V, cache["heads"], dQ, dK, dV)
+            KV, Wd = cache["KV"], dc.shape[1]
+            dQ, dKV = np.empty_like(cache["Q"]), np.empty_like(KV)  # [B, W], [B, n, 2W]
+            scratch = np.empty(cache["P"].shape, np.float64)
+            _attention_row0_backward(np.ascontiguousarray(dc), cache["P"], cache["Q"], KV, cache["valid"],
+                                     cache["heads"], dQ, dKV, scratch)
+            dK, dV = dKV[..., :Wd], dKV[..., Wd:]  # [B, n, W] each
             Aq, Ak = cache["Aq"], cache["Ak"]
             grads["w_q"], grads["b_q"] = Aq.T @ dQ, dQ.sum(axis=0)
             dq_ln, grads["lnq_gamma"], grads["lnq_beta"] = _layernorm_backward(cache["lnq"], dQ @ p["w_q"].T)
@@ -201,8 +147,5 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
         grads["w_v"], grads["b_v"] = Av.reshape(-1, Av.shape[-1]).T @ dV2, dV2.sum(axis=0)
         dvalues, grads["lnv_gamma"], grads["lnv_beta"] = _layernorm_backward(cache["lnv"], dV @ p["w_v"].T)
     if return_input_grads:
-        grads["query"] = dq.copy()
-        if cache["memory"]:
-            grads["values"] = dvalues
-            grads["keys"] = dkeys if cache["attention"] != "uniform" else np.zeros(cache["keys_shape"], dvalues.dtype)
+        add_input_grads(grads, cache, dq, dkeys, dvalues)
     return grads

@@ -17,7 +17,7 @@ The module, for a batch of ``B`` query images with ``k`` retrieved memory items 
     c  = concat_heads(a V)               [B, W]
     m  = c W_o + b_o                     [B, D]        W_o, b_o zero at init: the module starts as z = q
     z  = q + m                           [B, D]
-    logits = z W_c + b_c                 [B, C]
+    logits = s z W_c + b_c               [B, C]        s: a fixed logit scale (1 = spec §5's formula)
     loss = mean_b CE(logits_b, y_b)
 
 Two variants share the code: ``attention="uniform"`` replaces ``a`` by the uniform average over the valid
@@ -50,6 +50,7 @@ __all__ = [
     "cross_entropy_backward",
     "classify_forward",
     "classify_backward",
+    "add_input_grads",
 ]
 
 ATTENTION_MODES = ("softmax", "uniform")
@@ -155,14 +156,19 @@ def cross_entropy_backward(cache, dloss=1.0):
 # ----------------------------------------------------------------------------------------------
 
 
-def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=1, attention="softmax"):
+def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=1, attention="softmax",
+                     logit_scale=1.0):
     r"""Forward pass: query attends over its retrieved items, then the linear classifier (spec §5).
 
     .. math::
 
         a = \mathrm{softmax}\!\Big(\frac{(\mathrm{LN}_q(q) W_q + b_q)(\mathrm{LN}_k(K_r) W_k + b_k)^\top}{\sqrt{d_h}}\Big),\quad
         z = q + \big(a\,(\mathrm{LN}_v(V_r) W_v + b_v)\big) W_o + b_o,\quad
-        \mathrm{logits} = z W_c + b_c
+        \mathrm{logits} = s\, z W_c + b_c
+
+    The fixed scale :math:`s` (``logit_scale``; 1 in spec §5) matters for training only: the query embeddings
+    are unit vectors, so with :math:`s = 1` a linear classifier on them needs a learning rate ~:math:`\sqrt D`
+    times larger than the LayerNorm-ed memory path to move its logits as fast (CLIP's logit scale, fixed).
 
     Parameters
     ----------
@@ -175,6 +181,7 @@ def classify_forward(params, query, keys=None, values=None, valid=None, *, heads
     valid : ndarray of bool, shape [B, k], or None (all valid)
     heads : int — must divide W
     attention : "softmax" | "uniform"
+    logit_scale : float — :math:`s`
 
     Returns
     -------
@@ -182,7 +189,8 @@ def classify_forward(params, query, keys=None, values=None, valid=None, *, heads
     cache : dict for :func:`classify_backward`
     """
     p = params
-    cache = {"memory": "w_v" in p and keys is not None, "attention": attention, "heads": int(heads)}
+    cache = {"memory": "w_v" in p and keys is not None, "attention": attention, "heads": int(heads),
+             "scale": logit_scale}
     z = query  # [B, D]
     if cache["memory"]:
         B, k, _ = keys.shape
@@ -205,7 +213,7 @@ def classify_forward(params, query, keys=None, values=None, valid=None, *, heads
             c = merge_heads(att).reshape(B, Wd)  # [B, W] concat_heads(a V)
         m, cache["o"] = linear_forward(c, p["w_o"], p["b_o"])  # [B, D]
         z = query + m  # [B, D] residual: zero W_o, b_o ⇒ z = q
-    logits, cache["c"] = linear_forward(z, p["w_c"], p["b_c"])  # [B, C]
+    logits, cache["c"] = linear_forward(z * z.dtype.type(logit_scale), p["w_c"], p["b_c"])  # [B, C]
     return logits, cache
 
 
@@ -214,7 +222,7 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
 
     .. math::
 
-        dW_c = z^\top d\mathrm{logits},\ db_c = \textstyle\sum_b d\mathrm{logits},\ dz = d\mathrm{logits}\, W_c^\top
+        dW_c = s\, z^\top d\mathrm{logits},\ db_c = \textstyle\sum_b d\mathrm{logits},\ dz = s\, d\mathrm{logits}\, W_c^\top
 
         dW_o = c^\top dz,\ db_o = \textstyle\sum_b dz,\ dc = dz\, W_o^\top,\
         dQ, dK, dV = \mathrm{attention}'(dc)
@@ -242,8 +250,10 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
     """
     p = params
     grads = {}
-    dz, grads["w_c"], grads["b_c"] = linear_backward(cache["c"], dlogits)  # [B, D]
+    dzs, grads["w_c"], grads["b_c"] = linear_backward(cache["c"], dlogits)  # [B, D] gradient of s·z
+    dz = dzs * dzs.dtype.type(cache["scale"])  # [B, D]
     dq = dz  # [B, D] residual path
+    dkeys = dvalues = None  # input gradients, set on the memory path
     if cache["memory"]:
         heads = cache["heads"]
         dc, grads["w_o"], grads["b_o"] = linear_backward(cache["o"], dz)  # [B, W]
@@ -262,9 +272,14 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
         dAv, grads["w_v"], grads["b_v"] = linear_backward(cache["v"], dV)  # [B, k, Dv]
         dvalues, grads["lnv_gamma"], grads["lnv_beta"] = layernorm_backward(cache["lnv"], dAv)
     if return_input_grads:
-        grads["query"] = dq.copy()
-        if cache["memory"]:
-            grads["values"] = dvalues
-            # uniform attention never reads the keys: their gradient is exactly zero
-            grads["keys"] = dkeys if cache["attention"] != "uniform" else np.zeros(cache["keys_shape"], dvalues.dtype)
+        add_input_grads(grads, cache, dq, dkeys, dvalues)
     return grads
+
+
+def add_input_grads(grads, cache, dq, dkeys, dvalues):
+    """Put the input gradients ``query [B, D]``, ``keys [B, k, Dk]``, ``values [B, k, Dv]`` into ``grads``
+    (both backends). Uniform attention never reads the keys: their gradient is exactly zero."""
+    grads["query"] = dq.copy()
+    if cache["memory"]:
+        grads["values"] = dvalues
+        grads["keys"] = dkeys if cache["attention"] != "uniform" else np.zeros(cache["keys_shape"], dvalues.dtype)

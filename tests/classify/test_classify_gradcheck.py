@@ -22,8 +22,11 @@ TOL = 1e-7
 EPS = 1e-6
 
 
+SCALE = 2.5  # a logit scale != 1, so its place in the backward is checked too
+
+
 def _loss(P, q, K, V, valid, y, heads, attention):
-    logits, _ = reference.classify_forward(P, q, K, V, valid, heads=heads, attention=attention)
+    logits, _ = reference.classify_forward(P, q, K, V, valid, heads=heads, attention=attention, logit_scale=SCALE)
     return reference.cross_entropy_forward(logits, y)[0]
 
 
@@ -32,7 +35,8 @@ def _loss(P, q, K, V, valid, y, heads, attention):
 def test_fd_every_gradient(attention, memory, heads):
     rng = np.random.default_rng([7, heads, memory, len(attention)])
     P, q, K, V, valid, y = random_case(rng, attention=attention, memory=memory, heads=heads)
-    logits, cache = reference.classify_forward(P, q, K, V, valid, heads=heads, attention=attention)
+    logits, cache = reference.classify_forward(P, q, K, V, valid, heads=heads, attention=attention,
+                                               logit_scale=SCALE)
     _, ce = reference.cross_entropy_forward(logits, y)
     g = reference.classify_backward(P, cache, reference.cross_entropy_backward(ce), return_input_grads=True)
     arrays = dict(P, query=q) if not memory else dict(P, query=q, keys=K, values=V)
@@ -73,7 +77,8 @@ def test_numba_matches_reference(dtype, atol, attention):
                                        dtype=dtype)
     out = {}
     for backend in ("numpy", "numba"):
-        logits, cache = classify_forward(P, q, K, V, valid, heads=4, attention=attention, backend=backend)
+        logits, cache = classify_forward(P, q, K, V, valid, heads=4, attention=attention, logit_scale=3.0,
+                                         backend=backend)
         _, ce = cross_entropy_forward(logits, y)
         out[backend] = logits, classify_backward(P, cache, cross_entropy_backward(ce), return_input_grads=True)
     np.testing.assert_allclose(out["numba"][0], out["numpy"][0], atol=atol, rtol=1e-5 if dtype == np.float32 else 0)

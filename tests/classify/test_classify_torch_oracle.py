@@ -35,7 +35,7 @@ def torch_classify(P, q, K, V, valid, y, heads, attention):
         A = torch.nan_to_num(torch.softmax(S, dim=-1))  # a row without items: all -inf → 0, as the reference
         c = (A @ Vh).transpose(1, 2).reshape(B, W)
     z = q + c @ P["w_o"] + P["b_o"]
-    logits = z @ P["w_c"] + P["b_c"]
+    logits = 4.0 * z @ P["w_c"] + P["b_c"]  # logit scale s = 4
     return logits, F.cross_entropy(logits, y)
 
 
@@ -43,7 +43,7 @@ def torch_classify(P, q, K, V, valid, y, heads, attention):
 def test_autograd_oracle(attention):
     rng = np.random.default_rng(11)
     P, q, K, V, valid, y = random_case(rng, B=6, k=5, D=8, Dk=6, Dv=10, W=8, C=5, heads=2, attention=attention)
-    logits, cache = reference.classify_forward(P, q, K, V, valid, heads=2, attention=attention)
+    logits, cache = reference.classify_forward(P, q, K, V, valid, heads=2, attention=attention, logit_scale=4.0)
     loss, ce = reference.cross_entropy_forward(logits, y)
     g = reference.classify_backward(P, cache, reference.cross_entropy_backward(ce), return_input_grads=True)
     T = {n: torch.tensor(a, requires_grad=True) for n, a in dict(P, query=q, keys=K, values=V).items()}
