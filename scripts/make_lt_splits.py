@@ -78,7 +78,8 @@ def make_lt_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, ra
         reader = csv.DictReader(fh)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
         if missing:
-            raise SystemExit(f"make_lt_splits: error: {manifest}: missing columns {missing} (expected {','.join(COLUMNS)})")
+            raise SystemExit(f"make_lt_splits: error: {manifest}: missing columns {missing} "
+                             f"(expected {','.join(COLUMNS)})")
         rows = list(reader)
     labels = np.array([int(r["label"]) for r in rows], np.int64)
     is_train = np.array([r["split"] == "train" for r in rows])

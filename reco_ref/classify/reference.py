@@ -162,7 +162,8 @@ def classify_forward(params, query, keys=None, values=None, valid=None, *, heads
 
     .. math::
 
-        a = \mathrm{softmax}\!\Big(\frac{(\mathrm{LN}_q(q) W_q + b_q)(\mathrm{LN}_k(K_r) W_k + b_k)^\top}{\sqrt{d_h}}\Big),\quad
+        a = \mathrm{softmax}\!\Big(\frac{(\mathrm{LN}_q(q) W_q + b_q)
+                                         (\mathrm{LN}_k(K_r) W_k + b_k)^\top}{\sqrt{d_h}}\Big),\quad
         z = q + \big(a\,(\mathrm{LN}_v(V_r) W_v + b_v)\big) W_o + b_o,\quad
         \mathrm{logits} = s\, z W_c + b_c
 
@@ -222,7 +223,8 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
 
     .. math::
 
-        dW_c = s\, z^\top d\mathrm{logits},\ db_c = \textstyle\sum_b d\mathrm{logits},\ dz = s\, d\mathrm{logits}\, W_c^\top
+        dW_c = s\, z^\top d\mathrm{logits},\ db_c = \textstyle\sum_b d\mathrm{logits},\
+        dz = s\, d\mathrm{logits}\, W_c^\top
 
         dW_o = c^\top dz,\ db_o = \textstyle\sum_b dz,\ dc = dz\, W_o^\top,\
         dQ, dK, dV = \mathrm{attention}'(dc)

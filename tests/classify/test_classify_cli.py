@@ -27,7 +27,8 @@ def setup(tmp_path_factory):
 
 def _train(tmp, manifest, out, *extra):
     return main(["classify", "train", "--dataset", str(manifest), "--split", "train", "--memory", str(tmp / "mem"),
-                 "--out", str(out), "--model", ENC, "--epochs", "40", "--batch-size", "16", "--lr", "1e-2", "--width", "8", "--heads", "2", "-k", "4",
+                 "--out", str(out), "--model", ENC, "--epochs", "40", "--batch-size", "16", "--lr", "1e-2",
+                 "--width", "8", "--heads", "2", "-k", "4",
                  "--quiet", "--no-progress", *extra])
 
 

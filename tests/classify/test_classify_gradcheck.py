@@ -85,7 +85,8 @@ def test_numba_matches_reference(dtype, atol, attention):
     assert set(out["numba"][1]) == set(out["numpy"][1])
     for name, ref in out["numpy"][1].items():
         assert out["numba"][1][name].dtype == dtype
-        np.testing.assert_allclose(out["numba"][1][name], ref, atol=atol, rtol=1e-5 if dtype == np.float32 else 0, err_msg=name)
+        np.testing.assert_allclose(out["numba"][1][name], ref, atol=atol, rtol=1e-5 if dtype == np.float32 else 0,
+                                   err_msg=name)
 
 
 def test_bad_inputs_raise_one_line_errors():
