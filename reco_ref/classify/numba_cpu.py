@@ -1,83 +1,48 @@
 """Numba CPU backend of the memory-attention classifier: same signatures as :mod:`reco_ref.classify.reference`.
 
-GEMMs stay on BLAS (``numpy @``); the row-wise work BLAS does badly runs in ``@njit(parallel=True)`` kernels:
-LayerNorm forward/backward over rows (statistics accumulated in float64, here), and the single-query masked
-multi-head attention, forward and backward — the fusion layer's own query-row kernels
-(:func:`reco_ref.fusion.numba_cpu._attention_row0_forward` / ``_backward``: one query token over ``T`` tokens
-with ``[K | V]`` packed side by side and the biases added in place), which are exactly this module's attention.
+GEMMs stay on BLAS (``numpy @``); the row-wise work BLAS does badly runs in the fusion layer's own
+``@njit(parallel=True)`` kernels (:mod:`reco_ref.fusion.numba_cpu`), no new kernel here: LayerNorm over rows
+is its LN_2 pair (``_bias_residual_layernorm_forward`` with a zero residual and bias, ``_layernorm2_backward``
+with a zero residual gradient), and the single-query masked multi-head attention is its query-row pair
+(``_attention_row0_forward`` / ``_backward``: one query token over ``T`` tokens, ``[K | V]`` packed side by
+side, biases added in place).
 Results equal the reference up to rounding (tests/classify).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import njit, prange
 
 from ..fusion.constants import LN_EPS
-from ..fusion.numba_cpu import _attention_row0_backward, _attention_row0_forward
+from ..fusion.numba_cpu import _attention_row0_backward, _attention_row0_forward, \
+    _bias_residual_layernorm_forward, _layernorm2_backward, _nblk
 from .reference import add_input_grads, cross_entropy_backward, cross_entropy_forward, uniform_attention_backward, \
     uniform_attention_forward
 
 __all__ = ["classify_forward", "classify_backward", "cross_entropy_forward", "cross_entropy_backward"]
 
-_JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
-
-
-@njit(**_JIT)
-def _ln_forward(x, gamma, beta, eps, out, xhat, rstd):
-    """x [N, D] -> out, xhat [N, D], rstd [N]: LayerNorm over each row."""
-    N, D = x.shape
-    for i in prange(N):
-        mu = 0.0
-        for j in range(D):
-            mu += x[i, j]
-        mu /= D
-        var = 0.0
-        for j in range(D):
-            d = x[i, j] - mu
-            var += d * d
-        r = 1.0 / math.sqrt(var / D + eps)
-        rstd[i] = r
-        for j in range(D):
-            xh = (x[i, j] - mu) * r
-            xhat[i, j] = xh
-            out[i, j] = xh * gamma[j] + beta[j]
-
-
-@njit(**_JIT)
-def _ln_backward(dout, xhat, rstd, gamma, dx):
-    """dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dout * gamma, per row."""
-    N, D = dout.shape
-    for i in prange(N):
-        s1 = 0.0
-        s2 = 0.0
-        for j in range(D):
-            g = dout[i, j] * gamma[j]
-            s1 += g
-            s2 += g * xhat[i, j]
-        s1 /= D
-        s2 /= D
-        for j in range(D):
-            dx[i, j] = (dout[i, j] * gamma[j] - s1 - xhat[i, j] * s2) * rstd[i]
-
 
 def _layernorm_forward(x, gamma, beta):
+    """LayerNorm over the last axis of ``x [..., D]`` with the fusion layer's LN_2 kernel (zero residual, bias)."""
     shape = x.shape
-    x2 = np.ascontiguousarray(x.reshape(-1, shape[-1]))  # [N, D]
-    out = np.empty_like(x2)
-    xhat = np.empty_like(x2)
-    rstd = np.empty(x2.shape[0], x2.dtype)
-    _ln_forward(x2, gamma, beta, LN_EPS, out, xhat, rstd)
+    x3 = np.ascontiguousarray(x.reshape(-1, 1, shape[-1]))  # [N, 1, D]: the kernel reads token 0
+    N, D = x3.shape[0], x3.shape[2]
+    zero = np.zeros((N, D), x.dtype)  # the kernel's residual O and bias b_o, here absent
+    h, xhat, out = np.empty((N, D), x.dtype), np.empty((N, D), x.dtype), np.empty((N, D), x.dtype)
+    rstd = np.empty(N, x.dtype)
+    _bias_residual_layernorm_forward(x3, zero, zero[0], gamma, beta, x.dtype.type(LN_EPS), h, xhat, rstd, out)
     return out.reshape(shape), {"xhat": xhat, "rstd": rstd, "gamma": gamma, "shape": shape}
 
 
 def _layernorm_backward(cache, dout):
-    d2 = np.ascontiguousarray(dout.reshape(cache["xhat"].shape))  # [N, D]
+    """dx, dγ, dβ with the fusion layer's LN_2 backward kernel (zero residual gradient)."""
+    xhat = cache["xhat"]  # [N, D]
+    d2 = np.ascontiguousarray(dout.reshape(xhat.shape))  # [N, D]
     dx = np.empty_like(d2)
-    _ln_backward(d2, cache["xhat"], cache["rstd"], cache["gamma"], dx)
-    return dx.reshape(cache["shape"]), (d2 * cache["xhat"]).sum(axis=0), d2.sum(axis=0)
+    part = np.empty((_nblk(d2.shape[0]), 2, d2.shape[1]), d2.dtype)  # per-block partial dγ, dβ
+    _layernorm2_backward(d2, xhat, cache["rstd"], cache["gamma"], np.zeros_like(d2), dx, part)
+    s = part.sum(axis=0, dtype=np.float64).astype(d2.dtype)
+    return dx.reshape(cache["shape"]), s[0], s[1]
 
 
 def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=1, attention="softmax",
