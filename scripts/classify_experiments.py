@@ -196,7 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", required=True, help="folder for memories, weights and results (outside the repo)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
     ap.add_argument("--emb", default="/work/cache/emb", help="precomputed reco-mini image.npy / keys.npy per set")
-    ap.add_argument("--only", nargs="*", help="run ids (or prefixes) to run, e.g. cub100-r50/mem-b")
+    ap.add_argument("--only", nargs="*", help="run ids to (re)run, e.g. cub100-r50/mem-b; 'cub100-r50/' = all of a "
+                                              "setting")
     ap.add_argument("--epochs", type=int, help="epochs per run (default: cub100 8, flowers102 3 — a similar "
                                                 "number of steps: 48–72 vs 93–120; the epoch kept is chosen on "
                                                 "validation rows)")
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     (work / "runs").mkdir(parents=True, exist_ok=True)
     for run in run_plan():
-        if a.only and not any(run["id"].startswith(p) for p in a.only):
+        if a.only and not any(run["id"] == p or (p.endswith("/") and run["id"].startswith(p)) for p in a.only):
             continue
         if run["id"] in results and not a.only:
             continue
