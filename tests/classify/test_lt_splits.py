@@ -66,3 +66,21 @@ def test_tail_floor_and_refusals(tmp_path):
         lt.main(["--manifest", str(src), "--name", "s", "--out", str(ROOT / "lt_out")])  # inside the repo
     with pytest.raises(SystemExit):
         lt.main(["--manifest", str(src), "--name", "s", "--out", str(src.parent / "lt")])  # inside the data
+
+
+@pytest.mark.data
+def test_shared_sets_profiles_match_the_docs(shared_data, tmp_path):
+    """The four LT splits of docs/classify.md: train images, reached ratio, shot groups; test split untouched."""
+    expect = {("flowers102", 10): (5050, 9.692308, {"many": 80, "medium": 22, "few": 0}),
+              ("flowers102", 50): (3951, 51.0, {"many": 52, "medium": 40, "few": 10}),
+              ("cub100", 10): (1177, 10.0, {"many": 17, "medium": 65, "few": 18}),
+              ("cub100", 50): (764, 30.0, {"many": 10, "medium": 39, "few": 51})}
+    for (name, ratio), (n, reached, groups) in expect.items():
+        path = lt.make_lt_manifest(shared_data / name / "manifest.csv", tmp_path / f"{name}-{ratio}", ratio)
+        s = json.loads((path.parent / "lt_summary.json").read_text())
+        assert (s["train_images"], s["reached_ratio"], s["shot_groups"]) == (n, reached, groups)
+        rows = list(csv.DictReader(open(path)))
+        src = list(csv.DictReader(open(shared_data / name / "manifest.csv")))
+        assert [r["file"].rsplit("/", 1)[1] for r in rows if r["split"] == "test"] == \
+            [r["file"].rsplit("/", 1)[1] for r in src if r["split"] == "test"]
+        assert all((path.parent / r["file"]).is_file() for r in rows[:50])
