@@ -6,7 +6,7 @@ import argparse
 
 
 def _encoder(a: argparse.Namespace):
-    from ..memory.build import load_encoder
+    from ..memory.producers import load_encoder
 
     return load_encoder(a.model)
 
