@@ -28,6 +28,7 @@ VERB_MODULES = (
     "reco_ref.memory.cli",
     "reco_ref.train.cli",
     "reco_ref.eval.cli",
+    "reco_ref.classify.cli",
     "reco_ref.export.cli",
 )
 

@@ -1,0 +1,84 @@
+"""``reco-ref classify train|eval`` — parsing only; the work is :mod:`reco_ref.classify.commands`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _encoder(a: argparse.Namespace):
+    from ..memory.producers import load_encoder
+
+    return load_encoder(a.model)
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    from .commands import train_from_manifest
+    from .train import ClassifyConfig
+
+    if not a.no_memory and not a.memory:
+        raise FileNotFoundError("--memory DIR is required (or train the no-memory classifier with --no-memory)")
+    cfg = ClassifyConfig(memory=not a.no_memory, k=a.k, values=a.values, attention=a.attention, width=a.width,
+                         heads=a.heads, logit_scale=a.logit_scale, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                         weight_decay=a.weight_decay, seed=a.seed, backend=a.backend).check()
+    train_from_manifest(a.dataset, a.split, a.memory, a.out, cfg, encoder=_encoder(a), cache_dir=a.cache_dir,
+                        val_split=a.val_split, label_noise=a.label_noise, resume=a.resume,
+                        progress=not a.no_progress, quiet=a.quiet)
+    return 0
+
+
+def _run_eval(a: argparse.Namespace) -> int:
+    from .commands import eval_from_manifest
+
+    stem = str(a.json)[:-5] if str(a.json).endswith(".json") else str(a.json)
+    eval_from_manifest(a.weights, a.dataset, a.split, a.memory, a.json, encoder=_encoder(a), cache_dir=a.cache_dir,
+                       backend=a.backend, markdown=a.markdown or stem + ".md", png=a.png or stem + ".png",
+                       progress=not a.no_progress, quiet=a.quiet)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="dataset manifest (file,label,class_name,split) or its folder")
+    p.add_argument("--memory", help="memory directory (reco-ref build-memory)")
+    p.add_argument("--model", default="reco-mini", help="encoder of the memory (name, folder, or module:factory)")
+    p.add_argument("--cache-dir", help="embedding cache folder (default $RECO_REF_CACHE; unset = no cache)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("classify", help="memory-attention classifier (CVPR 2023): train | eval",
+                              description="Image classifier whose query attends over its retrieved memory items "
+                                          "(spec §5), trained on a dataset manifest's split.")
+    sub = p.add_subparsers(dest="classify_verb", metavar="train|eval", required=True)
+    t = sub.add_parser("train", help="train on a split; write WEIGHTS.npz")
+    _common(t)
+    t.add_argument("--split", default="train", help="split to train on (default train)")
+    t.add_argument("--out", required=True, help="weights file to write (.npz)")
+    t.add_argument("--no-memory", action="store_true", help="the same classifier without memory (m = 0)")
+    t.add_argument("--val-split", help="validation split for the epoch kept (default: valid/val if present, "
+                                       "else 10%% of each class's train rows)")
+    t.add_argument("-k", type=int, default=10, help="memory items per query (default 10)")
+    t.add_argument("--values", default="text", choices=("text", "image", "both"), help="item values (default text)")
+    t.add_argument("--attention", default="softmax", choices=("softmax", "uniform"),
+                   help="softmax (default) or uniform average of the items (the attention-removed baseline)")
+    t.add_argument("--width", type=int, default=128, help="attention width (default 128)")
+    t.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    t.add_argument("--logit-scale", type=float, default=32.0, help="fixed logit scale s (default 32)")
+    t.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
+    t.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    t.add_argument("--label-noise", type=float, default=0.0, help="symmetric label noise rate (experiments)")
+    t.add_argument("--seed", type=int, default=0, help="seed of init, batches, hold-out and noise")
+    t.add_argument("--backend", default="numpy", choices=("numpy", "numba"), help="compute backend")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.ckpt.npz)")
+    t.set_defaults(func=_run_train)
+    e = sub.add_parser("eval", help="evaluate WEIGHTS.npz on a split; write the JSON (+ .md, .png)")
+    _common(e)
+    e.add_argument("--weights", required=True, help="weights from `reco-ref classify train`")
+    e.add_argument("--split", default="test", help="split to evaluate (default test)")
+    e.add_argument("--json", required=True, help="result JSON to write")
+    e.add_argument("--markdown", help="Markdown table (default: JSON path with .md)")
+    e.add_argument("--png", help="bar chart (default: JSON path with .png)")
+    e.add_argument("--backend", default=None, choices=("numpy", "numba"), help="compute backend (default: training's)")
+    e.set_defaults(func=_run_eval)

@@ -1,0 +1,150 @@
+"""What ``reco-ref classify train|eval`` do, as library functions: dataset manifest + memory → weights → JSON.
+
+The dataset's images are embedded by the memory's encoder through :func:`reco_ref.eval.data.embed_split`
+(cached under ``cache_dir``); training images found in the memory are detected by
+:func:`reco_ref.eval.data.own_rows` and excluded from their own neighbour lists (at evaluation too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import DatasetError
+from ..eval.data import Split, default_cache_dir, embed_split, own_rows, read_manifest_rows, read_split
+from .report import write_json, write_markdown, write_png
+from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, save_classifier, \
+    search_vectors, symmetric_label_noise, train_classifier
+
+__all__ = ["VAL_SPLITS", "open_memory", "train_from_manifest", "eval_from_manifest"]
+
+#: a manifest split with one of these names is the validation split (else 10 % of each class's train rows)
+VAL_SPLITS = ("valid", "val", "validation")
+
+
+def _say(quiet: bool) -> Callable[[str], Any]:
+    return (lambda m: None) if quiet else (lambda m: print(m, flush=True))
+
+
+def open_memory(path: str | os.PathLike, encoder: Any) -> Any:
+    from ..memory import Memory
+
+    return Memory.open(path, encoder=encoder, verify="size")
+
+
+def _embed(ds: Split, encoder: Any, cache_dir, progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    img, keys = embed_split(ds, encoder, cache_dir=cache_dir, progress=progress)
+    return np.asarray(img, np.float32), None if keys is None else np.asarray(keys, np.float32)
+
+
+def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str | os.PathLike | None,
+                        out: str | os.PathLike, cfg: ClassifyConfig, *, encoder: Any, cache_dir=None,
+                        val_split: str | None = None, label_noise: float = 0.0, resume: bool = False,
+                        progress: bool = True, quiet: bool = False) -> dict:
+    """Train on ``split`` of ``dataset`` and write the weights to ``out``; returns the training info.
+
+    Validation (for the epoch kept): ``val_split`` if given, else a split named valid/val/validation when the
+    manifest has one, else 10 % of each class's training rows (classes with < 10 rows keep all theirs).
+    ``label_noise`` (0 ≤ p < 1) flips that fraction of the training labels symmetrically (experiments only;
+    the class counts recorded for the shot groups are the manifest's).
+    """
+    say = _say(quiet)
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    ds = read_split(dataset, split)
+    C = ds.n_classes
+    memory = open_memory(memory_dir, encoder) if cfg.memory else None
+    img, keys = _embed(ds, encoder, cache_dir, progress)
+    search = search_vectors(memory, img, keys) if memory is not None else None
+    excl = own_rows(memory, search) if memory is not None else None
+    if excl is not None and (excl >= 0).any():
+        say(f"{int((excl >= 0).sum())} of {len(ds)} training images are in the memory: each one's own item is "
+            "excluded from its neighbours")
+    labels = ds.labels.copy()
+    if label_noise:
+        labels = symmetric_label_noise(labels, label_noise, C, seed=cfg.seed)
+        say(f"label noise {label_noise:g}: {int((labels != ds.labels).sum())} of {len(labels)} labels flipped")
+    if val_split is None:
+        present = {r["split"] for r in read_manifest_rows(ds.manifest)}
+        val_split = next((s for s in VAL_SPLITS if s in present and s != split), None)
+    if val_split is not None:
+        vds = read_split(dataset, val_split)
+        if vds.class_names != ds.class_names:
+            raise DatasetError(f"{ds.manifest}: split {val_split!r} names other classes than {split!r}")
+        v_img, v_keys = _embed(vds, encoder, cache_dir, progress)
+        v_search = search_vectors(memory, v_img, v_keys) if memory is not None else None
+        val = (v_img, v_search, vds.labels, own_rows(memory, v_search) if memory is not None else None)
+        train_rows = np.arange(len(ds))
+        val_desc = f"split {val_split!r} ({len(vds)} rows)"
+    else:
+        held = holdout_rows(labels, 0.1, seed=cfg.seed)
+        train_rows = np.flatnonzero(~held)
+        sel = np.flatnonzero(held)
+        val = (img[sel], None if search is None else search[sel], labels[sel],
+               None if excl is None else excl[sel]) if sel.size else None
+        val_desc = f"{sel.size} held-out train rows"
+    say(f"training on {len(train_rows)} rows of {ds.manifest} split {split!r} ({C} classes), validation: {val_desc}")
+    ckpt = Path(str(out) + ".ckpt.npz")
+    params, info = train_classifier(
+        img[train_rows], None if search is None else search[train_rows], labels[train_rows], C, memory, cfg,
+        exclude=None if excl is None else excl[train_rows], val=val, checkpoint=ckpt, resume=resume,
+        progress=progress, log=say)
+    meta = {
+        "config": dataclasses.asdict(cfg),
+        "dims": {"dim": int(img.shape[1]), "classes": C,
+                 "key_dim": None if memory is None else int(memory.key_dim or memory.dim),
+                 "value_dim": None if memory is None else int(memory.dim * (2 if cfg.values == "both" else 1))},
+        "class_names": ds.class_names,
+        "train_class_counts": np.bincount(ds.labels, minlength=C).tolist(),
+        "encoder_fingerprint": str(encoder.fingerprint),
+        "dataset": str(ds.manifest), "split": split, "label_noise": label_noise,
+        "memory": None if memory is None else str(Path(memory_dir).resolve()),
+        "memory_overlap": 0 if excl is None else int((excl >= 0).sum()),
+        "validation": val_desc, **info,
+    }
+    save_classifier(out, params, meta)
+    ckpt.unlink(missing_ok=True)  # the run finished: its weights are the record
+    say(f"wrote {out} (best validation epoch {info['best_epoch']}, val top-1 {info['val_top1']})")
+    return meta
+
+
+def eval_from_manifest(weights: str | os.PathLike, dataset: str | os.PathLike, split: str,
+                       memory_dir: str | os.PathLike | None, json_out: str | os.PathLike, *, encoder: Any,
+                       cache_dir=None, backend: str | None = None, markdown: str | os.PathLike | None = None,
+                       png: str | os.PathLike | None = None, progress: bool = True, quiet: bool = False) -> dict:
+    """Evaluate ``weights`` on ``split``; write the JSON (and Markdown / PNG reports when asked)."""
+    say = _say(quiet)
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    params, meta = load_classifier(weights)
+    if meta["encoder_fingerprint"] != str(encoder.fingerprint):
+        raise DatasetError(f"{weights}: trained on embeddings of encoder {meta['encoder_fingerprint'][:16]}…, but "
+                           f"the encoder given is {str(encoder.fingerprint)[:16]}…; pass the same --model")
+    ds = read_split(dataset, split)
+    if ds.n_classes != meta["dims"]["classes"]:
+        raise DatasetError(f"{ds.manifest}: {ds.n_classes} classes, but {weights} was trained on "
+                           f"{meta['dims']['classes']}")
+    with_memory = meta["config"]["memory"]
+    if with_memory and memory_dir is None:
+        raise DatasetError(f"{weights} is a memory classifier: pass --memory")
+    memory = open_memory(memory_dir, encoder) if with_memory else None
+    if memory is not None and int(memory.key_dim or memory.dim) != meta["dims"]["key_dim"]:
+        raise DatasetError(f"memory {memory_dir}: key dim {memory.key_dim or memory.dim}, the weights expect "
+                           f"{meta['dims']['key_dim']}")
+    img, keys = _embed(ds, encoder, cache_dir, progress)
+    search = search_vectors(memory, img, keys) if memory is not None else None
+    excl = own_rows(memory, search) if memory is not None else None
+    result = evaluate_classifier(params, meta, img, search, ds.labels, memory, exclude=excl, backend=backend)
+    result.update({"weights": str(weights), "dataset": str(ds.manifest), "split": split,
+                   "memory": None if memory is None else str(Path(memory_dir).resolve())})
+    write_json(json_out, result)
+    name = Path(weights).stem
+    if markdown:
+        write_markdown(markdown, [(name, result)], title=f"{ds.manifest.parent.name} {split}")
+    if png:
+        write_png(png, [(name, result)], title=f"{ds.manifest.parent.name} {split}: top-1 (%)")
+    say(f"top-1 {result['top1']:.4f} (many {result['many']}, medium {result['medium']}, few {result['few']}) "
+        f"on {result['n']} images → {json_out}")
+    return result

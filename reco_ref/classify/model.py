@@ -1,0 +1,134 @@
+"""Front door of the memory-attention classifier: parameters, input checks, backend dispatch.
+
+::
+
+    params = init_params(dim=768, classes=102, key_dim=1024, value_dim=768, width=128, heads=4)
+    logits, cache = classify_forward(params, q, keys, values, valid, heads=4, backend="numba")
+    loss, ce = cross_entropy_forward(logits, labels)
+    grads = classify_backward(params, cache, cross_entropy_backward(ce))
+
+The math is in :mod:`reco_ref.classify.reference`; :mod:`reco_ref.classify.numba_cpu` is the fast twin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, ShapeError
+from . import reference
+from .reference import ATTENTION_MODES, cross_entropy_backward, cross_entropy_forward
+
+__all__ = ["BACKENDS", "VALUE_MODES", "init_params", "param_shapes", "check_inputs", "classify_forward",
+           "classify_backward", "cross_entropy_forward", "cross_entropy_backward", "predict_logits"]
+
+BACKENDS = ("numpy", "numba")
+#: what a memory item's value is: its paired text embedding (default, the paper's), its image embedding, or both
+#: concatenated ([text, image], width 2D)
+VALUE_MODES = ("text", "image", "both")
+
+
+def param_shapes(dim: int, classes: int, *, key_dim: int | None = None, value_dim: int | None = None,
+                 width: int = 128, memory: bool = True, attention: str = "softmax") -> dict[str, tuple]:
+    """Name → shape of every parameter of the configuration (no memory: only the linear classifier)."""
+    shapes = {"w_c": (dim, classes), "b_c": (classes,)}
+    if not memory:
+        return shapes
+    key_dim, value_dim = key_dim or dim, value_dim or dim
+    shapes.update({"lnv_gamma": (value_dim,), "lnv_beta": (value_dim,), "w_v": (value_dim, width), "b_v": (width,),
+                   "w_o": (width, dim), "b_o": (dim,)})
+    if attention == "softmax":
+        shapes.update({"lnq_gamma": (dim,), "lnq_beta": (dim,), "w_q": (dim, width), "b_q": (width,),
+                       "lnk_gamma": (key_dim,), "lnk_beta": (key_dim,), "w_k": (key_dim, width), "b_k": (width,)})
+    return shapes
+
+
+def init_params(dim: int, classes: int, *, key_dim: int | None = None, value_dim: int | None = None,
+                width: int = 128, heads: int = 4, memory: bool = True, attention: str = "softmax", seed: int = 0,
+                dtype=np.float32) -> dict[str, np.ndarray]:
+    r"""Initial parameters: LayerNorms identity, projections :math:`\mathcal N(0, 1/d_\mathrm{in})`, biases 0,
+    :math:`W_o = 0, b_o = 0` (so :math:`z = q`: training starts at the no-memory classifier) and
+    :math:`W_c \sim \mathcal N(0, 0.01^2)`, :math:`b_c = 0`.
+    """
+    if attention not in ATTENTION_MODES:
+        raise ShapeError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
+    if memory and (width < 1 or heads < 1 or width % heads):
+        raise ShapeError(f"width {width} must be a positive multiple of heads {heads}")
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(dim, classes, key_dim=key_dim, value_dim=value_dim, width=width, memory=memory,
+                                    attention=attention).items():
+        if name.endswith("_gamma"):
+            a = np.ones(shape)
+        elif name in ("w_q", "w_k", "w_v"):
+            a = rng.standard_normal(shape) / np.sqrt(shape[0])
+        elif name == "w_c":
+            a = rng.standard_normal(shape) * 0.01
+        else:  # biases, betas, w_o: zero
+            a = np.zeros(shape)
+        params[name] = a.astype(dtype)
+    return params
+
+
+def check_inputs(params, query, keys, values, valid, heads) -> None:
+    """Shapes and dtypes agree with ``params`` (ShapeError naming the array otherwise)."""
+    if query.ndim != 2 or query.shape[1] != params["w_c"].shape[0]:
+        raise ShapeError(f"query [B,D]: got {query.shape}, expected D={params['w_c'].shape[0]}")
+    dt = params["w_c"].dtype
+    if query.dtype != dt:
+        raise ShapeError(f"query: dtype {query.dtype}, expected the parameters' {dt}")
+    if "w_v" not in params or keys is None:
+        return
+    B = query.shape[0]
+    Dv, W = params["w_v"].shape
+    Dk = params["w_k"].shape[0] if "w_k" in params else keys.shape[-1]
+    if keys.ndim != 3 or keys.shape[0] != B or keys.shape[2] != Dk:
+        raise ShapeError(f"keys [B,k,Dk]: got {keys.shape}, expected B={B}, Dk={Dk}")
+    if values is None or values.shape != keys.shape[:2] + (Dv,):
+        raise ShapeError(f"values [B,k,Dv]: got {None if values is None else values.shape}, "
+                         f"expected {keys.shape[:2] + (Dv,)}")
+    if keys.dtype != dt or values.dtype != dt:
+        raise ShapeError(f"keys/values: dtypes {keys.dtype}/{values.dtype}, expected {dt}")
+    if valid is not None and (valid.shape != keys.shape[:2] or valid.dtype != bool):
+        raise ShapeError(f"valid [B,k] bool: got {valid.shape} {valid.dtype}, expected {keys.shape[:2]} bool")
+    if W % heads:
+        raise ShapeError(f"heads {heads} must divide the attention width {W}")
+
+
+def _impl(backend: str):
+    if backend == "numpy":
+        return reference
+    if backend == "numba":
+        try:
+            from . import numba_cpu
+        except ImportError as exc:  # pragma: no cover - numba is a runtime dependency
+            raise BackendUnavailableError(f"classify backend 'numba' unavailable: {exc}") from exc
+        return numba_cpu
+    raise BackendUnavailableError(f"classify backend {backend!r}: expected one of {BACKENDS}")
+
+
+def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=4, attention="softmax",
+                     logit_scale=1.0, backend="numpy"):
+    """Checked forward (see :func:`reco_ref.classify.reference.classify_forward`); ``cache["backend"]`` set."""
+    check_inputs(params, query, keys, values, valid, heads)
+    logits, cache = _impl(backend).classify_forward(params, query, keys, values, valid, heads=heads,
+                                                    attention=attention, logit_scale=logit_scale)
+    cache["backend"] = backend
+    return logits, cache
+
+
+def classify_backward(params, cache, dlogits, *, return_input_grads=False):
+    """Backward on the backend that made ``cache``."""
+    return _impl(cache["backend"]).classify_backward(params, cache, dlogits, return_input_grads=return_input_grads)
+
+
+def predict_logits(params, query, keys=None, values=None, valid=None, *, heads=4, attention="softmax",
+                   logit_scale=1.0, backend="numpy", batch_size=1024) -> np.ndarray:
+    """Logits ``[N, C]`` in batches (bounded memory)."""
+    out = []
+    for lo in range(0, len(query), batch_size):
+        s = slice(lo, lo + batch_size)
+        logits, _ = classify_forward(params, query[s], None if keys is None else keys[s],
+                                     None if values is None else values[s], None if valid is None else valid[s],
+                                     heads=heads, attention=attention, logit_scale=logit_scale, backend=backend)
+        out.append(logits)
+    return np.concatenate(out) if out else np.zeros((0, params["b_c"].shape[0]), params["b_c"].dtype)

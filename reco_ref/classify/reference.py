@@ -1,0 +1,287 @@
+r"""The memory-attention classifier (CVPR 2023, spec §5) as plain NumPy forward/backward pairs.
+
+llm.c style, built from the fusion layer's primitives (:mod:`reco_ref.fusion.reference`: LayerNorm, linear,
+masked multi-head attention, head split/merge — each ``*_forward`` returns ``(out, cache)``, each
+``*_backward`` takes ``(cache, dout)``). Nothing here validates its inputs; :mod:`reco_ref.classify.model`
+(the front door) does that once. Every function is dtype-preserving (float32 or float64 throughout).
+
+The module, for a batch of ``B`` query images with ``k`` retrieved memory items each::
+
+    Aq = LN_q(q)                         [B, D]        q: the query image embedding
+    Q  = Aq W_q + b_q                    [B, W]        W: attention width, h heads of dh = W/h
+    Ak = LN_k(K_r)                       [B, k, Dk]    K_r: the items' image search keys
+    K  = Ak W_k + b_k                    [B, k, W]
+    Av = LN_v(V_r)                       [B, k, Dv]    V_r: the items' values (text, image or both)
+    V  = Av W_v + b_v                    [B, k, W]
+    a  = softmax(Q K^T / sqrt(dh) + m)   [B, h, 1, k]  single query token; m = -inf on missing items
+    c  = concat_heads(a V)               [B, W]
+    m  = c W_o + b_o                     [B, D]        W_o, b_o zero at init: the module starts as z = q
+    z  = q + m                           [B, D]
+    logits = s z W_c + b_c               [B, C]        s: a fixed logit scale (1 = spec §5's formula)
+    loss = mean_b CE(logits_b, y_b)
+
+Two variants share the code: ``attention="uniform"`` replaces ``a`` by the uniform average over the valid
+items (the "attention removed" baseline: no ``W_q, W_k`` and no LN_q/LN_k), and a parameter set without
+``w_q`` (made by ``init_params(..., memory=False)``) is the no-memory classifier ``z = q``.
+
+Row-vector convention throughout: ``x @ W`` with ``W`` of shape ``[in, out]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..fusion.reference import (
+    attention_backward,
+    attention_forward,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+    merge_heads,
+    split_heads,
+)
+
+__all__ = [
+    "ATTENTION_MODES",
+    "uniform_attention_forward",
+    "uniform_attention_backward",
+    "cross_entropy_forward",
+    "cross_entropy_backward",
+    "classify_forward",
+    "classify_backward",
+    "add_input_grads",
+]
+
+ATTENTION_MODES = ("softmax", "uniform")
+
+
+# ----------------------------------------------------------------------------------------------
+# Uniform average over the valid items (the attention-removed baseline)
+# ----------------------------------------------------------------------------------------------
+
+
+def uniform_attention_forward(v, valid):
+    r"""Mean of the valid items' values: attention with equal weights.
+
+    .. math::
+
+        c_b = \frac{1}{n_b}\sum_{j:\ \mathrm{valid}_{bj}} V_{bj}, \quad n_b = \max(1, \#\{j: \mathrm{valid}_{bj}\})
+
+    A row without valid items gives ``c_b = 0`` (the no-memory value, as in the masked softmax).
+
+    Parameters
+    ----------
+    v : ndarray, shape [B, k, W]
+    valid : ndarray of bool, shape [B, k]
+
+    Returns
+    -------
+    out : ndarray, shape [B, W]
+    cache : ndarray, shape [B, k, 1] — the weights ``valid / n_b``
+    """
+    w = valid.astype(v.dtype)[:, :, None]  # [B, k, 1]
+    w = w / np.maximum(1, w.sum(axis=1, keepdims=True))  # [B, k, 1]
+    return (w * v).sum(axis=1), w  # [B, W]
+
+
+def uniform_attention_backward(cache, dout):
+    r"""Gradient of :func:`uniform_attention_forward`: :math:`dV_{bj} = w_{bj}\, dc_b`.
+
+    Parameters
+    ----------
+    cache : ndarray, shape [B, k, 1]
+    dout : ndarray, shape [B, W]
+
+    Returns
+    -------
+    dv : ndarray, shape [B, k, W]
+    """
+    return cache * dout[:, None, :]  # [B, k, W]
+
+
+# ----------------------------------------------------------------------------------------------
+# Softmax cross-entropy
+# ----------------------------------------------------------------------------------------------
+
+
+def cross_entropy_forward(logits, labels):
+    r"""Mean softmax cross-entropy.
+
+    .. math::
+
+        \ell = \frac{1}{B}\sum_b \Big(\log\sum_c e^{s_{bc}} - s_{b y_b}\Big)
+
+    Parameters
+    ----------
+    logits : ndarray, shape [B, C]
+    labels : ndarray of int, shape [B]
+
+    Returns
+    -------
+    loss : float
+    cache : tuple ``(probs [B, C], labels [B])``
+    """
+    smax = logits.max(axis=1, keepdims=True)  # [B, 1]
+    e = np.exp(logits - smax)  # [B, C]
+    z = e.sum(axis=1, keepdims=True)  # [B, 1]
+    logp_y = (logits - smax)[np.arange(len(labels)), labels] - np.log(z[:, 0])  # [B]
+    return float(-logp_y.mean()), (e / z, labels)
+
+
+def cross_entropy_backward(cache, dloss=1.0):
+    r"""Gradient of :func:`cross_entropy_forward`.
+
+    .. math::
+
+        \frac{\partial \ell}{\partial s_{bc}} = \frac{1}{B}\big(\mathrm{softmax}(s_b)_c - [c = y_b]\big)
+
+    Parameters
+    ----------
+    cache : tuple from :func:`cross_entropy_forward`
+    dloss : float — upstream gradient of the loss
+
+    Returns
+    -------
+    dlogits : ndarray, shape [B, C]
+    """
+    probs, labels = cache
+    d = probs.copy()  # [B, C]
+    d[np.arange(len(labels)), labels] -= 1
+    return d * (dloss / len(labels))
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole module
+# ----------------------------------------------------------------------------------------------
+
+
+def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=1, attention="softmax",
+                     logit_scale=1.0):
+    r"""Forward pass: query attends over its retrieved items, then the linear classifier (spec §5).
+
+    .. math::
+
+        a = \mathrm{softmax}\!\Big(\frac{(\mathrm{LN}_q(q) W_q + b_q)
+                                         (\mathrm{LN}_k(K_r) W_k + b_k)^\top}{\sqrt{d_h}}\Big),\quad
+        z = q + \big(a\,(\mathrm{LN}_v(V_r) W_v + b_v)\big) W_o + b_o,\quad
+        \mathrm{logits} = s\, z W_c + b_c
+
+    The fixed scale :math:`s` (``logit_scale``; 1 in spec §5) matters for training only: the query embeddings
+    are unit vectors, so with :math:`s = 1` a linear classifier on them needs a learning rate ~:math:`\sqrt D`
+    times larger than the LayerNorm-ed memory path to move its logits as fast (CLIP's logit scale, fixed).
+
+    Parameters
+    ----------
+    params : mapping of str to ndarray
+        ``w_c [D, C], b_c [C]``; with memory also ``lnq_*/lnk_*/lnv_*`` gamma/beta, ``w_q [D, W], b_q [W],
+        w_k [Dk, W], b_k [W], w_v [Dv, W], b_v [W], w_o [W, D], b_o [D]``.
+    query : ndarray, shape [B, D]
+    keys : ndarray, shape [B, k, Dk], or None (no memory)
+    values : ndarray, shape [B, k, Dv], or None
+    valid : ndarray of bool, shape [B, k], or None (all valid)
+    heads : int — must divide W
+    attention : "softmax" | "uniform"
+    logit_scale : float — :math:`s`
+
+    Returns
+    -------
+    logits : ndarray, shape [B, C]
+    cache : dict for :func:`classify_backward`
+    """
+    p = params
+    cache = {"memory": "w_v" in p and keys is not None, "attention": attention, "heads": int(heads),
+             "scale": logit_scale}
+    z = query  # [B, D]
+    if cache["memory"]:
+        B, k, _ = keys.shape
+        cache["keys_shape"] = keys.shape
+        Wd = p["w_v"].shape[1]
+        if valid is None:
+            valid = np.ones((B, k), dtype=bool)
+        Av, cache["lnv"] = layernorm_forward(values, p["lnv_gamma"], p["lnv_beta"])  # [B, k, Dv]
+        V, cache["v"] = linear_forward(Av, p["w_v"], p["b_v"])  # [B, k, W]
+        if attention == "uniform":
+            c, cache["att"] = uniform_attention_forward(V, valid)  # [B, W]
+        else:
+            Aq, cache["lnq"] = layernorm_forward(query, p["lnq_gamma"], p["lnq_beta"])  # [B, D]
+            Q, cache["q"] = linear_forward(Aq, p["w_q"], p["b_q"])  # [B, W]
+            Ak, cache["lnk"] = layernorm_forward(keys, p["lnk_gamma"], p["lnk_beta"])  # [B, k, Dk]
+            K, cache["k"] = linear_forward(Ak, p["w_k"], p["b_k"])  # [B, k, W]
+            att, cache["att"] = attention_forward(
+                split_heads(Q.reshape(B, 1, Wd), heads), split_heads(K, heads), split_heads(V, heads), valid
+            )  # [B, h, 1, dh]
+            c = merge_heads(att).reshape(B, Wd)  # [B, W] concat_heads(a V)
+        m, cache["o"] = linear_forward(c, p["w_o"], p["b_o"])  # [B, D]
+        z = query + m  # [B, D] residual: zero W_o, b_o ⇒ z = q
+    logits, cache["c"] = linear_forward(z * z.dtype.type(logit_scale), p["w_c"], p["b_c"])  # [B, C]
+    return logits, cache
+
+
+def classify_backward(params, cache, dlogits, *, return_input_grads=False):
+    r"""Backward pass of :func:`classify_forward`.
+
+    .. math::
+
+        dW_c = s\, z^\top d\mathrm{logits},\ db_c = \textstyle\sum_b d\mathrm{logits},\
+        dz = s\, d\mathrm{logits}\, W_c^\top
+
+        dW_o = c^\top dz,\ db_o = \textstyle\sum_b dz,\ dc = dz\, W_o^\top,\
+        dQ, dK, dV = \mathrm{attention}'(dc)
+
+        dW_{q,k,v} = A_{q,k,v}^\top d\{Q,K,V\},\ db_{q,k,v} = \textstyle\sum d\{Q,K,V\},\
+        dA_{q,k,v} = d\{Q,K,V\}\, W_{q,k,v}^\top,\ d\{q,K_r,V_r\} = \mathrm{LN}'_{q,k,v}(dA_{q,k,v})
+
+        dq = dz + d_{\mathrm{LN}_q}q
+
+    ``db_k`` is exactly 0: with one query token, :math:`Q b_k` adds the same constant to every score
+    and softmax is invariant to that shift. The per-step formulas are in the primitives' docstrings.
+
+    Parameters
+    ----------
+    params : the parameters given to :func:`classify_forward`
+    cache : dict from :func:`classify_forward`
+    dlogits : ndarray, shape [B, C]
+    return_input_grads : bool
+        Also return ``"query" [B, D]``, and with memory ``"keys" [B, k, Dk]`` and ``"values" [B, k, Dv]``
+        (frozen embeddings in training; their gradients serve the checks). Masked items get zero gradient.
+
+    Returns
+    -------
+    grads : dict of str to ndarray, one entry per parameter used (same shapes and dtype)
+    """
+    p = params
+    grads = {}
+    dzs, grads["w_c"], grads["b_c"] = linear_backward(cache["c"], dlogits)  # [B, D] gradient of s·z
+    dz = dzs * dzs.dtype.type(cache["scale"])  # [B, D]
+    dq = dz  # [B, D] residual path
+    dkeys = dvalues = None  # input gradients, set on the memory path
+    if cache["memory"]:
+        heads = cache["heads"]
+        dc, grads["w_o"], grads["b_o"] = linear_backward(cache["o"], dz)  # [B, W]
+        if cache["attention"] == "uniform":
+            dV = uniform_attention_backward(cache["att"], dc)  # [B, k, W]
+        else:
+            B, Wd = dc.shape
+            dQh, dKh, dVh = attention_backward(cache["att"], split_heads(dc.reshape(B, 1, Wd), heads))
+            dQ = merge_heads(dQh).reshape(B, Wd)  # [B, W]
+            dK, dV = merge_heads(dKh), merge_heads(dVh)  # [B, k, W]
+            dAq, grads["w_q"], grads["b_q"] = linear_backward(cache["q"], dQ)  # [B, D]
+            dq_ln, grads["lnq_gamma"], grads["lnq_beta"] = layernorm_backward(cache["lnq"], dAq)
+            dq = dz + dq_ln  # [B, D] both paths
+            dAk, grads["w_k"], grads["b_k"] = linear_backward(cache["k"], dK)  # [B, k, Dk]
+            dkeys, grads["lnk_gamma"], grads["lnk_beta"] = layernorm_backward(cache["lnk"], dAk)
+        dAv, grads["w_v"], grads["b_v"] = linear_backward(cache["v"], dV)  # [B, k, Dv]
+        dvalues, grads["lnv_gamma"], grads["lnv_beta"] = layernorm_backward(cache["lnv"], dAv)
+    if return_input_grads:
+        add_input_grads(grads, cache, dq, dkeys, dvalues)
+    return grads
+
+
+def add_input_grads(grads, cache, dq, dkeys, dvalues):
+    """Put the input gradients ``query [B, D]``, ``keys [B, k, Dk]``, ``values [B, k, Dv]`` into ``grads``
+    (both backends). Uniform attention never reads the keys: their gradient is exactly zero."""
+    grads["query"] = dq.copy()
+    if cache["memory"]:
+        grads["values"] = dvalues
+        grads["keys"] = dkeys if cache["attention"] != "uniform" else np.zeros(cache["keys_shape"], dvalues.dtype)

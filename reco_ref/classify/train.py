@@ -1,0 +1,358 @@
+"""Training and evaluation of the memory-attention classifier on precomputed embeddings, memory searched in the loop.
+
+::
+
+    cfg = ClassifyConfig(k=10, values="text")
+    params, info = train_classifier(img, keys, labels, C, memory, cfg, exclude=own_rows(memory, keys),
+                                    val=(v_img, v_keys, v_labels), checkpoint="run.ckpt.npz")
+    save_classifier("w.npz", params, make_meta(cfg, info, ...))
+    result = evaluate_classifier(*load_classifier("w.npz"), t_img, t_keys, t_labels, memory)
+
+Every mini-batch searches the memory for its queries' ``k`` nearest image keys (the query's own item excluded
+when the training images are in the memory), gathers the items' keys and values, and takes one AdamW step.
+The number of epochs kept is chosen on validation rows (never on the test split): the parameters of the best
+validation epoch are returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import CheckpointError, ParamsFormatError, SearchError, ShapeError
+from ..io import atomic_save_npz, load_npz
+from ..train.optim import adamw_init, adamw_step, lr_at
+from .model import BACKENDS, VALUE_MODES, classify_backward, classify_forward, cross_entropy_backward, \
+    cross_entropy_forward, init_params, param_shapes, predict_logits
+
+__all__ = ["ClassifyConfig", "SHOT_GROUPS", "retrieve_items", "search_vectors", "train_classifier",
+           "evaluate_classifier", "shot_groups", "save_classifier", "load_classifier", "holdout_rows",
+           "symmetric_label_noise", "FORMAT"]
+
+FORMAT = "reco_ref.classify/1"
+#: ImageNet-LT convention on the training split's class counts: many > 20, medium 5..20, few < 5
+SHOT_GROUPS = ("many", "medium", "few")
+
+
+@dataclass
+class ClassifyConfig:
+    """Hyperparameters of one run (stored in the weights; a checkpoint only resumes the same config)."""
+
+    memory: bool = True
+    k: int = 10
+    values: str = "text"
+    attention: str = "softmax"
+    width: int = 128
+    heads: int = 4
+    logit_scale: float = 32.0  # chosen on CUB-100-LT r10 held-out train rows among 1, 8, 16, 32 (docs/classify.md)
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    seed: int = 0
+    backend: str = "numpy"
+
+    def check(self) -> "ClassifyConfig":
+        if self.values not in VALUE_MODES:
+            raise ShapeError(f"values: expected one of {VALUE_MODES}, got {self.values!r}")
+        if self.backend not in BACKENDS:
+            raise ShapeError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
+        for name in ("k", "epochs", "batch_size", "width", "heads"):
+            if int(getattr(self, name)) < 1:
+                raise ShapeError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        return self
+
+    def fingerprint(self) -> str:
+        d = dataclasses.asdict(self)
+        d.pop("backend")  # numpy and numba runs are the same run (equal up to rounding)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory plumbing
+# ----------------------------------------------------------------------------------------------
+
+
+def search_vectors(memory: Any, image: np.ndarray, keys: np.ndarray | None) -> np.ndarray:
+    """What the memory's image index holds for these queries: image search keys where it has them, else images."""
+    if memory.key_dim:
+        if keys is None:
+            raise SearchError(f"memory {memory.root} indexes images by search keys (key_dim {memory.key_dim}) but "
+                              "the encoder gave none; embed the dataset with the memory's encoder")
+        return keys
+    return image
+
+
+def retrieve_items(memory: Any, search: np.ndarray, k: int, values: str = "text", exclude: np.ndarray | None = None,
+                   dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` nearest memory items of each query: keys ``[B,k,Dk]``, values ``[B,k,Dv]``, valid ``[B,k]``.
+
+    Keys are the items' image search keys (image embeddings where the memory has no keys); values their text
+    embeddings (``values="text"``), image embeddings, or both concatenated ``[text, image]``. Missing slots
+    (memory smaller than ``k``, excluded own item) are zero with ``valid=False``.
+    """
+    rows, _, valid = memory.search(np.ascontiguousarray(search, np.float32), modality="image", k=k, exclude=exclude)
+    K = memory.embeddings("image_keys" if memory.key_dim else "image", rows)  # [B, k, Dk]
+    if values == "text":
+        V = memory.embeddings("text", rows)  # [B, k, D]
+    elif values == "image":
+        V = memory.embeddings("image", rows)
+    else:
+        V = np.concatenate([memory.embeddings("text", rows), memory.embeddings("image", rows)], axis=-1)  # [B,k,2D]
+    return K.astype(dtype, copy=False), V.astype(dtype, copy=False), valid
+
+
+def _dims(memory: Any, values: str) -> tuple[int, int]:
+    Dk = memory.key_dim or memory.dim
+    return Dk, memory.dim * (2 if values == "both" else 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels: held-out rows and synthetic noise
+# ----------------------------------------------------------------------------------------------
+
+
+def holdout_rows(labels: np.ndarray, frac: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Bool mask of held-out rows: ``floor(frac·n_c)`` of each class (seeded), so classes with < 1/frac rows
+    (the few-shot tail) lose nothing."""
+    held = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = int(np.floor(frac * len(idx)))
+        if n:
+            held[idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))[:n]]] = True
+    return held
+
+
+def symmetric_label_noise(labels: np.ndarray, rate: float, classes: int, seed: int = 0) -> np.ndarray:
+    """Each label replaced, with probability ``rate``, by one of the *other* classes drawn uniformly (seeded)."""
+    if not 0 <= rate < 1:
+        raise ShapeError(f"label noise rate: expected 0 <= rate < 1, got {rate}")
+    rng = np.random.default_rng([seed, 0x401])
+    flip = rng.random(len(labels)) < rate
+    other = (labels + rng.integers(1, classes, len(labels))) % classes  # uniform over the C-1 other classes
+    return np.where(flip, other, labels).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def _logits(params, cfg, memory, image, search, exclude, batch_size=1024) -> np.ndarray:
+    dt = params["w_c"].dtype
+    out = []
+    for lo in range(0, len(image), batch_size):
+        s = slice(lo, lo + batch_size)
+        q = image[s].astype(dt, copy=False)
+        if cfg.memory and memory is not None:
+            K, V, valid = retrieve_items(memory, search[s], cfg.k, cfg.values,
+                                         None if exclude is None else exclude[s], dt)
+            out.append(predict_logits(params, q, K, V, valid, heads=cfg.heads, attention=cfg.attention,
+                                      logit_scale=cfg.logit_scale, backend=cfg.backend))
+        else:
+            out.append(predict_logits(params, q, logit_scale=cfg.logit_scale, backend=cfg.backend))
+    return np.concatenate(out) if out else np.zeros((0, params["b_c"].shape[0]), dt)
+
+
+def _ckpt_arrays(params, best, state, epoch, best_epoch, best_acc, history, cfg) -> dict:
+    arrays = {f"param.{n}": a for n, a in params.items()}
+    arrays.update({f"best.{n}": a for n, a in best.items()})
+    arrays.update({f"opt.{n}": a for n, a in state.items()})
+    info = {"config": cfg.fingerprint(), "epoch": epoch, "best_epoch": best_epoch, "best_acc": best_acc,
+            "history": history}
+    arrays["info"] = np.frombuffer(json.dumps(info).encode(), np.uint8)
+    return arrays
+
+
+def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.ndarray, classes: int,
+                     memory: Any, cfg: ClassifyConfig, *, exclude: np.ndarray | None = None,
+                     val: tuple | None = None, checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                     progress: bool = True, log: Callable[[str], Any] | None = None) -> tuple[dict, dict]:
+    """Train on ``image [N,D]`` (queries), ``search [N,Dk]`` (their memory search vectors), ``labels [N]``.
+
+    Parameters
+    ----------
+    memory : an opened memory, or None (requires ``cfg.memory=False``)
+    exclude : int64 [N] — memory row of each training image itself (self-exclusion), -1 for none
+    val : ``(image, search, labels, exclude)`` validation rows; the epoch with the best top-1 there is kept.
+        None: the last epoch is kept.
+    checkpoint : path of an atomic per-epoch checkpoint; with ``resume=True`` an existing one of the same
+        configuration is continued (another configuration's raises :class:`CheckpointError`).
+
+    Returns
+    -------
+    params : dict — the kept parameters (float32)
+    info : dict — ``epochs_run``, ``best_epoch``, ``val_top1``, ``history`` (per-epoch loss and val top-1)
+    """
+    cfg.check()
+    if cfg.memory and memory is None:
+        raise ShapeError("a memory classifier needs a memory (or train with memory=False / --no-memory)")
+    N, D = image.shape
+    Dk, Dv = _dims(memory, cfg.values) if cfg.memory else (None, None)
+    params = init_params(D, classes, key_dim=Dk, value_dim=Dv, width=cfg.width, heads=cfg.heads,
+                         memory=cfg.memory, attention=cfg.attention, seed=cfg.seed)
+    state = adamw_init(params)
+    best = {n: a.copy() for n, a in params.items()}
+    start, best_epoch, best_acc, best_loss, history = 0, -1, -1.0, np.inf, []
+    steps_per_epoch = -(-N // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.exists():
+        if not resume:
+            raise CheckpointError(f"{ckpt}: a checkpoint exists; pass resume (--resume) to continue it, or remove it")
+        z = load_npz(ckpt)
+        try:
+            info = json.loads(bytes(z["info"]).decode())
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt}: not a classify checkpoint ({exc})") from None
+        if info.get("config") != cfg.fingerprint():
+            raise CheckpointError(f"{ckpt}: written by another configuration (config {info.get('config')}, this run "
+                                  f"{cfg.fingerprint()}); remove it or use the same options")
+        for n in params:
+            for pre, dst in (("param.", params), ("best.", best)):
+                if z.get(pre + n) is None or z[pre + n].shape != params[n].shape:
+                    raise CheckpointError(f"{ckpt}: entry {pre + n} missing or of the wrong shape")
+                dst[n] = z[pre + n].copy()
+        state = {n[4:]: z[n].copy() for n in z if n.startswith("opt.")}
+        start, best_epoch, best_acc, history = info["epoch"], info["best_epoch"], info["best_acc"], info["history"]
+        best_loss = min((h["val_loss"] for h in history if h["epoch"] == best_epoch and "val_loss" in h),
+                        default=np.inf)
+        if log:
+            log(f"resuming {ckpt} after epoch {start}")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a runtime dependency
+        tqdm = None
+    bar = tqdm(total=total, initial=start * steps_per_epoch, desc="classify train", unit="step",
+               disable=not progress or tqdm is None) if tqdm else None
+    for epoch in range(start, cfg.epochs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(N)
+        losses = []
+        for s_i, lo in enumerate(range(0, N, cfg.batch_size)):
+            idx = np.sort(order[lo:lo + cfg.batch_size])
+            q = image[idx].astype(np.float32, copy=False)
+            if cfg.memory:
+                K, V, valid = retrieve_items(memory, search[idx], cfg.k, cfg.values,
+                                             None if exclude is None else exclude[idx])
+                logits, cache = classify_forward(params, q, K, V, valid, heads=cfg.heads, attention=cfg.attention,
+                                                 logit_scale=cfg.logit_scale, backend=cfg.backend)
+            else:
+                logits, cache = classify_forward(params, q, logit_scale=cfg.logit_scale, backend=cfg.backend)
+            loss, ce = cross_entropy_forward(logits, labels[idx])
+            grads = classify_backward(params, cache, cross_entropy_backward(ce))
+            step = epoch * steps_per_epoch + s_i
+            lr = lr_at(step, base_lr=cfg.lr, warmup_steps=min(total, cfg.warmup_epochs * steps_per_epoch),
+                       total_steps=total)
+            adamw_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+            losses.append(loss)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+        entry = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
+        if val is not None:
+            v_img, v_search, v_lab, v_excl = val
+            v_logits = _logits(params, cfg, memory, v_img, v_search, v_excl)
+            acc = float((v_logits.argmax(1) == v_lab).mean())
+            v_loss = cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
+            entry["val_top1"], entry["val_loss"] = acc, v_loss
+            # ties in top-1 are common on small validation sets: the lower validation loss breaks them
+            if (acc, -v_loss) > (best_acc, -best_loss):
+                best_acc, best_loss, best_epoch = acc, v_loss, epoch + 1
+                best = {n: a.copy() for n, a in params.items()}
+        else:
+            best_epoch, best = epoch + 1, {n: a.copy() for n, a in params.items()}
+        history.append(entry)
+        if ckpt is not None:
+            atomic_save_npz(ckpt, _ckpt_arrays(params, best, state, epoch + 1, best_epoch, best_acc, history, cfg))
+    if bar is not None:
+        bar.close()
+    return best, {"epochs_run": cfg.epochs, "best_epoch": best_epoch,
+                  "val_top1": best_acc if val is not None else None, "history": history}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def shot_groups(train_counts: np.ndarray) -> np.ndarray:
+    """Group of each class from its training image count: 0 many (> 20), 1 medium (5–20), 2 few (< 5)."""
+    c = np.asarray(train_counts)
+    return np.where(c > 20, 0, np.where(c >= 5, 1, 2))
+
+
+def evaluate_classifier(params: dict, meta: dict, image: np.ndarray, search: np.ndarray | None, labels: np.ndarray,
+                        memory: Any, *, exclude: np.ndarray | None = None, backend: str | None = None) -> dict:
+    """Top-1 overall and per shot group (groups from ``meta["train_class_counts"]``) → the issue-10 JSON dict."""
+    cfg = ClassifyConfig(**meta["config"])
+    if backend:
+        cfg.backend = backend
+    logits = _logits(params, cfg, memory, image, search, exclude)
+    pred = logits.argmax(1)
+    hit = pred == labels
+    groups = shot_groups(meta["train_class_counts"])[labels]
+    C = len(meta["train_class_counts"])
+    per_class = [float(hit[labels == c].mean()) for c in range(C) if (labels == c).any()]
+    out = {"top1": float(hit.mean()) if len(hit) else None, "n": int(len(labels)), "classes": int(C)}
+    for g, name in enumerate(SHOT_GROUPS):
+        sel = groups == g
+        out[name] = float(hit[sel].mean()) if sel.any() else None
+        out[f"n_{name}"] = int(sel.sum())
+        out[f"classes_{name}"] = int((shot_groups(meta["train_class_counts"]) == g).sum())
+    out["mean_per_class"] = float(np.mean(per_class)) if per_class else None
+    out["memory_overlap"] = int((exclude >= 0).sum()) if exclude is not None else 0
+    out["config"] = meta["config"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights file
+# ----------------------------------------------------------------------------------------------
+
+
+def save_classifier(path: str | os.PathLike, params: dict, meta: dict) -> None:
+    """One ``.npz``: ``param.<name>`` arrays + ``meta`` (JSON as uint8 bytes; no pickle), written atomically."""
+    arrays = {f"param.{n}": np.asarray(a) for n, a in params.items()}
+    arrays["meta"] = np.frombuffer(json.dumps(dict(meta, format=FORMAT)).encode(), np.uint8)
+    atomic_save_npz(path, arrays)
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(params, meta)`` of a file from :func:`save_classifier`, checked against the configuration it records."""
+    z = load_npz(path)
+    try:
+        meta = json.loads(bytes(z["meta"]).decode())
+    except (KeyError, ValueError):
+        raise ParamsFormatError(f"{path}: no readable 'meta' entry (not a reco-ref classify weights file)") from None
+    if meta.get("format") != FORMAT:
+        raise ParamsFormatError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        cfg = ClassifyConfig(**meta["config"]).check()
+        dims = meta["dims"]
+        expect = param_shapes(dims["dim"], dims["classes"], key_dim=dims.get("key_dim"),
+                              value_dim=dims.get("value_dim"), width=cfg.width, memory=cfg.memory,
+                              attention=cfg.attention)
+        if len(meta["train_class_counts"]) != dims["classes"]:
+            raise ParamsFormatError(f"{path}: train_class_counts has {len(meta['train_class_counts'])} entries, "
+                                    f"expected classes={dims['classes']}")
+    except (KeyError, TypeError) as exc:
+        raise ParamsFormatError(f"{path}: meta lacks a valid entry ({exc})") from None
+    params = {}
+    for n, shape in expect.items():
+        a = z.get(f"param.{n}")
+        if a is None or a.shape != tuple(shape) or a.dtype.kind != "f":
+            raise ParamsFormatError(f"{path}: param.{n}: expected float {tuple(shape)}, found "
+                                    f"{None if a is None else (a.dtype, a.shape)}")
+        if not np.isfinite(a).all():
+            raise ParamsFormatError(f"{path}: param.{n} holds NaN/inf")
+        params[n] = a.astype(np.float32)
+    return params, meta

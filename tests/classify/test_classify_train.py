@@ -1,0 +1,71 @@
+"""reco_ref.classify.train: label noise, held-out rows, shot groups, retrieval with self-exclusion, weights file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from classify_testlib import make_encoder, write_dataset
+from reco_ref.classify.train import ClassifyConfig, holdout_rows, load_classifier, retrieve_items, \
+    save_classifier, shot_groups, symmetric_label_noise
+from reco_ref.errors import ParamsFormatError, ShapeError
+from reco_ref.eval.data import own_rows
+from reco_ref.memory import build_memory, read_pairs
+
+
+def test_symmetric_noise_flips_the_rate_to_other_classes():
+    y = np.repeat(np.arange(10), 1000)
+    noisy = symmetric_label_noise(y, 0.4, 10, seed=3)
+    flipped = noisy != y
+    assert abs(flipped.mean() - 0.4) < 0.02
+    # uniform over the 9 other classes: each gets about 1/9 of a class's flips
+    counts = np.bincount(noisy[flipped & (y == 0)], minlength=10)
+    assert counts[0] == 0 and counts[1:].min() > 0.6 * counts[1:].mean()
+    assert np.array_equal(noisy, symmetric_label_noise(y, 0.4, 10, seed=3))
+    with pytest.raises(ShapeError, match="noise"):
+        symmetric_label_noise(y, 1.0, 10)
+
+
+def test_holdout_spares_the_tail_and_groups_follow_counts():
+    y = np.repeat([0, 1, 2], [30, 12, 3])
+    held = holdout_rows(y, 0.1, seed=0)
+    assert np.bincount(y[held], minlength=3).tolist() == [3, 1, 0]
+    assert shot_groups([21, 20, 5, 4, 0]).tolist() == [0, 1, 1, 2, 2]
+
+
+def test_retrieve_items_excludes_own_item(tmp_path):
+    manifest = write_dataset(tmp_path / "data", per_class_train=(6, 6))
+    enc = make_encoder()
+    build_memory(tmp_path / "mem", read_pairs(manifest, split="train", caption_template="a photo of a {class_name}."),
+                 enc, progress=False)
+    from reco_ref.eval.data import read_split
+    from reco_ref.memory import Memory
+
+    mem = Memory.open(tmp_path / "mem", encoder=enc)
+    ds = read_split(manifest, "train")
+    _, keys = enc.encode_images(ds.files, with_keys=True)
+    own = own_rows(mem, keys)
+    assert sorted(own.tolist()) == list(range(12))
+    K, V, valid = retrieve_items(mem, keys, 3, "both", exclude=own)
+    assert K.shape == (12, 3, 12) and V.shape == (12, 3, 32) and valid.all()
+    assert not any(np.allclose(K[i, j], keys[i]) for i in range(12) for j in range(3))  # never itself
+    _, _, valid = retrieve_items(mem, keys, 20, "text", exclude=own)
+    assert valid.sum(1).tolist() == [11] * 12  # 12 items minus its own: the rest padded invalid
+
+
+def test_weights_file_round_trip_and_refusals(tmp_path):
+    from reco_ref.classify.model import init_params
+
+    cfg = ClassifyConfig(width=8, heads=2)
+    p = init_params(6, 3, key_dim=5, value_dim=6, width=8, heads=2)
+    meta = {"config": cfg.__dict__, "dims": {"dim": 6, "classes": 3, "key_dim": 5, "value_dim": 6},
+            "train_class_counts": [30, 12, 3]}
+    save_classifier(tmp_path / "w.npz", p, meta)
+    q, m = load_classifier(tmp_path / "w.npz")
+    assert all(np.array_equal(q[n], p[n]) for n in p) and m["train_class_counts"] == [30, 12, 3]
+    save_classifier(tmp_path / "bad.npz", {n: a for n, a in p.items() if n != "w_k"}, meta)
+    with pytest.raises(ParamsFormatError, match="param.w_k"):
+        load_classifier(tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(Exception, match="junk.npz"):
+        load_classifier(tmp_path / "junk.npz")
