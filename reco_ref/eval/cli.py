@@ -115,7 +115,7 @@ def _run_query(a: argparse.Namespace) -> int:
         raise RecoError("give --classes or --class-names, not both")
     names = read_class_names(a.classes or a.class_names) if (a.classes or a.class_names) else None
     r = query(a.memory, image=a.image, text=a.text, fusion=a.fusion, class_names=names, k=a.k, top=a.top,
-              templates=a.templates, model=a.model, backend=a.backend, threads=a.threads)
+              templates=a.templates, model=a.model, backend=a.backend, threads=a.threads, profile=a.profile)
     if a.json == "-":
         print(json.dumps(r, indent=1, ensure_ascii=False))
         return 0
@@ -131,6 +131,10 @@ def _run_query(a: argparse.Namespace) -> int:
         for f, g in zip(r["frozen_top"], refined):
             right = f"{g['score']:.3f} {g['class'][:29]}" if g else ""
             print(f"  {f['score']:.3f} {f['class'][:29]:30s} {right}")
+    if "profile" in r:
+        from .latency import format_profile
+
+        print(format_profile(r["profile"]))
     return 0
 
 
@@ -213,6 +217,9 @@ def register(subparsers) -> None:
     q.add_argument("--backend", default="numpy", choices=("numpy", "numba", "cuda"), help="fusion backend")
     q.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
     q.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
+    q.add_argument("--profile", action="store_true",
+                   help="time the photo's trip step by step (decode, preprocess, image graph, search, fusion, scoring) at "
+                        "batch 1 and per image at batch 64")
     q.set_defaults(func=_run_query)
     register_ablate(subparsers)
 

@@ -147,8 +147,12 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
 def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, text: str | None = None,
           fusion: str | os.PathLike | None = None, class_names: list[str] | None = None, k: int = 10,
           top: int = 5, templates: str | None = None, model: Any = "reco-mini", backend: str = "numpy",
-          threads: int | None = None) -> dict:
+          threads: int | None = None, profile: bool = False) -> dict:
     """One query (an image file or a text) against a memory: its neighbours and, with classes, top classes.
+
+    ``profile=True`` (an image query with classes and fusion weights) adds ``profile``: the photo's trip timed step
+    by step (decode, preprocess, image graph, search, fusion, scoring) at batch 1 and per image at batch 64, from
+    :func:`reco_ref.eval.latency.profile_query`.
 
     Image: image→image search (by search key where the memory has keys), the refined ``v̄ = φ_I(v, T^M[kNN])``.
     Text: text→text search, ``t̄ = φ_T(t, V^M[kNN])``. With ``class_names``, the frozen and refined top-``top``
@@ -175,6 +179,9 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
         raise RecoError("--text: empty query text")
     if image is not None and not Path(image).is_file():
         raise FileNotFoundError(f"query image not found: {image}")
+    if profile and (image is None or not class_names or fusion == "none"):
+        raise RecoError("--profile times an image's whole trip: give an image, --classes or --class-names (the "
+                        "scoring step) and fusion weights (not --fusion none)")
     get_backend(backend)
     enc = load(model, threads=threads) if isinstance(model, (str, os.PathLike)) else model
     mem = open_memory(memory, enc)
@@ -211,6 +218,12 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
             s = b.astype(np.float64) @ a.astype(np.float64)  # [C]
             order = np.argsort(-s, kind="stable")[:top]
             out[name] = [{"class": class_names[c], "score": float(s[c])} for c in order]
+        if profile:
+            from .latency import profile_query
+
+            # class embeddings do not depend on the photo: refined once above, scored per photo inside the profile
+            out["profile"] = profile_query([str(image)], enc, mem, weights.image, cls_bar, k=k, batch=64,
+                                           backend=backend, repeats=3)
     return out
 
 

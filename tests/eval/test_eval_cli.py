@@ -199,6 +199,25 @@ def test_query_text_prints_neighbours_and_classes_from_a_manifest(setup, capsys)
     assert "reco_top" not in r and len(r["frozen_top"]) == 5 and r["fusion"] is None
 
 
+def test_query_profile_breaks_the_trip_into_steps(setup, capsys):
+    image = next(row[0] for row in setup["rows"] if row[3] == "test")
+    assert main(["query", image, "--memory", str(setup["mem"]), "--fusion", str(setup["w"]), "--classes",
+                 str(setup["manifest"]), "-k", "3", "--profile", "--json", "-"]) == 0
+    p = json.loads(capsys.readouterr().out)["profile"]
+    assert p["steps"] == ["decode", "preprocess", "image graph", "search", "fusion", "scoring"]
+    assert set(p["batch1_ms"]) == set(p["steps"]) and all(v >= 0 for v in p["batch1_ms"].values())
+    assert p["batch"] == 64 and set(p["batch_ms_per_image"]) == set(p["steps"])
+    assert main(["query", image, "--memory", str(setup["mem"]), "--fusion", str(setup["w"]), "--classes",
+                 str(setup["manifest"]), "-k", "3", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "one photo, encoder reco-mini" in out and "batch 64 ms/img" in out
+    # the scoring step needs classes; a text query has no photo to time
+    base = ["--memory", str(setup["mem"]), "--fusion", str(setup["w"]), "--profile"]
+    assert "--profile" in _one_line_error(capsys, ["query", image, *base], "query")
+    assert "--profile" in _one_line_error(capsys, ["query", "--text", "a cat", "--classes", str(setup["manifest"]),
+                                                   *base], "query")
+
+
 def test_query_errors(setup, tmp_path, capsys):
     base = ["--memory", str(setup["mem"]), "--fusion", str(setup["w"])]
     assert "exactly one" in _one_line_error(capsys, ["query", "x.png", "--text", "a cat", *base], "query")
