@@ -149,7 +149,7 @@ assert same and res.last.tau == float(tau)
 # The query flags (1:1 drawings, never in the memory) search the memory's image index and are fed their
 # neighbours' captions. The fusion layer's cache keeps the attention probabilities `cache["att"]["p"]`,
 # shape `[B, heads, T, T]` with `T = 1 + k` tokens (the query, then the neighbours); row 0 is what the
-# query token reads. Green tick labels mark neighbours of the same flag.
+# query token reads. A ✓ marks the neighbour that is the same flag (the memory holds one drawing per flag).
 
 # %%
 q_img, q_keys = img[n:], keys[n:]                                  # [n, D], [n, Dk]
