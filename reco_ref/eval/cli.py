@@ -41,7 +41,8 @@ def _run_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(out_dir=a.out, data=a.data, k=a.k, backend=a.backend, seed=a.seed, quiet=a.quiet, limit=a.limit,
-             memory_limit=a.memory_limit, encoder=a.model, threads=a.threads, fusion=a.fusion)
+             memory_limit=a.memory_limit, encoder=a.model, threads=a.threads, fusion=a.fusion,
+             compare=not a.no_compare)
     return 0
 
 
@@ -157,6 +158,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
     p.add_argument("--fusion", help="trained RECO weights .npz shown beside the untrained layers (default: the "
                                     "shipped weights when present; 'none': untrained only)")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip step 6 (the flag memory weights/demo-entities and the frozen / RECO / surrogate / "
+                        "1-NN / k-NN comparison on flags and clip-art, comparison.png)")
     p.add_argument("--quiet", action="store_true", help="print nothing (results.json is still written)")
     p.set_defaults(func=_run_demo)
 

@@ -317,11 +317,37 @@ def step_evaluate(ds: dict, e: dict, s: dict, f: dict, k: int, say: Say, trained
     return {**acc, "chance": chance, "majority": majority, "n_queries": n_q, "reco_untrained_equals_frozen": same_preds}
 
 
+def step_compare(ds: dict, e: dict, mem: Any, out: Path, k: int, backend: str, threads: int | None,
+                 trained: dict | None, say: Say, timing: dict) -> dict:
+    """Step 6: the flag memory next to the clip-art; frozen / surrogate / 1-NN / k-NN vote / RECO query by query."""
+    from ..train.weights import load_reco_weights
+    from .demo_compare import comparison_figure, compare_methods, entities_data, report_lines
+
+    t = time.perf_counter()
+    w = load_reco_weights(trained["path"]) if trained is not None else None
+    flags = entities_data()
+    quiet = printer(True)
+    e_f = step_encode(flags, e["enc"], threads, quiet, {})
+    mem_f = step_memory(flags, e_f, out / "memory-flags", quiet, {})
+    sets = [(compare_methods(flags, e_f, mem_f, k, w, backend), flags), (compare_methods(ds, e, mem, k, w, backend), ds)]
+    timing["compare"] = time.perf_counter() - t
+    say(f"\n[6] compare  frozen vs RECO ({'weights ' + trained['path'] if trained else 'no trained weights'}) vs "
+        f"surrogate vs 1-NN / {k}-NN vote, on a memory of {len(flags['memory'])} flags (fine-grained names the "
+        f"frozen encoder cannot give) and on the clip-art above (where RECO must do no harm); "
+        f"{timing['compare']:.1f} s")
+    for c, d in sets:
+        for line in report_lines(c, d["class_names"]):
+            say(line)
+    fig = out / "comparison.png"
+    drawn = comparison_figure(fig, sets)
+    return {"sets": {"flags": sets[0][0], "clipart": sets[1][0]}, "figure": str(fig) if drawn else None}
+
+
 # ----------------------------------------------------------------------------------------------- demo
 def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, k: int = 10,
              backend: str = "numpy", seed: int = 0, quiet: bool = False, *, limit: int | None = 100,
              memory_limit: int | None = None, encoder: Any = "reco-mini", n_show: int = 3,
-             threads: int | None = None, fusion: Any = None) -> dict:
+             threads: int | None = None, fusion: Any = None, compare: bool = True) -> dict:
     """Run encode → memory → search → fuse → evaluate and print each step; return the measured results.
 
     Parameters
@@ -339,6 +365,9 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     threads : ONNX Runtime / decode threads (None = all cores)
     fusion : trained RECO weights (.npz) to show beside the untrained layers; None = the shipped weights of the
         encoder when present (:func:`reco_ref.train.weights.default_weights_path`), ``"none"`` = untrained only
+    compare : shipped data only: also build the flag memory (``weights/demo-entities``) and compare frozen, surrogate,
+        1-NN, k-NN vote and RECO (the trained weights) query by query on the flags and on the clip-art
+        (:mod:`reco_ref.eval.demo_compare`); writes ``comparison.png``
 
     Returns
     -------
@@ -370,6 +399,9 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     f = step_fuse(e, s, mem, k, backend, seed, say, timing)
     trained = step_trained(e, s, mem, k, backend, fusion, say, timing)
     ev = step_evaluate(ds, e, s, f, k, say, trained)
+    comparison = None
+    if compare and data is None:
+        comparison = step_compare(ds, e, mem, out, k, backend, threads, trained, say, timing)
     timing["total"] = time.perf_counter() - t_start
 
     enc = e["enc"]
@@ -390,10 +422,16 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
         "out_dir": str(out),
         "files": {"memory": str(mem_dir), "results": str(out / "results.json")},
     }
+    if comparison is not None:
+        results["compare"] = comparison["sets"]
+        if comparison["figure"]:
+            results["files"]["comparison"] = comparison["figure"]
+        results["files"]["memory_flags"] = str(out / "memory-flags")
     fig_path = out / "neighbours.png"
     if examples and figure(fig_path, examples, min(k, 5)):
         results["files"]["figure"] = str(fig_path)
     atomic_write_json(out / "results.json", results)
     say(f"\nwrote {out / 'results.json'}" + (f" and {fig_path}" if "figure" in results["files"] else "")
+        + (f" and {results['files']['comparison']}" if "comparison" in results["files"] else "")
         + f"; total {timing['total']:.1f} s")
     return results

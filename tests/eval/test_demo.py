@@ -131,10 +131,57 @@ def test_demo_writes_results_and_a_valid_memory(demo_run):
 @needs_reco_mini
 def test_cli_demo_verb_exits_0(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["demo", "--out", str(out), "--quiet", "-k", "5"]) == 0
+    assert main(["demo", "--out", str(out), "--quiet", "-k", "5", "--no-compare"]) == 0
     assert capsys.readouterr().out == ""  # --quiet prints nothing
     r = json.loads((out / "results.json").read_text())
     assert r["search"]["k"] == 5 and r["eval"]["knn_vote"] > r["eval"]["chance"]
+    assert "compare" not in r and not (out / "memory-flags").exists()  # --no-compare skips step 6
+
+
+# ------------------------------------------------------------------------ step 6: flags next to clip-art
+@needs_reco_mini
+def test_demo_compares_methods_on_flags_and_clipart(demo_run):
+    r, text, out = demo_run
+    assert "[6] compare" in text and "RECO still misses" in text and "RECO breaks" in text
+    flags, clip = r["compare"]["flags"], r["compare"]["clipart"]
+    assert flags["queries"] == flags["classes"] == 255 and clip["queries"] == 30
+    for c in (flags, clip):
+        assert set(c["top1"]) == {"frozen", "surrogate", "1-NN", "k-NN vote", "RECO"}
+        y = np.array(c["labels"])
+        for m, p in c["pred"].items():  # every top-1 is what its per-query predictions say
+            assert c["top1"][m] == pytest.approx(float((np.array(p) == y).mean())), m
+        # the demo's weights here are the identity: RECO's predictions are the frozen ones, nothing fixed or broken
+        assert c["pred"]["RECO"] == c["pred"]["frozen"] and c["fixed"] == c["broken"] == []
+        assert len(c["missed"]) == round((1 - c["top1"]["frozen"]) * c["queries"])
+    assert clip["top1"]["frozen"] == r["eval"]["zero_shot_frozen"]
+    assert clip["top1"]["k-NN vote"] == r["eval"]["knn_vote"]
+    # the flag memory's point: the frozen encoder cannot name the flags, their look-alikes in memory can
+    assert flags["top1"]["frozen"] < 0.2 < 0.9 < flags["top1"]["1-NN"]
+    assert (out / "memory-flags" / "manifest.json").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert Path(r["files"]["comparison"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_report_partitions_queries_and_names_them():
+    from reco_ref.eval.demo_compare import pick_examples, report_lines
+
+    names = ["ant", "bee", "cat"]
+    y = [0, 1, 2, 0]
+    c = {"name": "toy", "queries": 4, "classes": 3, "prompt": "{}", "k": 2, "chance": 1 / 3, "labels": y,
+         "top1": {"frozen": 0.5, "RECO": 0.5},
+         "pred": {"frozen": [0, 1, 0, 1], "RECO": [2, 1, 2, 0]},
+         "fixed": [3], "missed": [2], "broken": [0]}
+    lines = report_lines(c, names)
+    assert any("frozen wrong, RECO right: 1: ant (bee → ant)" in ln for ln in lines)
+    assert any("RECO still misses): 1" in ln for ln in lines)
+    assert any("RECO breaks): 1: ant (ant → cat)" in ln for ln in lines)
+    assert pick_examples(c) == [(3, "fixed"), (0, "broken"), (2, "missed")]
+
+
+def test_shipped_demo_png_is_small_and_shown():
+    png = ROOT / "docs" / "demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
+    assert "docs/demo.png" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------- bad input
