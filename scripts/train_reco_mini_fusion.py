@@ -277,6 +277,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the run folders (several recipes in one --work)")
     ap.add_argument("--validate-only", action="store_true",
                     help="train and report validation only (no test split is touched): for choosing a recipe")
+    ap.add_argument("--harm-val", action="store_true",
+                    help="with --holdout classes: a second validation set per dataset, the held-out classes against "
+                         "the kept classes' memory (no relevant neighbour: a do-no-harm check on validation data)")
+    ap.add_argument("--eval-val", help="with --holdout classes: compare these weights ('none': frozen only) on the "
+                                       "class-disjoint validation sets by mode, print JSON, train nothing")
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     ap.add_argument("--prepare-only", action="store_true", help="build the memories and eval arrays, train nothing")
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate the runs' kept weights (no training)")
@@ -345,10 +350,11 @@ def main(argv=None) -> int:
                          "name": "cub100-train90-vs-flowers-memory", "weight": 800}], [v_fl, v_cub],
                        "Flowers-102 train + CUB-100 train (seeded 90 %), each also against the other's memory"),
     }
+    val_eval = {}  # class-disjoint validation sets: name -> (memory, image, keys, labels, class text, class names)
     if a.holdout == "classes" or mixed:
         cap = "-mixed" if mixed else ""
         hold = {n: class_holdout_split(d, a.holdout_fraction) for n, d in ds.items()}
-        cm, val_eval = {}, {}
+        cm = {}
         for n, d in ds.items():
             tr, ho, held = hold[n]
             if a.holdout == "classes":
@@ -365,6 +371,13 @@ def main(argv=None) -> int:
                                  class_embeddings(enc, held_names, templates)),)
                 val_eval[f"{n}-held{pct}c"] = (cm[n][1], d.image[ho], d.keys[ho], remap[d.labels[ho]],
                                                cm[n][2].class_text, held_names)
+                if a.harm_val:
+                    # do-no-harm on validation data: the same held-out images and classes, retrieving from the kept
+                    # classes' memory, which holds none of them — RECO should not fall below the frozen encoder
+                    cm[n] += (ValSet(f"{n}-held{pct}c-vs-kept", cm[n][1], cm[n][0], remap[d.labels[ho]],
+                                     cm[n][2].class_text),)
+                    val_eval[f"{n}-held{pct}c-vs-kept"] = (cm[n][0], d.image[ho], d.keys[ho], remap[d.labels[ho]],
+                                                           cm[n][2].class_text, held_names)
             else:  # row hold-out as before, with mixed captions
                 tri = cub_tr if n == "cub100" else d.rows("train")
                 cm[n] = (memory(work, f"mem-{n}-train{'90' if n == 'cub100' else ''}{cap}", d, tri, enc, mixed),)
@@ -382,14 +395,24 @@ def main(argv=None) -> int:
                     "weight": a.generic_weight}]
         what = f"{a.holdout} hold-out, {a.captions} captions" + (f", + {Path(a.generic).name}" if a.generic else "")
         runs = {
-            "lodo-flowers": ([{"pairs": cm["cub100"][0], "name": "cub100-train-kept"}] + gen, [cm["cub100"][2]],
+            "lodo-flowers": ([{"pairs": cm["cub100"][0], "name": "cub100-train-kept"}] + gen, list(cm["cub100"][2:]),
                              f"CUB-100 train ({what}); no Flowers-102 image or class name"),
-            "lodo-cub": ([{"pairs": cm["flowers102"][0], "name": "flowers102-train-kept"}] + gen, [cm["flowers102"][2]],
-                         f"Flowers-102 train ({what}); no CUB-100 image or class name"),
+            "lodo-cub": ([{"pairs": cm["flowers102"][0], "name": "flowers102-train-kept"}] + gen,
+                         list(cm["flowers102"][2:]), f"Flowers-102 train ({what}); no CUB-100 image or class name"),
             "ship": ([{"pairs": cm["flowers102"][0], "name": "flowers102-train-kept"},
                       {"pairs": cm["cub100"][0], "name": "cub100-train-kept"}] + gen,
-                     [cm["flowers102"][2], cm["cub100"][2]], f"Flowers-102 train + CUB-100 train ({what})"),
+                     list(cm["flowers102"][2:]) + list(cm["cub100"][2:]), f"Flowers-102 train + CUB-100 train ({what})"),
         }
+    if a.eval_val:  # validation-only comparison of given weights (or the frozen encoder: 'none'), no test split
+        from reco_ref.train.weights import load_reco_weights
+
+        w = None if a.eval_val == "none" else load_reco_weights(a.eval_val)
+        # only the sets these weights were validated on: a set of another dataset may be the one they are
+        # evaluated on leave-one-dataset-out, and nothing may be chosen on it
+        seen = None if w is None else {r["set"] for r in w.meta.get("selected", {}).get("validation", [])}
+        res = {v: validation_eval(w, *val_eval[v], a.k, a.backend) for v in val_eval if seen is None or v in seen}
+        print(json.dumps({"weights": a.eval_val, "validation": res, "command": command}))
+        return 0
     if a.prepare_only:
         print(f"prepared {work}")
         return 0
