@@ -439,7 +439,7 @@ def main(argv=None) -> int:
         sources, vals, saw = runs[run]
         out = work / f"run-{run}{a.tag}"
         if a.eval_only:
-            best, info = load_reco_weights(out / "best.npz"), report["runs"].get(run, {})
+            best, info = load_reco_weights(out / "best.npz"), report["runs"].get(run + a.tag, {})
         else:
             t0 = time.perf_counter()
             meta = {"encoder_name": enc.name, "encoder_fingerprint": enc.fingerprint, "trained_on": saw,
@@ -469,7 +469,7 @@ def main(argv=None) -> int:
             atomic_write_json(work / f"validation{a.tag}.json", report)
             continue
         entry.update(evaluate_run(run, best, saw, ds, eval_mem, work, enc, a.k, a.backend))
-        report["runs"][run] = entry
+        report["runs"][run + a.tag] = entry
         atomic_write_json(work / "metrics.json", report)
         if run == "ship":
             best.meta["metrics"] = {d: {m: entry["eval"][d][m]["top1"] for m in ("frozen", "reco", "surrogate",
