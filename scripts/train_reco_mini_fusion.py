@@ -351,7 +351,7 @@ def main(argv=None) -> int:
                        "Flowers-102 train + CUB-100 train (seeded 90 %), each also against the other's memory"),
     }
     val_eval = {}  # class-disjoint validation sets: name -> (memory, image, keys, labels, class text, class names)
-    if a.holdout == "classes" or mixed:
+    if a.holdout == "classes" or mixed or a.generic:
         cap = "-mixed" if mixed else ""
         hold = {n: class_holdout_split(d, a.holdout_fraction) for n, d in ds.items()}
         cm = {}
