@@ -178,8 +178,9 @@ def validation_eval(weights, mem, image, keys, labels, cls, names, k: int, backe
     r = evaluate_zero_shot(mem, image, labels, cls, names, keys=keys, weights=weights, mode="both", k=k,
                            backend=backend, exclude=own_rows(mem, keys))
     out = {m: (r[m] or {}).get("top1") for m in ("frozen", "surrogate", "knn_vote")}
-    out["reco_by_mode"] = {m: v["top1"] for m, v in r["by_mode"]["reco"].items()} if "reco" in r["by_mode"] else {
-        m: v for m, v in r["by_mode"].items()}
+    for method in ("reco", "surrogate"):
+        if method in r["by_mode"]:
+            out[f"{method}_by_mode"] = {m: v["top1"] for m, v in r["by_mode"][method].items()}
     return out
 
 
