@@ -75,6 +75,7 @@ class Dataset:
 
     def __init__(self, name: str, data: Path, cache: Path, encoder):
         self.name = name
+        self.encoder = encoder
         self.manifest = data / name / "manifest.csv"
         with open(self.manifest, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
@@ -90,13 +91,29 @@ class Dataset:
         caps = [CAPTION.format(c) for c in self.class_names]
         self.class_caption_emb = np.asarray(encoder.encode_texts(caps), np.float32)  # [C,D], one per class
         self.text = self.class_caption_emb[self.labels]  # [N,D]: each row's caption embedding
+        self.captions = [CAPTION.format(self.class_names[c]) for c in self.labels]  # [N] caption strings
+
+    def mix_captions(self, templates: tuple[str, ...], seed: int = 0) -> None:
+        """Give each row a caption drawn (seeded, per row) from ``templates`` instead of the single CAPTION.
+
+        With one template the training text side sees only C distinct captions and φ_T fits maps specific to
+        them; several templates per class give C×J distinct captions, including the ones the zero-shot class
+        text is built from at evaluation (the dataset's own template set)."""
+        from reco_ref.eval.templates import check_templates
+
+        templates = check_templates(templates)
+        pick = np.random.default_rng(seed).integers(0, len(templates), size=len(self.labels))  # [N]
+        texts = [t.replace("{class_name}", "{}").format(c) for c in self.class_names for t in templates]
+        emb = np.asarray(self.encoder.encode_texts(texts), np.float32).reshape(len(self.class_names), len(templates), -1)
+        self.text_mixed = emb[self.labels, pick]  # [N,D]
+        self.captions_mixed = [texts[c * len(templates) + j] for c, j in zip(self.labels, pick)]
 
     def rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
 
-    def items(self, idx: np.ndarray) -> list[dict]:
-        return [{"image": str(self.manifest.parent / self.files[i]), "caption": CAPTION.format(self.class_names[
-            self.labels[i]]), "source": self.files[i], "label": int(self.labels[i]), "split": str(self.split[i]),
+    def items(self, idx: np.ndarray, mixed: bool = False) -> list[dict]:
+        caps = self.captions_mixed if mixed else self.captions
+        return [{"image": str(self.manifest.parent / self.files[i]), "caption": caps[i], "source": self.files[i], "label": int(self.labels[i]), "split": str(self.split[i]),
             "tags": self.name} for i in idx]
 
 
@@ -110,12 +127,31 @@ def holdout_split(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return train[~mask], train[mask]
 
 
-def memory(work: Path, name: str, ds: Dataset, idx: np.ndarray, encoder):
+def class_holdout_split(ds: Dataset, fraction: float, seed: int = HOLDOUT_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class-disjoint hold-out of ``ds``'s train rows: a seeded ``fraction`` of the *classes* with all their rows.
+
+    Returns ``(train_rows, holdout_rows, holdout_classes)``. Zero-shot accuracy on the held-out classes, each
+    retrieving from a memory of the held-out rows only (own row excluded), measures what leave-one-dataset-out
+    needs — transfer to classes the weights never saw — without touching the evaluated dataset. Held-out *rows*
+    of the training classes cannot see a loss of transfer (docs/training.md)."""
+    train = ds.rows("train")
+    classes = np.unique(ds.labels[train])
+    n = int(round(fraction * len(classes)))
+    if not 0 < n < len(classes):
+        sys.exit(f"train_reco_mini_fusion: error: --holdout-fraction {fraction}: holds out {n} of {len(classes)} "
+                 "classes; expected at least one held out and one kept")
+    held = np.sort(np.random.default_rng(seed).permutation(classes)[:n])
+    mask = np.isin(ds.labels[train], held)
+    return train[~mask], train[mask], held
+
+
+def memory(work: Path, name: str, ds: Dataset, idx: np.ndarray, encoder, mixed: bool = False):
     from reco_ref.memory import Memory, build_memory_from_arrays
 
     out = work / name
     if not (out / "manifest.json").is_file():
-        build_memory_from_arrays(out, ds.image[idx], ds.text[idx], keys=ds.keys[idx], items=ds.items(idx),
+        text = ds.text_mixed if mixed else ds.text
+        build_memory_from_arrays(out, ds.image[idx], text[idx], keys=ds.keys[idx], items=ds.items(idx, mixed),
                                  name=encoder.name, fingerprint=encoder.fingerprint, progress=False)
     return Memory.open(out, encoder=encoder, verify="size")
 
@@ -131,6 +167,21 @@ def evaluate(weights, ds: Dataset, mem, encoder, k: int, backend: str) -> dict:
                              weights=weights, mode="both", k=k, backend=backend)
     res["templates"] = tname
     return res
+
+
+def validation_eval(weights, mem, image, keys, labels, cls, names, k: int, backend: str) -> dict:
+    """Validation-only comparison on a class-disjoint hold-out (its own memory, own rows excluded): top-1 of frozen,
+    surrogate, k-NN vote and RECO per enhancement mode — what a recipe and a mode are chosen on."""
+    from reco_ref.eval.data import own_rows
+    from reco_ref.eval.zeroshot import evaluate_zero_shot
+
+    r = evaluate_zero_shot(mem, image, labels, cls, names, keys=keys, weights=weights, mode="both", k=k,
+                           backend=backend, exclude=own_rows(mem, keys))
+    out = {m: (r[m] or {}).get("top1") for m in ("frozen", "surrogate", "knn_vote")}
+    for method in ("reco", "surrogate"):
+        if method in r["by_mode"]:
+            out[f"{method}_by_mode"] = {m: v["top1"] for m, v in r["by_mode"][method].items()}
+    return out
 
 
 def demo_images(work: Path, encoder) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -213,6 +264,25 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-steps", type=int, default=50)
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weight-decay", type=float, default=0.2)
+    ap.add_argument("--holdout", choices=("rows", "classes"), default="rows",
+                    help="validation: a seeded 10 %% of CUB train rows + Flowers valid ('rows'), or whole classes of "
+                         "each training dataset's train split with their own memory ('classes': measures transfer)")
+    ap.add_argument("--holdout-fraction", type=float, default=0.2, help="share of classes held out (--holdout classes)")
+    ap.add_argument("--captions", choices=("single", "mixed"), default="single",
+                    help="training captions: 'a photo of a {class}.' ('single') or one per row drawn from the "
+                         "single + generic + the dataset's own template sets ('mixed'); eval memories stay single")
+    ap.add_argument("--generic", help="memory of generic image-caption pairs (e.g. OpenClipart) added as a training "
+                                      "source retrieving from itself")
+    ap.add_argument("--generic-weight", type=float, default=None, help="batch share of --generic (default: its rows)")
+    ap.add_argument("--tag", default="", help="suffix of the run folders (several recipes in one --work)")
+    ap.add_argument("--validate-only", action="store_true",
+                    help="train and report validation only (no test split is touched): for choosing a recipe")
+    ap.add_argument("--harm-val", action="store_true",
+                    help="with --holdout classes: a second validation set per dataset, the held-out classes against "
+                         "the kept classes' memory (no relevant neighbour: a do-no-harm check on validation data)")
+    ap.add_argument("--eval-val", help="with --holdout classes: compare these weights ('none': frozen only) on the "
+                                       "class-disjoint validation sets by mode, print JSON, train nothing")
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     ap.add_argument("--prepare-only", action="store_true", help="build the memories and eval arrays, train nothing")
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate the runs' kept weights (no training)")
@@ -232,6 +302,12 @@ def main(argv=None) -> int:
     enc = load("reco-mini")
     ds = {n: Dataset(n, Path(a.data), Path(a.cache), enc) for n in DATASETS}
     fl, cub = ds["flowers102"], ds["cub100"]
+    mixed = a.captions == "mixed"
+    if mixed:
+        for d in ds.values():
+            own = resolve_templates(None, d.manifest)[1]
+            d.mix_captions(tuple(dict.fromkeys(("a photo of a {}.",) + resolve_templates("generic")[1] + own)),
+                           seed=a.seed)
     cub_tr, cub_ho = holdout_split(cub)
     mems = {
         "flowers-train": memory(work, "mem-flowers-train", fl, fl.rows("train"), enc),
@@ -275,6 +351,69 @@ def main(argv=None) -> int:
                          "name": "cub100-train90-vs-flowers-memory", "weight": 800}], [v_fl, v_cub],
                        "Flowers-102 train + CUB-100 train (seeded 90 %), each also against the other's memory"),
     }
+    val_eval = {}  # class-disjoint validation sets: name -> (memory, image, keys, labels, class text, class names)
+    if a.holdout == "classes" or mixed or a.generic:
+        cap = "-mixed" if mixed else ""
+        hold = {n: class_holdout_split(d, a.holdout_fraction) for n, d in ds.items()}
+        cm = {}
+        for n, d in ds.items():
+            tr, ho, held = hold[n]
+            if a.holdout == "classes":
+                pct = int(round(100 * a.holdout_fraction))
+                cm[n] = (memory(work, f"mem-{n}-train-kept{100 - pct}c{cap}", d, tr, enc, mixed),
+                         memory(work, f"mem-{n}-train-held{pct}c{cap}", d, ho, enc, mixed))
+                _, templates = resolve_templates(None, d.manifest)
+                remap = np.full(len(d.class_names), -1, np.int64)
+                remap[held] = np.arange(len(held))
+                # held-out rows retrieve from their own memory (the pair's own row excluded by self-match), and are
+                # classified among the held-out classes only: nothing of the kept classes takes part
+                held_names = [d.class_names[c] for c in held]
+                cm[n] += (ValSet(f"{n}-held{pct}c", cm[n][1], cm[n][1], remap[d.labels[ho]],
+                                 class_embeddings(enc, held_names, templates)),)
+                val_eval[f"{n}-held{pct}c"] = (cm[n][1], d.image[ho], d.keys[ho], remap[d.labels[ho]],
+                                               cm[n][2].class_text, held_names)
+                if a.harm_val:
+                    # do-no-harm on validation data: the same held-out images and classes, retrieving from the kept
+                    # classes' memory, which holds none of them — RECO should not fall below the frozen encoder
+                    cm[n] += (ValSet(f"{n}-held{pct}c-vs-kept", cm[n][1], cm[n][0], remap[d.labels[ho]],
+                                     cm[n][2].class_text),)
+                    val_eval[f"{n}-held{pct}c-vs-kept"] = (cm[n][0], d.image[ho], d.keys[ho], remap[d.labels[ho]],
+                                                           cm[n][2].class_text, held_names)
+            else:  # row hold-out as before, with mixed captions
+                tri = cub_tr if n == "cub100" else d.rows("train")
+                cm[n] = (memory(work, f"mem-{n}-train{'90' if n == 'cub100' else ''}{cap}", d, tri, enc, mixed),)
+                if n == "cub100":
+                    m_ho = memory(work, f"mem-cub100-holdout10{cap}", d, cub_ho, enc, mixed)
+                    cm[n] += (m_ho, ValSet("cub100-holdout10", m_ho, cm[n][0], d.labels[cub_ho],
+                                           class_embeddings(enc, d.class_names, resolve_templates(None, d.manifest)[1])))
+                else:
+                    cm[n] += (mems["flowers-valid"], v_fl)
+        gen = []
+        if a.generic:
+            from reco_ref.memory import Memory
+
+            gen = [{"pairs": Memory.open(a.generic, encoder=enc, verify="size"), "name": Path(a.generic).name,
+                    "weight": a.generic_weight}]
+        what = f"{a.holdout} hold-out, {a.captions} captions" + (f", + {Path(a.generic).name}" if a.generic else "")
+        runs = {
+            "lodo-flowers": ([{"pairs": cm["cub100"][0], "name": "cub100-train-kept"}] + gen, list(cm["cub100"][2:]),
+                             f"CUB-100 train ({what}); no Flowers-102 image or class name"),
+            "lodo-cub": ([{"pairs": cm["flowers102"][0], "name": "flowers102-train-kept"}] + gen,
+                         list(cm["flowers102"][2:]), f"Flowers-102 train ({what}); no CUB-100 image or class name"),
+            "ship": ([{"pairs": cm["flowers102"][0], "name": "flowers102-train-kept"},
+                      {"pairs": cm["cub100"][0], "name": "cub100-train-kept"}] + gen,
+                     list(cm["flowers102"][2:]) + list(cm["cub100"][2:]), f"Flowers-102 train + CUB-100 train ({what})"),
+        }
+    if a.eval_val:  # validation-only comparison of given weights (or the frozen encoder: 'none'), no test split
+        from reco_ref.train.weights import load_reco_weights
+
+        w = None if a.eval_val == "none" else load_reco_weights(a.eval_val)
+        # only the sets these weights were validated on: a set of another dataset may be the one they are
+        # evaluated on leave-one-dataset-out, and nothing may be chosen on it
+        seen = None if w is None else {r["set"] for r in w.meta.get("selected", {}).get("validation", [])}
+        res = {v: validation_eval(w, *val_eval[v], a.k, a.backend) for v in val_eval if seen is None or v in seen}
+        print(json.dumps({"weights": a.eval_val, "validation": res, "command": command}))
+        return 0
     if a.prepare_only:
         print(f"prepared {work}")
         return 0
@@ -289,7 +428,8 @@ def main(argv=None) -> int:
         print(json.dumps(entry))
         return 0
     cfg = TrainConfig(k=a.k, batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
-                      seed=a.seed, backend=a.backend, checkpoint_every=25, steps_per_epoch=a.steps_per_epoch)
+                      seed=a.seed, backend=a.backend, checkpoint_every=25, steps_per_epoch=a.steps_per_epoch,
+                      weight_decay=a.weight_decay)
     report = {"command": command, "inputs": inputs, "recipe": cfg.to_json(), "runs": {}}
     from reco_ref.train.weights import load_reco_weights
 
@@ -298,22 +438,39 @@ def main(argv=None) -> int:
         report["runs"] = json.loads(previous.read_text()).get("runs", {})
     for run in [r for r in a.runs.split(",") if r]:
         sources, vals, saw = runs[run]
-        out = work / f"run-{run}"
+        out = work / f"run-{run}{a.tag}"
         if a.eval_only:
-            best, info = load_reco_weights(out / "best.npz"), report["runs"].get(run, {})
+            best, info = load_reco_weights(out / "best.npz"), report["runs"].get(run + a.tag, {})
         else:
             t0 = time.perf_counter()
             meta = {"encoder_name": enc.name, "encoder_fingerprint": enc.fingerprint, "trained_on": saw,
                     "command": command, "inputs": inputs, "caption_template": CAPTION.replace("{}", "{class_name}"),
-                    "holdout": {"dataset": "cub100", "fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED}}
+                    "captions": a.captions, "generic_pairs": a.generic,
+                    "holdout": ({"dataset": "cub100", "fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED}
+                                if a.holdout == "rows" else {"classes_of_each_training_dataset": a.holdout_fraction,
+                                                             "seed": HOLDOUT_SEED})}
             res = train(sources, out, cfg, val=vals, meta=meta,
                         resume=a.resume and (out / "checkpoint.npz").exists())
             best = res.best
             info = {"train_seconds": round(time.perf_counter() - t0, 1), "steps": res.steps,
                     "selected": res.best_record, "history": res.history}
         entry = {k: info[k] for k in ("train_seconds", "steps", "selected", "history") if k in info}
+        if a.validate_only:  # choosing a recipe: validation numbers only, no test split touched
+            for rec in entry.get("history", []):
+                print(f"[{run}{a.tag}] epoch {rec['epoch']} step {rec['step']}: " + "  ".join(
+                    f"{r['set']} top1 {r['top1']:.4f} loss {r['loss']:.3f}" for r in rec["sets"]), flush=True)
+            entry["val_eval"] = {}
+            for vname, (vm, vimg, vkeys, vlab, vcls, vnames) in val_eval.items():
+                if any(r["set"] == vname for r in entry.get("history", [{}])[0].get("sets", [])):
+                    entry["val_eval"][vname] = validation_eval(best, vm, vimg, vkeys, vlab, vcls, vnames, a.k,
+                                                               a.backend)
+                    print(f"[{run}{a.tag}] kept weights on {vname}: " + json.dumps(entry["val_eval"][vname]),
+                          flush=True)
+            report["runs"][run + a.tag] = entry
+            atomic_write_json(work / f"validation{a.tag}.json", report)
+            continue
         entry.update(evaluate_run(run, best, saw, ds, eval_mem, work, enc, a.k, a.backend))
-        report["runs"][run] = entry
+        report["runs"][run + a.tag] = entry
         atomic_write_json(work / "metrics.json", report)
         if run == "ship":
             best.meta["metrics"] = {d: {m: entry["eval"][d][m]["top1"] for m in ("frozen", "reco", "surrogate",
@@ -323,7 +480,8 @@ def main(argv=None) -> int:
             Path(a.out).mkdir(parents=True, exist_ok=True)
             save_reco_weights(Path(a.out) / "fusion.npz", best)
             atomic_write_text(Path(a.out) / "log.jsonl", (out / "log.jsonl").read_text())
-    atomic_write_json(Path(a.out) / "metrics.json", report) if "ship" in a.runs else None
+    if "ship" in a.runs and not a.validate_only:
+        atomic_write_json(Path(a.out) / "metrics.json", report)
     print(f"metrics: {work / 'metrics.json'}")
     return 0
 
