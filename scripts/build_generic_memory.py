@@ -28,21 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import reco_mini_data as data  # noqa: E402
 
-from reco_ref.io import atomic_open, atomic_write_text  # noqa: E402
-
-
-def openclipart_roots() -> tuple[Path, Path]:
-    """Unpack the two pinned OpenClipart archives (sha256-checked by reco_mini_data) -> (png root, svg root)."""
-    roots = []
-    for key in ("openclipart_png", "openclipart_svg"):
-        archive = data._download(key)
-        dest = data.CACHE / "x" / data.ARCHIVES[key][2]
-        if not (dest / ".unpacked").is_file():
-            dest.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], check=True)
-            atomic_write_text(dest / ".unpacked", "ok\n")
-        roots.append(dest / "usr/share/openclipart" / ("png" if key.endswith("png") else "svg"))
-    return roots[0], roots[1]
+from reco_ref.io import atomic_open  # noqa: E402
 
 
 def _sha(path: Path) -> str:
@@ -84,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--demo", default=str(ROOT / "weights" / "demo"), help="folder whose images are excluded")
     ap.add_argument("--pairs-only", action="store_true", help="write the pairs CSV, build no memory")
     a = ap.parse_args(argv)
-    png_root, svg_root = openclipart_roots()
+    png_root, svg_root = data.openclipart_roots()
     kept, report = generic_pairs(png_root, svg_root, Path(a.demo))
     print(report, flush=True)
     csv_path = Path(a.out + ".pairs.csv")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,23 +57,9 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ calibration set
-def openclipart_roots() -> tuple[Path, Path]:
-    """Unpack only the two pinned OpenClipart archives (sha256-checked by reco_mini_data) -> (png root, svg root)."""
-    roots = []
-    for key in ("openclipart_png", "openclipart_svg"):
-        archive = data._download(key)
-        dest = data.CACHE / "x" / data.ARCHIVES[key][2]
-        if not (dest / ".unpacked").is_file():
-            dest.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], check=True)
-            atomic_write_text(dest / ".unpacked", "ok\n")
-        roots.append(dest / "usr/share/openclipart" / ("png" if key.endswith("png") else "svg"))
-    return roots[0], roots[1]
-
-
 def calibration_files(n: int, seed: int) -> tuple[list[Path], dict]:
     """``n`` alignment-training images (seeded draw) and a report for the model card."""
-    png_root, svg_root = openclipart_roots()
+    png_root, svg_root = data.openclipart_roots()
     pairs, _report = data.openclipart_pairs({"openclipart_png": png_root, "openclipart_svg": svg_root})
     train = [rel for rel, _ in pairs if not data.is_heldout(rel)]
     pick = np.sort(np.random.default_rng(seed).choice(len(train), size=min(n, len(train)), replace=False))

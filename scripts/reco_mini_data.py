@@ -345,6 +345,20 @@ def openclipart_pairs(paths: dict[str, Path]) -> tuple[list[tuple[str, str]], di
     return pairs, report
 
 
+def openclipart_roots() -> tuple[Path, Path]:
+    """Unpack the two pinned OpenClipart archives (sha256-checked by :func:`_download`) -> (png root, svg root)."""
+    roots = []
+    for key in ("openclipart_png", "openclipart_svg"):
+        archive = _download(key)
+        dest = CACHE / "x" / ARCHIVES[key][2]
+        if not (dest / ".unpacked").is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["dpkg-deb", "-x", str(archive), str(dest)], check=True)
+            atomic_write_text(dest / ".unpacked", "ok\n")
+        roots.append(dest / "usr/share/openclipart" / ("png" if key.endswith("png") else "svg"))
+    return roots[0], roots[1]
+
+
 def is_heldout(rel: str, fraction: float = 0.1) -> bool:
     """Deterministic held-out split by a hash of the file path (independent of ordering and machine)."""
     h = int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16)
