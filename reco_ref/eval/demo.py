@@ -49,6 +49,7 @@ from ..errors import MemoryFormatError, RecoError
 from ..io import atomic_write_bytes, atomic_write_json
 from .data import manifest_data, shipped_data
 from .metrics import knn_vote, zero_shot
+from .report import short
 
 FUSION_HEADS = 8  # spec §2 default
 IDENTITY_TOL = 1e-6  # |refined − frozen| at init: 0 up to float32 re-normalisation of a unit vector
@@ -61,12 +62,6 @@ Say = Callable[..., None]
 def printer(quiet: bool) -> Say:
     """``print`` that flushes, or a no-op when ``quiet``."""
     return (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
-
-
-def short(text: str | None, n: int = 60) -> str:
-    """``text`` on one line, cut to ``n`` characters with an ellipsis."""
-    text = " ".join((text or "").split())
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def figure(path: Path, examples: list[dict], n_cols: int) -> bool:

@@ -146,7 +146,7 @@ def comparison_figure(path: Path, sets: list[tuple[dict, dict]], n_nb: int = 3) 
         return False
     from PIL import Image
 
-    from .demo import short
+    from .report import short
 
     rows = [(c, ds, i, kind) for c, ds in sets for i, kind in pick_examples(c)]
     if not rows:

@@ -32,6 +32,12 @@ METRICS = ("top1", "top5", "mean_per_class_recall")
 PALETTE = ((76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179), (147, 120, 96))
 
 
+def short(text: str | None, n: int = 60) -> str:
+    """``text`` on one line, cut to ``n`` characters with an ellipsis."""
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """A table cell: floats to ``digits`` places, None as an em dash."""
     if value is None:
