@@ -26,10 +26,10 @@ import numpy as np
 
 from ..errors import DatasetError, RecoError
 from ..io import atomic_save_npz, load_npz
+# overlap detection by exact self-match lives with the training pairs (train may not import eval); re-exported
+from ..train.pairs import SELF_MATCH_COSINE, own_rows  # noqa: F401
 
 MANIFEST_COLUMNS = ("file", "label", "class_name", "split")
-#: cosine at or above which a memory image is taken to be the query image itself (float32 rounding of 1.0)
-SELF_MATCH_COSINE = 0.9999
 
 
 @dataclass(frozen=True)
@@ -181,18 +181,6 @@ def embed_split(ds: Split, encoder: Any, *, cache_dir: str | os.PathLike | None 
             arrays["keys"] = keys
         atomic_save_npz(path, arrays)
     return img, keys
-
-
-def own_rows(memory: Any, search_vectors: np.ndarray, *, threshold: float = SELF_MATCH_COSINE) -> np.ndarray:
-    """The memory row that holds each query image itself, or -1: overlap detection without trusting paths.
-
-    ``search_vectors`` are what the memory's image index holds (image keys where ``memory.key_dim`` is set, else
-    image embeddings), ``[N, Dk]``. A row counts as the query's own when its cosine is ``>= threshold``
-    (0.9999: the same image through the same encoder, up to float32 rounding). Exact search, so nothing is missed.
-    """
-    rows, scores, valid = memory.search(search_vectors, modality="image", k=1, exact=True)
-    own = np.where(valid[:, 0] & (scores[:, 0] >= threshold), rows[:, 0], -1)
-    return own.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------ demo datasets (reco-ref demo)
