@@ -86,3 +86,16 @@ def int_option(lo: int, hi: int | None = None):
 
     parse.__name__ = "integer"
     return parse
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type=`` for options that must be an integer >= 1 (``-k``, ``--epochs``, ...)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value

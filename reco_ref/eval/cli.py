@@ -7,15 +7,7 @@ import json
 import math
 import sys
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+from ..checks import positive_int as _positive
 
 
 def _number_in(lo: float, hi: float, lo_open: bool, what: str):
