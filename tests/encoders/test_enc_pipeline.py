@@ -115,7 +115,11 @@ def test_decoding_overlaps_the_graph_and_stays_bounded(tmp_path, rng, monkeypatc
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 def test_prefetched_pixels_bit_identical_to_normalize_batch(tmp_path, rng, layout):
-    """The decode threads normalise by arithmetic, preprocess() by table look-up: the same float32 bits."""
+    """The decode threads (normalising into the batch buffer) and preprocess() give the float32 bits of the
+    stated arithmetic (preprocess_image: divide, subtract, divide), one thread or two."""
+    from reco_ref.encoders.images import decode_image
+    from reco_ref.encoders.preprocess import preprocess_image, stack_layout
+
     write_pair(tmp_path, rng, layout=layout)
     enc = load(tmp_path, tokenizer=FakeTokenizer(), threads=2)
     ims = _images(rng, 9)
@@ -125,3 +129,5 @@ def test_prefetched_pixels_bit_identical_to_normalize_batch(tmp_path, rng, layou
     assert got.dtype == np.float32 and got.flags.c_contiguous
     np.testing.assert_array_equal(got, single)
     np.testing.assert_array_equal(ref, single)
+    stated = stack_layout([preprocess_image(decode_image(im), enc.config.image) for im in ims], layout)
+    np.testing.assert_array_equal(got, stated)

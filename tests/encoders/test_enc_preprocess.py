@@ -90,11 +90,11 @@ def test_normalisation_bit_identical_to_torch_totensor_normalize(rng):
     assert np.array_equal(ours, t.numpy())
 
 
-def _cfg(layout):
+def _cfg(layout, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4)):
     return parse_config({
         "format_version": 1, "name": "p", "embed_dim": 4,
         "image": {"onnx": "i.onnx", "input": "x", "layout": layout, "size": 32, "resize_shortest": 40,
-                  "interpolation": "bicubic", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4], "output": "y"},
+                  "interpolation": "bicubic", "mean": list(mean), "std": list(std), "output": "y"},
         "text": {"onnx": "t.onnx", "tokenizer": {"kind": "clip_bpe", "file": None}, "context_length": 8,
                  "inputs": {"input_ids": "ids"}, "output": "z", "pooling": "none"},
     }).image
@@ -119,11 +119,13 @@ def test_pipeline_equals_manual_steps(rng):
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-def test_lut_batch_bit_identical_to_stated_arithmetic(rng, layout):
-    """preprocess_batch's table look-up == stacking preprocess_image (the plain float32 statement), bit for bit."""
+@pytest.mark.parametrize("uniform", [False, True], ids=["per-channel", "one-table"])
+def test_lut_batch_bit_identical_to_stated_arithmetic(rng, layout, uniform):
+    """preprocess_batch's table look-up == stacking preprocess_image (the plain float32 statement), bit for bit,
+    with three channel tables and with the one-table shortcut (equal mean and std, as reco-mini's)."""
     from reco_ref.encoders.preprocess import normalize_lut, preprocess_image, stack_layout
 
-    cfg = _cfg(layout)
+    cfg = _cfg(layout, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if uniform else _cfg(layout)
     ims = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(50, 70), (41, 33), (32, 32)]]
     assert np.array_equal(preprocess_batch(ims, cfg), stack_layout([preprocess_image(im, cfg) for im in ims], layout))
     every_byte = Image.fromarray(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2))
