@@ -318,6 +318,7 @@ class EncoderPair:
         self._text_dtypes = {n: _ORT_INT[text_ins[n].dtype] for n in config.text.inputs.values() if n is not None}
         self.tokenizer = tokenizer if tokenizer is not None else make_tokenizer(self.folder, config)
         self._pool = None  # decode threads, created on first use
+        self._image_1t = None  # single-threaded image session for the batch workers, created on first use
         self._lut = normalize_lut(config.image.mean, config.image.std)  # float32 [3,256]
         # padding can be trimmed only where the graph sees the mask and does not fix L
         self._trim_padding = self._text_seq is None and config.text.inputs["attention_mask"] is not None
@@ -458,11 +459,16 @@ class EncoderPair:
             self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="reco-decode") if n > 1 else False
         return self._pool or None
 
-    def run_image_graph(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Preprocessed pixels [N,...] -> (embeddings float32 [N,D], keys [N,Dk] or None), L2-normalised."""
+    def run_image_graph(self, pixels: np.ndarray, session: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Preprocessed pixels [N,...] -> (embeddings float32 [N,D], keys [N,Dk] or None), L2-normalised.
+
+        ``session``: the ONNX Runtime session to run (default: the pair's image session, ``threads`` intra-op
+        threads; the batch workers of :meth:`encode_images` pass the single-threaded one).
+        """
         im = self.config.image
         outputs = [im.output] + ([im.key_output] if im.key_output else [])
-        ys = run_in_batches(self._image, {im.input: pixels.astype(self._image_dtype, copy=False)}, outputs, self._image_batch)
+        feeds = {im.input: pixels.astype(self._image_dtype, copy=False)}
+        ys = run_in_batches(session or self._image, feeds, outputs, self._image_batch)
         emb = self._checked(ys[0], self._image_path, im.output)
         keys = None
         if im.key_output:
@@ -471,9 +477,119 @@ class EncoderPair:
                 self.key_dim = keys.shape[1]
         return emb, keys
 
+    # ---------------------------------------------------------------- batch-parallel image encoding (CPU)
+    def _workers(self) -> int:
+        return int(self.threads or os.cpu_count() or 1)
+
+    def _single_thread_image_session(self):
+        """The image graph in a second session with ONE intra-op thread, created on first use.
+
+        Why a second session: with ``w`` cores, ``w`` workers each running a whole batch on one thread keep
+        every core busy without the per-operator barrier of intra-op threading, and a core taken for decoding
+        delays one batch instead of stalling all threads at the next barrier (which is what made decoding
+        *beside* a 2-thread session cost more than its own CPU time). ONNX Runtime sessions may be run from
+        several threads at once, so one session serves all workers; the price is one more copy of the image
+        graph's weights in RAM (20 MB for reco-mini). Its outputs are the same bits as the pair's session
+        (MLAS computes each output element in one thread; tested).
+        """
+        if self._image_1t is None:
+            self._image_1t = make_session(self._image_path, 1, self.providers)
+        return self._image_1t
+
+    def _prepare_batch(self, chunk: Sequence[ImageItem], start: int, on_error: str) -> tuple:
+        """Decode + preprocess ``chunk`` serially in the calling (worker) thread -> (pixels [M,...] or None,
+        ok_index, errors); rows are written compactly, so nothing is copied when an image fails."""
+        im = self.config.image
+        shape = (im.size, im.size, 3) if im.layout == "NHWC" else (3, im.size, im.size)
+        out = np.empty((len(chunk), *shape), np.float32)  # [m,...]; rows 0..len(ok)-1 used
+        ok, errors = [], []
+        for i, item in enumerate(chunk):
+            try:
+                self._prepare_into(item, out, len(ok))
+                ok.append(start + i)
+            except ImageDecodeError as exc:
+                if on_error == "raise":
+                    raise
+                errors.append(ImageError(start + i, describe(item), str(exc)))
+        return (out[: len(ok)] if ok else None), ok, errors
+
+    def _encode_batch(self, chunk: Sequence[ImageItem], start: int, on_error: str, session: Any) -> tuple:
+        """One worker's job: a whole batch, decode to embeddings -> (start, emb|None, keys|None, ok, errors)."""
+        pixels, ok, errors = self._prepare_batch(chunk, start, on_error)
+        if pixels is None:
+            return start, None, None, ok, errors
+        emb, keys = self.run_image_graph(pixels, session)
+        return start, emb, keys, ok, errors
+
+    def iter_encoded_batches(self, items: Sequence[ImageItem], batch_size: int = 64, on_error: str = "raise"):
+        """Yield ``(start, emb [M,D] or None, keys [M,Dk] or None, ok_index, errors)`` per batch, in input order,
+        encoded by ``threads`` workers in parallel, each decoding and running a whole batch on one thread.
+
+        At most ``workers + 1`` batches are queued or running (bounded memory: their pixel buffers and
+        results). The last ``n_batches mod workers`` batches, which would leave cores idle on one thread,
+        run on the pair's multi-threaded session instead. ``on_error="raise"`` raises the first bad item in
+        input order (batches are consumed in order, items within a batch decoded in order) and cancels the
+        batches queued behind it; closing the generator early cancels them too.
+        """
+        _check_on_error(on_error)
+        from collections import deque
+
+        pool, single = self._decode_pool(), self._single_thread_image_session()
+        workers = self._workers()
+        starts = list(range(0, len(items), batch_size))
+        tail = len(starts) - len(starts) % workers  # batches from here on would run with cores idle
+        pending: deque = deque()
+
+        def enqueue(j: int) -> None:
+            if j < len(starts):
+                s = starts[j]
+                session = single if j < tail else self._image
+                pending.append(pool.submit(self._encode_batch, items[s : s + batch_size], s, on_error, session))
+
+        try:
+            for j in range(workers + 1):
+                enqueue(j)
+            nxt = workers + 1
+            while pending:
+                res = pending.popleft().result()
+                enqueue(nxt)
+                nxt += 1
+                yield res
+        finally:
+            for f in pending:
+                f.cancel()
+
+    def _image_mode(self, n_items: int, batch_size: int, parallel: str) -> str:
+        """'batches' (workers, one batch each) or 'overlap' (decode threads beside the multi-threaded session)."""
+        if parallel not in ("auto", "batches", "overlap"):
+            raise ValueError(f"parallel: expected 'auto', 'batches' or 'overlap', got {parallel!r}")
+        workers, n_batches = self._workers(), -(-n_items // batch_size)
+        cpu_only = self.providers == ["CPUExecutionProvider"]
+        if parallel == "overlap" or workers < 2 or n_batches < 2:
+            return "overlap"
+        if parallel == "batches":
+            return "batches"
+        # auto: only where every core gets whole batches for most of the run (a GPU session is never split)
+        return "batches" if cpu_only and n_batches >= 2 * workers else "overlap"
+
+    def _iter_overlapped(self, items: Sequence[ImageItem], batch_size: int, on_error: str):
+        """As :meth:`iter_encoded_batches`, from :meth:`iter_preprocessed` + the graph on the calling thread."""
+        with contextlib.closing(self.iter_preprocessed(items, batch_size, on_error)) as prepared:
+            for s, pixels, ok, errs in prepared:
+                if pixels is None:
+                    yield s, None, None, ok, errs
+                else:
+                    yield (s, *self.run_image_graph(pixels), ok, errs)
+
     def encode_images(self, items: Sequence[ImageItem], batch_size: int = 64, on_error: str = "raise",
-                      with_keys: bool = False, progress: bool = False):
+                      with_keys: bool = False, progress: bool = False, parallel: str = "auto"):
         """Embed images (paths or PIL images).
+
+        ``parallel``: how decoding and the graph share the cores. ``"batches"``: ``threads`` workers, each
+        decoding a whole batch and running it on a single-threaded session (:meth:`iter_encoded_batches`);
+        ``"overlap"``: decode threads work ahead while the graph runs on ``threads`` intra-op threads
+        (:meth:`iter_preprocessed`); ``"auto"`` (default): batches on CPU when there are at least two batches per
+        worker, else overlap. All give the same bits (tested).
 
         Returns
         -------
@@ -492,19 +608,21 @@ class EncoderPair:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         embs, keys, oks, errors = [], [], [], []
-        # decoding runs ahead in the decode threads while the graph runs here (iter_preprocessed);
-        # closing() cancels the queued decodes when the graph raises
-        with contextlib.closing(self.iter_preprocessed(items, batch_size, on_error)) as prepared:
-            batches = prepared
+        if self._image_mode(len(items), batch_size, parallel) == "batches":
+            encoded = self.iter_encoded_batches(items, batch_size, on_error)
+        else:  # decoding runs ahead in the decode threads while the graph runs here (iter_preprocessed)
+            encoded = self._iter_overlapped(items, batch_size, on_error)
+        # closing() cancels the queued work when the graph raises or the caller is interrupted
+        with contextlib.closing(encoded):
+            batches = encoded
             if progress:
                 from tqdm import tqdm
 
-                batches = tqdm(prepared, total=-(-len(items) // batch_size), unit="batch", desc=f"{self.name} images")
-            for _s, pixels, ok, errs in batches:
+                batches = tqdm(encoded, total=-(-len(items) // batch_size), unit="batch", desc=f"{self.name} images")
+            for _s, e, k, ok, errs in batches:
                 errors.extend(errs)
-                if pixels is None:
+                if e is None:
                     continue
-                e, k = self.run_image_graph(pixels)
                 embs.append(e)
                 oks.extend(ok)
                 if k is not None:
