@@ -113,3 +113,26 @@ def make_pairs(folder: Path, n: int, *, bad: tuple[int, ...] = (), name: str = "
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_jpeg_pairs(folder: Path, n: int, *, broken_caption: str | None = "broken") -> Path:
+    """``n`` small real JPEGs (distinct stripes) + pairs.csv; unless ``broken_caption`` is None, an undecodable
+    ``broken.jpg`` with that caption is inserted as item 5 (for the real encoders, which decode with Pillow)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        a = (rng.random((40, 48, 3)) * 255).astype(np.uint8)
+        a[:, : 8 + i] = [255 * (i % 2), 40 * (i % 5), 200]
+        Image.fromarray(a).save(folder / f"{i}.jpg", quality=90)
+        rows.append({"image": f"{i}.jpg", "caption": f"a picture of pattern {i}"})
+    if broken_caption is not None:
+        (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        rows.insert(5, {"image": "broken.jpg", "caption": broken_caption})
+    with open(folder / "pairs.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image", "caption"])
+        w.writeheader()
+        w.writerows(rows)
+    return folder / "pairs.csv"
