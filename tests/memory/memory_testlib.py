@@ -25,15 +25,18 @@ def _vec(seed_bytes: bytes, dim: int) -> np.ndarray:
 
 
 class FakeEncoder:
-    """encode_images / encode_texts / dim / key_dim / name / fingerprint, deterministic and fast."""
+    """encode_images / encode_texts / dim / key_dim / name / fingerprint / concurrent_towers, deterministic and fast."""
 
-    def __init__(self, dim: int = 32, key_dim: int | None = None, salt: str = "", delay: float | None = None):
+    def __init__(self, dim: int = 32, key_dim: int | None = None, salt: str = "", delay: float | None = None,
+                 concurrent: bool | None = None):
         self.dim = dim
         self.key_dim = key_dim
         self.name = f"fake-{dim}"
         self.fingerprint = hashlib.sha256(f"fake|{dim}|{key_dim}|{salt}".encode()).hexdigest()
         # seconds per image (slows the build so a random-time kill lands mid-build); env for subprocesses
         self.delay = float(os.environ.get("FAKE_ENCODER_DELAY", 0)) if delay is None else delay
+        # captions on a background thread in builds (EncoderProducer.produce); env for subprocesses
+        self.concurrent_towers = os.environ.get("FAKE_ENCODER_CONCURRENT") == "1" if concurrent is None else concurrent
         self.calls = 0
 
     def _one(self, item) -> tuple[np.ndarray, np.ndarray | None]:

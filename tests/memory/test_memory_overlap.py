@@ -28,8 +28,7 @@ class BatchFake(FakeEncoder):
     whose quantisation scale is taken over the batch): every row is salted with a hash of all the texts."""
 
     def __init__(self, concurrent: bool, **kw):
-        super().__init__(32, **kw)
-        self.concurrent_towers = concurrent
+        super().__init__(32, concurrent=concurrent, **kw)
         self.text_calls: list[list[str]] = []
 
     def encode_texts(self, texts, batch_size: int = 256):
@@ -71,23 +70,25 @@ def test_serial_unless_declared(tmp_path):
     seen = []
 
     class Recorder(FakeEncoder):
-        concurrent_towers = "yes"  # truthy, but not the explicit True the producer asks for
-
         def encode_texts(self, texts, batch_size=256):
             seen.append(threading.current_thread() is threading.main_thread())
             return super().encode_texts(texts, batch_size)
 
-    EncoderProducer(Recorder(32)).produce(items, 0, 0)
-    assert seen == [True]
+    for declared in (None, False, "yes"):  # absent, off, truthy but not the explicit True asked for
+        enc = Recorder(32)
+        if declared is None:
+            del enc.concurrent_towers
+        else:
+            enc.concurrent_towers = declared
+        EncoderProducer(enc).produce(items, 0, 0)
+    assert seen == [True, True, True]
 
 
 class OverlapProbe(FakeEncoder):
     """encode_images finishes only after encode_texts has started (or gives up after 10 s and records it)."""
 
-    concurrent_towers = True
-
     def __init__(self):
-        super().__init__(32)
+        super().__init__(32, concurrent=True)
         self.text_started = threading.Event()
         self.images_waited_for_texts: list[bool] = []
 
@@ -116,13 +117,11 @@ def test_background_error_surfaces_with_a_note(tmp_path):
     items = read_pairs(make_pairs(tmp_path / "src", 10))
 
     class Broken(FakeEncoder):
-        concurrent_towers = True
-
         def encode_texts(self, texts, batch_size=256):
             raise RuntimeError("text tower exploded")
 
     with pytest.raises(RuntimeError, match="text tower exploded") as ei:
-        build_memory(tmp_path / "mem", items, Broken(32), chunk_size=4, progress=False)
+        build_memory(tmp_path / "mem", items, Broken(32, concurrent=True), chunk_size=4, progress=False)
     assert any("caption-encoding thread" in n and "items 0..3" in n for n in ei.value.__notes__)
     assert not _caption_threads()
     assert not list((tmp_path / "mem" / ".build" / "chunks").glob("chunk_*.npz"))
