@@ -143,8 +143,12 @@ class EncoderProducer:
                 try:
                     txt = speculative.result()
                 except Exception as exc:
-                    exc.add_note(f"(raised on the caption-encoding thread of {self.info['name']}, while encoding "
-                                 f"the captions of items {first}..{first + len(items) - 1})")
+                    note = (f"(raised on the caption-encoding thread of {self.info['name']}, while encoding the "
+                            f"captions of items {first}..{first + len(items) - 1})")
+                    if hasattr(exc, "add_note"):
+                        exc.add_note(note)
+                    else:  # Python 3.10 has no notes: the same attribute, which its tracebacks do not print
+                        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
                     raise
             else:  # serial, or an image failed: the captions of exactly the rows, as one call
                 txt = self._texts([items[i]["caption"] for i in rows])
