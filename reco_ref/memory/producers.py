@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +105,9 @@ class EncoderProducer:
         * overlapped (``concurrent_towers``): ``encode_texts(captions of all captioned items)`` starts on
           a background thread while the images encode here.  When every image decoded, that list *is* the
           list of rows (same strings, same order, same batch size): same call, same bytes.  When an image
-          failed, the speculative result is discarded and ``encode_texts(captions of rows)`` is called
-          again here, i.e. exactly the serial call (rare path: costs one more caption pass of the chunk).
+          failed, the speculative call is waited for and its result (or error) discarded, and
+          ``encode_texts(captions of rows)`` is called here, i.e. exactly the serial call (rare path: one
+          more caption pass of the chunk).  The text tower is never called from two threads at once.
 
         The background thread never outlives this call (the executor is shut down, waiting, on every
         exit, a KeyboardInterrupt included) and writes no files, so an interrupted chunk leaves nothing
@@ -151,6 +152,10 @@ class EncoderProducer:
                         exc.__notes__ = [*getattr(exc, "__notes__", []), note]
                     raise
             else:  # serial, or an image failed: the captions of exactly the rows, as one call
+                if speculative is not None:
+                    # the declaration covers image || text, not two text calls at once (a tokenizer may
+                    # not be reentrant): let the discarded call finish, its result or error unused
+                    wait([speculative])
                 txt = self._texts([items[i]["caption"] for i in rows])
         if txt.shape != (len(rows), D):
             raise ShapeError(f"encoder {self.info['name']}: text embeddings {txt.shape}, expected ({len(rows)}, {D})")

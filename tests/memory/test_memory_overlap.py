@@ -27,14 +27,26 @@ class BatchFake(FakeEncoder):
     """A fake whose text embeddings depend on the whole ``encode_texts`` call (like the int8 text tower,
     whose quantisation scale is taken over the batch): every row is salted with a hash of all the texts."""
 
-    def __init__(self, concurrent: bool, **kw):
+    def __init__(self, concurrent: bool, text_delay: float = 0.0, **kw):
         super().__init__(32, concurrent=concurrent, **kw)
         self.text_calls: list[list[str]] = []
+        self.text_delay = text_delay  # seconds per call: keeps a speculative call running while images fail
+        self.active = 0  # encode_texts calls running right now
+        self.most_active = 0
+        self._lock = threading.Lock()
 
     def encode_texts(self, texts, batch_size: int = 256):
-        self.text_calls.append(list(texts))
-        salt = hashlib.sha256("\n".join(texts).encode()).digest()
-        return np.stack([_vec(salt + t.encode(), self.dim) for t in texts])
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            time.sleep(self.text_delay)
+            self.text_calls.append(list(texts))
+            salt = hashlib.sha256("\n".join(texts).encode()).digest()
+            return np.stack([_vec(salt + t.encode(), self.dim) for t in texts])
+        finally:
+            with self._lock:
+                self.active -= 1
 
 
 def _caption_threads() -> list[threading.Thread]:
@@ -49,7 +61,7 @@ def _same_files(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("bad", [(), (3, 17)], ids=["all-decode", "two-corrupt"])
 def test_overlapped_build_has_the_serial_bytes(tmp_path, bad):
     items = read_pairs(make_pairs(tmp_path / "src", 30, bad=bad))
-    serial, overlapped = BatchFake(False), BatchFake(True)
+    serial, overlapped = BatchFake(False), BatchFake(True, text_delay=0.05)
     build_memory(tmp_path / "serial", items, serial, chunk_size=8, progress=False)
     build_memory(tmp_path / "overlap", items, overlapped, chunk_size=8, progress=False)
     _same_files(tmp_path / "serial", tmp_path / "overlap")
@@ -61,6 +73,7 @@ def test_overlapped_build_has_the_serial_bytes(tmp_path, bad):
     chunks_with_failure = len({b // 8 for b in bad})
     assert len(serial.text_calls) == 4 + 2  # + the two precondition calls above
     assert len(overlapped.text_calls) == 4 + chunks_with_failure
+    assert overlapped.most_active == 1  # a re-encode waits for the discarded speculative call
     assert not _caption_threads()
 
 
