@@ -6,7 +6,9 @@ and ``produce(items, lo, offset) -> chunk dict`` (``item``, ``image [m,D]``, ``t
 optional ``image_keys [m,Dk]``, ``failed_item``, ``failed_error``).  Two exist:
 
 * :class:`EncoderProducer` — encodes images and captions with an encoder pair; undecodable images and
-  missing captions become failures of the chunk (logged in ``failures.jsonl``), never dropped.
+  missing captions become failures of the chunk (logged in ``failures.jsonl``), never dropped.  With an
+  encoder that declares ``concurrent_towers = True`` (its image and text towers may run in two threads at
+  once) the captions are encoded on a background thread while the images are (see :meth:`EncoderProducer.produce`).
 * :class:`ArrayProducer` — serves rows of precomputed arrays, checking finiteness and unit norm.
 
 :func:`load_encoder` turns an encoder *spec* (name, folder, ``"module:factory"``, callable) into an
@@ -15,7 +17,9 @@ encoder; Dask workers call it to build their own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +93,26 @@ class EncoderProducer:
             [int(i) for i in ok], errs
 
     def produce(self, items: list[dict], lo: int, offset: int) -> dict:
-        """Encode ``items`` (positions ``lo..`` of this run, item ids ``lo+offset..``) -> chunk arrays."""
+        """Encode ``items`` (positions ``lo..`` of this run, item ids ``lo+offset..``) -> chunk arrays.
+
+        Images first; the captions of the rows whose image decoded are encoded as *one* ``encode_texts``
+        call.  That call's output may depend on which captions share it (the int8 text tower takes its
+        quantisation scale over the batch; batches are sorted by length and padding trimmed), so the
+        caption list handed to it is always exactly the list of surviving rows, whatever the path:
+
+        * serial (any encoder without ``concurrent_towers = True``, e.g. a duck-typed test double):
+          images, then ``encode_texts(captions of rows)``.
+        * overlapped (``concurrent_towers``): ``encode_texts(captions of all captioned items)`` starts on
+          a background thread while the images encode here.  When every image decoded, that list *is* the
+          list of rows (same strings, same order, same batch size): same call, same bytes.  When an image
+          failed, the speculative call is waited for and its result (or error) discarded, and
+          ``encode_texts(captions of rows)`` is called here, i.e. exactly the serial call (rare path: one
+          more caption pass of the chunk).  The text tower is never called from two threads at once.
+
+        The background thread never outlives this call (the executor is shut down, waiting, on every
+        exit, a KeyboardInterrupt included) and writes no files, so an interrupted chunk leaves nothing
+        half-written.  An error raised in it is re-raised here, noted with the items it concerned.
+        """
         first = lo + offset
         D, Dk = self.info["dim"], self.info["key_dim"]
         failed: list[tuple[int, str]] = []
@@ -102,19 +125,38 @@ class EncoderProducer:
             else:
                 with_caption.append(i)
         paths = [items[i]["image"] for i in with_caption]
-        if paths:
-            img, keys, ok, errs = self._images(paths)
-        else:
-            img, keys, ok, errs = np.zeros((0, D), np.float32), None, [], []
-        failed += [(with_caption[p], msg) for p, msg in errs]
-        rows = [with_caption[p] for p in ok]  # positions in `items` of the encoded rows, ascending
-        if img.shape != (len(rows), D):
-            raise ShapeError(f"encoder {self.info['name']}: image embeddings {img.shape}, expected ({len(rows)}, {D})")
-        if rows:
-            txt = np.asarray(self.encoder.encode_texts([items[i]["caption"] for i in rows],
-                                                       batch_size=self.text_batch_size), np.float32)
-        else:
-            txt = np.zeros((0, D), np.float32)
+        overlap = bool(paths) and getattr(self.encoder, "concurrent_towers", False) is True
+        with contextlib.ExitStack() as stack:
+            speculative = None
+            if overlap:
+                pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reco-captions"))
+                speculative = pool.submit(self._texts, [items[i]["caption"] for i in with_caption])
+            if paths:
+                img, keys, ok, errs = self._images(paths)
+            else:
+                img, keys, ok, errs = np.zeros((0, D), np.float32), None, [], []
+            failed += [(with_caption[p], msg) for p, msg in errs]
+            rows = [with_caption[p] for p in ok]  # positions in `items` of the encoded rows, ascending
+            if img.shape != (len(rows), D):
+                raise ShapeError(f"encoder {self.info['name']}: image embeddings {img.shape}, expected "
+                                 f"({len(rows)}, {D})")
+            if speculative is not None and rows == with_caption:
+                try:
+                    txt = speculative.result()
+                except Exception as exc:
+                    note = (f"(raised on the caption-encoding thread of {self.info['name']}, while encoding the "
+                            f"captions of items {first}..{first + len(items) - 1})")
+                    if hasattr(exc, "add_note"):
+                        exc.add_note(note)
+                    else:  # Python 3.10 has no notes: the same attribute, which its tracebacks do not print
+                        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+                    raise
+            else:  # serial, or an image failed: the captions of exactly the rows, as one call
+                if speculative is not None:
+                    # the declaration covers image || text, not two text calls at once (a tokenizer may
+                    # not be reentrant): let the discarded call finish, its result or error unused
+                    wait([speculative])
+                txt = self._texts([items[i]["caption"] for i in rows])
         if txt.shape != (len(rows), D):
             raise ShapeError(f"encoder {self.info['name']}: text embeddings {txt.shape}, expected ({len(rows)}, {D})")
         if keys is None and Dk:
@@ -126,6 +168,12 @@ class EncoderProducer:
         if Dk:
             out["image_keys"] = keys
         return out
+
+    def _texts(self, captions: list[str]) -> np.ndarray:
+        """captions -> text embeddings float32 [m,D] (one ``encode_texts`` call; [0,D] for none)."""
+        if not captions:
+            return np.zeros((0, self.info["dim"]), np.float32)
+        return np.asarray(self.encoder.encode_texts(captions, batch_size=self.text_batch_size), np.float32)
 
 
 class ArrayProducer:

@@ -25,15 +25,18 @@ def _vec(seed_bytes: bytes, dim: int) -> np.ndarray:
 
 
 class FakeEncoder:
-    """encode_images / encode_texts / dim / key_dim / name / fingerprint, deterministic and fast."""
+    """encode_images / encode_texts / dim / key_dim / name / fingerprint / concurrent_towers, deterministic and fast."""
 
-    def __init__(self, dim: int = 32, key_dim: int | None = None, salt: str = "", delay: float | None = None):
+    def __init__(self, dim: int = 32, key_dim: int | None = None, salt: str = "", delay: float | None = None,
+                 concurrent: bool | None = None):
         self.dim = dim
         self.key_dim = key_dim
         self.name = f"fake-{dim}"
         self.fingerprint = hashlib.sha256(f"fake|{dim}|{key_dim}|{salt}".encode()).hexdigest()
         # seconds per image (slows the build so a random-time kill lands mid-build); env for subprocesses
         self.delay = float(os.environ.get("FAKE_ENCODER_DELAY", 0)) if delay is None else delay
+        # captions on a background thread in builds (EncoderProducer.produce); env for subprocesses
+        self.concurrent_towers = os.environ.get("FAKE_ENCODER_CONCURRENT") == "1" if concurrent is None else concurrent
         self.calls = 0
 
     def _one(self, item) -> tuple[np.ndarray, np.ndarray | None]:
@@ -113,3 +116,26 @@ def make_pairs(folder: Path, n: int, *, bad: tuple[int, ...] = (), name: str = "
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_jpeg_pairs(folder: Path, n: int, *, broken_caption: str | None = "broken") -> Path:
+    """``n`` small real JPEGs (distinct stripes) + pairs.csv; unless ``broken_caption`` is None, an undecodable
+    ``broken.jpg`` with that caption is inserted as item 5 (for the real encoders, which decode with Pillow)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        a = (rng.random((40, 48, 3)) * 255).astype(np.uint8)
+        a[:, : 8 + i] = [255 * (i % 2), 40 * (i % 5), 200]
+        Image.fromarray(a).save(folder / f"{i}.jpg", quality=90)
+        rows.append({"image": f"{i}.jpg", "caption": f"a picture of pattern {i}"})
+    if broken_caption is not None:
+        (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        rows.insert(5, {"image": "broken.jpg", "caption": broken_caption})
+    with open(folder / "pairs.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image", "caption"])
+        w.writeheader()
+        w.writerows(rows)
+    return folder / "pairs.csv"

@@ -92,12 +92,14 @@ def test_kill9_at_stage_then_resume(setup, tmp_path, stage):
     _same_as_ref(out, ref)
 
 
-def test_kill9_at_random_time_then_resume(setup, tmp_path):
+@pytest.mark.parametrize("concurrent", [False, True], ids=["serial", "captions-overlapped"])
+def test_kill9_at_random_time_then_resume(setup, tmp_path, concurrent):
     pairs, ref = setup
     out = tmp_path / "mem"
     seed = int(os.environ.get("RECO_REF_TEST_SEED", time.time_ns() % 10_000))
     rnd = random.Random(seed)
-    env = _env(FAKE_ENCODER_DELAY=0.01)
+    # overlapped: each chunk's captions encode on a background thread while its images (slowed) encode
+    env = _env(FAKE_ENCODER_DELAY=0.01, FAKE_ENCODER_CONCURRENT=int(concurrent))
     argv = [sys.executable, "-c", SCRIPT, "build", str(pairs), str(out), "0", str(N_ITEMS)]
     # how long an uninterrupted run takes here (start-up included), so the kills land inside a build
     t0 = time.perf_counter()

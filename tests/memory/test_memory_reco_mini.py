@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
+from memory_testlib import make_jpeg_pairs
 
 from reco_ref.errors import MemoryFormatError
 from reco_ref.memory import Memory, build_memory, read_pairs
@@ -26,28 +25,8 @@ def enc():
     return load("reco-mini")
 
 
-def _images(folder, n):
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        a = (rng.random((40, 48, 3)) * 255).astype(np.uint8)
-        a[:, : 8 + i] = [255 * (i % 2), 40 * (i % 5), 200]
-        Image.fromarray(a).save(folder / f"{i}.jpg", quality=90)
-        rows.append({"image": f"{i}.jpg", "caption": f"a picture of pattern {i}"})
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    rows.insert(5, {"image": "broken.jpg", "caption": "broken"})
-    with open(folder / "pairs.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["image", "caption"])
-        w.writeheader()
-        w.writerows(rows)
-    return folder / "pairs.csv"
-
-
 def test_build_open_search_with_reco_mini(enc, tmp_path):
-    pairs = _images(tmp_path / "src", 20)
+    pairs = make_jpeg_pairs(tmp_path / "src", 20)
     m = build_memory(tmp_path / "mem", read_pairs(pairs), enc, chunk_size=8, progress=False)
     assert m["encoder"] == {"name": enc.name, "fingerprint": enc.fingerprint} and m["embed_dim"] == enc.dim
     assert m["counts"] == {"rows": 20, "items": 21, "failed": 1}
@@ -65,7 +44,7 @@ def test_reco_mini_dask_shards_equal_single(enc, tmp_path):
     pytest.importorskip("distributed")
     from reco_ref.memory.dask_build import build_sharded
 
-    items = read_pairs(_images(tmp_path / "src", 30))
+    items = read_pairs(make_jpeg_pairs(tmp_path / "src", 30))
     build_memory(tmp_path / "one", items, enc, chunk_size=8, progress=False)
     sh = build_sharded(tmp_path / "sh", items, "reco-mini", n_shards=2, n_workers=2, processes=False, chunk_size=8)
     one = Memory.open(tmp_path / "one", encoder=enc)
@@ -74,7 +53,7 @@ def test_reco_mini_dask_shards_equal_single(enc, tmp_path):
 
 
 def test_other_encoder_refused(enc, tmp_path):
-    pairs = _images(tmp_path / "src", 4)
+    pairs = make_jpeg_pairs(tmp_path / "src", 4)
     build_memory(tmp_path / "mem", read_pairs(pairs), enc, chunk_size=8, progress=False)
 
     class Other:
