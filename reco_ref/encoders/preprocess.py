@@ -137,8 +137,17 @@ def stack_layout(arrays: Sequence[np.ndarray], layout: str) -> np.ndarray:
 
 def crop_bytes(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
     """Decoded RGB image -> uint8 [C,C,3] after resize + centre crop (the part worth running in threads:
-    Pillow releases the GIL while resizing)."""
-    return _rgb_bytes(crop_image(img, cfg))
+    Pillow releases the GIL while resizing).
+
+    The crop is a view of the resized image's array (the same pixels as :func:`center_crop`, without Pillow's
+    copy of the window); the config guarantees ``resize_shortest >= size``, the padded path is kept for safety.
+    """
+    resized = resize_shortest(img, cfg.resize_shortest, cfg.interpolation)
+    c = cfg.size
+    if resized.width < c or resized.height < c:
+        return _rgb_bytes(center_crop(resized, c))
+    left, top = crop_box(resized.width, resized.height, c)
+    return _rgb_bytes(resized)[top : top + c, left : left + c]  # [C,C,3] view
 
 
 def normalize_into(crop: np.ndarray, lut: np.ndarray, out: np.ndarray, layout: str) -> None:

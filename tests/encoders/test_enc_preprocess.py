@@ -122,10 +122,12 @@ def test_pipeline_equals_manual_steps(rng):
 @pytest.mark.parametrize("uniform", [False, True], ids=["per-channel", "one-table"])
 def test_lut_batch_bit_identical_to_stated_arithmetic(rng, layout, uniform):
     """preprocess_batch's table look-up == stacking preprocess_image (the plain float32 statement), bit for bit,
-    with three channel tables and with the one-table shortcut (equal mean and std, as reco-mini's)."""
+    with three channel tables and with the one-table shortcut (equal mean and std, as reco-mini's); the crop
+    is a view of the resized image's array there, a Pillow crop in preprocess_image."""
     from reco_ref.encoders.preprocess import normalize_lut, preprocess_image, stack_layout
 
-    cfg = _cfg(layout, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if uniform else _cfg(layout)
+    mean_std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if uniform else ((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
+    cfg = _cfg(layout, *mean_std)
     ims = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(50, 70), (41, 33), (32, 32)]]
     assert np.array_equal(preprocess_batch(ims, cfg), stack_layout([preprocess_image(im, cfg) for im in ims], layout))
     every_byte = Image.fromarray(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2))
