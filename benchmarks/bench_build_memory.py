@@ -3,10 +3,10 @@
 Same run, same JPEGs, same encoder (reco-mini), same batch size (64): interleaved rounds of
 
 * ``encode``   ``encode_images(files, batch_size=64, with_keys=True)`` — decode overlapped with the graph (issue 13)
-* ``serial``   ``build_memory(out, items, encoder)`` with ``encoder.concurrent_towers = False``: the same images
+* ``serial``   ``build_memory(out, items, encoder)`` (the default): the same images
                plus their captions encoded one after the other, the chunks written atomically, both HNSW
                indexes built, the manifest committed — everything a user waits for
-* ``overlap``  the same build with ``concurrent_towers = True``: each chunk's captions encode on a background
+* ``overlap``  the same build with ``overlap_captions=True``: each chunk's captions encode on a background
                thread while its images encode (``EncoderProducer.produce``)
 
 Best round of each counts (a burst of load from other processes hurts both alike). Target (issue 13): build
@@ -90,11 +90,11 @@ def measure(n: int, rounds: int) -> dict:
             enc.encode_images(files, batch_size=BATCH, with_keys=True)
             best["encode"] = max(best["encode"], n / (time.perf_counter() - t))
             for variant in ("serial", "overlap"):
-                enc.concurrent_towers = variant == "overlap"
                 out = work / f"mem{r}{variant}"
                 with timed_steps() as spent:
                     t = time.perf_counter()
-                    build_memory(out, items, enc, batch_size=BATCH, progress=False)
+                    build_memory(out, items, enc, batch_size=BATCH, progress=False,
+                                 overlap_captions=variant == "overlap")
                     total = time.perf_counter() - t
                 if n / total > best[variant]:
                     best[variant] = n / total

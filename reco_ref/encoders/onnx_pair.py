@@ -297,6 +297,10 @@ class EncoderPair:
     providers : list of str        execution providers in use
     """
 
+    # the image and text towers are separate ONNX Runtime sessions: build_memory(..., overlap_captions=True)
+    # may encode captions on one thread while images encode on others
+    concurrent_towers = True
+
     def __init__(self, folder: Path, config: EncoderConfig, *, threads: int | None = None,
                  providers: Sequence[str] | None = None, tokenizer: Any = None, max_pixels: int | None = None):
         self.folder = Path(folder)

@@ -495,7 +495,7 @@ def build_memory(out: str | Path, items: list[dict], encoder: Any, *, resume: bo
                  chunk_size: int = DEFAULT_CHUNK, batch_size: int = DEFAULT_BATCH, dtype: str = "float32",
                  M: int = 16, ef_construction: int = 200, seed: int = 100, num_threads: int | None = None,
                  progress: bool = True, item_offset: int = 0, resume_hint: str | None = None,
-                 log: Log | None = None) -> dict:
+                 log: Log | None = None, overlap_captions: bool = False) -> dict:
     """Build a memory at ``out`` from ``items`` (see :mod:`.sources`) encoded by ``encoder``.
 
     Parameters
@@ -509,12 +509,16 @@ def build_memory(out: str | Path, items: list[dict], encoder: Any, *, resume: bo
     dtype : ``"float32"`` or ``"float16"`` storage of the embeddings
     M, ef_construction, seed : hnswlib build parameters (recorded in the manifest)
     item_offset : id of the first item (shards of one input use global item ids)
+    overlap_captions : encode each chunk's captions on a background thread while its images encode (same
+        bytes; needs an encoder declaring ``concurrent_towers = True``, as ``EncoderPair`` does). Off by
+        default: on 2 busy cores the two towers slow each other down (docs/edge.md)
 
     Returns
     -------
     dict : the manifest written
     """
-    return _run(Path(out), "build", items, EncoderProducer(encoder, batch_size), resume=resume,
+    producer = EncoderProducer(encoder, batch_size, overlap_captions=overlap_captions)
+    return _run(Path(out), "build", items, producer, resume=resume,
                 chunk_size=chunk_size, dtype=dtype, M=M, ef_construction=ef_construction, seed=seed,
                 num_threads=num_threads, progress=progress, item_offset=item_offset, resume_hint=resume_hint,
                 log=log)
@@ -554,17 +558,18 @@ def _finish_pending_commit(root: Path, resume: bool) -> None:
 def add_to_memory(root: str | Path, items: list[dict], encoder: Any, *, resume: bool = False,
                   chunk_size: int = DEFAULT_CHUNK, batch_size: int = DEFAULT_BATCH, num_threads: int | None = None,
                   progress: bool = True, resume_hint: str | None = None, log: Log | None = None,
-                  allow_duplicates: bool = False) -> dict:
+                  allow_duplicates: bool = False, overlap_captions: bool = False) -> dict:
     """Append ``items`` to the memory at ``root`` (same encoder required); resumable and atomic like a build.
 
     New rows get ids ``len(memory)..``; the HNSW indexes are grown with ``resize_index`` and extended.
     The memory's dtype, HNSW parameters and encoder name are kept.  Pairs the memory already holds
     (the same input again, or rows with the same source and caption) are refused unless
-    ``allow_duplicates=True``.
+    ``allow_duplicates=True``.  ``overlap_captions``: as in :func:`build_memory`.
     """
     _finish_pending_commit(Path(root), resume)
     dtype = Memory.open(root, verify=False, allow_fingerprint_mismatch=True).dtype
-    return _run(Path(root), "add", items, EncoderProducer(encoder, batch_size), resume=resume, chunk_size=chunk_size,
+    producer = EncoderProducer(encoder, batch_size, overlap_captions=overlap_captions)
+    return _run(Path(root), "add", items, producer, resume=resume, chunk_size=chunk_size,
                 dtype=dtype, M=16, ef_construction=200, seed=100, num_threads=num_threads, progress=progress,
                 item_offset=0, resume_hint=resume_hint, log=log, allow_duplicates=allow_duplicates)
 

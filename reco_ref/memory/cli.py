@@ -33,6 +33,8 @@ def _build_args(p: argparse.ArgumentParser, *, add: bool = False) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--max-pixels", type=_int("max_pixels"),
                    help="largest accepted image (width*height); default from the encoder's encoder.json")
+    p.add_argument("--overlap-captions", action="store_true",
+                   help="encode each chunk's captions beside its images (same bytes; pays only with idle cores)")
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="accept pairs whose image path is absolute or leaves the pairs file's folder (../)")
     if add:
@@ -57,7 +59,7 @@ def _common(a: argparse.Namespace) -> dict:
                 image_embeddings=a.image_embeddings, text_embeddings=a.text_embeddings, image_keys=a.image_keys,
                 encoder_name=a.encoder_name, encoder_fingerprint=a.encoder_fingerprint, normalize=a.normalize,
                 progress=not a.no_progress, resume_hint=resume_hint_from_argv(sys.argv[1:]), max_pixels=a.max_pixels,
-                allow_outside_paths=a.allow_outside_paths)
+                allow_outside_paths=a.allow_outside_paths, overlap_captions=a.overlap_captions)
 
 
 def _run_build(a: argparse.Namespace) -> int:

@@ -81,6 +81,14 @@ def _array_inputs(image_embeddings: str | None, text_embeddings: str | None, ima
     return image, text, keys, items, encoder_name or "unknown", encoder_fingerprint
 
 
+def _check_overlap(overlap: bool, arrays: Any, sharded: Any) -> None:
+    """--overlap-captions changes how captions are encoded: refuse it where nothing is encoded here."""
+    if overlap and arrays:
+        raise MemoryFormatError("--overlap-captions: precomputed arrays are not encoded; drop the option")
+    if overlap and sharded:
+        raise MemoryFormatError("--overlap-captions: not available for sharded (Dask) builds; drop the option")
+
+
 def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resume: bool = False,
           split: str | None = None, caption_template: str | None = None, dtype: str = "float32",
           chunk_size: int | None = None, batch_size: int = 64, M: int = 16, ef_construction: int = 200,
@@ -88,8 +96,10 @@ def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resum
           image_embeddings: str | None = None, text_embeddings: str | None = None, image_keys: str | None = None,
           encoder_name: str | None = None, encoder_fingerprint: str | None = None, normalize: bool = False,
           estimate_only: bool = False, progress: bool = True, resume_hint: str | None = None,
-          max_pixels: int | None = None, allow_outside_paths: bool = False, log: Callable[[str], Any] = _err) -> int:
+          max_pixels: int | None = None, allow_outside_paths: bool = False, overlap_captions: bool = False,
+          log: Callable[[str], Any] = _err) -> int:
     """``reco-ref build-memory``: from pairs (CSV / manifest / JSONL / caption folder) or from arrays."""
+    _check_overlap(overlap_captions, image_embeddings or text_embeddings, shards > 1 or scheduler)
     check_out_dir(out, resume=resume)
     common = dict(dtype=dtype, M=M, ef_construction=ef_construction, num_threads=threads, progress=progress,
                   resume_hint=resume_hint, log=log, resume=resume)
@@ -125,7 +135,8 @@ def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resum
                             ef_construction=ef_construction, log=log)
         info = mem.info()
     else:
-        m = build_memory(out, items, encoder, chunk_size=chunk_size or 1024, batch_size=batch_size, **common)
+        m = build_memory(out, items, encoder, chunk_size=chunk_size or 1024, batch_size=batch_size,
+                         overlap_captions=overlap_captions, **common)
         info = {"rows": m["counts"]["rows"], "failed": m["counts"]["failed"]}
     log(f"{out}: {info['rows']} rows, {info['failed']} failed (see failures.jsonl) in "
         f"{time.perf_counter() - t0:.1f}s")
@@ -138,8 +149,9 @@ def add(*, memory: str, pairs: str | None = None, model: str = "reco-mini", resu
         text_embeddings: str | None = None, image_keys: str | None = None, encoder_name: str | None = None,
         encoder_fingerprint: str | None = None, normalize: bool = False, progress: bool = True,
         resume_hint: str | None = None, max_pixels: int | None = None, allow_outside_paths: bool = False,
-        allow_duplicates: bool = False, log: Callable[[str], Any] = _err) -> int:
+        allow_duplicates: bool = False, overlap_captions: bool = False, log: Callable[[str], Any] = _err) -> int:
     """``reco-ref memory-add``: append pairs (or arrays) to an existing memory."""
+    _check_overlap(overlap_captions, image_embeddings or text_embeddings, False)
     if image_embeddings or text_embeddings:
         image, text, keys, items, encoder_name, encoder_fingerprint = _array_inputs(
             image_embeddings, text_embeddings, image_keys, model, encoder_name, encoder_fingerprint, pairs, split,
@@ -154,7 +166,8 @@ def add(*, memory: str, pairs: str | None = None, model: str = "reco-mini", resu
         items = read_pairs(pairs, split=split, caption_template=caption_template, allow_outside=allow_outside_paths)
         m = add_to_memory(memory, items, load_encoder(model, max_pixels=max_pixels), resume=resume,
                           chunk_size=chunk_size or 1024, batch_size=batch_size, num_threads=threads, progress=progress,
-                          resume_hint=resume_hint, log=log, allow_duplicates=allow_duplicates)
+                          resume_hint=resume_hint, log=log, allow_duplicates=allow_duplicates,
+                          overlap_captions=overlap_captions)
     log(f"{memory}: now {m['counts']['rows']} rows ({m['counts']['failed']} failed items in total)")
     return 0
 

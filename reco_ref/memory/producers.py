@@ -6,9 +6,10 @@ and ``produce(items, lo, offset) -> chunk dict`` (``item``, ``image [m,D]``, ``t
 optional ``image_keys [m,Dk]``, ``failed_item``, ``failed_error``).  Two exist:
 
 * :class:`EncoderProducer` — encodes images and captions with an encoder pair; undecodable images and
-  missing captions become failures of the chunk (logged in ``failures.jsonl``), never dropped.  With an
-  encoder that declares ``concurrent_towers = True`` (its image and text towers may run in two threads at
-  once) the captions are encoded on a background thread while the images are (see :meth:`EncoderProducer.produce`).
+  missing captions become failures of the chunk (logged in ``failures.jsonl``), never dropped.  With
+  ``overlap_captions=True`` and an encoder that declares ``concurrent_towers = True`` (its image and text towers
+  may run in two threads at once) the captions are encoded on a background thread while the images are (see
+  :meth:`EncoderProducer.produce`).
 * :class:`ArrayProducer` — serves rows of precomputed arrays, checking finiteness and unit norm.
 
 :func:`load_encoder` turns an encoder *spec* (name, folder, ``"module:factory"``, callable) into an
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ShapeError
+from ..errors import RecoError, ShapeError
 from .limits import check_option
 
 DEFAULT_BATCH = 64
@@ -66,8 +67,17 @@ class EncoderProducer:
     with the encoder's error message; every other item becomes a row.
     """
 
-    def __init__(self, encoder: Any, batch_size: int = DEFAULT_BATCH, text_batch_size: int = 256):
+    def __init__(self, encoder: Any, batch_size: int = DEFAULT_BATCH, text_batch_size: int = 256, *,
+                 overlap_captions: bool = False):
         self.encoder = encoder
+        # captions beside images: asked for here, and only for an encoder that declares its towers may run
+        # from two threads at once (measured: no gain on 2 busy cores, docs/edge.md, so it is off by default)
+        if overlap_captions and getattr(encoder, "concurrent_towers", False) is not True:
+            raise RecoError(
+                f"overlap_captions: encoder {getattr(encoder, 'name', type(encoder).__name__)!r} does not declare "
+                "concurrent_towers = True (its image and text towers are not known to be safe to run from two "
+                "threads at once); build without --overlap-captions")
+        self.overlap_captions = bool(overlap_captions)
         self.batch_size = check_option("batch_size", batch_size)
         self.text_batch_size = check_option("batch_size", text_batch_size)
         self.info = {"name": str(encoder.name), "fingerprint": str(encoder.fingerprint), "dim": int(encoder.dim),
@@ -100,9 +110,8 @@ class EncoderProducer:
         quantisation scale over the batch; batches are sorted by length and padding trimmed), so the
         caption list handed to it is always exactly the list of surviving rows, whatever the path:
 
-        * serial (any encoder without ``concurrent_towers = True``, e.g. a duck-typed test double):
-          images, then ``encode_texts(captions of rows)``.
-        * overlapped (``concurrent_towers``): ``encode_texts(captions of all captioned items)`` starts on
+        * serial (the default): images, then ``encode_texts(captions of rows)``.
+        * overlapped (``overlap_captions=True``, for an encoder declaring ``concurrent_towers = True``): ``encode_texts(captions of all captioned items)`` starts on
           a background thread while the images encode here.  When every image decoded, that list *is* the
           list of rows (same strings, same order, same batch size): same call, same bytes.  When an image
           failed, the speculative call is waited for and its result (or error) discarded, and
@@ -125,7 +134,7 @@ class EncoderProducer:
             else:
                 with_caption.append(i)
         paths = [items[i]["image"] for i in with_caption]
-        overlap = bool(paths) and getattr(self.encoder, "concurrent_towers", False) is True
+        overlap = bool(paths) and self.overlap_captions
         with contextlib.ExitStack() as stack:
             speculative = None
             if overlap:

@@ -88,6 +88,11 @@ def fake32():
     return FakeEncoder(32)
 
 
+def fake32_concurrent():
+    """As :func:`fake32`, declaring ``concurrent_towers = True`` (for ``--overlap-captions``)."""
+    return FakeEncoder(32, concurrent=True)
+
+
 def fake32_keys():
     return FakeEncoder(32, key_dim=16)
 

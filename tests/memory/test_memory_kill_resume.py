@@ -29,13 +29,15 @@ N_ITEMS, CHUNK = 60, 8
 COMPARED = ("image.npy", "text.npy", "meta.sqlite", "failures.jsonl")
 
 SCRIPT = """
+import os
 import sys
 from memory_testlib import FakeEncoder
 from reco_ref.memory import build_memory, add_to_memory, read_pairs
 kind, pairs, out, lo, hi = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 items = read_pairs(pairs)[lo:hi]
 fn = build_memory if kind == "build" else add_to_memory
-fn(out, items, FakeEncoder(32), chunk_size=%d, resume=True, progress=False)
+fn(out, items, FakeEncoder(32), chunk_size=%d, resume=True, progress=False,
+   overlap_captions=os.environ.get("FAKE_ENCODER_CONCURRENT") == "1")
 """ % CHUNK
 
 

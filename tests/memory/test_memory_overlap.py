@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from memory_testlib import FakeEncoder, _vec, file_digest, make_jpeg_pairs, make_pairs
 
+from reco_ref.errors import RecoError
 from reco_ref.memory import Memory, build_memory, read_pairs
 from reco_ref.memory.producers import EncoderProducer
 from reco_ref.paths import weights_dir
@@ -63,7 +64,7 @@ def test_overlapped_build_has_the_serial_bytes(tmp_path, bad):
     items = read_pairs(make_pairs(tmp_path / "src", 30, bad=bad))
     serial, overlapped = BatchFake(False), BatchFake(True, text_delay=0.05)
     build_memory(tmp_path / "serial", items, serial, chunk_size=8, progress=False)
-    build_memory(tmp_path / "overlap", items, overlapped, chunk_size=8, progress=False)
+    build_memory(tmp_path / "overlap", items, overlapped, chunk_size=8, progress=False, overlap_captions=True)
     _same_files(tmp_path / "serial", tmp_path / "overlap")
     assert len(Memory.open(tmp_path / "overlap")) == 30 - len(bad)
     # the fake really is batch-sensitive: the speculative call's rows differ from the serial call's
@@ -77,8 +78,9 @@ def test_overlapped_build_has_the_serial_bytes(tmp_path, bad):
     assert not _caption_threads()
 
 
-def test_serial_unless_declared(tmp_path):
-    """Duck-typed encoders (no ``concurrent_towers``, or a non-True value) stay on the calling thread."""
+def test_serial_unless_asked_and_refused_unless_declared(tmp_path):
+    """Serial by default, even for an encoder that declares concurrent_towers; asking for the overlap with an
+    encoder that does not declare it (absent, False, or a truthy non-True value) is refused, naming it."""
     items = read_pairs(make_pairs(tmp_path / "src", 6))
     seen = []
 
@@ -87,14 +89,16 @@ def test_serial_unless_declared(tmp_path):
             seen.append(threading.current_thread() is threading.main_thread())
             return super().encode_texts(texts, batch_size)
 
+    EncoderProducer(Recorder(32, concurrent=True)).produce(items, 0, 0)
+    assert seen == [True]
     for declared in (None, False, "yes"):  # absent, off, truthy but not the explicit True asked for
         enc = Recorder(32)
         if declared is None:
             del enc.concurrent_towers
         else:
             enc.concurrent_towers = declared
-        EncoderProducer(enc).produce(items, 0, 0)
-    assert seen == [True, True, True]
+        with pytest.raises(RecoError, match="overlap_captions: encoder .fake-32. does not declare concurrent_towers"):
+            EncoderProducer(enc, overlap_captions=True)
 
 
 class OverlapProbe(FakeEncoder):
@@ -118,7 +122,7 @@ def test_captions_encode_while_images_do(tmp_path):
     items = read_pairs(make_pairs(tmp_path / "src", 12))
     enc = OverlapProbe()
     t = time.perf_counter()
-    out = EncoderProducer(enc).produce(items, 0, 0)
+    out = EncoderProducer(enc, overlap_captions=True).produce(items, 0, 0)
     assert enc.images_waited_for_texts == [True], "encode_texts did not start before encode_images finished"
     assert time.perf_counter() - t < 5
     ref = EncoderProducer(FakeEncoder(32)).produce(items, 0, 0)
@@ -134,7 +138,8 @@ def test_background_error_surfaces_with_a_note(tmp_path):
             raise RuntimeError("text tower exploded")
 
     with pytest.raises(RuntimeError, match="text tower exploded") as ei:
-        build_memory(tmp_path / "mem", items, Broken(32, concurrent=True), chunk_size=4, progress=False)
+        build_memory(tmp_path / "mem", items, Broken(32, concurrent=True), chunk_size=4, progress=False,
+                     overlap_captions=True)
     assert any("caption-encoding thread" in n and "items 0..3" in n for n in ei.value.__notes__)
     assert not _caption_threads()
     assert not list((tmp_path / "mem" / ".build" / "chunks").glob("chunk_*.npz"))
@@ -152,7 +157,7 @@ def test_background_error_on_captions_of_failed_images_only_is_the_serial_outcom
             return super().encode_texts(texts, batch_size)
 
     build_memory(tmp_path / "serial", items, Picky(False), chunk_size=8, progress=False)
-    build_memory(tmp_path / "overlap", items, Picky(True), chunk_size=8, progress=False)
+    build_memory(tmp_path / "overlap", items, Picky(True), chunk_size=8, progress=False, overlap_captions=True)
     _same_files(tmp_path / "serial", tmp_path / "overlap")
 
 
@@ -174,13 +179,14 @@ def test_interrupt_waits_for_the_caption_thread_and_resumes_to_the_same_bytes(tm
             return out
 
     with pytest.raises(KeyboardInterrupt):
-        build_memory(tmp_path / "mem", items, Interrupted(True), chunk_size=8, progress=False)
+        build_memory(tmp_path / "mem", items, Interrupted(True), chunk_size=8, progress=False, overlap_captions=True)
     assert not _caption_threads()  # joined before the interrupt propagated
     # chunk 0: the speculative call + the re-encode (item 5 failed); chunk 1: one; chunk 2: one, waited for
     assert len(finished) == 4
     chunks = tmp_path / "mem" / ".build" / "chunks"
     assert sorted(p.name for p in chunks.iterdir()) == ["chunk_000000.npz", "chunk_000001.npz"]
-    build_memory(tmp_path / "mem", items, BatchFake(True), chunk_size=8, progress=False, resume=True)
+    build_memory(tmp_path / "mem", items, BatchFake(True), chunk_size=8, progress=False, resume=True,
+                 overlap_captions=True)
     _same_files(tmp_path / "ref", tmp_path / "mem")
 
 
@@ -196,9 +202,36 @@ def test_real_encoder_overlapped_equals_serial(tmp_path, name, broken):
     long = "a much longer caption about a yellow flower with green leaves in the sun"
     items = read_pairs(make_jpeg_pairs(tmp_path / "src", 14, broken_caption=long if broken else None))
     enc = load(name)
-    enc.concurrent_towers = False  # the serial reference, whatever the class declares
-    build_memory(tmp_path / "serial", items, enc, chunk_size=8, progress=False)
-    enc.concurrent_towers = True  # separate ONNX Runtime sessions per tower (see EncoderPair)
-    build_memory(tmp_path / "overlap", items, enc, chunk_size=8, progress=False)
+    assert enc.concurrent_towers is True  # separate ONNX Runtime sessions per tower (see EncoderPair)
+    build_memory(tmp_path / "serial", items, enc, chunk_size=8, progress=False)  # the default: serial
+    build_memory(tmp_path / "overlap", items, enc, chunk_size=8, progress=False, overlap_captions=True)
     _same_files(tmp_path / "serial", tmp_path / "overlap")
     assert Memory.open(tmp_path / "overlap").manifest["counts"]["failed"] == int(broken)
+
+
+def test_cli_overlap_captions(tmp_path):
+    """`--overlap-captions` builds and adds the same bytes as without; it is refused, by name, where nothing is
+    encoded (arrays), for sharded builds, and for an encoder that does not declare concurrent_towers."""
+    from test_memory_estimate_cli import _cli
+
+    pairs = make_pairs(tmp_path / "src", 20, bad=(3,))
+    more = make_pairs(tmp_path / "src2", 6, name="more.csv", start=20)
+    for name, extra in (("serial", []), ("overlap", ["--overlap-captions"])):
+        out = tmp_path / name
+        p = _cli("build-memory", "--pairs", pairs, "--out", out, "--model", "memory_testlib:fake32_concurrent",
+                 "--chunk-size", 8, "--no-progress", *extra)
+        assert p.returncode == 0, p.stderr
+        p = _cli("memory-add", out, "--pairs", more, "--model", "memory_testlib:fake32_concurrent", "--no-progress",
+                 *extra)
+        assert p.returncode == 0, p.stderr
+    _same_files(tmp_path / "serial", tmp_path / "overlap")
+    p = _cli("build-memory", "--pairs", pairs, "--out", tmp_path / "x", "--model", "memory_testlib:fake32",
+             "--no-progress", "--overlap-captions")
+    assert p.returncode == 1 and "does not declare concurrent_towers" in p.stderr, p.stderr
+    np.save(tmp_path / "a.npy", np.eye(4, 8, dtype=np.float32))
+    p = _cli("build-memory", "--image-embeddings", tmp_path / "a.npy", "--text-embeddings", tmp_path / "a.npy",
+             "--encoder-name", "e", "--encoder-fingerprint", "f", "--out", tmp_path / "y", "--overlap-captions")
+    assert p.returncode == 1 and "--overlap-captions: precomputed arrays are not encoded" in p.stderr, p.stderr
+    p = _cli("build-memory", "--pairs", pairs, "--out", tmp_path / "z", "--model", "memory_testlib:fake32_concurrent",
+             "--shards", 2, "--overlap-captions")
+    assert p.returncode == 1 and "not available for sharded" in p.stderr, p.stderr
