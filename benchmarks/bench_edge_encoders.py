@@ -50,15 +50,26 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def best_rates(fns: dict, n: int, rounds: int) -> dict:
-    """{name: items/s} of the fastest of ``rounds`` interleaved rounds (each fn processes ``n`` items once)."""
+def best_rates(fns: dict, n: int, rounds: int, per_round: dict | None = None) -> dict:
+    """{name: items/s} of the fastest of ``rounds`` interleaved rounds (each fn processes ``n`` items once).
+
+    ``per_round``: if given, filled with {name: [seconds of round 0, 1, ...]} (for paired, per-round ratios).
+    """
     for fn in fns.values():  # warm-up: allocations, page cache
         fn()
-    best = {k: float("inf") for k in fns}
+    times: dict = {k: [] for k in fns}
     for _ in range(rounds):  # interleaved: a burst of load from other processes hurts every path alike
         for k, fn in fns.items():
-            best[k] = min(best[k], _timed(fn))
-    return {k: n / v for k, v in best.items()}
+            times[k].append(_timed(fn))
+    if per_round is not None:
+        per_round.update(times)
+    return {k: n / min(v) for k, v in times.items()}
+
+
+def paired_ratio(times: dict, path: str, ref: str = "raw") -> tuple[float, float, float]:
+    """(min, median, max) over rounds of rate(path) / rate(ref), each round against the same round's reference."""
+    r = np.asarray(times[ref]) / np.asarray(times[path])  # [rounds]
+    return float(r.min()), float(np.median(r)), float(r.max())
 
 
 def overlap_rates(model: str = "reco-mini", n: int = 256, rounds: int = 5, threads: int = THREADS) -> dict:
@@ -104,13 +115,15 @@ def overlap_rates(model: str = "reco-mini", n: int = 256, rounds: int = 5, threa
         for f in files:
             enc._prepare_into(f, buf, 0)
 
+    times: dict = {}
     rates = best_rates({"raw": run_raw, "raw workers": run_raw_workers, "e2e": run_e2e, "overlap": run_overlap, "serial": run_serial,
-                        "decode (1 thread)": run_decode}, n, rounds)
+                        "decode (1 thread)": run_decode}, n, rounds, per_round=times)
     # the most any pipeline can reach on `threads` cores: graph + decoding CPU per image, both spread perfectly
     ceiling = 1.0 / (1.0 + rates["raw"] / (threads * rates["decode (1 thread)"]))
     return {"rates": rates, "e2e_over_raw": rates["e2e"] / rates["raw"], "mode": enc._image_mode(n, BATCH, "auto"),
             "overlap_over_raw": rates["overlap"] / rates["raw"], "ceiling": ceiling,
             "raw_workers_over_raw": rates["raw workers"] / rates["raw"],
+            "paired": {k: paired_ratio(times, k) for k in ("raw workers", "e2e", "overlap", "serial")},
             "serial_over_raw": rates["serial"] / rates["raw"], "n": n, "batch": BATCH, "threads": threads, "model": model}
 
 
@@ -153,6 +166,9 @@ def _table(res: dict) -> str:
         f"| serial decode then graph (before) | {r['serial']:.1f} | {res['serial_over_raw']:.2f} |",
         f"| decoding alone, 1 thread (CPU cost {1e3 / r['decode (1 thread)']:.2f} ms/image) | {r['decode (1 thread)']:.1f} | |",
         f"| ceiling on {res['threads']} cores: 1 / (1 + raw / ({res['threads']} x decode rate)) | | {res['ceiling']:.2f} |",
+        "",
+        "per-round ratios to the same round's raw session (min / median / max):",
+        *(f"  {k}: {lo:.2f} / {mid:.2f} / {hi:.2f}" for k, (lo, mid, hi) in res["paired"].items()),
     ])  # fmt: skip
 
 
