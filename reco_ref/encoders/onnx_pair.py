@@ -24,7 +24,7 @@ from ..errors import EncoderConfigError, ImageDecodeError
 from ..io import sha256_file
 from .config import EncoderConfig, canonical_json, read_config
 from .images import ImageError, ImageItem, decode_image, describe
-from .preprocess import crop_bytes, normalize_batch, normalize_into, normalize_lut
+from .preprocess import crop_bytes, normalize_batch, normalize_into, normalize_lut, pixel_shape
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -431,15 +431,13 @@ class EncoderPair:
 
         starts = iter(range(0, len(items), batch_size))
         pending: deque = deque()  # (start, futures) of the batches queued ahead, in input order
-
-        im = self.config.image
-        pixel_shape = (im.size, im.size, 3) if im.layout == "NHWC" else (3, im.size, im.size)
+        shape = pixel_shape(self.config.image)
 
         def enqueue() -> None:
             s = next(starts, None)
             if s is not None:
                 chunk = items[s : s + batch_size]
-                out = np.empty((len(chunk), *pixel_shape), np.float32)  # [m,...] filled by the decode threads
+                out = np.empty((len(chunk), *shape), np.float32)  # [m,...] filled by the decode threads
                 pending.append((s, [pool.submit(self._prepare_into, it, out, i) for i, it in enumerate(chunk)], out))
 
         try:
@@ -459,7 +457,7 @@ class EncoderPair:
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            n = self.threads or os.cpu_count() or 1
+            n = self._workers()
             self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="reco-decode") if n > 1 else False
         return self._pool or None
 
@@ -503,9 +501,7 @@ class EncoderPair:
     def _prepare_batch(self, chunk: Sequence[ImageItem], start: int, on_error: str) -> tuple:
         """Decode + preprocess ``chunk`` serially in the calling (worker) thread -> (pixels [M,...] or None,
         ok_index, errors); rows are written compactly, so nothing is copied when an image fails."""
-        im = self.config.image
-        shape = (im.size, im.size, 3) if im.layout == "NHWC" else (3, im.size, im.size)
-        out = np.empty((len(chunk), *shape), np.float32)  # [m,...]; rows 0..len(ok)-1 used
+        out = np.empty((len(chunk), *pixel_shape(self.config.image)), np.float32)  # [m,...]; rows 0..len(ok)-1 used
         ok, errors = [], []
         for i, item in enumerate(chunk):
             try:

@@ -150,6 +150,14 @@ def crop_bytes(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
     return _rgb_bytes(resized)[top : top + c, left : left + c]  # [C,C,3] view
 
 
+def pixel_shape(cfg: ImageConfig) -> tuple[int, int, int]:
+    """One image's shape in the graph input: (C,C,3) for NHWC, (3,C,C) for NCHW."""
+    if cfg.layout not in ("NHWC", "NCHW"):
+        raise ValueError(f"layout: expected 'NHWC' or 'NCHW', got {cfg.layout!r}")
+    c = cfg.size
+    return (c, c, 3) if cfg.layout == "NHWC" else (3, c, c)
+
+
 def normalize_into(crop: np.ndarray, lut: np.ndarray, out: np.ndarray, layout: str) -> None:
     """uint8 crop [C,C,3] -> ``out`` float32 [C,C,3] (NHWC) or [3,C,C] (NCHW), by look-up in ``lut`` [3,256].
 
@@ -176,11 +184,10 @@ def normalize_into(crop: np.ndarray, lut: np.ndarray, out: np.ndarray, layout: s
 def normalize_batch(crops: Sequence[np.ndarray], cfg: ImageConfig) -> np.ndarray:
     """uint8 crops [C,C,3] -> the image graph's input tensor (float32, ``cfg.layout``), via :func:`normalize_lut`
     straight into the batch buffer in its final layout (:func:`normalize_into`)."""
-    if cfg.layout not in ("NHWC", "NCHW"):
-        raise ValueError(f"layout: expected 'NHWC' or 'NCHW', got {cfg.layout!r}")
+    shape = pixel_shape(cfg)
     lut = normalize_lut(cfg.mean, cfg.std)  # [3,256]
     n, c = len(crops), cfg.size
-    out = np.empty((n, c, c, 3) if cfg.layout == "NHWC" else (n, 3, c, c), dtype=np.float32)
+    out = np.empty((n, *shape), dtype=np.float32)  # [n,C,C,3] or [n,3,C,C]
     for i, a in enumerate(crops):
         if a.shape != (c, c, 3) or a.dtype != np.uint8:
             raise ValueError(f"crop {i}: expected uint8 [{c},{c},3], got {a.dtype} {a.shape}")
