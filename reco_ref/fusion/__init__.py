@@ -55,9 +55,11 @@ import numpy as np
 
 from ..backends import BACKENDS, backend_of_cache, get_backend
 from ..checks import check_array
-from ..errors import ShapeError
+from ..errors import RecoError, ShapeError
 from .params import (
+    INITS,
     PARAM_NAMES,
+    RELEVANCE_NAMES,
     FusionConfig,
     FusionParams,
     count_params,
@@ -65,13 +67,18 @@ from .params import (
     load_param_set,
     load_params,
     param_shapes,
+    relevance_of,
     save_param_set,
     save_params,
 )
 
 __all__ = [
     "BACKENDS",
+    "INITS",
     "PARAM_NAMES",
+    "RELEVANCE_NAMES",
+    "relevance_of",
+    "score_features",
     "FusionConfig",
     "FusionParams",
     "count_params",
@@ -123,20 +130,52 @@ def check_params(params: Mapping[str, np.ndarray], finite: bool = True, *, resca
     missing = [n for n in PARAM_NAMES if n not in params]
     if missing:
         raise ShapeError(f"params: missing {missing} (expected the 18 names {list(PARAM_NAMES)})")
+    try:
+        rel = relevance_of(params)
+    except RecoError as exc:
+        raise ShapeError(str(exc)) from None
+    if rel is not None and not all(n in params for n in RELEVANCE_NAMES):
+        raise ShapeError(f"params: has one of {list(RELEVANCE_NAMES)} but not both")
     g = check_array("params['ln1_gamma']", params["ln1_gamma"], ndim=1, finite=finite)
     D, dtype = g.shape[0], g.dtype
     w1 = check_array("params['w_1']", params["w_1"], ndim=2, dtypes=[dtype], finite=finite)
     if w1.shape[0] != D or w1.shape[1] % D:
         raise ShapeError(f"params['w_1']: shape {w1.shape}, expected ({D}, mlp_ratio*{D})")
-    shapes = param_shapes(D, w1.shape[1] // D)
-    for name in PARAM_NAMES:
+    names = PARAM_NAMES
+    if rel is not None:
+        hb = check_array("params['rel_beta']", params["rel_beta"], ndim=1, dtypes=[dtype], finite=finite).shape[0]
+        config = getattr(params, "config", None)
+        if config is not None and config.heads != hb:
+            raise ShapeError(f"params['rel_beta']: shape ({hb},), expected ({config.heads},) (one per head)")
+        if hb < 1 or D % hb:
+            raise ShapeError(f"params['rel_beta']: shape ({hb},), expected one entry per head (a divisor of D={D})")
+        names = PARAM_NAMES + RELEVANCE_NAMES
+    shapes = param_shapes(D, w1.shape[1] // D, None if rel is None else hb)
+    for name in names:
         check_array(f"params[{name!r}]", params[name], shape=shapes[name], dtypes=[dtype], finite=finite)
     if finite and isinstance(params, FusionParams):
         params._set_stamp(D, dtype)  # fully checked now: later calls compare identities only
     return D, dtype
 
 
-def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="numpy"):
+def score_features(params, scores, mask=None, *, dtype=None):
+    """Raw search scores ``[B, k]`` (cosines) → the feature ``(s − center)/width`` that ``β`` multiplies.
+
+    Masked slots (``mask`` False) may hold anything (non-finite included) and become 0. Returns ``None`` for a
+    module without the relevance bias. The map's centre and width come from the module's config
+    (:class:`FusionConfig`; see spec §2 "Relevance bias")."""
+    rel = relevance_of(params)
+    if rel is None:
+        return None
+    center, width = rel
+    s = np.asarray(scores, dtype=np.float64)
+    if mask is not None:
+        s = np.where(mask, s, center)
+    dt = np.dtype(dtype) if dtype is not None else np.asarray(params["ln1_gamma"]).dtype
+    return np.ascontiguousarray((s - center) / width, dtype=dt)
+
+
+def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="numpy", scores=None):
     """Refine ``query`` with its retrieved neighbours (spec §2); validates, then dispatches.
 
     Parameters
@@ -149,6 +188,10 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="
     heads : int, optional
         Defaults to ``params.heads``; required for a plain dict.
     backend : {"numpy", "numba", "cuda"}
+    scores : ndarray, shape [B, k], or None
+        Raw search scores (cosine of the query's search key with each neighbour's). Required when ``params``
+        has the relevance bias (``rel_beta, rel_gamma``); the front door maps them to ``(s − center)/width``
+        (:func:`score_features`) before dispatch. Ignored by the paper's layer (no relevance arrays).
 
     Returns
     -------
@@ -189,9 +232,25 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="
     else:
         check_array("retrieved [B,k,D]", retrieved, ndim=3, dtypes=[dtype], finite=True)
     heads = _resolve_heads(params, heads, D)
+    kw = {}
+    if relevance_of(params) is not None:
+        if params["rel_beta"].shape[0] != heads:
+            raise ShapeError(f"params['rel_beta']: {params['rel_beta'].shape[0]} entries, expected one per head ({heads})")
+        if scores is None:
+            raise ShapeError("scores: this fusion module has the relevance bias (rel_beta, rel_gamma) and needs the "
+                             "neighbours' search scores [B,k]; got None")
+        check_array("scores [B,k]", scores, shape=(B, k), finite=False)
+        sc = np.asarray(scores)
+        if sc.dtype.kind != "f":
+            raise ShapeError(f"scores: dtype {sc.dtype}, expected a float dtype")
+        bad = ~np.isfinite(sc) if mask is None else (~np.isfinite(sc) & mask)
+        if bad.any():
+            raise ShapeError(f"scores: {int(bad.sum())} NaN/inf value(s) in valid neighbour slots")
+        kw["scores"] = score_features(params, sc, mask, dtype=dtype)
     mod = get_backend(backend)
     with np.errstate(invalid="ignore", divide="ignore"):  # a zero row is reported just below, by name
-        out, cache = mod.fusion_forward(params, np.ascontiguousarray(query), np.ascontiguousarray(retrieved), mask, heads=heads)
+        out, cache = mod.fusion_forward(params, np.ascontiguousarray(query), np.ascontiguousarray(retrieved), mask,
+                                        heads=heads, **kw)
     if not np.isfinite(out).all():
         rows = np.flatnonzero(~np.isfinite(out).all(axis=1))
         raise ShapeError(f"fusion output: rows {rows[:10].tolist()} are not finite (zero vector before "

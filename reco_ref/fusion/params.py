@@ -42,6 +42,11 @@ from ..io import atomic_save_npz, load_npz
 
 __all__ = [
     "PARAM_NAMES",
+    "RELEVANCE_NAMES",
+    "INITS",
+    "config_shapes",
+    "relevance_of",
+    "COPY_ALPHA",
     "adamw_decays",
     "FORMAT",
     "FORMAT_VERSION",
@@ -65,6 +70,11 @@ PARAM_NAMES = (
     "e_query", "e_neighbor",
 )  # fmt: skip
 
+#: The optional relevance-bias parameters (spec §2 "Relevance bias" [ours]): per head, ``β [h]`` scales the
+#: search score of each neighbour in the attention logits toward it, ``γ [h]`` is the logit toward the query's own
+#: token. A module has them exactly when its config says ``relevance=True``; ``β = γ = 0`` is the paper's layer.
+RELEVANCE_NAMES = ("rel_beta", "rel_gamma")
+
 FORMAT = "reco_ref.fusion.params"
 FORMAT_VERSION = 1
 HEADER_KEY = "__header__"
@@ -85,12 +95,22 @@ class FusionConfig:
         MLP hidden width is ``mlp_ratio * dim`` (spec default 4).
     dtype : str
         ``"float32"`` or ``"float64"``.
+    relevance : bool
+        The module has the relevance bias (arrays ``rel_beta, rel_gamma [h]``) and takes search scores.
+    rel_center, rel_width : float
+        How a raw search score (cosine) ``s`` becomes the bias feature ``(s - rel_center) / rel_width`` that
+        ``β`` multiplies. The default centre 1 measures each neighbour's distance from a perfect match, so the
+        feature keeps the *absolute* level of the scores (the query logit ``γ`` can win when every neighbour is
+        far); the width 0.02 makes one unit a typical gap between close neighbours, so ``β`` is of order 1.
     """
 
     dim: int
     heads: int
     mlp_ratio: int = 4
     dtype: str = "float32"
+    relevance: bool = False
+    rel_center: float = 1.0
+    rel_width: float = 0.02
 
     def __post_init__(self):
         for field in ("dim", "heads", "mlp_ratio"):
@@ -104,9 +124,27 @@ class FusionConfig:
         if dt not in _DTYPES:
             raise ValueError(f"FusionConfig.dtype: expected float32 or float64, got {self.dtype!r}")
         object.__setattr__(self, "dtype", dt)
+        if not isinstance(self.relevance, (bool, np.bool_)):
+            raise ValueError(f"FusionConfig.relevance: expected a bool, got {self.relevance!r}")
+        object.__setattr__(self, "relevance", bool(self.relevance))
+        for field in ("rel_center", "rel_width"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v):
+                raise ValueError(f"FusionConfig.{field}: expected a finite number, got {v!r}")
+            object.__setattr__(self, field, float(v))
+        if self.rel_width <= 0:
+            raise ValueError(f"FusionConfig.rel_width: expected > 0, got {self.rel_width!r}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The array names of a module with this config: the 18 of :data:`PARAM_NAMES` (+ the relevance pair)."""
+        return PARAM_NAMES + RELEVANCE_NAMES if self.relevance else PARAM_NAMES
 
     def to_json(self) -> dict:
-        return {"dim": self.dim, "heads": self.heads, "mlp_ratio": self.mlp_ratio, "dtype": self.dtype}
+        out = {"dim": self.dim, "heads": self.heads, "mlp_ratio": self.mlp_ratio, "dtype": self.dtype}
+        if self.relevance:  # absent = the paper's layer; files without it read as before
+            out["relevance"] = {"center": self.rel_center, "width": self.rel_width}
+        return out
 
 
 class FusionParams(dict):
@@ -141,8 +179,8 @@ class FusionParams(dict):
         self._stamp = None  # (D, dtype, arrays, metas) once validated; see the class docstring
 
     def _set_stamp(self, D: int, dtype: np.dtype) -> None:
-        """Record that the current 18 arrays passed full validation (shapes, dtype, finiteness)."""
-        arrays = tuple(dict.__getitem__(self, n) for n in PARAM_NAMES)
+        """Record that the current arrays passed full validation (shapes, dtype, finiteness)."""
+        arrays = tuple(dict.__getitem__(self, n) for n in self._config.names)
         self._stamp = (int(D), np.dtype(dtype), arrays, tuple((a.shape, a.strides, a.dtype) for a in arrays))
 
     def _stamped(self):
@@ -155,7 +193,7 @@ class FusionParams(dict):
         if st is None:
             return None
         D, dtype, arrays, metas = st
-        for name, a, meta in zip(PARAM_NAMES, arrays, metas):
+        for name, a, meta in zip(self._config.names, arrays, metas):
             b = dict.get(self, name)
             if b is not a or (b.shape, b.strides, b.dtype) != meta:
                 return None
@@ -226,9 +264,12 @@ class FusionParams(dict):
         return f"FusionParams(dim={c.dim}, heads={c.heads}, mlp_ratio={c.mlp_ratio}, dtype={c.dtype}, {len(self)} arrays)"
 
 
-def param_shapes(dim: int, mlp_ratio: int = 4) -> dict[str, tuple[int, ...]]:
-    """The shape of every parameter for width ``dim`` and MLP ratio ``mlp_ratio``."""
+def param_shapes(dim: int, mlp_ratio: int = 4, heads: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter for width ``dim`` and MLP ratio ``mlp_ratio``.
+
+    With ``heads`` given, the relevance pair ``rel_beta, rel_gamma [heads]`` is included too."""
     D, R = int(dim), int(dim) * int(mlp_ratio)
+    rel = {} if heads is None else {"rel_beta": (int(heads),), "rel_gamma": (int(heads),)}
     return {
         "ln1_gamma": (D,), "ln1_beta": (D,),
         "w_q": (D, D), "b_q": (D,), "w_k": (D, D), "b_k": (D,),
@@ -236,7 +277,12 @@ def param_shapes(dim: int, mlp_ratio: int = 4) -> dict[str, tuple[int, ...]]:
         "ln2_gamma": (D,), "ln2_beta": (D,),
         "w_1": (D, R), "b_1": (R,), "w_2": (R, D), "b_2": (D,),
         "e_query": (D,), "e_neighbor": (D,),
-    }  # fmt: skip
+    } | rel  # fmt: skip
+
+
+def config_shapes(config: FusionConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of every array of a module with ``config`` (the relevance pair when ``config.relevance``)."""
+    return param_shapes(config.dim, config.mlp_ratio, config.heads if config.relevance else None)
 
 
 #: Initialisation per name (spec §2, identity at init): zero makes the layer return its query.
@@ -245,30 +291,59 @@ _NORMAL_INIT = frozenset({"w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_1", "b_1"
 INIT_STD = 0.02
 
 
-def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=np.float32) -> FusionParams:
-    """Fresh parameters that make the layer the identity on its query (spec §2).
+#: Default α of the copy init: the query token starts at ``x + α·mean(r_j)`` (the untrained surrogate's form).
+COPY_ALPHA = 1.0
+INITS = ("identity", "copy")
 
-    ``w_o, b_o, w_2, b_2, e_query`` are zero (so ``Y[:, 0] = x`` and the output is ``normalize(x)``),
-    LayerNorm ``gamma = 1, beta = 0``, every other array ~ N(0, 0.02). Draws are made in float64
-    in :data:`PARAM_NAMES` order and then cast, so float32 and float64 sets from one seed agree.
+
+def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=np.float32, *, init: str = "identity",
+                alpha: float = COPY_ALPHA, k: int = 10, relevance: bool = False, rel_beta: float = 1.0,
+                rel_gamma: float = 0.0, rel_center: float = 1.0, rel_width: float = 0.02) -> FusionParams:
+    r"""Fresh parameters (spec §2): the identity init (default) or the copy init [ours].
+
+    ``init="identity"`` (spec §2, required default): ``w_o, b_o, w_2, b_2, e_query`` are zero, so
+    ``Y[:, 0] = x`` and the output is ``normalize(x)``; LayerNorm ``gamma = 1, beta = 0``; every other array
+    ~ N(0, 0.02). Draws are made in float64 in :data:`PARAM_NAMES` order and then cast, so float32 and
+    float64 sets from one seed agree.
+
+    ``init="copy"`` [ours]: the same draws, then
+
+    .. math::
+
+        W_v = I,\quad b_v = 0,\quad e_r = 0,\quad W_o = \frac{\alpha (k+1)}{k \sqrt{D}} I
+
+    LayerNorm maps a unit vector ``r`` to about ``√D (r − mean r)``, so with near-uniform attention over the
+    ``k + 1`` tokens the query token outputs about ``x + α·mean_j(r_j)`` (plus ``α/k·x``): the untrained
+    surrogate ``normalize(v + α·mean)``, which the identity init cannot represent at step 0.
+
+    ``relevance=True`` adds ``rel_beta`` and ``rel_gamma`` [h] (spec §2 "Relevance bias"), filled with the
+    given values. ``rel_beta = rel_gamma = 0`` is the paper's layer exactly; under the identity init the output
+    is ``x`` whatever they are, and β gets no gradient until ``W_o`` moves, so β starts at 1 by default.
 
     Parameters
     ----------
-    dim : int
-        Embedding width D.
-    heads : int
-        Attention heads; must divide ``dim``.
-    mlp_ratio : int
-        MLP hidden width is ``mlp_ratio * dim``.
+    dim, heads, mlp_ratio : int
+        Embedding width D, attention heads (must divide D), MLP hidden width ``mlp_ratio * D``.
     seed : int
         Seed of ``numpy.random.default_rng``.
     dtype : float32 or float64
+    init : {"identity", "copy"}
+    alpha, k : float, int
+        The copy init's gain and the neighbour count it is scaled for (ignored by the identity init).
+    relevance : bool
+    rel_beta, rel_gamma : float
+        Initial β and γ of every head (relevance only).
+    rel_center, rel_width : float
+        Score → feature map ``(s − center)/width`` recorded in the config (see :class:`FusionConfig`).
 
     Returns
     -------
     FusionParams
     """
-    config = FusionConfig(dim=dim, heads=heads, mlp_ratio=mlp_ratio, dtype=np.dtype(dtype).name)
+    if init not in INITS:
+        raise ValueError(f"init: expected one of {list(INITS)}, got {init!r}")
+    config = FusionConfig(dim=dim, heads=heads, mlp_ratio=mlp_ratio, dtype=np.dtype(dtype).name,
+                          relevance=relevance, rel_center=rel_center, rel_width=rel_width)
     rng = np.random.default_rng(seed)
     dt = np.dtype(config.dtype)
     arrays = {}
@@ -281,8 +356,22 @@ def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=n
             a = np.ones(shape)
         else:  # LayerNorm beta
             a = np.zeros(shape)
-        arrays[name] = a.astype(dt)
-    params = FusionParams(arrays, config)
+        arrays[name] = a
+    if init == "copy":
+        for name, v in (("alpha", alpha), ("k", k)):
+            if isinstance(v, bool) or not np.isfinite(v) or v <= 0:
+                raise ValueError(f"{name}: expected a positive number for the copy init, got {v!r}")
+        D = config.dim
+        arrays["w_v"] = np.eye(D)
+        arrays["b_v"] = np.zeros(D)
+        arrays["e_neighbor"] = np.zeros(D)
+        arrays["w_o"] = np.eye(D) * (float(alpha) * (k + 1) / (k * np.sqrt(D)))
+    if relevance:
+        arrays["rel_beta"] = np.full(config.heads, float(rel_beta))
+        arrays["rel_gamma"] = np.full(config.heads, float(rel_gamma))
+    params = FusionParams({n: arrays[n].astype(dt) for n in config.names}, config)
+    if not all(np.isfinite(a).all() for a in params.values()):
+        raise ValueError("init_params: a non-finite initial value (rel_beta / rel_gamma / alpha)")
     params._set_stamp(config.dim, dt)  # made here: shapes, dtype and finiteness hold by construction
     return params
 
@@ -311,9 +400,9 @@ def _config_of(params: Mapping[str, np.ndarray], config, where: str) -> FusionCo
 
 def _check_module_arrays(params: Mapping[str, np.ndarray], config: FusionConfig, where: str) -> None:
     """Refuse to write what :func:`load_params` would refuse to read."""
-    expected = param_shapes(config.dim, config.mlp_ratio)
-    missing = [n for n in PARAM_NAMES if n not in params]
-    extra = sorted(set(params) - set(PARAM_NAMES))
+    expected = config_shapes(config)
+    missing = [n for n in config.names if n not in params]
+    extra = sorted(set(params) - set(config.names))
     if missing or extra:
         raise ParamsFormatError(f"{where}: names do not match the fusion layer (missing {missing}, unexpected {extra})")
     for name, shape in expected.items():
@@ -346,7 +435,7 @@ def save_params(path: str | os.PathLike, params: Mapping[str, np.ndarray], confi
     _check_module_arrays(params, config, where)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "module",
               "modules": {"": config.to_json()}, "extras": {}}  # fmt: skip
-    _write(path, header, {n: np.asarray(params[n]) for n in PARAM_NAMES})
+    _write(path, header, {n: np.asarray(params[n]) for n in config.names})
 
 
 def save_param_set(
@@ -376,7 +465,7 @@ def save_param_set(
         config = _config_of(params, (configs or {}).get(prefix), f"{where} [{prefix}]")
         _check_module_arrays(params, config, f"{where} [{prefix}]")
         header_modules[prefix] = config.to_json()
-        arrays.update({f"{prefix}.{n}": np.asarray(params[n]) for n in PARAM_NAMES})
+        arrays.update({f"{prefix}.{n}": np.asarray(params[n]) for n in config.names})
     header_extras = {}
     for name, a in (extras or {}).items():
         a = np.asarray(a)
@@ -479,7 +568,19 @@ def _header_config(path, prefix: str, entry) -> FusionConfig:
         raise ParamsFormatError(f"{path}: {label} field 'dtype' is {entry['dtype']!r}, expected float32 or float64")
     if entry["dim"] % entry["heads"]:
         raise ParamsFormatError(f"{path}: {label} field 'heads' is {entry['heads']}, expected a divisor of dim={entry['dim']}")
-    return FusionConfig(entry["dim"], entry["heads"], entry["mlp_ratio"], entry["dtype"])
+    extra = sorted(set(entry) - {"dim", "heads", "mlp_ratio", "dtype", "relevance"})
+    if extra:
+        raise ParamsFormatError(f"{path}: {label} has unexpected field(s) {extra}")
+    rel = entry.get("relevance")
+    if rel is None:
+        return FusionConfig(entry["dim"], entry["heads"], entry["mlp_ratio"], entry["dtype"])
+    if not isinstance(rel, dict) or sorted(rel) != ["center", "width"] or not all(
+            isinstance(rel[f], (int, float)) and not isinstance(rel[f], bool) and np.isfinite(rel[f]) for f in rel) \
+            or rel["width"] <= 0:
+        raise ParamsFormatError(f"{path}: {label} field 'relevance' is {rel!r}, expected "
+                                "{'center': finite number, 'width': positive number}")
+    return FusionConfig(entry["dim"], entry["heads"], entry["mlp_ratio"], entry["dtype"], relevance=True,
+                        rel_center=rel["center"], rel_width=rel["width"])
 
 
 def _expected_entries(path, header) -> dict[str, tuple[str, tuple[int, ...], np.dtype]]:
@@ -487,7 +588,7 @@ def _expected_entries(path, header) -> dict[str, tuple[str, tuple[int, ...], np.
     out = {}
     for prefix, entry in header["modules"].items():
         config = _header_config(path, prefix, entry)
-        for name, shape in param_shapes(config.dim, config.mlp_ratio).items():
+        for name, shape in config_shapes(config).items():
             out[f"{prefix}.{name}" if prefix else name] = (prefix, shape, np.dtype(config.dtype))
     for name, entry in header["extras"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or entry.get("dtype") not in _DTYPES:
@@ -540,7 +641,7 @@ def load_params(path: str | os.PathLike) -> tuple[FusionParams, FusionConfig]:
     if list(header["modules"]) != [""]:
         raise ParamsFormatError(f"{path}: header field 'modules' has prefixes {list(header['modules'])}, expected [''] for kind 'module'")
     config = _header_config(path, "", header["modules"][""])
-    params = FusionParams({n: raw[n] for n in PARAM_NAMES}, config)
+    params = FusionParams({n: raw[n] for n in config.names}, config)
     params._set_stamp(config.dim, config.dtype)  # _load_checked validated every entry
     return params, config
 
@@ -557,7 +658,7 @@ def load_param_set(path: str | os.PathLike) -> tuple[dict[str, FusionParams], di
     modules = {}
     for prefix, entry in header["modules"].items():
         config = _header_config(path, prefix, entry)
-        modules[prefix] = FusionParams({n: raw[f"{prefix}.{n}"] for n in PARAM_NAMES}, config)
+        modules[prefix] = FusionParams({n: raw[f"{prefix}.{n}"] for n in config.names}, config)
         modules[prefix]._set_stamp(config.dim, config.dtype)  # validated by _load_checked
     extras = {name: raw[name] for name in header["extras"]}
     return modules, extras
@@ -574,3 +675,21 @@ def adamw_decays(name: str, p: np.ndarray, decay=None) -> bool:
     if callable(decay):
         return bool(decay(name, p))
     return name in decay
+
+
+def relevance_of(params: Mapping[str, np.ndarray]) -> tuple[float, float] | None:
+    """``(center, width)`` of the score map ``(s − center)/width`` when ``params`` has the relevance pair, else ``None``.
+
+    A :class:`FusionParams` answers from its config (and must hold the pair exactly when its config says so);
+    a plain dict holding ``rel_beta`` gets the defaults of :class:`FusionConfig` (centre 1, width 0.02)."""
+    config = getattr(params, "config", None)
+    has = RELEVANCE_NAMES[0] in params or RELEVANCE_NAMES[1] in params
+    if config is not None:
+        if config.relevance != has:
+            raise RecoError(f"params: config.relevance is {config.relevance} but the relevance arrays "
+                            f"{list(RELEVANCE_NAMES)} are {'present' if has else 'absent'}")
+        return (config.rel_center, config.rel_width) if has else None
+    if not has:
+        return None
+    default = FusionConfig(dim=1, heads=1)
+    return default.rel_center, default.rel_width

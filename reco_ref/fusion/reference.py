@@ -53,6 +53,8 @@ __all__ = [
     "gelu_backward",
     "l2normalize_forward",
     "l2normalize_backward",
+    "relevance_bias_forward",
+    "relevance_bias_backward",
     "split_heads",
     "merge_heads",
     "fusion_forward",
@@ -188,12 +190,12 @@ def linear_backward(cache, dout):
 # ----------------------------------------------------------------------------------------------
 
 
-def attention_forward(q, k, v, valid):
-    r"""Scaled dot-product attention with a key mask.
+def attention_forward(q, k, v, valid, bias=None):
+    r"""Scaled dot-product attention with a key mask and an optional additive logit bias.
 
     .. math::
 
-        S = \frac{Q K^\top}{\sqrt{d_h}} + m, \quad
+        S = \frac{Q K^\top}{\sqrt{d_h}} + B + m, \quad
         m_{bj} = \begin{cases}0 & \text{valid}_{bj}\\ -\infty & \text{otherwise}\end{cases}, \quad
         P = \mathrm{softmax}_{\text{last axis}}(S), \quad
         \mathrm{out} = P V
@@ -212,16 +214,20 @@ def attention_forward(q, k, v, valid):
     k, v : ndarray, shape [B, h, T, dh]
     valid : ndarray of bool, shape [B, T]
         ``True`` where the key/value token may be attended to.
+    bias : ndarray, shape broadcastable to [B, h, Tq, T] (e.g. [B, h, 1, T]), or None
+        Added to the logits before the mask (the relevance bias of :func:`relevance_bias_forward`).
 
     Returns
     -------
     out : ndarray, shape [B, h, Tq, dh]
     cache : dict
-        ``q, k, v`` and the probabilities ``p [B, h, Tq, T]``.
+        ``q, k, v``, the probabilities ``p [B, h, Tq, T]`` and ``bias_shape`` (``None`` without a bias).
     """
     dh = q.shape[-1]
     scale = 1.0 / math.sqrt(dh)
     s = (q @ k.swapaxes(-1, -2)) * scale  # [B, h, Tq, T]
+    if bias is not None:
+        s = s + bias  # [B, h, Tq, T]
     s = np.where(valid[:, None, None, :], s, -np.inf).astype(q.dtype, copy=False)
     smax = s.max(axis=-1, keepdims=True)  # [B, h, Tq, 1]; -inf only for a row without valid keys
     smax = np.where(np.isfinite(smax), smax, 0).astype(q.dtype, copy=False)
@@ -229,7 +235,7 @@ def attention_forward(q, k, v, valid):
     denom = e.sum(axis=-1, keepdims=True)  # [B, h, Tq, 1] ≥ 1 when a valid key exists, else 0
     p = e / np.where(denom > 0, denom, 1).astype(q.dtype, copy=False)  # [B, h, Tq, T]
     out = p @ v  # [B, h, Tq, dh]
-    return out, {"q": q, "k": k, "v": v, "p": p}
+    return out, {"q": q, "k": k, "v": v, "p": p, "bias_shape": None if bias is None else np.shape(bias)}
 
 
 def attention_backward(cache, dout):
@@ -242,7 +248,7 @@ def attention_backward(cache, dout):
         dQ = \frac{dS\, K}{\sqrt{d_h}}, \quad dK = \frac{dS^\top Q}{\sqrt{d_h}}
 
     Masked entries have :math:`P = 0`, hence :math:`dS = 0` there: a masked key/value receives no
-    gradient.
+    gradient. With a bias, :math:`dB = dS` summed over the axes the bias was broadcast along.
 
     Parameters
     ----------
@@ -253,6 +259,7 @@ def attention_backward(cache, dout):
     -------
     dq : ndarray, shape [B, h, Tq, dh]
     dk, dv : ndarray, shape [B, h, T, dh]
+    dbias : ndarray, the bias's shape — only when the forward was given a bias
     """
     q, k, v, p = cache["q"], cache["k"], cache["v"], cache["p"]
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -261,7 +268,81 @@ def attention_backward(cache, dout):
     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # [B, h, Tq, T]
     dq = (ds @ k) * scale  # [B, h, Tq, dh]
     dk = (ds.swapaxes(-1, -2) @ q) * scale  # [B, h, T, dh]
-    return dq, dk, dv
+    if cache.get("bias_shape") is None:
+        return dq, dk, dv
+    return dq, dk, dv, _sum_to_shape(ds, cache["bias_shape"])
+
+
+def _sum_to_shape(g, shape):
+    """Sum ``g`` over the axes a broadcast of ``shape`` expanded (the adjoint of broadcasting)."""
+    shape = tuple(shape)
+    lead = g.ndim - len(shape)
+    g = g.sum(axis=tuple(range(lead))) if lead else g
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+# ----------------------------------------------------------------------------------------------
+# Relevance bias (spec §2 "Relevance bias" [ours])
+# ----------------------------------------------------------------------------------------------
+
+
+def relevance_bias_forward(scores, beta, gamma):
+    r"""Per-head attention-logit bias from the neighbours' search scores.
+
+    .. math::
+
+        B_{b,h,0} = \gamma_h, \qquad B_{b,h,j} = \beta_h\, s_{b,j}\ \ (j = 1..k)
+
+    the same for every query row (the bias has a singleton row axis and broadcasts over rows).
+
+    Parameters
+    ----------
+    scores : ndarray, shape [B, k]
+        The score feature of each neighbour, ``(cosine − center)/width`` (masked slots: any finite value).
+    beta, gamma : ndarray, shape [h]
+
+    Returns
+    -------
+    bias : ndarray, shape [B, h, 1, k + 1]
+    cache : dict
+        ``scores [B, k]`` and ``beta [h]`` for :func:`relevance_bias_backward`.
+    """
+    B, k = scores.shape
+    h = beta.shape[0]
+    bias = np.empty((B, h, 1, k + 1), dtype=scores.dtype)  # [B, h, 1, T]
+    bias[:, :, 0, 0] = gamma  # toward the query token
+    bias[:, :, 0, 1:] = beta[None, :, None] * scores[:, None, :]  # [B, h, k] toward each neighbour
+    return bias, {"scores": scores, "beta": beta}
+
+
+def relevance_bias_backward(cache, dout):
+    r"""Gradients of :func:`relevance_bias_forward`.
+
+    .. math::
+
+        d\beta_h = \sum_{b, j \ge 1} dB_{b,h,j}\, s_{b,j}, \quad
+        d\gamma_h = \sum_b dB_{b,h,0}, \quad
+        ds_{b,j} = \sum_h \beta_h\, dB_{b,h,j}
+
+    (RECO treats the scores as data: their gradient is returned for the checks, never used.)
+
+    Parameters
+    ----------
+    cache : dict from :func:`relevance_bias_forward`
+    dout : ndarray, shape [B, h, 1, k + 1]
+
+    Returns
+    -------
+    dscores : ndarray, shape [B, k]
+    dbeta, dgamma : ndarray, shape [h]
+    """
+    scores, beta = cache["scores"], cache["beta"]  # [B, k], [h]
+    dn = dout[:, :, 0, 1:]  # [B, h, k]
+    dbeta = (dn * scores[:, None, :]).sum(axis=(0, 2))  # [h]
+    dgamma = dout[:, :, 0, 0].sum(axis=0)  # [h]
+    dscores = (dn * beta[None, :, None]).sum(axis=1)  # [B, k]
+    return dscores, dbeta, dgamma
 
 
 def split_heads(x, heads):
@@ -377,7 +458,7 @@ def l2normalize_backward(cache, dout):
 # ----------------------------------------------------------------------------------------------
 
 
-def fusion_forward(params, query, retrieved, mask=None, *, heads):
+def fusion_forward(params, query, retrieved, mask=None, *, heads, scores=None):
     r"""Forward pass of the fusion layer φ (spec §2), output read at the query token.
 
     .. math::
@@ -397,6 +478,9 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads):
         ``True`` marks a valid neighbour; ``None`` means all valid.
     heads : int
         Number of attention heads; must divide D (checked by the front door).
+    scores : ndarray, shape [B, k], or None
+        The neighbours' score features (spec §2 "Relevance bias"); required when ``params`` holds
+        ``rel_beta, rel_gamma`` [h], ignored otherwise. The front door maps raw cosines to features.
 
     Returns
     -------
@@ -421,6 +505,9 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads):
 
     # The cache is one dict: the shapes, plus each step's own cache under the step's name.
     cache = {"heads": int(heads), "B": B, "T": T, "D": D, "valid": valid}
+    bias = None
+    if "rel_beta" in p:  # relevance bias [ours]: beta_h * s_j toward neighbour j, gamma_h toward the query
+        bias, cache["rel"] = relevance_bias_forward(scores, p["rel_beta"], p["rel_gamma"])  # [B, h, 1, T]
 
     # Attention block (pre-LN).
     A1, cache["ln1"] = layernorm_forward(X, p["ln1_gamma"], p["ln1_beta"])  # [B, T, D]
@@ -433,6 +520,7 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads):
         split_heads(K.reshape(B, T, D), heads),
         split_heads(V.reshape(B, T, D), heads),
         valid,
+        bias,
     )  # [B, h, T, dh]
     C = merge_heads(att).reshape(B * T, D)  # [B*T, D] concat_heads(P V)
     O, cache["lin_o"] = linear_forward(C, p["w_o"], p["b_o"])  # [B*T, D]
@@ -509,7 +597,7 @@ def fusion_backward(params, cache, dout, *, return_input_grads=False):
 
     # Attention block.
     dC, dw_o, db_o = linear_backward(cache["lin_o"], dH.reshape(B * T, D))  # [B*T, D]
-    dQh, dKh, dVh = attention_backward(cache["att"], split_heads(dC.reshape(B, T, D), heads))
+    dQh, dKh, dVh, *dbias = attention_backward(cache["att"], split_heads(dC.reshape(B, T, D), heads))
     dA1 = np.zeros((B * T, D), dtype=dtype)  # [B*T, D] sums the three projections
     proj = {}
     for name, dh_ in (("q", dQh), ("k", dKh), ("v", dVh)):
@@ -540,6 +628,8 @@ def fusion_backward(params, cache, dout, *, return_input_grads=False):
         "e_query": dX[:, 0].sum(axis=0),  # [D]
         "e_neighbor": dX[:, 1:].sum(axis=(0, 1)),  # [D] zero when k == 0
     }
+    if "rel" in cache:  # relevance bias: dbeta = sum dS * s over neighbour columns, dgamma = sum dS[:, :, :, 0]
+        _, grads["rel_beta"], grads["rel_gamma"] = relevance_bias_backward(cache["rel"], dbias[0])
     if return_input_grads:
         grads["query"] = dX[:, 0].copy()  # [B, D]
         grads["retrieved"] = dX[:, 1:].copy()  # [B, k, D]

@@ -43,6 +43,8 @@ STEP_INPUTS = {
     "linear": lambda rng: {"x": rng.standard_normal((4, 3)), "w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)},
     "attention": lambda rng: {"q": rng.standard_normal((2, 2, 3, 4)), "k": rng.standard_normal((2, 2, 3, 4)),
                               "v": rng.standard_normal((2, 2, 3, 4)), "valid": np.array([[1, 0, 1], [1, 1, 1]], bool)},  # fmt: skip
+    "relevance_bias": lambda rng: {"scores": rng.standard_normal((2, 3)), "beta": rng.standard_normal(2),
+                                   "gamma": rng.standard_normal(2)},  # fmt: skip
     "gelu": lambda rng: {"u": rng.standard_normal((3, 4))},
     "l2normalize": lambda rng: {"z": rng.standard_normal((3, 4))},
     "fusion": _fusion_inputs,
