@@ -283,6 +283,19 @@ def main(argv=None) -> int:
                          "the kept classes' memory (no relevant neighbour: a do-no-harm check on validation data)")
     ap.add_argument("--eval-val", help="with --holdout classes: compare these weights ('none': frozen only) on the "
                                        "class-disjoint validation sets by mode, print JSON, train nothing")
+    ap.add_argument("--init", choices=("identity", "copy"), default="identity", help="fusion init (copy: starts at "
+                    "x + alpha*mean of the neighbours)")
+    ap.add_argument("--alpha", type=float, default=1.0, help="gain of the copy init")
+    ap.add_argument("--relevance", action="store_true", help="the layer reads each neighbour's search score "
+                    "(relevance bias beta*s_j, query logit gamma; score map from unrelated pairs of the training memory)")
+    ap.add_argument("--rel-beta", type=float, default=1.0)
+    ap.add_argument("--rel-gamma", type=float, default=0.0)
+    ap.add_argument("--train-groups", choices=("all", "relevance"), default="all",
+                    help="what trains: every array, or only rel_beta/rel_gamma and tau")
+    ap.add_argument("--irrelevant-fraction", type=float, default=0.0,
+                    help="share of irrelevant-memory batches (each query's own class excluded from its search)")
+    ap.add_argument("--save-lodo", action="store_true", help="also write the lodo runs' kept weights to --out "
+                    "(lodo-flowers.npz, lodo-cub.npz) so `reco-ref eval --fusion` reproduces their rows")
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     ap.add_argument("--prepare-only", action="store_true", help="build the memories and eval arrays, train nothing")
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate the runs' kept weights (no training)")
@@ -429,7 +442,9 @@ def main(argv=None) -> int:
         return 0
     cfg = TrainConfig(k=a.k, batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
                       seed=a.seed, backend=a.backend, checkpoint_every=25, steps_per_epoch=a.steps_per_epoch,
-                      weight_decay=a.weight_decay)
+                      weight_decay=a.weight_decay, init=a.init, alpha=a.alpha, relevance=a.relevance,
+                      rel_beta=a.rel_beta, rel_gamma=a.rel_gamma, train_groups=a.train_groups,
+                      irrelevant_fraction=a.irrelevant_fraction, exact_search=True)
     report = {"command": command, "inputs": inputs, "recipe": cfg.to_json(), "runs": {}}
     from reco_ref.train.weights import load_reco_weights
 
@@ -472,6 +487,13 @@ def main(argv=None) -> int:
         entry.update(evaluate_run(run, best, saw, ds, eval_mem, work, enc, a.k, a.backend))
         report["runs"][run + a.tag] = entry
         atomic_write_json(work / "metrics.json", report)
+        if run.startswith("lodo") and a.save_lodo:
+            best.meta["metrics"] = {d: {m: entry["eval"][d][m]["top1"] for m in ("frozen", "reco", "surrogate",
+                                                                                  "knn_vote")} for d in ds}
+            best.meta["metrics"]["do_no_harm_clipart"] = {m: entry["do_no_harm"][m]["top1"]
+                                                          for m in ("frozen", "reco", "surrogate")}
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            save_reco_weights(Path(a.out) / f"{run}.npz", best)
         if run == "ship":
             best.meta["metrics"] = {d: {m: entry["eval"][d][m]["top1"] for m in ("frozen", "reco", "surrogate",
                                                                                   "knn_vote")} for d in ds}

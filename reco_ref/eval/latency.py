@@ -64,9 +64,11 @@ def _trip(images: Sequence[Any], encoder, memory, phi_image, class_emb: np.ndarr
     ms["preprocess"], pixels = _median_ms(lambda: normalize_batch([crop_bytes(im, cfg) for im in rgb], cfg), repeats)
     ms["image graph"], (v, key) = _median_ms(lambda: encoder.run_image_graph(pixels), repeats)  # [N,D], [N,Dk]|None
     q_search = key if key is not None and getattr(memory, "key_dim", None) else v
-    ms["search"], (r, mask, _rows) = _median_ms(
-        lambda: retrieve(memory, q_search, "image", search="uni", fuse="cross", k=k), repeats)  # [N,k,D], [N,k]
-    ms["fusion"], (v_bar, _) = _median_ms(lambda: fusion_forward(phi_image, v, r, mask, backend=backend), repeats)
+    ms["search"], (r, mask, _rows, scores) = _median_ms(
+        lambda: retrieve(memory, q_search, "image", search="uni", fuse="cross", k=k, with_scores=True),
+        repeats)  # [N,k,D], [N,k], [N,k], [N,k]
+    ms["fusion"], (v_bar, _) = _median_ms(lambda: fusion_forward(phi_image, v, r, mask, backend=backend,
+                                                                 scores=scores), repeats)
     ms["scoring"], pred = _median_ms(lambda: np.argmax(v_bar @ class_emb.T, axis=1), repeats)  # [N]
     return ms, pred
 

@@ -5,7 +5,8 @@ r"""Export the fusion layer φ (spec §2) to ONNX: one graph per module (φ_I, �
 * ``DIR/phi_<prefix>.onnx`` for every module of the set (``phi_image.onnx``, ``phi_text.onnx``), and
 * ``DIR/fusion_onnx.json``, the manifest: format, opset, each module's config, graph file and the
   SHA-256 of its parameter arrays (see :func:`params_digest`), the set's extras (``logit_scale``) as
-  numbers, and the source file's SHA-256.
+  numbers, and the source file's SHA-256. A module with the relevance bias also lists its graph's
+  ``inputs`` and what ``scores`` holds (its config's ``relevance`` gives the map's centre and width).
 
 Each graph has three inputs and one output, all with a dynamic batch ``B`` and neighbour count ``k``
 (``k = 0`` allowed)::
@@ -32,6 +33,22 @@ the MLP never reach row 0). The query token is always valid, so a row whose neig
 attends to itself alone. Masked neighbour slots are replaced by 0 inside the graph before anything
 reads them, so NaN/inf there has no effect (the NumPy front door does the same).
 
+**Relevance bias** (spec §2 "Relevance bias" [ours]). A module holding ``rel_beta, rel_gamma`` [h]
+(``params.config.relevance``) gets a fourth input, after ``mask``::
+
+    scores    float32 [B, k]      the score *features* f = (cos − center)/width, as the front door
+                                  reco_ref.fusion.score_features makes them (masked slots: anything)
+
+and every head's logits get :math:`+\gamma_h` toward the query token and :math:`+\beta_h f_{b,j}` toward
+neighbour :math:`j`, before the mask and the softmax. The graph takes the features, not raw cosines, because
+that is what the backend contract passes (``fusion_forward(..., scores=features)``) and it keeps one source of
+the map: ``(center, width)`` stay in the module's config (the weights header and the manifest's
+``modules.<prefix>.relevance``) and are also copied into the graph's metadata (``rel_center``, ``rel_width``)
+for a caller running the graph without reco_ref. Masked score slots are replaced by 0 inside the graph
+(NaN-safe). The metadata of such a graph has ``relevance = "1"`` and ``inputs = "query,retrieved,mask,scores"``;
+its ``params_sha256`` covers the 20 arrays (:func:`params_digest`). Modules without the relevance arrays are
+exported exactly as before (three inputs, no extra metadata, the 18-array digest).
+
 Float32 only: ONNX Runtime's CPU kernels for ``Erf`` and ``LayerNormalization`` exist for float32, and an
 edge deployment runs in float32. A float64 set is refused with a clear error rather than silently cast.
 """
@@ -48,7 +65,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, ParamsFormatError
 from ..fusion import onnx_backend
 from ..fusion.onnx_backend import FORMAT, MANIFEST, params_digest
-from ..fusion.params import PARAM_NAMES, FusionParams, load_param_set
+from ..fusion.params import PARAM_NAMES, RELEVANCE_NAMES, FusionParams, load_param_set, relevance_of
 from ..io import atomic_write_bytes, atomic_write_json, sha256_file
 
 __all__ = ["MANIFEST", "FORMAT", "OPSET", "params_digest", "fusion_model_bytes", "export_fusion", "attach_in_memory"]
@@ -57,6 +74,8 @@ FORMAT_VERSION = 1
 #: Opset 17: LayerNormalization is a standard op from 17 on; ONNX Runtime ≥ 1.17 (our floor) runs it.
 OPSET = 17
 LN_EPS = 1e-5  # the reference's LN_EPS (spec §2)
+#: What the ``scores`` input of a relevance graph holds (metadata ``scores``, manifest ``scores``).
+SCORES_DOC = "feature (cos - rel_center) / rel_width, float32 [B,k]; masked slots ignored"
 
 
 def _onnx():
@@ -100,8 +119,10 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
     D, h = params.dim, params.heads
     dh = D // h
     R = params["w_1"].shape[1]
+    rel = relevance_of(params)  # (center, width) or None; also checks config.relevance against the arrays
+    names = PARAM_NAMES + RELEVANCE_NAMES if rel is not None else PARAM_NAMES
 
-    inits = [numpy_helper.from_array(np.ascontiguousarray(params[n]), name=n) for n in PARAM_NAMES]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(params[n]), name=n) for n in names]
 
     def const(nm, value, dtype=np.float32):
         inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name=nm))
@@ -124,6 +145,21 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
     const("c_slice0", [0], np.int64)
 
     N = helper.make_node
+    rel_nodes, s_biased = [], "S_scaled"
+    if rel is not None:  # spec §2 "Relevance bias": +gamma_h toward token 0, +beta_h * f_j toward neighbour j
+        const("c_shape_h4", [1, h, 1, 1], np.int64)
+        rel_nodes = [
+            N("Where", ["mask", "scores", "c_zero"], ["f_clean"]),                # [B,k] masked slots -> 0
+            N("Unsqueeze", ["f_clean", "c_axes_12"], ["f4"]),                     # [B,1,1,k]
+            N("Reshape", ["rel_beta", "c_shape_h4"], ["beta4"]),                  # [1,h,1,1]
+            N("Reshape", ["rel_gamma", "c_shape_h4"], ["gamma4"]),                # [1,h,1,1]
+            N("Mul", ["f4", "beta4"], ["rel_n"]),                                 # [B,h,1,k]
+            N("Unsqueeze", ["bias_q", "c_axes_12"], ["zero4"]),                   # [B,1,1,1] zeros
+            N("Add", ["zero4", "gamma4"], ["rel_q"]),                             # [B,h,1,1]
+            N("Concat", ["rel_q", "rel_n"], ["rel_bias"], axis=3),                # [B,h,1,T]
+            N("Add", ["S_scaled", "rel_bias"], ["S_rel"]),                        # [B,h,1,T] bias before the mask
+        ]  # fmt: skip
+        s_biased = "S_rel"
     nodes = [
         # Masked slots -> 0 before anything reads them (NaN-safe, as the front door).
         N("Unsqueeze", ["mask", "c_axis_last"], ["mask3"]),                      # [B,k,1] bool
@@ -155,8 +191,9 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
         N("ConstantOfShape", ["B1_shape"], ["bias_q"],
           value=helper.make_tensor("zero", TP.FLOAT, [1], [0.0])),                # [B,1]
         N("Concat", ["bias_q", "bias_r"], ["bias"], axis=1),                      # [B,T]
+        *rel_nodes,
         N("Unsqueeze", ["bias", "c_axes_12"], ["bias4"]),                         # [B,1,1,T]
-        N("Add", ["S_scaled", "bias4"], ["S"]),                                   # [B,h,1,T]
+        N("Add", [s_biased, "bias4"], ["S"]),                                     # [B,h,1,T]
         N("Softmax", ["S"], ["P"], axis=-1),                                      # [B,h,1,T]
         N("MatMul", ["P", "Vh"], ["PV"]),                                         # [B,h,1,dh]
         N("Reshape", ["PV", "c_shape_bd"], ["C0"]),                               # [B,D]
@@ -182,12 +219,18 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
         helper.make_tensor_value_info("retrieved", TP.FLOAT, ["B", "k", D]),
         helper.make_tensor_value_info("mask", TP.BOOL, ["B", "k"]),
     ]
+    if rel is not None:
+        inputs.append(helper.make_tensor_value_info("scores", TP.FLOAT, ["B", "k"]))
     outputs = [helper.make_tensor_value_info("out", TP.FLOAT, ["B", D])]
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="reco_ref")
     model.ir_version = min(model.ir_version, 8)  # readable by ONNX Runtime >= 1.17 (our floor)
-    helper.set_model_props(model, {"reco_ref.format": FORMAT, "reco_ref.module": name, "dim": str(D), "heads": str(h),
-                                   "mlp_hidden": str(R), "params_sha256": params_digest(params)})  # fmt: skip
+    props = {"reco_ref.format": FORMAT, "reco_ref.module": name, "dim": str(D), "heads": str(h),
+             "mlp_hidden": str(R), "params_sha256": params_digest(params)}  # fmt: skip
+    if rel is not None:
+        props.update({"relevance": "1", "inputs": "query,retrieved,mask,scores", "scores": SCORES_DOC,
+                      "rel_center": repr(rel[0]), "rel_width": repr(rel[1])})  # fmt: skip
+    helper.set_model_props(model, props)
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
@@ -224,7 +267,10 @@ def export_fusion(weights: str | os.PathLike, out_dir: str | os.PathLike) -> dic
         fname = f"phi_{prefix}.onnx"
         blob = fusion_model_bytes(params, name=f"phi_{prefix}")
         atomic_write_bytes(out / fname, blob)
-        manifest["modules"][prefix] = dict(params.config.to_json(), file=fname, params_sha256=params_digest(params))
+        entry = dict(params.config.to_json(), file=fname, params_sha256=params_digest(params))
+        if params.config.relevance:  # the config's "relevance" holds {center, width}; say what the graph takes
+            entry.update(inputs=["query", "retrieved", "mask", "scores"], scores=SCORES_DOC)
+        manifest["modules"][prefix] = entry
     for name, a in extras.items():
         if a.size != 1:
             raise ParamsFormatError(f"{weights}: extra {name!r} has shape {a.shape}, expected a scalar for the manifest")

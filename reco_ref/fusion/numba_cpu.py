@@ -35,6 +35,13 @@ That cuts the layer from ``72·B·T·D²`` GEMM FLOPs (spec §7) to ``12·B·T·
 (ratio 4): at B=256, T=11, D=512 from ≈53 to ≈13 GFLOP.  The results are identical to the
 reference up to rounding (the tests check every output and gradient).
 
+Relevance bias (spec §2, optional: params with ``rel_beta, rel_gamma [h]`` and ``scores [B,k]``)
+-----------------------------------------------------------------------------------------------
+Only the query row's logits are computed, so only they get the bias: ``+γ_h`` toward token 0,
+``+β_h·scores[b, j−1]`` toward neighbour ``j`` (inside :func:`_attention_row0_forward_v2`); ``dβ``,
+``dγ`` come from that row's ``dS`` (the other rows' ``dS`` is exactly 0).  Without the arrays the
+kernel's bias lines are pruned at compile time: the paper's layer runs the same code as before.
+
 Shapes: ``B`` batch, ``k`` neighbours, ``T = k+1``, ``D`` width, ``h`` heads, ``dh = D/h``,
 ``F = mlp_ratio·D`` hidden width.
 """
@@ -438,17 +445,26 @@ def _layernorm1_backward(da1, dq_proj, dh, xhat, rstd, gamma, dx, part):
 # tests hold it to the reference's tolerances.  M, N, C, G are [h, B, D]: each (head, row) owns one
 # contiguous D-vector, which is what the kernels below stream over.
 #
+# The optional relevance bias (spec §2) only adds to the query row's logits: s_0 += γ_h, s_t += β_h·sc_{t−1}
+# (sc the score features [B,k]); it changes P, not the folds.  Its gradients come from the same dS:
+#            dβ_h = Σ_b Σ_{t≥1} dS_t sc_{t−1},  dγ_h = Σ_b dS_0   (dS = dS'·√dh; rows 1..k have dS = 0)
+#
 # fastmath: "reassoc" lets LLVM vectorise the dot products and sums (changes rounding at the 1e-16
 # relative level only), "contract" allows FMAs; no nnan/ninf: masking relies on IEEE -inf / 0.
 _JIT2 = dict(parallel=True, cache=True, fastmath={"reassoc", "contract"}, nogil=True)
 
 
 @njit(**_JIT2)
-def _attention_row0_forward_v2(a1, m, valid, scale, p, c, sc):
+def _attention_row0_forward_v2(a1, m, valid, scale, p, c, sc, scores=None, beta=None, gamma=None):
     """Softmax of the query row from the folded key vectors; context folded the same way.
 
     a1 [B,T,D] = LN_1(X), m [h,B,D] (M above), valid [B,T] bool, scale = 1/√dh
     -> p [B,h,T] (exact 0 on masked keys), c [h,B,D] = Σ_t p_t A1_t;  sc [B,h,T] float64 scratch.
+
+    Relevance bias (spec §2, optional): with scores [B,k], beta [h], gamma [h] the logits of the query
+    row are  S_0 = A1_0·M/√dh + γ_h  and  S_t = A1_t·M/√dh + β_h s_{t−1}  (t = 1..k), the bias added in
+    float64 before the mask and the softmax.  Called without them (``None``) the bias lines are pruned
+    at compile time: that specialisation is the paper's layer, bit for bit.
     """
     B, T, D = a1.shape
     H = m.shape[0]
@@ -462,6 +478,11 @@ def _attention_row0_forward_v2(a1, m, valid, scale, p, c, sc):
                 for d in range(D):
                     acc += a1[b, t, d] * m[hh, b, d]
                 acc *= scale
+                if scores is not None:  # relevance bias: γ_h toward the query, β_h s_{t−1} toward neighbour t
+                    if t == 0:
+                        acc += float(gamma[hh])
+                    else:
+                        acc += float(beta[hh]) * float(scores[b, t - 1])
                 sc[b, hh, t] = acc
                 if acc > mx:
                     mx = acc
@@ -867,18 +888,23 @@ def _colsum_rows(m2: np.ndarray) -> np.ndarray:
     return part.sum(axis=0, dtype=np.float64).astype(m2.dtype)
 
 
-def fusion_forward(params, query, retrieved, mask=None, *, heads: int):
+def fusion_forward(params, query, retrieved, mask=None, *, heads: int, scores=None):
     """Fusion layer forward, token-0 fast path.  Same contract as ``reference.fusion_forward``.
 
     Parameters
     ----------
     params : mapping of str to ndarray
-        The 18 named parameters (row-vector convention, ``W [in,out]``), all one float dtype.
+        The 18 named parameters (row-vector convention, ``W [in,out]``), all one float dtype, plus
+        ``rel_beta, rel_gamma [h]`` for the relevance bias (spec §2 "Relevance bias").
     query : ndarray [B,D]
     retrieved : ndarray [B,k,D]   (k may be 0)
     mask : ndarray [B,k] bool or None (True = valid neighbour; None = all valid)
     heads : int
         Number of attention heads, dividing D (resolved by the front door).
+    scores : ndarray [B,k] or None
+        Score features ``(s − center)/width`` (mapped by the front door); required when ``params``
+        has the relevance bias, ignored otherwise.  Query-row logits: ``+γ_h`` toward token 0,
+        ``+β_h·scores[b,j−1]`` toward neighbour ``j``.
 
     Returns
     -------
@@ -889,7 +915,7 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads: int):
     """
     B, D = np.shape(query)
     with _threads_for(B * (np.shape(retrieved)[1] + 1) * D):
-        return _fusion_forward(params, query, retrieved, mask, heads=heads)
+        return _fusion_forward(params, query, retrieved, mask, heads=heads, scores=scores)
 
 
 def fusion_backward(params, cache, dout, *, return_input_grads=False):
@@ -907,7 +933,8 @@ def fusion_backward(params, cache, dout, *, return_input_grads=False):
     Returns
     -------
     grads : dict
-        One array per parameter name (same shape and dtype), plus the input gradients if asked.
+        One array per parameter name (same shape and dtype; ``rel_beta, rel_gamma`` too when the
+        params have the relevance bias), plus the input gradients if asked.
     """
     with _threads_for(cache.get("B", 0) * (cache.get("k", 0) + 1) * cache.get("D", 0)):
         return _fusion_backward(params, cache, dout, return_input_grads=return_input_grads)
@@ -950,7 +977,7 @@ def _heads_view(w, heads: int):
     return w.reshape(Din, heads, D // heads).transpose(1, 0, 2)
 
 
-def _fusion_forward(params, query, retrieved, mask=None, *, heads: int):
+def _fusion_forward(params, query, retrieved, mask=None, *, heads: int, scores=None):
     """Body of :func:`fusion_forward` (see there)."""
     _tick("start")
     dt = params["w_q"].dtype
@@ -970,6 +997,20 @@ def _fusion_forward(params, query, retrieved, mask=None, *, heads: int):
         valid[:, 1:] = mask
     eps = LN_EPS
     p = {name: np.ascontiguousarray(params[name]) for name in params}
+    rel = "rel_beta" in p  # relevance bias [ours]: β_h·scores toward neighbour j, γ_h toward the query
+    if rel:
+        if scores is None:
+            from ..errors import ShapeError
+
+            raise ShapeError("scores: params have the relevance bias (rel_beta, rel_gamma); pass scores [B,k]")
+        scores = np.ascontiguousarray(scores, dtype=dt)  # [B,k] score features
+        if scores.shape != (B, k) or p["rel_beta"].shape != (heads,):
+            from ..errors import ShapeError
+
+            raise ShapeError(f"scores {scores.shape} / rel_beta {p['rel_beta'].shape}: "
+                             f"expected ({B}, {k}) / ({heads},)")
+    else:
+        scores = None  # the paper's layer: scores are ignored
     _tick("setup")
 
     # 1. X = [q + e_q ; r + e_r], A1 = LN_1(X)               all T tokens
@@ -994,8 +1035,12 @@ def _fusion_forward(params, query, retrieved, mask=None, *, heads: int):
     # 3. masked softmax of the query row, context folded: C[h,b] = Σ_t p_t A1_t
     prob = np.empty((B, heads, T), dt)
     c = np.empty((heads, B, D), dt)
-    _attention_row0_forward_v2(a1, m, valid, 1.0 / math.sqrt(dh), prob, c,
-                               np.empty((B, heads, T), np.float64))
+    sc = np.empty((B, heads, T), np.float64)
+    if rel:  # query-row logits + γ_h (token 0) / + β_h scores[b, t−1] (neighbours)
+        _attention_row0_forward_v2(a1, m, valid, 1.0 / math.sqrt(dh), prob, c, sc,
+                                   scores, p["rel_beta"], p["rel_gamma"])
+    else:
+        _attention_row0_forward_v2(a1, m, valid, 1.0 / math.sqrt(dh), prob, c, sc)
     _tick("attention row 0 (kernel)")
     if B == 1:
         ctx = np.empty((1, D), dt)
@@ -1033,6 +1078,8 @@ def _fusion_forward(params, query, retrieved, mask=None, *, heads: int):
     cache = dict(backend="numba", heads=heads, B=B, k=k, D=D, valid=valid,
                  xhat1=xhat1, rstd1=rstd1, a1=a1, a1_0=a1_0, q0=q0, m=m, prob=prob, c=c, ctx=ctx,
                  xhat2=xhat2, rstd2=rstd2, a2=a2, pre=pre, u=u, out=out, norm=norm)
+    if rel:
+        cache["scores"] = scores  # [B,k] for dβ
     return out, cache
 
 
@@ -1091,6 +1138,10 @@ def _fusion_backward(params, cache, dout, *, return_input_grads=False):
     dsum = np.empty((B, heads), dt)
     _attention_row0_backward_v2(cache["a1"], cache["prob"], nv, cache["valid"], 1.0 / math.sqrt(dh),
                                 ds, gk, dsum, np.empty((B, heads, T), np.float64))
+    if "rel_beta" in p:  # relevance bias: dβ_h = Σ_b Σ_{t≥1} dS_t scores_{t−1}, dγ_h = Σ_b dS_0
+        dS = ds.astype(np.float64) * math.sqrt(dh)        # [B,h,T] query-row dS (masked keys: 0)
+        g["rel_beta"] = np.einsum("bht,bt->h", dS[:, :, 1:], cache["scores"].astype(np.float64)).astype(dt)
+        g["rel_gamma"] = dS[:, :, 0].sum(axis=0).astype(dt)
     _tick("attention row 0 backward (kernel)")
     q0h = cache["q0"].reshape(B, heads, dh).transpose(1, 0, 2)  # [h,B,dh] view
     dq0 = np.matmul(gk, wk_h).transpose(1, 0, 2).reshape(B, D)  # [B,D]  dq0_h = G[h] W_k[:, h]

@@ -18,6 +18,11 @@ Before each run the backend compares a cheap checksum of the 18 arrays (XOR of t
 integer pass) with the one taken when the session was attached, so editing the arrays in place afterwards
 (an optimiser step) is an error, never a stale answer.
 
+A module with the relevance bias (spec §2 "Relevance bias"; arrays ``rel_beta, rel_gamma`` [h]) has them in the
+digest and the checksum too (20 arrays), and its graph takes a fourth input ``scores`` float32 [B,k]: the score
+*features* ``(cos − center)/width`` that the front door (:func:`reco_ref.fusion.fusion_forward` with raw
+``scores=``) makes and passes here. Called without ``scores``, such a module is refused by name.
+
 ``fusion_backward`` raises: the graph has no backward (train with ``numpy`` / ``numba`` / ``cuda``).
 """
 
@@ -33,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailableError, ParamsFormatError, RecoError
-from .params import PARAM_NAMES, FusionParams
+from .params import PARAM_NAMES, RELEVANCE_NAMES, FusionParams
 
 __all__ = ["FORMAT", "MANIFEST", "params_digest", "fusion_forward", "fusion_backward", "attach", "attach_model",
            "session_for", "clear_cache"]
@@ -55,13 +60,19 @@ def _ort():
     return onnxruntime
 
 
+def _names(params) -> tuple[str, ...]:
+    """The arrays a graph is made from: the 18 of :data:`PARAM_NAMES`, + ``rel_beta, rel_gamma`` when present."""
+    return PARAM_NAMES + RELEVANCE_NAMES if RELEVANCE_NAMES[0] in params else PARAM_NAMES
+
+
 def params_digest(params) -> str:
-    """SHA-256 over the 18 arrays in :data:`PARAM_NAMES` order (name, dtype, shape, C-order bytes).
+    """SHA-256 over the 18 arrays in :data:`PARAM_NAMES` order (name, dtype, shape, C-order bytes), followed by
+    ``rel_beta, rel_gamma`` when the module has the relevance bias (a module without them hashes as before).
 
     The exporter writes it into each graph's metadata and the manifest; attaching compares it with the weights.
     """
     h = hashlib.sha256()
-    for name in PARAM_NAMES:
+    for name in _names(params):
         a = np.ascontiguousarray(params[name])
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
         h.update(a.tobytes())
@@ -75,7 +86,7 @@ def _checksum(params) -> tuple:
     differences); every optimiser step, scaling or re-load changes it.
     """
     return tuple((params[n].shape, int(np.bitwise_xor.reduce(np.ascontiguousarray(params[n]).view(np.uint32), axis=None)))
-                 for n in PARAM_NAMES)  # fmt: skip
+                 for n in _names(params))  # fmt: skip
 
 
 def _make_session(model: bytes | str, threads: int | None):
@@ -212,7 +223,7 @@ def clear_cache() -> None:
         _SESSIONS.clear()
 
 
-def fusion_forward(params, query, retrieved, mask=None, *, heads):
+def fusion_forward(params, query, retrieved, mask=None, *, heads, scores=None):
     r"""Forward of φ on ONNX Runtime; same contract as :func:`reco_ref.fusion.reference.fusion_forward`.
 
     .. math:: \bar x = \mathrm{normalize}(Y_{:,0}) \quad \text{(spec §2; graph: reco_ref.export.fusion)}
@@ -223,6 +234,9 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads):
     query : float32 [B, D]
     retrieved : float32 [B, k, D]
     mask : bool [B, k] or None (all valid)
+    scores : float [B, k] or None
+        The score features ``(cos − center)/width`` (the front door maps raw scores); required when ``params``
+        has ``rel_beta, rel_gamma``, ignored otherwise.
 
     Returns
     -------
@@ -235,8 +249,17 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads):
     B, k = retrieved.shape[0], retrieved.shape[1]
     if mask is None:
         mask = np.ones((B, k), dtype=bool)  # [B,k]
+    feeds = {"query": query, "retrieved": retrieved, "mask": mask}
+    if RELEVANCE_NAMES[0] in params:
+        if scores is None:
+            raise RecoError("scores: this fusion module has the relevance bias (rel_beta, rel_gamma) and its graph "
+                            "needs the neighbours' score features [B,k]; got None (pass raw search scores to "
+                            "reco_ref.fusion.fusion_forward(..., scores=...))")  # fmt: skip
+        if np.shape(scores) != (B, k):
+            raise RecoError(f"scores: shape {np.shape(scores)}, expected ({B}, {k})")
+        feeds["scores"] = np.ascontiguousarray(scores, dtype=np.float32)  # [B,k]
     sess = session_for(params)
-    (out,) = sess.run(["out"], {"query": query, "retrieved": retrieved, "mask": mask})  # [B,D]
+    (out,) = sess.run(["out"], feeds)  # [B,D]
     return out, {"heads": int(heads), "B": B}
 
 

@@ -609,7 +609,10 @@ def _load_checked(path, kind: str):
                 raise ParamsFormatError(f"{path}: header module prefix {prefix!r}, expected a non-empty identifier without '.'")
     expected = _expected_entries(path, header)
     if sorted(header["names"]) != sorted(expected):
-        raise ParamsFormatError(f"{path}: header field 'names' lists {sorted(header['names'])}, expected {sorted(expected)}")
+        missing = [n for n in sorted(expected) if n not in header["names"]]
+        unexpected = [n for n in header["names"] if not (isinstance(n, str) and n in expected)]
+        raise ParamsFormatError(f"{path}: header field 'names' lists {sorted(header['names'])}, expected {sorted(expected)} "
+                                f"(missing {missing}, unexpected {unexpected})")  # fmt: skip
     for name in expected:
         if name not in raw:
             raise ParamsFormatError(f"{path}: entry {name!r} missing, expected shape {expected[name][1]} {expected[name][2]}")

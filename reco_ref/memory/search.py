@@ -160,8 +160,8 @@ def search_index(index: Any, queries: np.ndarray, k: int, *, exclude: Any = None
 
 def retrieve(memory: Any, queries: np.ndarray, query_modality: str, search: str = "uni", fuse: str = "cross",
              k: int = 10, exclude: Any = None, *, dup_threshold: Any = None, exact: bool = False,
-             ef: int | None = None, num_threads: int | None = None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             ef: int | None = None, num_threads: int | None = None, with_scores: bool = False
+             ) -> tuple[np.ndarray, ...]:
     """Neighbours for the fusion module (spec §1): search one modality, return another's embeddings.
 
     Parameters
@@ -173,12 +173,14 @@ def retrieve(memory: Any, queries: np.ndarray, query_modality: str, search: str 
     search : "uni" (image→image index, text→text index; the paper) | "cross" (image→text, text→image)
     fuse : "cross" (the paper: image query is fed text embeddings ``T^M[idx]`` and vice versa) | "uni"
     k, exclude, dup_threshold, exact, ef : as :meth:`Memory.search`
+    with_scores : also return the search scores (what the relevance bias of the fusion layer reads)
 
     Returns
     -------
     neighbours : float32 [N, k, D] — zeros in invalid slots
     valid : bool [N, k] — the attention mask (False = masked out)
     rows : int64 [N, k] — memory row ids (−1 where invalid)
+    scores : float32 [N, k] — cosine of the searched vectors (−inf where invalid); only when ``with_scores``
     """
     if query_modality not in MODALITIES:
         raise SearchError(f"query_modality: expected 'image' or 'text', got {query_modality!r}")
@@ -189,7 +191,7 @@ def retrieve(memory: Any, queries: np.ndarray, query_modality: str, search: str 
     other = "text" if query_modality == "image" else "image"
     searched = query_modality if search == "uni" else other
     fed = other if fuse == "cross" else query_modality
-    rows, _, valid = memory.search(queries, modality=searched, k=k, exact=exact, exclude=exclude,
-                                   dup_threshold=dup_threshold, ef=ef, num_threads=num_threads)
+    rows, scores, valid = memory.search(queries, modality=searched, k=k, exact=exact, exclude=exclude,
+                                        dup_threshold=dup_threshold, ef=ef, num_threads=num_threads)
     neighbours = memory.embeddings(fed, rows)  # [N, k, D], zeros where rows == -1
-    return neighbours, valid, rows
+    return (neighbours, valid, rows, scores) if with_scores else (neighbours, valid, rows)

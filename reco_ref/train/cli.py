@@ -52,6 +52,19 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=("numpy", "numba", "cuda"), default=d.backend, help="fusion/InfoNCE backend")
     g.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every,
                    help=f"steps between checkpoints (default {d.checkpoint_every})")
+    g.add_argument("--init", choices=("identity", "copy"), default=d.init,
+                   help="fusion init: identity (spec: x̄ = x at step 0) or copy [ours]: x + α·mean of the neighbours")
+    g.add_argument("--alpha", type=float, default=d.alpha, help=f"gain α of the copy init (default {d.alpha})")
+    g.add_argument("--relevance", action="store_true",
+                   help="[ours] the layer reads each neighbour's search score: β·s_j toward neighbour j, γ toward the "
+                        "query (score map: z-score against unrelated pairs of the first training memory)")
+    g.add_argument("--rel-beta", type=float, default=d.rel_beta, help=f"initial β per head (default {d.rel_beta})")
+    g.add_argument("--rel-gamma", type=float, default=d.rel_gamma, help=f"initial γ per head (default {d.rel_gamma})")
+    g.add_argument("--train-groups", choices=("all", "relevance"), default=d.train_groups,
+                   help="what trains: every array (default) or only β, γ and τ ('relevance')")
+    g.add_argument("--irrelevant-fraction", type=float, default=d.irrelevant_fraction,
+                   help="[ours] share of irrelevant-memory batches: each query's own class excluded from its search "
+                        "(needs labelled memories; default 0 = off)")
     g.add_argument("--select-on", choices=("top1", "loss"), default=d.select_on,
                    help="validation score the kept weights are chosen on (default top1)")
 

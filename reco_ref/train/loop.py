@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, RecoError
-from ..fusion import fusion_backward, fusion_forward
+from ..fusion import RELEVANCE_NAMES, fusion_backward, fusion_forward
 from ..io import atomic_save_npz, atomic_write_json, atomic_write_text, load_npz
 from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import DEFAULT_TAU, reco_loss_backward, reco_loss_forward
@@ -74,6 +74,16 @@ class TrainConfig:
         takes a seeded subset of its batches — for short recipes on a slow machine
     checkpoint_every : steps between checkpoints (also one at every epoch end)
     select_on : "top1" (mean zero-shot top-1 over validation sets; ties keep the earlier) | "loss"
+    init : "identity" (spec §2: x̄ = x at step 0) | "copy" [ours]: starts at x + α·mean(r) (``init_params``)
+    alpha : the copy init's gain α
+    relevance : the layer reads each neighbour's search score (spec §2 "Relevance bias" [ours]); the score map
+        ``(s − mean)/std`` uses unrelated-pair statistics of the first source's retrieval memory
+    rel_beta, rel_gamma : initial β, γ of every head (relevance only)
+    train_groups : "all" (every array of φ_I, φ_T, and τ) | "relevance" (only rel_beta, rel_gamma and τ [ours]:
+        the layer cannot memorise the training classes' names — docs/training.md "Why training lost transfer")
+    irrelevant_fraction : [ours] add, beside each source, an irrelevant-memory source of its pairs whose search
+        excludes every row of the query's own class, weighted ``fraction / (1 − fraction)`` of the source (needs
+        labelled memories); 0 = off
     """
 
     k: int = 10
@@ -99,6 +109,13 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     checkpoint_every: int = 100
     select_on: str = "top1"
+    init: str = "identity"
+    alpha: float = 1.0
+    relevance: bool = False
+    rel_beta: float = 1.0
+    rel_gamma: float = 0.0
+    train_groups: str = "all"
+    irrelevant_fraction: float = 0.0
 
     def check(self) -> None:
         """One-line :class:`RecoError` for a bad field."""
@@ -112,13 +129,25 @@ class TrainConfig:
             raise RecoError(f"batch_size: expected at least 2 (InfoNCE needs negatives), got {self.batch_size}")
         for name, allowed in (("search", ("uni", "cross")), ("fuse", ("cross", "uni")), ("model", ("reco", "mlp")),
                               ("backend", ("numpy", "numba", "cuda")), ("loss_backend", ("numpy", "numba", "cuda")),
-                              ("select_on", ("top1", "loss"))):
+                              ("select_on", ("top1", "loss")), ("init", ("identity", "copy")),
+                              ("train_groups", ("all", "relevance"))):
             if getattr(self, name) not in allowed:
                 raise RecoError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
         for name in ("lr", "min_lr", "weight_decay"):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise RecoError(f"{name}: expected a non-negative finite number, got {v}")
+        for name in ("alpha", "rel_beta", "rel_gamma"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise RecoError(f"{name}: expected a finite number, got {getattr(self, name)}")
+        if self.alpha <= 0:
+            raise RecoError(f"alpha: expected > 0, got {self.alpha}")
+        if not 0.0 <= float(self.irrelevant_fraction) < 1.0:
+            raise RecoError(f"irrelevant_fraction: expected a number in [0, 1), got {self.irrelevant_fraction}")
+        if self.train_groups == "relevance" and not self.relevance:
+            raise RecoError("train_groups: 'relevance' needs relevance=True (the layer has no relevance arrays)")
+        if self.model == "mlp" and (self.relevance or self.init != "identity"):
+            raise RecoError("model 'mlp': init/relevance apply to the fusion layer only")
         if self.min_lr > self.lr:
             raise RecoError(f"min_lr: {self.min_lr} is above lr {self.lr}")
         if self.warmup_steps < 0:
@@ -182,10 +211,13 @@ def class_text_embeddings(encoder: Any, class_names: Sequence[str], templates: S
 # the trained model as a flat dict of arrays (what AdamW and the checkpoint see) + forward/backward per modality
 # ------------------------------------------------------------------------------------------------------------
 class _Model:
-    def __init__(self, cfg: TrainConfig, dim: int):
+    def __init__(self, cfg: TrainConfig, dim: int, maps: dict | None = None):
         self.cfg = cfg
         if cfg.model == "reco":
-            w = init_reco_weights(dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, seed=cfg.seed)
+            kw = dict(init=cfg.init, alpha=cfg.alpha, k=cfg.k)
+            if cfg.relevance:
+                kw.update(relevance=True, rel_beta=cfg.rel_beta, rel_gamma=cfg.rel_gamma)
+            w = init_reco_weights(dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, seed=cfg.seed, **kw, maps=maps)
             self.modules = {"image": w.image, "text": w.text}
         else:
             hidden = mlp_hidden_for(dim, cfg.heads, cfg.mlp_ratio)
@@ -194,16 +226,19 @@ class _Model:
         self.flat = {f"{m}.{n}": a for m, p in self.modules.items() for n, a in p.items()}
         self.flat["tau"] = self.tau
 
-    def forward(self, modality: str, q, nb, mask):
+    def forward(self, modality: str, q, nb, mask, scores=None):
         phi = self.modules[modality]
         if self.cfg.model == "reco":
-            return fusion_forward(phi, q, nb, mask, backend=self.cfg.backend)
+            return fusion_forward(phi, q, nb, mask, backend=self.cfg.backend,
+                                  scores=scores if self.cfg.relevance else None)
         return mlp_forward(phi, q, nb, mask)
 
     def backward(self, modality: str, cache, dout) -> dict:
         phi = self.modules[modality]
         if self.cfg.model == "reco":
             g = fusion_backward(phi, cache, dout)
+            if self.cfg.train_groups == "relevance":  # the rest stays at its init (frozen: no gradient given)
+                g = {n: a for n, a in g.items() if n in RELEVANCE_NAMES}
         else:
             g = mlp_backward(phi, cache, dout)
         return {f"{modality}.{n}": a for n, a in g.items()}
@@ -252,6 +287,7 @@ class _PreparedVal:
     class_text: np.ndarray
     cls_nb: np.ndarray  # [C,k,D] neighbours fed to the class texts
     cls_valid: np.ndarray  # [C,k]
+    cls_scores: np.ndarray  # [C,k] search cosines of those neighbours
 
 
 def _prepare_val(vs: ValSet, cfg: TrainConfig) -> _PreparedVal:
@@ -265,11 +301,11 @@ def _prepare_val(vs: ValSet, cfg: TrainConfig) -> _PreparedVal:
     if ct.ndim != 2 or ct.shape[1] != src.v.shape[1] or labels.max() >= ct.shape[0]:
         raise RecoError(f"validation set {vs.name!r}: class_text shape {ct.shape}, expected [C>{labels.max()}, "
                         f"{src.v.shape[1]}]")
-    rows, valid = search_rows(vs.retrieval, ct, "text", k=cfg.k, search=cfg.search,
-                              dup_threshold=cfg.dup_threshold_text if cfg.search == "uni" else cfg.dup_threshold_image,
-                              exact=cfg.exact_search)
+    rows, valid, scores = search_rows(vs.retrieval, ct, "text", k=cfg.k, search=cfg.search,
+                                      dup_threshold=cfg.dup_threshold_text if cfg.search == "uni" else cfg.dup_threshold_image,
+                                      exact=cfg.exact_search, with_scores=True)
     nb = src.nb_text[np.where(valid, rows, 0)] * valid[..., None]
-    return _PreparedVal(vs.name, src, labels, ct, nb.astype(np.float32), valid)
+    return _PreparedVal(vs.name, src, labels, ct, nb.astype(np.float32), valid, scores)
 
 
 def _validate(model: _Model, pv: _PreparedVal, cfg: TrainConfig) -> dict:
@@ -280,8 +316,9 @@ def _validate(model: _Model, pv: _PreparedVal, cfg: TrainConfig) -> dict:
     tot, n = 0.0, 0
     for _, idx in plan:
         v, t, nb_i, m_i, nb_t, m_t = src.batch(idx)
-        vb, _ = model.forward("image", v, nb_i, m_i)
-        tb, _ = model.forward("text", t, nb_t, m_t)
+        s_i, s_t = src.batch_scores(idx)
+        vb, _ = model.forward("image", v, nb_i, m_i, s_i)
+        tb, _ = model.forward("text", t, nb_t, m_t, s_t)
         loss, _ = reco_loss_forward(vb, tb, v, t, float(model.tau), weights=cfg.loss_weights, backend=cfg.loss_backend)
         tot += loss * len(idx)
         n += len(idx)
@@ -289,8 +326,8 @@ def _validate(model: _Model, pv: _PreparedVal, cfg: TrainConfig) -> dict:
     for lo in range(0, len(src), 1024):
         idx = np.arange(lo, min(len(src), lo + 1024))
         v, _, nb_i, m_i, _, _ = src.batch(idx)
-        refined[idx], _ = model.forward("image", v, nb_i, m_i)
-    cls, _ = model.forward("text", pv.class_text, pv.cls_nb, pv.cls_valid)
+        refined[idx], _ = model.forward("image", v, nb_i, m_i, src.batch_scores(idx)[0])
+    cls, _ = model.forward("text", pv.class_text, pv.cls_nb, pv.cls_valid, pv.cls_scores)
     pred = np.argmax(refined @ cls.T, axis=1)
     return {"set": pv.name, "loss": tot / max(1, n), "top1": float(np.mean(pred == pv.labels)), "n": int(len(src))}
 
@@ -367,10 +404,14 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
         if isinstance(s, PreparedSource):
             prepared.append(s)
             continue
-        prepared.append(prepare_source(s["pairs"], s.get("retrieval"), name=s.get("name") or f"source{i}", k=cfg.k,
-                                       search=cfg.search, fuse=cfg.fuse, dup_threshold_image=cfg.dup_threshold_image,
-                                       dup_threshold_text=cfg.dup_threshold_text, exact=cfg.exact_search,
-                                       weight=s.get("weight")))
+        kw = dict(k=cfg.k, search=cfg.search, fuse=cfg.fuse, dup_threshold_image=cfg.dup_threshold_image,
+                  dup_threshold_text=cfg.dup_threshold_text, exact=cfg.exact_search)
+        name = s.get("name") or f"source{i}"
+        prepared.append(prepare_source(s["pairs"], s.get("retrieval"), name=name, weight=s.get("weight"), **kw))
+        if cfg.irrelevant_fraction > 0:  # [ours] the same pairs retrieving as from a memory that lacks their class
+            f = float(cfg.irrelevant_fraction)
+            prepared.append(prepare_source(s["pairs"], s.get("retrieval"), name=name + ":irrelevant",
+                                           weight=prepared[-1].weight * f / (1 - f), irrelevant=True, **kw))
     dims = {s.v.shape[1] for s in prepared}
     if len(dims) != 1:
         raise RecoError(f"sources: embedding dims differ {sorted(dims)}; all sources must come from one encoder")
@@ -382,7 +423,10 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
     if total == 0:
         raise RecoError(f"no training batch: every source has fewer than 2 rows per batch of {cfg.batch_size}")
     config_hash = hashlib.sha256((json.dumps(cfg.to_json(), sort_keys=True) + _digest(prepared, vals)).encode()).hexdigest()
-    model = _Model(cfg, dim)
+    maps = None
+    if cfg.relevance:  # score map of each module: unrelated-pair statistics of the first source's retrieval memory
+        maps = {"image": prepared[0].stats_i, "text": prepared[0].stats_t}
+    model = _Model(cfg, dim, maps)
     opt = adamw_init(model.flat)
     meta = dict(meta or {})
     first = next((s["pairs"] for s in sources if isinstance(s, dict)), None)
@@ -434,8 +478,9 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
             while state["pos"] < len(plan):
                 si, idx = plan[state["pos"]]
                 v, t, nb_i, m_i, nb_t, m_t = prepared[si].batch(idx)
-                vb, ci = model.forward("image", v, nb_i, m_i)
-                tb, ct = model.forward("text", t, nb_t, m_t)
+                s_i, s_t = prepared[si].batch_scores(idx)
+                vb, ci = model.forward("image", v, nb_i, m_i, s_i)
+                tb, ct = model.forward("text", t, nb_t, m_t, s_t)
                 loss, lc = reco_loss_forward(vb, tb, v, t, float(model.tau), weights=cfg.loss_weights,
                                              backend=cfg.loss_backend)
                 dvb, dtb, dtau = reco_loss_backward(lc)

@@ -39,6 +39,7 @@ from ..memory import search_index
 from ..memory.index import ExactIndex
 
 __all__ = ["SELF_MATCH_COSINE", "own_rows", "search_rows", "fed_modality", "caption_groups", "PreparedSource",
+           "unrelated_score_stats",
            "prepare_source", "epoch_batches", "labels_of"]
 
 #: cosine at or above which a memory image counts as the query image itself (float32 rounding of 1.0)
@@ -70,8 +71,9 @@ def fed_modality(query_modality: str, fuse: str) -> str:
 
 def search_rows(memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
                 k: int = 10, search: str = "uni", exclude: np.ndarray | None = None, dup_threshold: Any = None,
-                exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbour rows ``(rows int64 [N,k'], valid bool [N,k'])`` of every query, ``k' = min(k, len(memory))``.
+                exact: bool = False, with_scores: bool = False) -> tuple[np.ndarray, ...]:
+    """Neighbour rows ``(rows int64 [N,k'], valid bool [N,k'])`` of every query, ``k' = min(k, len(memory))``,
+    plus their search scores ``float32 [N,k']`` (cosines, 0 where invalid) when ``with_scores``.
 
     ``search="uni"``: image queries search the image index with ``search_queries`` (keys) when given;
     text queries the text index. ``"cross"``: image embeddings search the text index; text embeddings search
@@ -85,6 +87,7 @@ def search_rows(memory: Any, queries: np.ndarray, query_modality: str, *, search
     k = min(k, len(memory))  # searches return min(k, len(memory)) columns: a memory cannot give more
     rows = np.full((n, k), -1, np.int64)
     valid = np.zeros((n, k), bool)
+    scores = np.zeros((n, k), np.float32)
     keyed = getattr(memory, "key_dim", None) is not None
     for lo in range(0, n, _CHUNK):
         hi = min(n, lo + _CHUNK)
@@ -92,15 +95,36 @@ def search_rows(memory: Any, queries: np.ndarray, query_modality: str, *, search
         q = np.asarray(queries[lo:hi])
         if query_modality == "image" and search == "uni":
             sq = q if search_queries is None else np.asarray(search_queries[lo:hi])
-            r, _, v = memory.search(sq, modality="image", k=k, exact=exact, exclude=ex, dup_threshold=dup_threshold)
+            r, sc, v = memory.search(sq, modality="image", k=k, exact=exact, exclude=ex, dup_threshold=dup_threshold)
         elif query_modality == "text" and search == "cross" and keyed:
-            r, _, v = search_index(ExactIndex(np.asarray(memory.image)), q, k, exclude=ex, dup_threshold=dup_threshold,
-                                   what=f"exact image-embedding index of {memory.root}")
+            r, sc, v = search_index(ExactIndex(np.asarray(memory.image)), q, k, exclude=ex, dup_threshold=dup_threshold,
+                                    what=f"exact image-embedding index of {memory.root}")
         else:
             searched = query_modality if search == "uni" else {"image": "text", "text": "image"}[query_modality]
-            r, _, v = memory.search(q, modality=searched, k=k, exact=exact, exclude=ex, dup_threshold=dup_threshold)
+            r, sc, v = memory.search(q, modality=searched, k=k, exact=exact, exclude=ex, dup_threshold=dup_threshold)
         rows[lo:hi], valid[lo:hi] = r, v
-    return rows, valid
+        scores[lo:hi] = np.where(v, sc, 0)
+    return (rows, valid, scores) if with_scores else (rows, valid)
+
+
+def unrelated_score_stats(vectors: np.ndarray, *, pairs: int = 20000, seed: int = 0) -> tuple[float, float]:
+    r"""``(mean, std)`` of the cosine between random pairs of distinct rows of ``vectors`` [n, d] (float64).
+
+    The relevance bias reads a neighbour's search score as a z-score against unrelated rows of the training
+    memory, ``(s − mean)/std`` [ours]: "how much closer than two arbitrary rows of this memory". Rows are
+    L2-normalised here; the draw is a pure function of ``seed``."""
+    x = np.asarray(vectors)
+    n = x.shape[0]
+    if n < 2:
+        raise RecoError(f"unrelated_score_stats: need at least 2 rows, got {n}")
+    rng = np.random.default_rng([int(seed), 0x5C0E])
+    i = rng.integers(0, n, int(pairs))
+    j = (i + rng.integers(1, n, int(pairs))) % n  # j != i
+    a = np.asarray(x[i], np.float64)
+    b = np.asarray(x[j], np.float64)
+    c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    std = float(c.std())
+    return float(c.mean()), std if std > 0 else 1.0
 
 
 def caption_groups(text: np.ndarray) -> np.ndarray:
@@ -136,6 +160,9 @@ class PreparedSource:
     rows_t, valid_t : int64 / bool [n, k] — neighbours of the text queries
     own : int64 [n] — each pair's own row in the retrieval memory (-1 none)
     weight : float — share of batches (relative)
+    scores_i, scores_t : float32 [n, k] — the search scores of those neighbours (what the relevance bias reads)
+    stats_i, stats_t : (mean, std) of unrelated-pair cosines in the spaces the image / text queries search
+        (:func:`unrelated_score_stats`; the relevance bias's score map)
     """
 
     name: str
@@ -150,6 +177,10 @@ class PreparedSource:
     valid_t: np.ndarray
     own: np.ndarray
     weight: float
+    scores_i: np.ndarray | None = None
+    scores_t: np.ndarray | None = None
+    stats_i: tuple | None = None
+    stats_t: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.v)
@@ -162,11 +193,17 @@ class PreparedSource:
         nb_t = self.nb_text[np.where(vt, rt, 0)] * vt[..., None]
         return self.v[idx], self.t[idx], nb_i.astype(np.float32), vi, nb_t.astype(np.float32), vt
 
+    def batch_scores(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores_i [B,k], scores_t [B,k])`` of pair rows ``idx`` (the neighbours' search cosines)."""
+        if self.scores_i is None or self.scores_t is None:
+            raise RecoError(f"{self.name}: this source was prepared without search scores")
+        return self.scores_i[idx], self.scores_t[idx]
+
 
 def prepare_source(pairs: Any, retrieval: Any = None, *, name: str | None = None, k: int = 10, search: str = "uni",
                    fuse: str = "cross", dup_threshold_image: Any = 0.98, dup_threshold_text: Any = None,
-                   exact: bool = False, weight: float | None = None, rows: np.ndarray | None = None
-                   ) -> PreparedSource:
+                   exact: bool = False, weight: float | None = None, rows: np.ndarray | None = None,
+                   irrelevant: bool = False) -> PreparedSource:
     """Resolve a source's pairs and their neighbours once (see the module docstring).
 
     Parameters
@@ -177,6 +214,9 @@ def prepare_source(pairs: Any, retrieval: Any = None, *, name: str | None = None
     dup_threshold_image / dup_threshold_text : near-duplicate filter of image- / text-index searches
     exact : brute-force search instead of HNSW
     weight : share of batches (default: the number of pairs)
+    irrelevant : [ours] an *irrelevant-memory* source: every row of the query's own class (memory labels) is
+        excluded from its search too, so the neighbours are what a memory lacking that class returns (the best
+        wrong rows, with their true scores) — teaching the relevance bias when to fall back to the query
     """
     retrieval = pairs if retrieval is None else retrieval
     if retrieval.dim != pairs.dim:
@@ -193,19 +233,31 @@ def prepare_source(pairs: Any, retrieval: Any = None, *, name: str | None = None
         own = idx.copy()
     else:
         own = own_rows(retrieval, keys if (keys is not None and retrieval.key_dim) else v)
+    exclude = own
+    if irrelevant:
+        mem_labels = labels_of(retrieval)
+        pair_labels = labels_of(pairs)[idx]
+        by_class = {c: np.flatnonzero(mem_labels == c) for c in np.unique(pair_labels)}
+        exclude = [np.unique(np.concatenate([by_class[c], [o] if o >= 0 else []])).astype(np.int64)
+                   for c, o in zip(pair_labels, own)]
     search_img = "image" if search == "uni" else "text"  # index an image query searches
     search_txt = "text" if search == "uni" else "image"
-    rows_i, valid_i = search_rows(retrieval, v, "image", search_queries=keys, k=k, search=search, exclude=own,
-                                  dup_threshold=dup_threshold_image if search_img == "image" else dup_threshold_text,
-                                  exact=exact)
-    rows_t, valid_t = search_rows(retrieval, t, "text", k=k, search=search, exclude=own,
-                                  dup_threshold=dup_threshold_text if search_txt == "text" else dup_threshold_image,
-                                  exact=exact)
+    rows_i, valid_i, scores_i = search_rows(
+        retrieval, v, "image", search_queries=keys, k=k, search=search, exclude=exclude,
+        dup_threshold=dup_threshold_image if search_img == "image" else dup_threshold_text, exact=exact, with_scores=True)
+    rows_t, valid_t, scores_t = search_rows(
+        retrieval, t, "text", k=k, search=search, exclude=exclude,
+        dup_threshold=dup_threshold_text if search_txt == "text" else dup_threshold_image, exact=exact, with_scores=True)
+    keyed = getattr(retrieval, "key_dim", None) is not None
+    image_space = retrieval.image_keys if keyed else retrieval.image  # what the image index holds
+    stats_i = unrelated_score_stats(image_space if search == "uni" else retrieval.text)
+    stats_t = unrelated_score_stats(retrieval.text if search == "uni" else retrieval.image)
     fed_i, fed_t = fed_modality("image", fuse), fed_modality("text", fuse)
     arrays = {m: np.ascontiguousarray(getattr(retrieval, m), np.float32) for m in {fed_i, fed_t}}
     return PreparedSource(name=name or str(pairs.root), v=v, t=t, groups=caption_groups(t), nb_image=arrays[fed_i],
                           nb_text=arrays[fed_t], rows_i=rows_i, valid_i=valid_i, rows_t=rows_t, valid_t=valid_t,
-                          own=own, weight=float(len(idx) if weight is None else weight))
+                          own=own, weight=float(len(idx) if weight is None else weight), scores_i=scores_i,
+                          scores_t=scores_t, stats_i=stats_i, stats_t=stats_t)
 
 
 def _source_batches(groups: np.ndarray, batch_size: int, unique: bool, rng: np.random.Generator) -> list[np.ndarray]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..checks import check_array
 from ..errors import SearchError, ShapeError
-from ..fusion import fusion_forward, get_backend
+from ..fusion import fusion_forward, get_backend, relevance_of, score_features
 from ..memory import retrieve, search_index
 from ..memory.index import ExactIndex
 
@@ -33,8 +33,9 @@ __all__ = ["refine", "retrieve_for"]
 
 def retrieve_for(memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
                  k: int = 10, search: str = "uni", fuse: str = "cross", exclude: Any = None,
-                 dup_threshold: Any = None, exact: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Neighbours to feed φ for ``queries`` (one batch): ``(neighbours [N,k,D] f32, valid [N,k], rows [N,k])``.
+                 dup_threshold: Any = None, exact: bool = False, with_scores: bool = False) -> tuple[np.ndarray, ...]:
+    """Neighbours to feed φ for ``queries`` (one batch): ``(neighbours [N,k,D] f32, valid [N,k], rows [N,k])``,
+    plus ``scores [N,k]`` (the search cosines, −inf where invalid) when ``with_scores``.
 
     ``search_queries`` ([N, Dk] image keys) is what a uni-modal image search uses on a memory with keys;
     every other search uses ``queries`` themselves.
@@ -49,15 +50,17 @@ def retrieve_for(memory: Any, queries: np.ndarray, query_modality: str, *, searc
     if query_modality == "image" and search == "uni":
         q = queries if search_queries is None else search_queries
         return retrieve(memory, q, "image", search="uni", fuse=fuse, k=k, exclude=exclude,
-                        dup_threshold=dup_threshold, exact=exact)
+                        dup_threshold=dup_threshold, exact=exact, with_scores=with_scores)
     if query_modality == "text" and search == "cross" and keyed:
         # text query → image *embeddings* (the image index holds keys of another width): exact search.
-        rows, _, valid = search_index(ExactIndex(np.asarray(memory.image)), queries, k, exclude=exclude,
-                                      dup_threshold=dup_threshold, what=f"exact image-embedding index of {memory.root}")
+        rows, scores, valid = search_index(ExactIndex(np.asarray(memory.image)), queries, k, exclude=exclude,
+                                           dup_threshold=dup_threshold,
+                                           what=f"exact image-embedding index of {memory.root}")
         fed = "text" if fuse == "uni" else "image"
-        return memory.embeddings(fed, rows), valid, rows
+        out = (memory.embeddings(fed, rows), valid, rows)
+        return out + (scores,) if with_scores else out
     return retrieve(memory, queries, query_modality, search=search, fuse=fuse, k=k, exclude=exclude,
-                    dup_threshold=dup_threshold, exact=exact)
+                    dup_threshold=dup_threshold, exact=exact, with_scores=with_scores)
 
 
 def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
@@ -110,6 +113,7 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
         if len(excl) != n:
             raise ShapeError(f"exclude: {len(excl)} entries, queries has {n}")
     dtype = phi["ln1_gamma"].dtype
+    relevance = relevance_of(phi) is not None  # the layer reads each neighbour's search score
     if not validate_params:
         heads = getattr(phi, "heads", None)
         if heads is None:
@@ -120,14 +124,15 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
     valid = np.empty((n, k), bool)
     for lo in range(0, n, int(batch_size)):
         hi = min(n, lo + int(batch_size))
-        nb, ok, r = retrieve_for(memory, q[lo:hi], query_modality, search_queries=None if sq is None else sq[lo:hi],
-                                 k=k, search=search, fuse=fuse, exclude=None if excl is None else excl[lo:hi],
-                                 dup_threshold=dup_threshold, exact=exact)
+        nb, ok, r, sc = retrieve_for(memory, q[lo:hi], query_modality, search_queries=None if sq is None else sq[lo:hi],
+                                     k=k, search=search, fuse=fuse, exclude=None if excl is None else excl[lo:hi],
+                                     dup_threshold=dup_threshold, exact=exact, with_scores=True)
         qb, nbb = np.ascontiguousarray(q[lo:hi], dtype=dtype), np.ascontiguousarray(nb, dtype=dtype)
         if validate_params:
-            out, _ = fusion_forward(phi, qb, nbb, ok, backend=backend)
+            out, _ = fusion_forward(phi, qb, nbb, ok, backend=backend, scores=sc if relevance else None)
         else:
-            out, _ = mod.fusion_forward(phi, qb, nbb, np.ascontiguousarray(ok), heads=heads)
+            kw = {"scores": score_features(phi, sc, ok, dtype=dtype)} if relevance else {}
+            out, _ = mod.fusion_forward(phi, qb, nbb, np.ascontiguousarray(ok), heads=heads, **kw)
             if not np.isfinite(out).all():
                 raise ShapeError("fusion output: a row is not finite (a zero query row?)")
         refined[lo:hi] = out

@@ -84,19 +84,27 @@ class RecoWeights:
 
 
 def init_reco_weights(dim: int, *, heads: int = 8, mlp_ratio: int = 4, seed: int = 0, meta: dict | None = None,
-                      dtype=np.float32) -> RecoWeights:
+                      dtype=np.float32, maps: dict | None = None, **init_kw) -> RecoWeights:
     """Untrained RECO weights: both modules the identity on their query (spec §2), τ = log(1/0.07).
 
     φ_I is drawn from ``seed`` and φ_T from ``seed + 1`` so the two modules start different (their zeroed
-    arrays make both the identity regardless).
+    arrays make both the identity regardless). ``init_kw`` goes to :func:`~reco_ref.fusion.init_params`
+    (``init="copy"``, ``alpha``, ``k``, ``relevance``, ``rel_beta``, ``rel_gamma``); ``maps`` gives each
+    module's score map ``{"image": (center, width), "text": (center, width)}`` when ``relevance``.
     """
     meta = dict(meta or {})
     meta.setdefault("dim", int(dim))
     meta.setdefault("heads", int(heads))
     _check_meta_json(meta, "init_reco_weights(meta=...)")
+    def one(modality: str, s: int):
+        kw = dict(init_kw)
+        if kw.get("relevance") and maps is not None:
+            kw["rel_center"], kw["rel_width"] = (float(x) for x in maps[modality])
+        return init_params(dim, heads, mlp_ratio=mlp_ratio, seed=s, dtype=dtype, **kw)
+
     return RecoWeights(
-        image=init_params(dim, heads, mlp_ratio=mlp_ratio, seed=seed, dtype=dtype),
-        text=init_params(dim, heads, mlp_ratio=mlp_ratio, seed=seed + 1, dtype=dtype),
+        image=one("image", seed),
+        text=one("text", seed + 1),
         tau=float(DEFAULT_TAU),
         meta=meta,
     )

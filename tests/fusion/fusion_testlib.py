@@ -9,7 +9,7 @@ import contextlib
 
 import numpy as np
 
-from reco_ref.fusion import FusionConfig, FusionParams, param_shapes
+from reco_ref.fusion import RELEVANCE_NAMES, FusionConfig, FusionParams, param_shapes
 
 
 def random_params(D: int, heads: int, rng: np.random.Generator, mlp_ratio: int = 4, dtype=np.float64) -> FusionParams:
@@ -29,6 +29,43 @@ def random_params(D: int, heads: int, rng: np.random.Generator, mlp_ratio: int =
             a = 0.3 * rng.standard_normal(shape)
         arrays[name] = a.astype(dtype)
     return FusionParams(arrays, FusionConfig(D, heads, mlp_ratio, np.dtype(dtype).name))
+
+
+def random_rel_params(D: int, heads: int, rng: np.random.Generator, mlp_ratio: int = 4, dtype=np.float64,
+                      rel_center: float = 1.0, rel_width: float = 0.02) -> FusionParams:  # fmt: skip
+    """:func:`random_params` plus the relevance pair (spec §2 "Relevance bias"), config ``relevance=True``.
+
+    ``rel_beta, rel_gamma [h]`` are drawn N(0, 1) per head (both signs, order 1, different per head), so
+    the bias moves attention by O(1) logits, like the score-product term it is added to.
+    """
+    base = random_params(D, heads, rng, mlp_ratio, dtype)
+    arrays = dict(base)
+    for name in RELEVANCE_NAMES:
+        arrays[name] = rng.standard_normal(heads).astype(dtype)
+    config = FusionConfig(D, heads, mlp_ratio, np.dtype(dtype).name, relevance=True, rel_center=rel_center,
+                          rel_width=rel_width)  # fmt: skip
+    return FusionParams(arrays, config)
+
+
+def with_relevance(params: FusionParams, beta, gamma, rel_center: float = 1.0, rel_width: float = 0.02) -> FusionParams:
+    """The same 18 arrays (the very objects, not copies) plus ``rel_beta = beta``, ``rel_gamma = gamma`` [h]."""
+    c = params.config
+    h = c.heads
+    dt = np.dtype(c.dtype)
+    arrays = dict(params)
+    arrays["rel_beta"] = np.broadcast_to(np.asarray(beta, dtype=dt), (h,)).copy()
+    arrays["rel_gamma"] = np.broadcast_to(np.asarray(gamma, dtype=dt), (h,)).copy()
+    config = FusionConfig(c.dim, h, c.mlp_ratio, c.dtype, relevance=True, rel_center=rel_center, rel_width=rel_width)
+    return FusionParams(arrays, config)
+
+
+def random_scores(B: int, k: int, rng: np.random.Generator, mask=None, lo: float = 0.80, hi: float = 0.98,
+                  masked_value: float | None = None) -> np.ndarray:  # fmt: skip
+    """Raw search scores (cosines) [B, k] in ``[lo, hi]``; masked slots get ``masked_value`` when given."""
+    s = rng.uniform(lo, hi, size=(B, k))
+    if mask is not None and masked_value is not None:
+        s[~mask] = masked_value
+    return s
 
 
 def random_inputs(B: int, k: int, D: int, rng: np.random.Generator, dtype=np.float64, p_valid: float | None = 0.6,

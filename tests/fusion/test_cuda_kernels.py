@@ -139,7 +139,8 @@ def test_residual_layernorm_and_backward(dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# Attention: v1 (all rows) and v2 (query row, fused layout), forward and backward, with masks
+# Attention: v1 (all rows) and v2 (query row, fused layout), forward and backward, with masks;
+# v2 also with the relevance bias (spec §2) and its dβ, dγ reduction
 # ------------------------------------------------------------------------------------------------
 
 
@@ -203,6 +204,72 @@ def test_attention_v2_row0(dtype):
     attention.attention_row0_backward(_dev(merge(d0)[:, 0]), p, q0, kv, _dev(valid), H, dq0, dkv)
     _close(dq0.copy_to_host(), merge(gq)[:, 0], dtype, "dq0")
     _close(dkv.copy_to_host(), np.concatenate([merge(gk), merge(gv)], axis=2), dtype, "dkv")
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_v2_row0_relevance_bias(dtype, heads):
+    """Row-0 kernels with the relevance bias (γ_h toward token 0, β_h·s_j toward neighbour j) against
+    ref.attention_forward/backward given ref.relevance_bias_forward's bias, then dβ, dγ against
+    ref.relevance_bias_backward.  Masked score slots hold NaN on the GPU (never read) and 0 in the reference."""
+    rng = np.random.default_rng(32 + heads)
+    B, T, dh = 3, 5, 2
+    D = heads * dh
+    q, k, v, dout, valid = _attn_inputs(rng, B, heads, T, dh, dtype)
+    b_q, b_k, b_v = (rng.standard_normal(D).astype(dtype) for _ in range(3))
+    scores = rng.standard_normal((B, T - 1)).astype(dtype)
+    beta, gamma = rng.standard_normal(heads).astype(dtype), rng.standard_normal(heads).astype(dtype)
+    scores_ref = np.where(valid[:, 1:], scores, 0).astype(dtype)
+    scores_gpu = np.where(valid[:, 1:], scores, np.nan).astype(dtype)
+    merge = ref.merge_heads
+    Qb = ref.split_heads(merge(q) + b_q, heads)
+    Kb = ref.split_heads(merge(k) + b_k, heads)
+    Vb = ref.split_heads(merge(v) + b_v, heads)
+    bias, rcache = ref.relevance_bias_forward(scores_ref, beta, gamma)  # [B,h,1,T]
+    want, cache = ref.attention_forward(Qb, Kb, Vb, valid, bias)
+    q0 = _dev(merge(q)[:, 0])
+    kv = _dev(np.concatenate([merge(k), merge(v)], axis=2))
+    dsc, dbeta_in, dgamma_in, dvalid = _dev(scores_gpu), _dev(beta), _dev(gamma), _dev(valid)
+    p = cuda.device_array((B, heads, T), dtype)
+    ctx = cuda.device_array((B, D), dtype)
+    attention.attention_row0_forward(q0, _dev(b_q), kv, _dev(b_k), _dev(b_v), dvalid, heads, p, ctx,
+                                      scores=dsc, rel_beta=dbeta_in, rel_gamma=dgamma_in)
+    _close(ctx.copy_to_host(), merge(want)[:, 0], dtype, "ctx")
+    _close(p.copy_to_host(), cache["p"][:, :, 0], dtype, "p row 0")
+    # the bias matters here: without it row 0's probabilities differ
+    _, cache0 = ref.attention_forward(Qb, Kb, Vb, valid)
+    assert np.abs(cache0["p"][:, :, 0] - cache["p"][:, :, 0]).max() > 1e-2
+    d0 = np.zeros_like(dout)
+    d0[:, :, 0] = dout[:, :, 0]
+    gq, gk, gv, gbias = ref.attention_backward(cache, d0)
+    dq0 = cuda.device_array((B, D), dtype)
+    dkv = cuda.device_array((B, T, 2 * D), dtype)
+    ds = cuda.device_array((B, heads, T), dtype)
+    attention.attention_row0_backward(_dev(merge(d0)[:, 0]), p, q0, kv, dvalid, heads, dq0, dkv, ds=ds)
+    _close(dq0.copy_to_host(), merge(gq)[:, 0], dtype, "dq0")
+    _close(dkv.copy_to_host(), np.concatenate([merge(gk), merge(gv)], axis=2), dtype, "dkv")
+    _close(ds.copy_to_host(), gbias[:, :, 0], dtype, "dS row 0 (= dbias)")
+    _, dbeta_want, dgamma_want = ref.relevance_bias_backward(rcache, gbias)
+    dbeta, dgamma = cuda.device_array(heads, dtype), cuda.device_array(heads, dtype)
+    attention.relevance_bias_backward(ds, dsc, dvalid, dbeta, dgamma)
+    _close(dbeta.copy_to_host(), dbeta_want, dtype, "dbeta")
+    _close(dgamma.copy_to_host(), dgamma_want, dtype, "dgamma")
+    assert np.all(np.isfinite(dbeta.copy_to_host()))  # NaN scores in masked slots were never read
+
+
+def test_attention_relevance_arguments_are_checked():
+    B, T, D, heads = 1, 3, 4, 2
+    kv = cuda.device_array((B, T, 2 * D), np.float64)
+    args = (cuda.device_array((B, D)), kv[0, 0, :D], kv, kv[0, 0, :D], kv[0, 0, :D], _dev(np.ones((B, T), bool)),
+            heads, cuda.device_array((B, heads, T)), cuda.device_array((B, D)))
+    with pytest.raises(ValueError, match="together"):
+        attention.attention_row0_forward(*args, scores=_dev(np.zeros((B, T - 1))))
+    with pytest.raises(ValueError, match="shapes"):
+        attention.attention_row0_forward(*args, scores=_dev(np.zeros((B, T))), rel_beta=_dev(np.zeros(heads)),
+                                          rel_gamma=_dev(np.zeros(heads)))
+    with pytest.raises(ValueError, match="dtype"):
+        attention.attention_row0_forward(*args, scores=_dev(np.zeros((B, T - 1), np.float32)),
+                                          rel_beta=_dev(np.zeros(heads)), rel_gamma=_dev(np.zeros(heads)))
 
 
 def test_attention_shared_memory_limit_is_reported():

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from fusion_testlib import assert_matches_reference, random_inputs, random_params
 
+from reco_ref.errors import ShapeError
+from reco_ref.fusion import RELEVANCE_NAMES, FusionParams, fusion_backward, fusion_forward, init_params
 from reco_ref.fusion import numba_cpu as nb
 from reco_ref.fusion import reference as ref
 from reco_ref.fusion.constants import LN_EPS
@@ -235,6 +237,9 @@ def test_kernel_cache_second_process_does_not_recompile(tmp_path):
             q = np.ones((2, 8), dt); r = np.ones((2, 3, 8), dt)
             out, c = nb.fusion_forward(p, q, r, None, heads=2)
             nb.fusion_backward(p, c, np.ones_like(q))
+            p = init_params(8, 2, dtype=dt, relevance=True)  # the relevance-bias specialisation too
+            out, c = nb.fusion_forward(p, q, r, None, heads=2, scores=np.zeros((2, 3), dt))
+            nb.fusion_backward(p, c, np.ones_like(q))
             L, c = nb.infonce_forward(q, q, 1.0)
             nb.infonce_backward(c)
         misses = {name: sum(d.stats.cache_misses.values()) for name, d in vars(nb).items()
@@ -325,3 +330,152 @@ def test_large_steps_pin_blas_threads_and_keep_numba_threads(monkeypatch):
     assert seen[1] == (before_numba, before_blas)
     assert numba.get_num_threads() == before_numba
     assert numpy_blas() == before_blas
+
+
+# --------------------------------------------------------------------------------------------
+# relevance bias (spec §2 "Relevance bias"): query-row logits + γ_h (token 0), + β_h·s_j (neighbour j)
+# --------------------------------------------------------------------------------------------
+
+
+def _relevance_params(D, heads, init, seed, rng, dtype=np.float64):
+    """init_params(relevance=True) moved off the init: every array perturbed (under the identity init
+    W_o = 0 cuts the attention path and β would get no gradient), β ≈ 0.5, γ ≈ 0 per head."""
+    p = init_params(D, heads, relevance=True, init=init, dtype=np.float64, seed=seed)
+    arrays = {}
+    for name, a in p.items():
+        if name == "rel_beta":
+            a = 0.5 + 0.3 * rng.standard_normal(a.shape)
+        elif name == "rel_gamma":
+            a = 0.5 * rng.standard_normal(a.shape)
+        elif a.ndim == 2:
+            a = a + rng.standard_normal(a.shape) / np.sqrt(a.shape[0])
+        else:
+            a = a + 0.3 * rng.standard_normal(a.shape)
+        arrays[name] = a.astype(dtype)
+    return FusionParams(arrays, p.config)
+
+
+def _raw_scores(B, k, rng, mask):
+    """Raw cosines of close neighbours (features (s − 1)/0.02 in [−7.5, −0.5]); NaN in masked slots
+    (the front door maps those to 0)."""
+    s = rng.uniform(0.85, 0.99, (B, k))
+    if mask is not None:
+        s[~mask] = np.nan
+    return s
+
+
+# (B, k, D, heads, p_valid, init, seed)
+_REL_CASES = [
+    (3, 4, 16, 2, 0.5, "identity", 1),  # masked slots, row 0 fully masked
+    (1, 10, 32, 4, None, "copy", 2),    # B = 1, no mask
+    (1, 6, 24, 1, 0.5, "identity", 3),  # B = 1 with masked slots, one head
+    (2, 0, 8, 1, None, "copy", 4),      # k = 0: scores [B,0], only γ acts (and has zero gradient)
+    (4, 0, 8, 2, 0.5, "identity", 5),   # k = 0 with a [B,0] mask
+    (5, 7, 32, 4, 0.6, "copy", 6),
+    (100, 10, 64, 4, 0.7, "copy", 7),   # B·T·D ≥ SMALL_WORK: numba's threads
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", _REL_CASES, ids=lambda c: f"B{c[0]}k{c[1]}D{c[2]}h{c[3]}-{c[5]}")
+def test_relevance_bias_matches_reference(case, dtype):
+    """numba with the relevance bias against the float64 reference on the same (dtype-rounded) inputs,
+    through the front door: the output and every gradient, rel_beta and rel_gamma included."""
+    B, k, D, heads, p_valid, init, seed = case
+    rng = np.random.default_rng(seed)
+    p = _relevance_params(D, heads, init, seed, rng, dtype)
+    q, r, mask = random_inputs(B, k, D, rng, dtype=dtype, p_valid=p_valid)
+    scores = _raw_scores(B, k, rng, mask)
+    dout = rng.standard_normal((B, D)).astype(dtype)
+    p64 = FusionParams({n: a.astype(np.float64) for n, a in p.items()}, p.config)
+    out_ref, c_ref = fusion_forward(p64, q.astype(np.float64), r.astype(np.float64), mask, scores=scores)
+    g_ref = fusion_backward(p64, c_ref, dout.astype(np.float64), return_input_grads=True)
+    out, cache = fusion_forward(p, q, r, mask, backend="numba", scores=scores)
+    g = fusion_backward(p, cache, dout, return_input_grads=True)
+    assert set(g) == set(g_ref) and set(RELEVANCE_NAMES) <= set(g)
+    assert all(g[n].dtype == np.dtype(dtype) and g[n].shape == g_ref[n].shape for n in g)
+    _close(out, out_ref, dtype, "out")
+    for name in g_ref:
+        if name != "b_k":
+            _close(g[name], g_ref[name], dtype, name)
+    # db_k vanishes analytically (softmax is shift-invariant; the bias does not depend on K): round-off
+    # on both sides, held to the dW_k scale as in test_lowrank_attention_kernels_v2
+    dbk_err = np.abs(g["b_k"].astype(np.float64) - g_ref["b_k"]).max()
+    assert dbk_err <= (1e-10 if dtype == np.float64 else 1e-4 * np.abs(g_ref["w_k"]).max()), dbk_err
+    if k == 0:  # one token: softmax ≡ 1, the bias has no effect and no gradient
+        assert np.all(g["rel_gamma"] == 0) and np.all(g["rel_beta"] == 0)
+    else:
+        assert np.abs(g_ref["rel_beta"]).max() > 1e-3  # the check is not vacuous
+    if mask is not None and k:
+        assert np.all(g["retrieved"][~mask] == 0)  # a masked slot still gets exactly zero gradient
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relevance_bias_zero_is_the_paper_layer_bit_for_bit(dtype):
+    """β = γ = 0 on numba reproduces the paper's layer (the same arrays minus rel_*) bit for bit: the
+    output and every shared gradient."""
+    for B, k, D, heads, p_valid, init, seed in _REL_CASES:
+        rng = np.random.default_rng(seed)
+        p = _relevance_params(D, heads, init, seed, rng, dtype)
+        p["rel_beta"][...] = 0
+        p["rel_gamma"][...] = 0
+        paper = {n: a for n, a in p.items() if n not in RELEVANCE_NAMES}  # plain dict: heads= below
+        q, r, mask = random_inputs(B, k, D, rng, dtype=dtype, p_valid=p_valid)
+        scores = _raw_scores(B, k, rng, mask)
+        dout = rng.standard_normal((B, D)).astype(dtype)
+        out_rel, c_rel = fusion_forward(p, q, r, mask, backend="numba", scores=scores)
+        out_paper, c_paper = fusion_forward(paper, q, r, mask, heads=heads, backend="numba")
+        np.testing.assert_array_equal(out_rel, out_paper)
+        np.testing.assert_array_equal(c_rel["prob"], c_paper["prob"])
+        g_rel = fusion_backward(p, c_rel, dout, return_input_grads=True)
+        g_paper = fusion_backward(paper, c_paper, dout, return_input_grads=True)
+        assert set(g_rel) - set(g_paper) == set(RELEVANCE_NAMES)
+        for name, a in g_paper.items():
+            np.testing.assert_array_equal(g_rel[name], a, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowrank_attention_kernel_v2_relevance_bias(dtype):
+    """The v2 row-0 attention with the bias (scores, β, γ) against the reference attention given the
+    reference's relevance_bias_forward; without them it is the plain kernel."""
+    rng = np.random.default_rng(14)
+    B, H, T, dh = 4, 2, 6, 4
+    D = H * dh
+    a1 = rng.standard_normal((B, T, D)).astype(dtype)
+    w_q, w_k, w_v = (rng.standard_normal((D, D)).astype(dtype) for _ in range(3))
+    scores = (2 * rng.standard_normal((B, T - 1))).astype(dtype)
+    beta, gamma = rng.standard_normal(H).astype(dtype), rng.standard_normal(H).astype(dtype)
+    valid = rng.random((B, T)) < 0.6
+    valid[:, 0] = True
+    valid[1, 1:] = False
+    sh = lambda a: ref.split_heads(a, H)  # noqa: E731
+    Q, K, V = a1 @ w_q, a1 @ w_k, a1 @ w_v
+    bias, _ = ref.relevance_bias_forward(scores, beta, gamma)  # [B,h,1,T]
+    want, cache = ref.attention_forward(sh(Q), sh(K), sh(V), valid, bias)
+    q0h = np.ascontiguousarray(Q[:, 0]).reshape(B, H, dh).transpose(1, 0, 2)
+    m = np.matmul(q0h, nb._heads_view(w_k, H).transpose(0, 2, 1))
+    p, c = np.empty((B, H, T), dtype), np.empty((H, B, D), dtype)
+    nb._attention_row0_forward_v2(a1, m, valid, 1.0 / np.sqrt(dh), p, c, np.empty((B, H, T)),
+                                  scores, beta, gamma)
+    _close(p, cache["p"][:, :, 0], dtype, "p")
+    _close(np.matmul(c, nb._heads_view(w_v, H)).transpose(1, 0, 2).reshape(B, D), ref.merge_heads(want)[:, 0], dtype, "ctx")
+    assert np.all(p[~np.broadcast_to(valid[:, None, :], p.shape)] == 0)
+    p0 = np.empty_like(p)
+    nb._attention_row0_forward_v2(a1, m, valid, 1.0 / np.sqrt(dh), p0, np.empty_like(c), np.empty((B, H, T)))
+    assert not np.allclose(p0, p)  # the bias moved the probabilities
+
+
+def test_relevance_bias_direct_call_needs_scores():
+    """Called directly (not through the front door), a module with the bias refuses missing scores; the
+    paper's layer ignores them."""
+    rng = np.random.default_rng(15)
+    p = _relevance_params(8, 2, "copy", 0, rng)
+    q, r, mask = random_inputs(2, 3, 8, rng)
+    with pytest.raises(ShapeError, match="scores"):
+        nb.fusion_forward(p, q, r, mask, heads=2)
+    with pytest.raises(ShapeError, match="scores"):
+        nb.fusion_forward(p, q, r, mask, heads=2, scores=np.zeros((2, 4)))
+    paper = {n: a for n, a in p.items() if n not in RELEVANCE_NAMES}
+    out, cache = nb.fusion_forward(paper, q, r, mask, heads=2, scores=np.zeros((2, 3)))
+    np.testing.assert_array_equal(out, nb.fusion_forward(paper, q, r, mask, heads=2)[0])
+    assert "scores" not in cache and set(nb.fusion_backward(paper, cache, np.ones_like(q))) == set(paper)

@@ -3,7 +3,8 @@
 Host-array contract (same signatures as :mod:`reco_ref.fusion.reference` and
 :mod:`reco_ref.fusion.numba_cpu`; the front doors dispatch here with ``backend="cuda"``):
 
-* ``fusion_forward(params, query, retrieved, mask=None, *, heads) -> (out, cache)``
+* ``fusion_forward(params, query, retrieved, mask=None, *, heads, scores=None) -> (out, cache)``
+  (``scores [B,k]``: score features, used when ``params`` has the relevance bias ``rel_beta, rel_gamma``)
 * ``fusion_backward(params, cache, dout, *, return_input_grads=False) -> grads``
 * ``infonce_forward(a, b, tau, *, max_scale=MAX_SCALE) -> (loss, cache)``
 * ``infonce_backward(cache, dloss=1.0) -> (da, db, dtau)``
@@ -61,16 +62,22 @@ __all__ = [
 ]
 
 
-def fusion_forward(params, query, retrieved, mask=None, *, heads: int):
+def fusion_forward(params, query, retrieved, mask=None, *, heads: int, scores=None):
     """Forward on host arrays: copies inputs and parameters to the GPU, returns ``out`` [B,D] on the
-    host and a cache holding the device buffers (``backend="cuda"``)."""
+    host and a cache holding the device buffers (``backend="cuda"``).
+
+    ``scores [B,k]`` are the neighbours' score features (the front door maps raw cosines); required
+    when ``params`` has ``rel_beta, rel_gamma`` (relevance bias, spec §2), ignored otherwise."""
     dt = params["w_q"].dtype
     B, D = query.shape
     k = retrieved.shape[1]
     dparams = params_to_device(params)
     dq = cuda.to_device(np.ascontiguousarray(query, dtype=dt))
     dr = cuda.to_device(np.ascontiguousarray(retrieved, dtype=dt))
-    out, cache = fusion_forward_device(dparams, dq, dr, valid_to_device(mask, B, k), heads=heads)
+    dsc = None
+    if scores is not None and "rel_beta" in params:
+        dsc = cuda.to_device(np.ascontiguousarray(scores, dtype=dt))
+    out, cache = fusion_forward_device(dparams, dq, dr, valid_to_device(mask, B, k), heads=heads, scores=dsc)
     return out.copy_to_host(), cache
 
 

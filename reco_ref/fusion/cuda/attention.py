@@ -11,6 +11,20 @@ Two versions, each checked against :func:`reco_ref.fusion.reference.attention_fo
   layer's fused layout ``q0 [B,D]``, ``kv [B,T,2D]`` (K in columns ``:D``, V in ``D:``), with the
   projection biases added on the fly (and written back, the backward needs biased Q, K, V).
   The head's K (then V, reusing the buffer) is staged in shared memory with coalesced loads.
+  Optionally with the relevance bias (spec §2 "Relevance bias" [ours]) added to the logits — see
+  below; built as a separate specialisation, so the layer without it runs the same code as before.
+
+Relevance bias (row-0 kernels, ``scores``/``rel_beta``/``rel_gamma`` given; the reference's
+:func:`~reco_ref.fusion.reference.relevance_bias_forward` / ``relevance_bias_backward``)::
+
+    S[b,h,0] = Q0·K_0/√dh + γ_h                 (logit toward the query token)
+    S[b,h,t] = Q0·K_t/√dh + β_h · s[b,t-1]      (toward neighbour t = 1..k), before the mask and softmax
+    dβ_h = Σ_{b, t≥1} dS[b,h,t] · s[b,t-1],     dγ_h = Σ_b dS[b,h,0]
+
+Only the query row is computed (the other rows never reach the read-out, so their ``dS`` is 0 in the
+reference too).  The forward adds the bias on the fly; the backward kernel writes the unscaled
+``dS [B,h,T]`` and :func:`relevance_bias_backward` reduces it to ``dβ, dγ [h]`` (one block per head,
+deterministic, no atomics).
 
 Masked keys get probability exactly 0, hence no gradient.  Scores, softmax and dot products
 accumulate in float64.  Shared buffers are sized at compile time: kernels are built per
@@ -34,6 +48,7 @@ __all__ = [
     "attention_full_backward",
     "attention_row0_forward",
     "attention_row0_backward",
+    "relevance_bias_backward",
 ]
 
 _cache: dict = {}
@@ -192,13 +207,14 @@ def attention_full_backward(dout, q, k, v, p, dq, dk, dv, *, cfg: KernelConfig |
 # ---------------------------------------------------------------------------------------------
 
 
-def _row0_fwd(tmax: int, dh: int, threads: int, dtype):
-    key = ("row0_fwd", tmax, dh, threads, np.dtype(dtype).str)
+def _row0_fwd(tmax: int, dh: int, threads: int, dtype, rel: bool = False):
+    key = ("row0_fwd", tmax, dh, threads, np.dtype(dtype).str, bool(rel))
     if key in _cache:
         return _cache[key]
-    TM, DH, NTH, NT = tmax, dh, threads, np.dtype(dtype).type
+    TM, DH, NTH, NT, REL = tmax, dh, threads, np.dtype(dtype).type, bool(rel)
 
-    def kernel(q0, b_q, kv, b_k, b_v, valid, heads, scale, p, ctx):
+    def kernel(q0, b_q, kv, b_k, b_v, valid, heads, scale, scores, rel_beta, rel_gamma, p, ctx):
+        # scores [B,k], rel_beta / rel_gamma [h]: read only when REL (else empty placeholders)
         sQ = cuda.shared.array(DH, np.float64)
         sKV = cuda.shared.array((TM, DH), NT)  # K of the head, then V (buffer reused)
         sP = cuda.shared.array(TM, np.float64)
@@ -226,6 +242,11 @@ def _row0_fwd(tmax: int, dh: int, threads: int, dtype):
                 for d in range(DH):
                     acc += sQ[d] * sKV[t, d]
                 acc *= scale
+                if REL:  # relevance bias: γ_h toward the query token, β_h·s[b,t-1] toward neighbour t
+                    if t == 0:
+                        acc += rel_gamma[hh]
+                    else:
+                        acc += rel_beta[hh] * scores[b, t - 1]
                 sP[t] = acc
                 if acc > m:
                     m = acc
@@ -257,30 +278,60 @@ def _row0_fwd(tmax: int, dh: int, threads: int, dtype):
     return _cache[key]
 
 
-def attention_row0_forward(q0, b_q, kv, b_k, b_v, valid, heads: int, p, ctx, *,
-                           cfg: KernelConfig | None = None) -> None:
+def _placeholder(dtype, ndim: int):
+    """An empty device array standing in for an argument the kernel specialisation never reads."""
+    return cuda.device_array((0,) * ndim, dtype=dtype)
+
+
+def _check_rel(scores, rel_beta, rel_gamma, B: int, T: int, heads: int, dtype) -> bool:
+    """True when the relevance bias is given (all three arrays), after checking shapes and dtypes."""
+    given = [a is not None for a in (scores, rel_beta, rel_gamma)]
+    if not any(given):
+        return False
+    if not all(given):
+        raise ValueError("attention: the relevance bias needs scores, rel_beta and rel_gamma together")
+    if tuple(scores.shape) != (B, T - 1) or tuple(rel_beta.shape) != (heads,) or tuple(rel_gamma.shape) != (heads,):
+        raise ValueError(f"attention: relevance bias shapes scores {tuple(scores.shape)}, rel_beta "
+                         f"{tuple(rel_beta.shape)}, rel_gamma {tuple(rel_gamma.shape)}; expected "
+                         f"({B}, {T - 1}), ({heads},), ({heads},)")
+    for name, a in (("scores", scores), ("rel_beta", rel_beta), ("rel_gamma", rel_gamma)):
+        if a.dtype != dtype:
+            raise ValueError(f"attention: {name} dtype {a.dtype}, expected {np.dtype(dtype)}")
+    return True
+
+
+def attention_row0_forward(q0, b_q, kv, b_k, b_v, valid, heads: int, p, ctx, *, scores=None, rel_beta=None,
+                           rel_gamma=None, cfg: KernelConfig | None = None) -> None:
     """v2 forward (query row only).
 
     q0 [B,D] = A1[:,0] W_q (bias added in place), kv [B,T,2D] = A1 [W_k|W_v] (biases added in
     place), valid [B,T] bool -> p [B,h,T], ctx [B,D] = concat_h(P_0 V)
+
+    With the relevance bias (``scores [B,k]`` score features, ``rel_beta, rel_gamma [h]``, same dtype;
+    all three or none) the logits are ``S_0 = Q0·K_0/√dh + γ_h`` and ``S_t = Q0·K_t/√dh + β_h·s[b,t-1]``
+    (t ≥ 1) before the mask; masked slots of ``scores`` are never read.
     """
     cfg = cfg or get_config()
     B, T, D2 = kv.shape
     dh = (D2 // 2) // heads
     tm = _tmax(T)
     _check_shared(tm, dh, kv.dtype, 1)
+    rel = _check_rel(scores, rel_beta, rel_gamma, B, T, heads, kv.dtype)
+    if not rel:
+        scores, rel_beta, rel_gamma = _placeholder(kv.dtype, 2), _placeholder(kv.dtype, 1), _placeholder(kv.dtype, 1)
     if B:
-        _row0_fwd(tm, dh, cfg.threads, kv.dtype)[B * heads, cfg.threads](
-            q0, b_q, kv, b_k, b_v, valid, heads, 1.0 / math.sqrt(dh), p, ctx)
+        _row0_fwd(tm, dh, cfg.threads, kv.dtype, rel)[B * heads, cfg.threads](
+            q0, b_q, kv, b_k, b_v, valid, heads, 1.0 / math.sqrt(dh), scores, rel_beta, rel_gamma, p, ctx)
 
 
-def _row0_bwd(tmax: int, dh: int, threads: int, dtype):
-    key = ("row0_bwd", tmax, dh, threads, np.dtype(dtype).str)
+def _row0_bwd(tmax: int, dh: int, threads: int, dtype, rel: bool = False):
+    key = ("row0_bwd", tmax, dh, threads, np.dtype(dtype).str, bool(rel))
     if key in _cache:
         return _cache[key]
-    TM, DH, NTH = tmax, dh, threads
+    TM, DH, NTH, REL = tmax, dh, threads, bool(rel)
 
-    def kernel(dctx, p, q0, kv, valid, heads, scale, dq0, dkv):
+    def kernel(dctx, p, q0, kv, valid, heads, scale, dq0, dkv, ds):
+        # ds [B,h,T]: the logit gradient dS (unscaled), written only when REL (else an empty placeholder)
         sG = cuda.shared.array(DH, np.float64)   # dctx of the head
         sP = cuda.shared.array(TM, np.float64)
         sDS = cuda.shared.array(TM, np.float64)
@@ -306,7 +357,10 @@ def _row0_bwd(tmax: int, dh: int, threads: int, dtype):
             sdp += sP[t] * acc
         sdp = block_sum(sh, sdp)  # Σ_t P_t dP_t
         for t in range(tid, T, NTH):
-            sDS[t] = sP[t] * (sDS[t] - sdp) * scale  # dS_t / sqrt(dh); 0 where masked
+            g = sP[t] * (sDS[t] - sdp)  # dS_t = P_t (dP_t - Σ P dP); 0 where masked
+            if REL:
+                ds[b, hh, t] = g  # = dB_t, the relevance bias's gradient
+            sDS[t] = g * scale  # dS_t / sqrt(dh)
         cuda.syncthreads()
         for e in range(tid, T * DH, NTH):
             t = e // DH
@@ -323,13 +377,76 @@ def _row0_bwd(tmax: int, dh: int, threads: int, dtype):
     return _cache[key]
 
 
-def attention_row0_backward(dctx, p, q0, kv, valid, heads: int, dq0, dkv, *,
+def attention_row0_backward(dctx, p, q0, kv, valid, heads: int, dq0, dkv, *, ds=None,
                             cfg: KernelConfig | None = None) -> None:
     """v2 backward.  dctx [B,D], p [B,h,T], q0 [B,D] and kv [B,T,2D] (biased, from the forward),
-    valid [B,T] -> dq0 [B,D], dkv [B,T,2D] (written in full; zero on masked tokens)."""
+    valid [B,T] -> dq0 [B,D], dkv [B,T,2D] (written in full; zero on masked tokens).
+
+    With ``ds [B,h,T]`` given it also receives the query row's logit gradient
+    ``dS_t = P_t (dP_t − Σ_u P_u dP_u)``, ``dP_t = dctx_h · V_t`` (exactly 0 on masked tokens): the
+    gradient of any additive logit bias, reduced to ``dβ, dγ`` by :func:`relevance_bias_backward`.
+    """
     cfg = cfg or get_config()
     B, T, D2 = kv.shape
     dh = (D2 // 2) // heads
+    rel = ds is not None
+    if rel and tuple(ds.shape) != (B, heads, T):
+        raise ValueError(f"attention: ds shape {tuple(ds.shape)}, expected ({B}, {heads}, {T})")
+    if not rel:
+        ds = _placeholder(kv.dtype, 3)
     if B:
-        _row0_bwd(_tmax(T), dh, cfg.threads, kv.dtype)[B * heads, cfg.threads](
-            dctx, p, q0, kv, valid, heads, 1.0 / math.sqrt(dh), dq0, dkv)
+        _row0_bwd(_tmax(T), dh, cfg.threads, kv.dtype, rel)[B * heads, cfg.threads](
+            dctx, p, q0, kv, valid, heads, 1.0 / math.sqrt(dh), dq0, dkv, ds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relevance bias: dβ, dγ from the query row's logit gradient
+# ---------------------------------------------------------------------------------------------
+
+
+def _rel_bwd(threads: int):
+    key = ("rel_bwd", threads)
+    if key in _cache:
+        return _cache[key]
+    NTH = threads
+
+    def kernel(ds, scores, valid, dbeta, dgamma):
+        # one block per head hh: dβ_h = Σ_{b,t≥1} dS[b,h,t]·s[b,t-1], dγ_h = Σ_b dS[b,h,0]
+        sh = cuda.shared.array(NTH, np.float64)
+        B = ds.shape[0]
+        T = ds.shape[2]
+        hh = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        accb = 0.0
+        accg = 0.0
+        for e in range(tid, B * T, NTH):
+            b = e // T
+            t = e - b * T
+            if t == 0:
+                accg += ds[b, hh, 0]
+            elif valid[b, t]:  # dS is 0 on masked slots; their scores may be anything
+                accb += ds[b, hh, t] * scores[b, t - 1]
+        accb = block_sum(sh, accb)
+        accg = block_sum(sh, accg)
+        if tid == 0:
+            dbeta[hh] = accb
+            dgamma[hh] = accg
+
+    _cache[key] = cuda.jit(kernel)
+    return _cache[key]
+
+
+def relevance_bias_backward(ds, scores, valid, dbeta, dgamma, *, cfg: KernelConfig | None = None) -> None:
+    r"""Gradients of the relevance bias from the query row's logit gradient (float64 accumulation).
+
+    .. math::
+
+        d\beta_h = \sum_{b,\ t \ge 1} dS_{b,h,t}\, s_{b,t-1}, \qquad d\gamma_h = \sum_b dS_{b,h,0}
+
+    ds [B,h,T] (from :func:`attention_row0_backward`), scores [B,k] (k = T−1; masked slots skipped),
+    valid [B,T] bool -> dbeta, dgamma [h] (overwritten).  The scores get no gradient (spec §2).
+    """
+    cfg = cfg or get_config()
+    B, H, T = ds.shape
+    if H:
+        _rel_bwd(cfg.threads)[H, cfg.threads](ds, scores, valid, dbeta, dgamma)

@@ -19,6 +19,13 @@ the MLP for the query token only.  Kernel sequence (shapes; ``F = mlp_ratio·D``
     bias_gelu_forward  U                [B,F]           colsum / gemm TN      db{q,k,v}, dW{q,k,v}
     gemm NN  Y0 = U W_2                 [B,D]           gemm NT (+acc)        dA1 = dK W_kᵀ + dV W_vᵀ (+ dQ0 W_qᵀ on token 0)
     bias_residual_l2norm_forward  out   [B,D]           layernorm_backward    dX; add_ dH0 on token 0; colsum dγ1 dβ1 de_q de_r
+
+With the relevance bias (spec §2 "Relevance bias" [ours]: ``rel_beta, rel_gamma [h]`` in the
+parameters, score features ``s [B,k]`` given to the forward), ``attention_row0_forward`` adds
+``γ_h`` to the query row's logit toward token 0 and ``β_h·s[b,j-1]`` toward neighbour ``j`` before
+the mask; ``attention_row0_backward`` also writes that row's ``dS [B,h,T]`` and
+``relevance_bias_backward`` reduces it to ``dβ_h = Σ_{b,j≥1} dS·s``, ``dγ_h = Σ_b dS[:,:,0]``.
+Without them nothing of this runs (the kernels are separate specialisations).
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ import numpy as np
 from numba import cuda
 
 from ..constants import LN_EPS
-from ..params import PARAM_NAMES
-from .attention import attention_row0_backward, attention_row0_forward
+from ..params import PARAM_NAMES, RELEVANCE_NAMES
+from .attention import attention_row0_backward, attention_row0_forward, relevance_bias_backward
 from .config import KernelConfig, get_config
 from .gelu import bias_gelu_forward, gelu_backward
 from .gemm import gemm
@@ -66,7 +73,16 @@ def _empty(shape, dtype):
     return cuda.device_array(shape, dtype=dtype)
 
 
-def fusion_forward_device(dparams, query, retrieved, valid, *, heads: int, cfg: KernelConfig | None = None):
+def _has_relevance(dparams) -> bool:
+    """The parameters carry the relevance bias (both of :data:`RELEVANCE_NAMES`; one alone is an error)."""
+    has = [n in dparams for n in RELEVANCE_NAMES]
+    if any(has) and not all(has):
+        raise ValueError(f"params: has one of {list(RELEVANCE_NAMES)} but not both")
+    return all(has)
+
+
+def fusion_forward_device(dparams, query, retrieved, valid, *, heads: int, scores=None,
+                          cfg: KernelConfig | None = None):
     """Forward on device arrays.
 
     Parameters
@@ -76,6 +92,10 @@ def fusion_forward_device(dparams, query, retrieved, valid, *, heads: int, cfg: 
     retrieved : device array [B,k,D]
     valid : device array [B,T] bool (:func:`valid_to_device`)
     heads : int
+    scores : device array [B,k], or None
+        The neighbours' score features ``(cosine − center)/width`` (same dtype as the parameters;
+        masked slots are never read). Required when ``dparams`` holds ``rel_beta, rel_gamma`` [h]
+        (the relevance bias, spec §2), ignored otherwise.
 
     Returns
     -------
@@ -88,6 +108,15 @@ def fusion_forward_device(dparams, query, retrieved, valid, *, heads: int, cfg: 
     B, D = query.shape
     T = retrieved.shape[1] + 1
     F = p["w_1"].shape[1]
+    rel = _has_relevance(p)
+    if rel:
+        if scores is None:
+            raise ValueError("fusion_forward_device: the parameters have the relevance bias (rel_beta, rel_gamma) "
+                             "and need scores [B,k]; got None")
+        if tuple(scores.shape) != (B, T - 1):
+            raise ValueError(f"fusion_forward_device: scores shape {tuple(scores.shape)}, expected ({B}, {T - 1})")
+    else:
+        scores = None
     x = _empty((B, T, D), dt)
     xhat1 = _empty((B, T, D), dt)
     rstd1 = _empty((B, T), dt)
@@ -103,7 +132,9 @@ def fusion_forward_device(dparams, query, retrieved, valid, *, heads: int, cfg: 
     gemm(a1[:, 0, :], p["w_q"], q0, cfg=cfg)                   # token 0 only
     prob = _empty((B, heads, T), dt)
     ctx = _empty((B, D), dt)
-    attention_row0_forward(q0, p["b_q"], kv, p["b_k"], p["b_v"], valid, heads, prob, ctx, cfg=cfg)
+    rel_kw = dict(scores=scores, rel_beta=p["rel_beta"], rel_gamma=p["rel_gamma"]) if rel else {}
+    attention_row0_forward(q0, p["b_q"], kv, p["b_k"], p["b_v"], valid, heads, prob, ctx, cfg=cfg,
+                           **rel_kw)                           # (+ γ_h, β_h·s_j on the logits)
     o = _empty((B, D), dt)
     gemm(ctx, p["w_o"], o, cfg=cfg)
     h0 = _empty((B, D), dt)
@@ -123,7 +154,7 @@ def fusion_forward_device(dparams, query, retrieved, valid, *, heads: int, cfg: 
     bias_residual_l2norm_forward(y, p["b_2"], h0, out, norm, cfg=cfg)
     cache = dict(backend="cuda", heads=int(heads), B=B, T=T, D=D, F=F, valid=valid, xhat1=xhat1,
                  rstd1=rstd1, a1=a1, kv=kv, q0=q0, prob=prob, ctx=ctx, xhat2=xhat2, rstd2=rstd2, a2=a2,
-                 pre=pre, u=u, out=out, norm=norm)
+                 pre=pre, u=u, out=out, norm=norm, scores=scores)
     return out, cache
 
 
@@ -135,7 +166,12 @@ def fusion_backward_device(dparams, cache, dout, *, return_input_grads: bool = F
     p = dparams
     dt = p["w_q"].dtype
     B, T, D, F, heads = cache["B"], cache["T"], cache["D"], cache["F"], cache["heads"]
-    g = {name: _empty(p[name].shape, dt) for name in PARAM_NAMES}
+    rel = cache.get("scores") is not None
+    if rel != _has_relevance(p):
+        raise ValueError("fusion_backward_device: the parameters and the forward's cache disagree on the "
+                         "relevance bias (rel_beta, rel_gamma)")
+    names = PARAM_NAMES + RELEVANCE_NAMES if rel else PARAM_NAMES
+    g = {name: _empty(p[name].shape, dt) for name in names}
     b3 = lambda a: a.reshape(a.shape[0], 1, a.shape[1])  # noqa: E731  [N,C] → [N,1,C] for colsum
     # read-out and MLP (token 0)
     dy = _empty((B, D), dt)
@@ -161,8 +197,11 @@ def fusion_backward_device(dparams, cache, dout, *, return_input_grads: bool = F
     # attention (query row)
     dq0 = _empty((B, D), dt)
     dkv = _empty((B, T, 2 * D), dt)
+    ds = _empty((B, heads, T), dt) if rel else None            # query row's dS [B,h,T] (relevance only)
     attention_row0_backward(dctx, cache["prob"], cache["q0"], cache["kv"], cache["valid"], heads, dq0, dkv,
-                            cfg=cfg)
+                            ds=ds, cfg=cfg)
+    if rel:  # dβ_h = Σ_{b,j≥1} dS[b,h,j]·s[b,j-1],  dγ_h = Σ_b dS[b,h,0]
+        relevance_bias_backward(ds, cache["scores"], cache["valid"], g["rel_beta"], g["rel_gamma"], cfg=cfg)
     dkvf = dkv.reshape(B * T, 2 * D)
     a1 = cache["a1"]
     a1f = a1.reshape(B * T, D)
