@@ -46,13 +46,17 @@ def demo_exclusions(demo: Path) -> tuple[set[str], set[str]]:
     return shas, names
 
 
-def generic_pairs(png_root: Path, svg_root: Path, demo: Path) -> tuple[list[tuple[Path, str]], dict]:
-    """``[(png path, caption)]``: reco-mini's alignment-training pairs minus every ``demo`` image; and a report."""
+def generic_pairs(png_root: Path, svg_root: Path, demo: Path, heldout_part: bool = False
+                  ) -> tuple[list[tuple[Path, str]], dict]:
+    """``[(png path, caption)]``: reco-mini's alignment-training pairs minus every ``demo`` image; and a report.
+
+    ``heldout_part``: the *held-out* part (``is_heldout`` True) instead — reco-mini never trained on it; a
+    validation set of drawings for the do-no-harm check that is not the demo's clip-art."""
     pairs, report = data.openclipart_pairs({"openclipart_png": png_root, "openclipart_svg": svg_root})
     shas, names = demo_exclusions(demo)
     kept, heldout, demo_hits = [], 0, 0
     for rel, caption in pairs:
-        if data.is_heldout(rel):
+        if data.is_heldout(rel) != heldout_part:
             heldout += 1
             continue
         path = png_root / rel
@@ -69,9 +73,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="memory folder to create (OUT.pairs.csv is written beside it)")
     ap.add_argument("--demo", default=str(ROOT / "weights" / "demo"), help="folder whose images are excluded")
     ap.add_argument("--pairs-only", action="store_true", help="write the pairs CSV, build no memory")
+    ap.add_argument("--heldout", action="store_true", help="the held-out part of the pairs (a validation set)")
     a = ap.parse_args(argv)
     png_root, svg_root = data.openclipart_roots()
-    kept, report = generic_pairs(png_root, svg_root, Path(a.demo))
+    kept, report = generic_pairs(png_root, svg_root, Path(a.demo), heldout_part=a.heldout)
     print(report, flush=True)
     csv_path = Path(a.out + ".pairs.csv")
     csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +87,7 @@ def main(argv=None) -> int:
     if a.pairs_only:
         return 0
     return subprocess.call([sys.executable, "-m", "reco_ref.cli", "build-memory", "--pairs", str(csv_path),
+                            "--allow-outside-paths",  # the images live in the build cache, not beside the CSV
                             "--out", a.out, "--threads", "1", "--no-progress"], cwd=ROOT)
 
 

@@ -184,6 +184,43 @@ def validation_eval(weights, mem, image, keys, labels, cls, names, k: int, backe
     return out
 
 
+def harm_generic(weights, train_mem, generic_dir: str, k: int, backend: str) -> dict:
+    """Do-no-harm on *validation* drawings: zero-shot classification of the held-out OpenClipart pairs
+    (``build_generic_memory.py --heldout``: reco-mini never trained on them; they are not the demo's clip-art),
+    classes = their top-level OpenClipart folder (``animals``, ``food``, ``signs and symbols``...; folders with
+    at least 5 drawings), generic templates, retrieving from the run's *training* photo memory. Top-1 of the
+    frozen encoder, the surrogate and RECO per mode: RECO should not fall below frozen on a memory of another
+    domain. Chosen before any number was seen; never the demo's clip-art (evaluation data)."""
+    from collections import Counter
+
+    from reco_ref.eval.templates import class_embeddings, resolve_templates
+    from reco_ref.eval.zeroshot import evaluate_zero_shot
+    from reco_ref.memory import Memory
+
+    g = Memory.open(generic_dir, verify="size")
+    meta = g.metadata(np.arange(len(g)))
+    folder = [m["source"].split("/openclipart/png/")[-1].split("/")[0] for m in meta]
+    count = Counter(folder)
+    names = sorted(f for f, c in count.items() if c >= 5 and "." not in f)
+    keep = np.array([f in names for f in folder])
+    labels = np.array([names.index(f) for f, kk in zip(folder, keep) if kk], np.int64)
+    readable = [f.replace("_", " ") for f in names]
+    cls = class_embeddings(_ENCODER[0], readable, resolve_templates("generic")[1])
+    img = np.asarray(g.image)[keep]
+    keys = None if g.image_keys is None else np.asarray(g.image_keys)[keep]
+    r = evaluate_zero_shot(train_mem, img, labels, cls, readable, keys=keys, weights=weights, mode="both", k=k,
+                           backend=backend)
+    out = {"n": int(keep.sum()), "classes": readable, "frozen": r["frozen"]["top1"],
+           "surrogate": r["surrogate"]["top1"]}
+    for method in ("reco", "surrogate"):
+        if method in r.get("by_mode", {}):
+            out[f"{method}_by_mode"] = {m: v["top1"] for m, v in r["by_mode"][method].items()}
+    return out
+
+
+_ENCODER: list = [None]  # set in main: the encoder the class prompts are embedded with
+
+
 def demo_images(work: Path, encoder) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """The 195 shipped clip-art images (weights/demo): embeddings, keys, labels, class names (encoded once, cached)."""
     from reco_ref.io import load_npz
@@ -274,6 +311,9 @@ def main(argv=None) -> int:
                          "single + generic + the dataset's own template sets ('mixed'); eval memories stay single")
     ap.add_argument("--generic", help="memory of generic image-caption pairs (e.g. OpenClipart) added as a training "
                                       "source retrieving from itself")
+    ap.add_argument("--generic-cross", action="store_true",
+                    help="with --generic: also the generic pairs retrieving from the training memory and the training "
+                         "pairs retrieving from the generic memory (cross-domain irrelevant-memory episodes)")
     ap.add_argument("--generic-weight", type=float, default=None, help="batch share of --generic (default: its rows)")
     ap.add_argument("--tag", default="", help="suffix of the run folders (several recipes in one --work)")
     ap.add_argument("--validate-only", action="store_true",
@@ -290,10 +330,13 @@ def main(argv=None) -> int:
                     "(relevance bias beta*s_j, query logit gamma; score map from unrelated pairs of the training memory)")
     ap.add_argument("--rel-beta", type=float, default=1.0)
     ap.add_argument("--rel-gamma", type=float, default=0.0)
+    ap.add_argument("--rel-map", choices=("unrelated", "neighbour"), default="unrelated")
     ap.add_argument("--train-groups", choices=("all", "relevance"), default="all",
                     help="what trains: every array, or only rel_beta/rel_gamma and tau")
     ap.add_argument("--irrelevant-fraction", type=float, default=0.0,
                     help="share of irrelevant-memory batches (each query's own class excluded from its search)")
+    ap.add_argument("--harm-generic", help="memory of held-out generic drawings (build_generic_memory.py --heldout): "
+                    "a do-no-harm validation (retrieval R@1, frozen vs RECO) against each run's training memory")
     ap.add_argument("--save-lodo", action="store_true", help="also write the lodo runs' kept weights to --out "
                     "(lodo-flowers.npz, lodo-cub.npz) so `reco-ref eval --fusion` reproduces their rows")
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
@@ -313,6 +356,7 @@ def main(argv=None) -> int:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="reco-train-"))
     work.mkdir(parents=True, exist_ok=True)
     enc = load("reco-mini")
+    _ENCODER[0] = enc
     ds = {n: Dataset(n, Path(a.data), Path(a.cache), enc) for n in DATASETS}
     fl, cub = ds["flowers102"], ds["cub100"]
     mixed = a.captions == "mixed"
@@ -406,15 +450,27 @@ def main(argv=None) -> int:
             from reco_ref.memory import Memory
 
             gen = [{"pairs": Memory.open(a.generic, encoder=enc, verify="size"), "name": Path(a.generic).name,
-                    "weight": a.generic_weight}]
+                    "weight": a.generic_weight, "irrelevant": False}]
         what = f"{a.holdout} hold-out, {a.captions} captions" + (f", + {Path(a.generic).name}" if a.generic else "")
+        def cross(mem, name):  # [ours] cross-domain irrelevant episodes: generic pairs ↔ the photo memory
+            if not (gen and a.generic_cross):
+                return []
+            g = gen[0]["pairs"]
+            return [{"pairs": g, "retrieval": mem, "name": f"{gen[0]['name']}->{name}", "irrelevant": False,
+                     "weight": a.generic_weight},
+                    {"pairs": mem, "retrieval": g, "name": f"{name}->{gen[0]['name']}", "irrelevant": False,
+                     "weight": a.generic_weight}]
+
         runs = {
-            "lodo-flowers": ([{"pairs": cm["cub100"][0], "name": "cub100-train-kept"}] + gen, list(cm["cub100"][2:]),
+            "lodo-flowers": ([{"pairs": cm["cub100"][0], "name": "cub100-train-kept"}] + gen
+                             + cross(cm["cub100"][0], "cub100"), list(cm["cub100"][2:]),
                              f"CUB-100 train ({what}); no Flowers-102 image or class name"),
-            "lodo-cub": ([{"pairs": cm["flowers102"][0], "name": "flowers102-train-kept"}] + gen,
+            "lodo-cub": ([{"pairs": cm["flowers102"][0], "name": "flowers102-train-kept"}] + gen
+                         + cross(cm["flowers102"][0], "flowers102"),
                          list(cm["flowers102"][2:]), f"Flowers-102 train ({what}); no CUB-100 image or class name"),
             "ship": ([{"pairs": cm["flowers102"][0], "name": "flowers102-train-kept"},
-                      {"pairs": cm["cub100"][0], "name": "cub100-train-kept"}] + gen,
+                      {"pairs": cm["cub100"][0], "name": "cub100-train-kept"}] + gen
+                     + cross(cm["flowers102"][0], "flowers102") + cross(cm["cub100"][0], "cub100"),
                      list(cm["flowers102"][2:]) + list(cm["cub100"][2:]), f"Flowers-102 train + CUB-100 train ({what})"),
         }
     if a.eval_val:  # validation-only comparison of given weights (or the frozen encoder: 'none'), no test split
@@ -443,7 +499,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig(k=a.k, batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup_steps,
                       seed=a.seed, backend=a.backend, checkpoint_every=25, steps_per_epoch=a.steps_per_epoch,
                       weight_decay=a.weight_decay, init=a.init, alpha=a.alpha, relevance=a.relevance,
-                      rel_beta=a.rel_beta, rel_gamma=a.rel_gamma, train_groups=a.train_groups,
+                      rel_beta=a.rel_beta, rel_gamma=a.rel_gamma, train_groups=a.train_groups, rel_map=a.rel_map,
                       irrelevant_fraction=a.irrelevant_fraction, exact_search=True)
     report = {"command": command, "inputs": inputs, "recipe": cfg.to_json(), "runs": {}}
     from reco_ref.train.weights import load_reco_weights
@@ -458,7 +514,11 @@ def main(argv=None) -> int:
             best, info = load_reco_weights(out / "best.npz"), report["runs"].get(run + a.tag, {})
         else:
             t0 = time.perf_counter()
+            seen = {"lodo-flowers": ["cub100"], "lodo-cub": ["flowers102"]}.get(run, list(DATASETS))
             meta = {"encoder_name": enc.name, "encoder_fingerprint": enc.fingerprint, "trained_on": saw,
+                    # which datasets' train splits these weights saw: `reco-ref eval` marks those rows in-domain
+                    "saw_datasets": [{"name": n, "manifest_sha256": inputs[f"{n}/manifest.csv"]["sha256"]}
+                                     for n in seen],
                     "command": command, "inputs": inputs, "caption_template": CAPTION.replace("{}", "{class_name}"),
                     "captions": a.captions, "generic_pairs": a.generic,
                     "holdout": ({"dataset": "cub100", "fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED}
@@ -470,6 +530,10 @@ def main(argv=None) -> int:
             info = {"train_seconds": round(time.perf_counter() - t0, 1), "steps": res.steps,
                     "selected": res.best_record, "history": res.history}
         entry = {k: info[k] for k in ("train_seconds", "steps", "selected", "history") if k in info}
+        if a.harm_generic:
+            entry["harm_generic"] = harm_generic(best, sources[0]["pairs"], a.harm_generic, a.k, a.backend)
+            print(f"[{run}{a.tag}] do-no-harm validation (held-out drawings vs the training memory, zero-shot): "
+                  + json.dumps(entry["harm_generic"]), flush=True)
         if a.validate_only:  # choosing a recipe: validation numbers only, no test split touched
             for rec in entry.get("history", []):
                 print(f"[{run}{a.tag}] epoch {rec['epoch']} step {rec['step']}: " + "  ".join(

@@ -68,6 +68,22 @@ def _eval_mlp(w: dict, ev: dict, k: int) -> dict:
                                              ev["labels"], C)}
 
 
+def _step0(w, cfg) -> Any:
+    """The untrained start of weights ``w`` trained with ``cfg``: the same init draw and score map, β/γ and τ at
+    their initial values (for relevance-only training this is exactly the step-0 state)."""
+    from ..train.losses import DEFAULT_TAU
+    from ..train.weights import RecoWeights, init_reco_weights
+
+    maps = None
+    if cfg.relevance:
+        maps = {m: (getattr(w, m).config.rel_center, getattr(w, m).config.rel_width) for m in ("image", "text")}
+    kw = dict(init=cfg.init, alpha=cfg.alpha, k=cfg.k)
+    if cfg.relevance:
+        kw.update(relevance=True, rel_beta=cfg.rel_beta, rel_gamma=cfg.rel_gamma)
+    w0 = init_reco_weights(w.dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, seed=cfg.seed, maps=maps, **kw)
+    return RecoWeights(w0.image, w0.text, float(DEFAULT_TAU), dict(w.meta, selected={"epoch": 0, "step": 0}))
+
+
 def run_ablation(sources: Sequence[dict], val: Sequence[Any], ev: dict, out: str | Path, config, *,
                  small_memory: Any = None, ks: Sequence[int] = (1, 5, 10, 20, 50), arms: Sequence[str] = ARMS,
                  meta: dict | None = None, progress: bool = True, command: str | None = None) -> dict:
@@ -112,13 +128,25 @@ def run_ablation(sources: Sequence[dict], val: Sequence[Any], ev: dict, out: str
             if "search_fuse" in arms:
                 row("search_fuse", f"search={search} fuse={fuse}", cfg, cfg.k,
                     _eval_reco(w, ev, cfg.k, search, fuse, cfg.backend))
+    if main_w is not None:  # learned vs untrained: the same layer at step 0 (same init, same score map)
+        cfg = replace(config, model="reco", search="uni", fuse="cross")
+        row("untrained", "the uni/cross layer at step 0 (its init, untrained)", cfg, cfg.k,
+            _eval_reco(_step0(main_w, cfg), ev, cfg.k, "uni", "cross", cfg.backend))
     if "k" in arms:
         cfg = replace(config, model="reco", search="uni", fuse="cross")
         for k in ks:
             row("k", f"k={k} (trained at k={cfg.k})", cfg, int(k), _eval_reco(main_w, ev, int(k), "uni", "cross",
                                                                                 cfg.backend))
     if "mlp" in arms:
-        cfg = replace(config, model="mlp", search="uni", fuse="cross")
+        # the control trains every one of its arrays (it has no relevance bias and no copy init to keep); when the
+        # RECO recipe trains only the relevance scalars at a scalar-sized rate, the control gets the full-matrix
+        # rate and decay of the TrainConfig defaults instead (lr 0.05 on 7 M weights diverges)
+        extra = {}
+        if config.train_groups == "relevance":
+            d = type(config)()
+            extra = dict(lr=min(config.lr, d.lr), weight_decay=d.weight_decay)
+        cfg = replace(config, model="mlp", search="uni", fuse="cross", init="identity", relevance=False,
+                      train_groups="all", **extra)
         w = fit("mlp", cfg, sources)
         row("mlp", "equal-size MLP control", cfg, cfg.k, _eval_mlp(w, ev, cfg.k))
     if "small_memory" in arms:

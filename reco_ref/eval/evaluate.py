@@ -45,6 +45,22 @@ def load_weights(fusion: str | os.PathLike | None, encoder: Any) -> tuple[Any, s
     return w, str(path)
 
 
+def weights_saw(weights: Any, manifest: str | os.PathLike) -> str:
+    """Whether RECO weights saw the train split of the dataset ``manifest`` describes: ``"in-domain"``,
+    ``"never saw"`` or ``"unknown"``.
+
+    Read from ``meta["saw_datasets"]`` (``[{"name", "manifest_sha256"}]``, written by the rebuild script of the
+    shipped weights), compared by the manifest's sha256; weights without that field (e.g. from ``reco-ref train``,
+    whose memories need not come from a manifest) are ``"unknown"``."""
+    saw = (weights.meta or {}).get("saw_datasets") if weights is not None else None
+    if not isinstance(saw, list):
+        return "unknown"
+    from ..io import sha256_file
+
+    digest = sha256_file(manifest)
+    return "in-domain" if any(isinstance(e, dict) and e.get("manifest_sha256") == digest for e in saw) else "never saw"
+
+
 def open_memory(memory: str | os.PathLike, encoder: Any) -> Any:
     """Open (validate) a memory and refuse one built with another encoder (fingerprint / dim)."""
     from ..memory import Memory
@@ -116,6 +132,7 @@ def evaluate_dataset(memory: str | os.PathLike, dataset: str | os.PathLike, spli
             stages.close()
     return {**result, "fusion": wpath, "dataset": str(ds.manifest), "split": split, "memory": str(mem.root),
             "memory_rows": len(mem), "templates": tname, "template_list": list(tlist),
+            "reco_weights_saw_dataset": None if weights is None else weights_saw(weights, ds.manifest),
             "fusion_meta": None if weights is None else {
                 key: weights.meta.get(key) for key in ("trained_on", "recipe", "seed", "k", "search", "fuse",
                                                        "encoder_name") if key in weights.meta},

@@ -55,13 +55,25 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits:
     return "\n".join([head, rule, *body]) + "\n"
 
 
+#: How the RECO row is marked by what its weights saw (``reco_weights_saw_dataset`` of a result).
+SAW_MARKS = {"in-domain": " — IN-DOMAIN: the weights saw this dataset's train split",
+             "never saw": " — weights never saw this dataset", "unknown": " — unknown whether the weights saw it"}
+
+
+def method_label(result: Mapping[str, Any], key: str, label: str) -> str:
+    """The row label of method ``key``; the RECO row carries what its weights saw (in-domain / never saw)."""
+    if key == "reco" and result.get("reco_weights_saw_dataset") in SAW_MARKS:
+        return label + SAW_MARKS[result["reco_weights_saw_dataset"]]
+    return label
+
+
 def method_rows(result: Mapping[str, Any], metrics: Sequence[str] = METRICS) -> list[list[Any]]:
     """Rows ``[label, metric...]`` of the side-by-side methods present in a zero-shot result."""
     rows = []
     for key, label in METHODS:
         if key in result:
             m = result[key]
-            rows.append([label] + [None if m is None else m.get(x) for x in metrics])
+            rows.append([method_label(result, key, label)] + [None if m is None else m.get(x) for x in metrics])
     return rows
 
 
@@ -140,7 +152,9 @@ def bar_chart_png(path: str | os.PathLike, groups: Mapping[str, Mapping[str, flo
 
 def zero_shot_chart_groups(result: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
     """``{metric: {method: value}}`` for :func:`bar_chart_png` from a zero-shot result."""
-    return {metric: {label: (None if result.get(key) is None else result[key].get(metric))
+    short_marks = {"in-domain": " (in-domain)", "never saw": " (held-out)", "unknown": ""}
+    mark = short_marks.get(result.get("reco_weights_saw_dataset"), "")
+    return {metric: {label + (mark if key == "reco" else ""): (None if result.get(key) is None else result[key].get(metric))
                      for key, label in METHODS if key in result} for metric in METRICS}
 
 

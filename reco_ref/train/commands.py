@@ -85,7 +85,7 @@ def config_from_args(a: argparse.Namespace, **override) -> TrainConfig:
               exact_search=a.exact, batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, lr=a.lr, min_lr=a.min_lr,
               warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, heads=a.heads, seed=a.seed,
               backend=a.backend, checkpoint_every=a.checkpoint_every, select_on=a.select_on,
-              init=a.init, alpha=a.alpha, relevance=a.relevance, rel_beta=a.rel_beta, rel_gamma=a.rel_gamma,
+              init=a.init, alpha=a.alpha, relevance=a.relevance, rel_beta=a.rel_beta, rel_gamma=a.rel_gamma, rel_map=a.rel_map,
               train_groups=a.train_groups, irrelevant_fraction=a.irrelevant_fraction)
     kw.update(override)
     return TrainConfig(**kw)

@@ -42,7 +42,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import DEFAULT_TAU, reco_loss_backward, reco_loss_forward
 from .mlp import mlp_backward, mlp_forward, mlp_hidden_for, mlp_init
 from .optim import adamw_init, adamw_step, lr_at
-from .pairs import PreparedSource, epoch_batches, prepare_source, search_rows
+from .pairs import PreparedSource, epoch_batches, labels_of, prepare_source, search_rows
 from .weights import RecoWeights, init_reco_weights, save_reco_weights
 
 __all__ = ["TrainConfig", "ValSet", "TrainResult", "train", "class_text_embeddings", "save_mlp_weights",
@@ -77,7 +77,9 @@ class TrainConfig:
     init : "identity" (spec §2: x̄ = x at step 0) | "copy" [ours]: starts at x + α·mean(r) (``init_params``)
     alpha : the copy init's gain α
     relevance : the layer reads each neighbour's search score (spec §2 "Relevance bias" [ours]); the score map
-        ``(s − mean)/std`` uses unrelated-pair statistics of the first source's retrieval memory
+        ``(s − center)/width`` is set from the first source's retrieval memory (``rel_map``)
+    rel_map : "unrelated" [ours, default]: centre and width = mean and std of the cosine between random rows;
+        "neighbour": centre = median cosine of a row to its nearest other row, width = the unrelated std
     rel_beta, rel_gamma : initial β, γ of every head (relevance only)
     train_groups : "all" (every array of φ_I, φ_T, and τ) | "relevance" (only rel_beta, rel_gamma and τ [ours]:
         the layer cannot memorise the training classes' names — docs/training.md "Why training lost transfer")
@@ -114,6 +116,7 @@ class TrainConfig:
     relevance: bool = False
     rel_beta: float = 1.0
     rel_gamma: float = 0.0
+    rel_map: str = "unrelated"
     train_groups: str = "all"
     irrelevant_fraction: float = 0.0
 
@@ -130,7 +133,8 @@ class TrainConfig:
         for name, allowed in (("search", ("uni", "cross")), ("fuse", ("cross", "uni")), ("model", ("reco", "mlp")),
                               ("backend", ("numpy", "numba", "cuda")), ("loss_backend", ("numpy", "numba", "cuda")),
                               ("select_on", ("top1", "loss")), ("init", ("identity", "copy")),
-                              ("train_groups", ("all", "relevance"))):
+                              ("train_groups", ("all", "relevance")),
+                              ("rel_map", ("unrelated", "neighbour"))):
             if getattr(self, name) not in allowed:
                 raise RecoError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
         for name in ("lr", "min_lr", "weight_decay"):
@@ -369,6 +373,17 @@ def _mean_record(epoch: int, step: int, per_set: list[dict], train_loss: float |
     return rec
 
 
+def _labelled(*memories) -> bool:
+    """Every given memory (None skipped) has a label on every row (what irrelevant-memory episodes need)."""
+    try:
+        for m in memories:
+            if m is not None:
+                labels_of(m)
+    except RecoError:
+        return False
+    return True
+
+
 def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, config: TrainConfig | None = None, *,
           val: Sequence[ValSet] = (), meta: dict | None = None, resume: bool = False, progress: bool = True
           ) -> TrainResult:
@@ -376,8 +391,9 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
 
     Parameters
     ----------
-    sources : each a dict ``{"pairs": Memory, "retrieval": Memory | None, "name": str, "weight": float | None}``
-        (prepared here with the config's retrieval settings) or a :class:`PreparedSource`
+    sources : each a dict ``{"pairs": Memory, "retrieval": Memory | None, "name": str, "weight": float | None,
+        "irrelevant": bool}`` (prepared here with the config's retrieval settings; ``"irrelevant": False`` keeps an
+        unlabelled source out of ``irrelevant_fraction``) or a :class:`PreparedSource`
     out : output folder
     config : :class:`TrainConfig` (defaults if None)
     val : validation sets (held-out rows of the training data; never a test split)
@@ -408,7 +424,8 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
                   dup_threshold_text=cfg.dup_threshold_text, exact=cfg.exact_search)
         name = s.get("name") or f"source{i}"
         prepared.append(prepare_source(s["pairs"], s.get("retrieval"), name=name, weight=s.get("weight"), **kw))
-        if cfg.irrelevant_fraction > 0:  # [ours] the same pairs retrieving as from a memory that lacks their class
+        if cfg.irrelevant_fraction > 0 and s.get("irrelevant", _labelled(s["pairs"], s.get("retrieval"))):
+            # [ours] the same pairs retrieving as from a memory that lacks their class (labelled memories only)
             f = float(cfg.irrelevant_fraction)
             prepared.append(prepare_source(s["pairs"], s.get("retrieval"), name=name + ":irrelevant",
                                            weight=prepared[-1].weight * f / (1 - f), irrelevant=True, **kw))
@@ -425,7 +442,11 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
     config_hash = hashlib.sha256((json.dumps(cfg.to_json(), sort_keys=True) + _digest(prepared, vals)).encode()).hexdigest()
     maps = None
     if cfg.relevance:  # score map of each module: unrelated-pair statistics of the first source's retrieval memory
-        maps = {"image": prepared[0].stats_i, "text": prepared[0].stats_t}
+        p0 = prepared[0]
+        if cfg.rel_map == "neighbour":
+            maps = {"image": (p0.nearest_i, p0.stats_i[1]), "text": (p0.nearest_t, p0.stats_t[1])}
+        else:
+            maps = {"image": p0.stats_i, "text": p0.stats_t}
     model = _Model(cfg, dim, maps)
     opt = adamw_init(model.flat)
     meta = dict(meta or {})

@@ -39,7 +39,7 @@ from ..memory import search_index
 from ..memory.index import ExactIndex
 
 __all__ = ["SELF_MATCH_COSINE", "own_rows", "search_rows", "fed_modality", "caption_groups", "PreparedSource",
-           "unrelated_score_stats",
+           "unrelated_score_stats", "nearest_score_median",
            "prepare_source", "epoch_batches", "labels_of"]
 
 #: cosine at or above which a memory image counts as the query image itself (float32 rounding of 1.0)
@@ -127,6 +127,28 @@ def unrelated_score_stats(vectors: np.ndarray, *, pairs: int = 20000, seed: int 
     return float(c.mean()), std if std > 0 else 1.0
 
 
+def nearest_score_median(vectors: np.ndarray, *, queries: int = 2000, seed: int = 0) -> float:
+    """Median over sampled rows of ``vectors`` [n, d] of the cosine to their nearest *other* row (float).
+
+    The ``rel_map="neighbour"`` score map [ours] centres the relevance feature here: "as close as a typical
+    nearest neighbour inside the training memory" is 0, unrelated rows sit far below."""
+    x = np.asarray(vectors)
+    n = x.shape[0]
+    if n < 2:
+        raise RecoError(f"nearest_score_median: need at least 2 rows, got {n}")
+    rng = np.random.default_rng([int(seed), 0x4E4E])
+    q = np.sort(rng.choice(n, size=min(int(queries), n), replace=False))
+    u = np.asarray(x, np.float64)
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
+    best = np.full(q.size, -np.inf)
+    for lo in range(0, n, 4096):  # bounded temporaries: [Q, 4096] at a time
+        s = u[q] @ u[lo:lo + 4096].T
+        own = (q[:, None] == np.arange(lo, min(n, lo + 4096))[None, :])
+        s[own] = -np.inf
+        best = np.maximum(best, s.max(axis=1))
+    return float(np.median(best))
+
+
 def caption_groups(text: np.ndarray) -> np.ndarray:
     """Group id per row, equal iff the rows' text embeddings are bit-identical (the same caption) — int64 [n]."""
     t = np.ascontiguousarray(text)
@@ -163,6 +185,7 @@ class PreparedSource:
     scores_i, scores_t : float32 [n, k] — the search scores of those neighbours (what the relevance bias reads)
     stats_i, stats_t : (mean, std) of unrelated-pair cosines in the spaces the image / text queries search
         (:func:`unrelated_score_stats`; the relevance bias's score map)
+    nearest_i, nearest_t : median nearest-other-row cosine in those spaces (:func:`nearest_score_median`)
     """
 
     name: str
@@ -181,6 +204,8 @@ class PreparedSource:
     scores_t: np.ndarray | None = None
     stats_i: tuple | None = None
     stats_t: tuple | None = None
+    nearest_i: float | None = None
+    nearest_t: float | None = None
 
     def __len__(self) -> int:
         return len(self.v)
@@ -250,14 +275,17 @@ def prepare_source(pairs: Any, retrieval: Any = None, *, name: str | None = None
         dup_threshold=dup_threshold_text if search_txt == "text" else dup_threshold_image, exact=exact, with_scores=True)
     keyed = getattr(retrieval, "key_dim", None) is not None
     image_space = retrieval.image_keys if keyed else retrieval.image  # what the image index holds
-    stats_i = unrelated_score_stats(image_space if search == "uni" else retrieval.text)
-    stats_t = unrelated_score_stats(retrieval.text if search == "uni" else retrieval.image)
+    space_i = image_space if search == "uni" else retrieval.text
+    space_t = retrieval.text if search == "uni" else retrieval.image
+    stats_i, stats_t = unrelated_score_stats(space_i), unrelated_score_stats(space_t)
+    nearest_i, nearest_t = nearest_score_median(space_i), nearest_score_median(space_t)
     fed_i, fed_t = fed_modality("image", fuse), fed_modality("text", fuse)
     arrays = {m: np.ascontiguousarray(getattr(retrieval, m), np.float32) for m in {fed_i, fed_t}}
     return PreparedSource(name=name or str(pairs.root), v=v, t=t, groups=caption_groups(t), nb_image=arrays[fed_i],
                           nb_text=arrays[fed_t], rows_i=rows_i, valid_i=valid_i, rows_t=rows_t, valid_t=valid_t,
                           own=own, weight=float(len(idx) if weight is None else weight), scores_i=scores_i,
-                          scores_t=scores_t, stats_i=stats_i, stats_t=stats_t)
+                          scores_t=scores_t, stats_i=stats_i, stats_t=stats_t, nearest_i=nearest_i,
+                          nearest_t=nearest_t)
 
 
 def _source_batches(groups: np.ndarray, batch_size: int, unique: bool, rng: np.random.Generator) -> list[np.ndarray]:

@@ -35,14 +35,17 @@ def test_ablate_cli_all_arms(tmp_path):
     arms = [(r["arm"], r["search"], r["fuse"], r["k"], r["model"], r["memory_at_training"]) for r in res["rows"]]
     assert arms == [("search_fuse", "uni", "cross", 5, "reco", "100 %"), ("search_fuse", "cross", "cross", 5, "reco", "100 %"),
                     ("search_fuse", "uni", "uni", 5, "reco", "100 %"), ("search_fuse", "cross", "uni", 5, "reco", "100 %"),
+                    ("untrained", "uni", "cross", 5, "reco", "100 %"),
                     ("k", "uni", "cross", 1, "reco", "100 %"), ("k", "uni", "cross", 5, "reco", "100 %"),
                     ("mlp", "uni", "cross", 5, "mlp", "100 %"), ("small_memory", "uni", "cross", 5, "reco", "1 %")]
     for r in res["rows"]:
         assert 0.0 <= r["top1"] <= 1.0 and r["frozen_top1"] == res["rows"][0]["frozen_top1"]
     # k=5 row uses the same weights and k as the uni/cross row
-    assert res["rows"][5]["top1"] == res["rows"][0]["top1"]
+    assert res["rows"][6]["top1"] == res["rows"][0]["top1"]
+    # the untrained row is the identity-init layer at step 0: exactly the frozen encoder here
+    assert res["rows"][4]["top1"] == res["rows"][4]["frozen_top1"]
     md = (tmp_path / "abl" / "ablations.md").read_text()
-    assert md.count("\n| ") == 8 + 1 and "equal-size MLP control" in md
+    assert md.count("\n| ") == 9 + 1 and "equal-size MLP control" in md
     # the same command again resumes every arm from its finished checkpoint: same table
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(args) == 0
@@ -57,3 +60,36 @@ def test_ablate_errors(tmp_path):
                    "--eval-dataset", str(d["manifest"]), "--eval-split", "train", "--ks", "1,x", "--out",
                    str(tmp_path / "o"), *RECIPE])
     assert rc == 1 and err.getvalue().startswith("reco-ref ablate: error: --ks: expected comma-separated integers")
+
+
+def test_ablate_relevance_recipe_untrained_row_is_the_start(tmp_path):
+    """With relevance-only training the untrained row is the copy-init layer with β, γ at their start values, and
+    the MLP control still trains (it has no relevance arrays)."""
+    d = make_run_data(tmp_path)
+    np.save(tmp_path / "img.npy", d["image"][320:])
+    np.save(tmp_path / "keys.npy", d["keys"][320:])
+    manifest = tmp_path / "eval.csv"
+    manifest.write_text("file,label,class_name,split\n" + "".join(
+        f"x{i}.jpg,{c},c{c},test\n" for i, c in enumerate(d["labels"][320:])))
+    args = ["ablate", "--memory", str(tmp_path / "train_mem"), "--eval-memory", str(tmp_path / "train_mem"),
+            "--eval-dataset", str(manifest), "--eval-embeddings", str(tmp_path / "img.npy"), "--eval-keys",
+            str(tmp_path / "keys.npy"), "--ks", "5", "--arms", "k,mlp", "--out", str(tmp_path / "abl"),
+            "--init", "copy", "--relevance", "--train-groups", "relevance", "--irrelevant-fraction", "0.5",
+            "--rel-map", "neighbour", *RECIPE]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(args) == 0
+    res = json.loads((tmp_path / "abl" / "ablations.json").read_text())
+    arms = [r["arm"] for r in res["rows"]]
+    assert arms == ["untrained", "k", "mlp"]
+    from reco_ref.eval.ablate import _step0
+    from reco_ref.train.loop import TrainConfig
+    from reco_ref.train.weights import load_reco_weights
+
+    w = load_reco_weights(tmp_path / "abl" / "arm-uni-cross" / "best.npz")
+    cfg = TrainConfig(k=5, heads=4, init="copy", relevance=True, train_groups="relevance", rel_map="neighbour")
+    w0 = _step0(w, cfg)
+    for m in ("image", "text"):
+        a, b = getattr(w, m), getattr(w0, m)
+        assert a.config == b.config
+        assert all(np.array_equal(a[n], b[n]) for n in a if not n.startswith("rel_"))
+        assert np.all(b["rel_beta"] == 1.0) and np.all(b["rel_gamma"] == 0.0)

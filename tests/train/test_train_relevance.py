@@ -111,3 +111,16 @@ def test_config_refuses_inconsistent_recipes():
         TrainConfig(irrelevant_fraction=1.0).check()
     with pytest.raises(RecoError, match="init"):
         TrainConfig(init="zeros").check()
+
+
+def test_irrelevant_episodes_skip_unlabelled_memories(data, tmp_path):
+    """A memory without labels (generic pairs) cannot give class-excluded episodes: it trains as it is, and the
+    labelled source beside it still gets its irrelevant copy."""
+    from train_testlib import build
+
+    plain = build(tmp_path / "plain", data["image"][:200], data["text"][:200], data["keys"][:200])
+    r = train([{"pairs": data["train"]}, {"pairs": plain}], tmp_path / "c",
+              TrainConfig(**dict(CFG, epochs=1), irrelevant_fraction=0.5), progress=False)
+    names = [s["name"] for s in load_reco_weights(tmp_path / "c" / "last.npz").meta["sources"]]
+    assert names == ["source0", "source0:irrelevant", "source1"]
+    assert r.steps > 0
