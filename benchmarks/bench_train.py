@@ -68,12 +68,15 @@ def train_pairs_per_second(mem, backend: str, out: Path) -> float:
 
 
 def query_latency(mem, image, keys, backend: str = "numba", batch: int = 1, repeats: int = 50,
-                  validate: bool = True) -> float:
-    """Seconds per call of refine() on ``batch`` image queries (HNSW key search + fusion), median of ``repeats``."""
+                  validate: bool = True, relevance: bool = False) -> float:
+    """Seconds per call of refine() on ``batch`` image queries (HNSW key search + fusion), median of ``repeats``.
+
+    ``relevance``: the shipped kind of layer (copy init + relevance bias: the search scores travel into the
+    layer), else the paper's layer."""
     from reco_ref.train.refine import refine
     from reco_ref.train.weights import init_reco_weights
 
-    w = init_reco_weights(D, heads=8)
+    w = init_reco_weights(D, heads=8, **(dict(init="copy", relevance=True) if relevance else {}))
     rng = np.random.default_rng(1)
     for phi in (w.image, w.text):  # non-trivial weights (identity at init would still run every op)
         phi["w_o"][...] = rng.normal(0, 0.02, phi["w_o"].shape)
@@ -88,6 +91,29 @@ def query_latency(mem, image, keys, backend: str = "numba", batch: int = 1, repe
     return float(np.median(times))
 
 
+def paired_latency(mem, image, keys, repeats: int = 200) -> dict:
+    """Median seconds of one batch-1 enhanced query with the paper layer and with the relevance bias, the two
+    interleaved call by call so both see the same machine load (a ratio from separate blocks drifts 1.5x here)."""
+    from reco_ref.train.refine import refine
+    from reco_ref.train.weights import init_reco_weights
+
+    rng = np.random.default_rng(1)
+    ws = {"paper": init_reco_weights(D, heads=8), "relevance": init_reco_weights(D, heads=8, init="copy", relevance=True)}
+    for w in ws.values():  # non-trivial output weights in both
+        w.image["w_o"][...] = rng.normal(0, 0.02, w.image["w_o"].shape)
+        w.image["w_2"][...] = rng.normal(0, 0.02, w.image["w_2"].shape)
+    q, sq = image[:1], keys[:1]
+    times: dict = {n: [] for n in ws}
+    for w in ws.values():
+        refine(w.image, mem, q, "image", search_queries=sq, k=K, backend="numba")  # warm: JIT, index load
+    for _ in range(repeats):
+        for n, w in ws.items():
+            t0 = time.perf_counter()
+            refine(w.image, mem, q, "image", search_queries=sq, k=K, backend="numba", validate_params=False)
+            times[n].append(time.perf_counter() - t0)
+    return {n: float(np.median(t)) for n, t in times.items()}
+
+
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_train_throughput(benchmark, memory, backend, tmp_path):
     mem, _, _ = memory
@@ -96,13 +122,14 @@ def test_train_throughput(benchmark, memory, backend, tmp_path):
     print(f"\ntrain {backend}: {rate:.1f} pairs/s (D={D}, k={K}, batch {BATCH}, {STEPS} steps)")
 
 
+@pytest.mark.parametrize("relevance", [False, True], ids=["paper-layer", "relevance-bias"])
 @pytest.mark.parametrize("batch", [1, 256])
-def test_enhanced_query(benchmark, memory, batch):
+def test_enhanced_query(benchmark, memory, batch, relevance):
     mem, image, keys = memory
     from reco_ref.train.refine import refine
     from reco_ref.train.weights import init_reco_weights
 
-    w = init_reco_weights(D, heads=8)
+    w = init_reco_weights(D, heads=8, **(dict(init="copy", relevance=True) if relevance else {}))
     refine(w.image, mem, image[:batch], "image", search_queries=keys[:batch], k=K, backend="numba")
     benchmark(lambda: refine(w.image, mem, image[:batch], "image", search_queries=keys[:batch], k=K, backend="numba",
                              validate_params=False))
@@ -143,6 +170,8 @@ def main() -> int:
         rates = {} if latency_only else {b: train_pairs_per_second(mem, b, Path(tmp)) for b in ("numpy", "numba")}
         one_checked = query_latency(mem, image, keys, batch=1)
         one = query_latency(mem, image, keys, batch=1, validate=False)
+        pair = paired_latency(mem, image, keys)
+        one_rel_checked = query_latency(mem, image, keys, batch=1, relevance=True)
         many = query_latency(mem, image, keys, batch=256, repeats=10, validate=False)
         parts = components(mem, image, keys)
     print(f"| measure | value |\n|:---|---:|")
@@ -154,6 +183,9 @@ def main() -> int:
         print(f"| batch-1 part: {name}, median | {ms:.2f} ms |")
     print(f"| enhanced query, batch 1, numba (HNSW + fusion, params validated per call), median | {one_checked * 1e3:.2f} ms |")
     print(f"| enhanced query, batch 1, numba (HNSW + fusion, validate_params=False), median | {one * 1e3:.2f} ms |")
+    print(f"| paper layer vs relevance bias, interleaved call by call, validate_params=False, medians | "
+          f"{pair['paper'] * 1e3:.2f} ms vs {pair['relevance'] * 1e3:.2f} ms ({pair['relevance'] / pair['paper']:.2f}x) |")
+    print(f"| the same with the relevance bias, params validated per call, median | {one_rel_checked * 1e3:.2f} ms |")
     print(f"| enhanced queries/s, batch 256, numba | {256 / many:.0f} |")
     return 0
 

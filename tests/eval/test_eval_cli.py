@@ -95,7 +95,9 @@ def test_eval_contract_json_markdown_png(setup, tmp_path, capsys):
     # is excluded from its own retrieval; most are not memory rows
     assert 0 <= r["excluded_own_rows"] < r["n"] // 4 and r["templates"] == "single"
     assert r["command"].startswith("reco-ref eval --memory ")
-    assert "| RECO (trained fusion) |" in (tmp_path / "r.md").read_text()
+    # weights without a record of what they saw are marked so, never presented as held-out
+    assert r["reco_weights_saw_dataset"] == "unknown"
+    assert "| RECO (trained fusion) — unknown whether the weights saw it |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 

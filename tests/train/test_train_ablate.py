@@ -16,19 +16,24 @@ RECIPE = ["-k", "5", "--batch-size", "16", "--epochs", "1", "--heads", "4", "--l
           "--no-progress", "--model", "train_testlib:class_encoder"]
 
 
-def test_ablate_cli_all_arms(tmp_path):
-    d = make_run_data(tmp_path)
-    small = build(tmp_path / "small", d["image"][:4], d["text"][:4], d["keys"][:4])
-    # the evaluated "dataset": the validation rows, their embeddings given precomputed (no image decoding)
+def _eval_args(tmp_path, d) -> list[str]:
+    """``ablate`` arguments for training on the run data and evaluating on its validation rows, whose embeddings
+    are given precomputed (no image decoding)."""
     np.save(tmp_path / "img.npy", d["image"][320:])
     np.save(tmp_path / "keys.npy", d["keys"][320:])
     manifest = tmp_path / "eval.csv"
     manifest.write_text("file,label,class_name,split\n" + "".join(
         f"x{i}.jpg,{c},c{c},test\n" for i, c in enumerate(d["labels"][320:])))
-    args = ["ablate", "--memory", str(tmp_path / "train_mem"), "--eval-memory", str(tmp_path / "train_mem"),
+    return ["ablate", "--memory", str(tmp_path / "train_mem"), "--eval-memory", str(tmp_path / "train_mem"),
             "--eval-dataset", str(manifest), "--eval-embeddings", str(tmp_path / "img.npy"), "--eval-keys",
-            str(tmp_path / "keys.npy"), "--small-memory", str(tmp_path / "small"), "--ks", "1,5",
-            "--out", str(tmp_path / "abl"), *RECIPE]
+            str(tmp_path / "keys.npy")]
+
+
+def test_ablate_cli_all_arms(tmp_path):
+    d = make_run_data(tmp_path)
+    small = build(tmp_path / "small", d["image"][:4], d["text"][:4], d["keys"][:4])
+    args = _eval_args(tmp_path, d) + ["--small-memory", str(small.root), "--ks", "1,5", "--out", str(tmp_path / "abl"),
+                                      *RECIPE]
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(args) == 0
     res = json.loads((tmp_path / "abl" / "ablations.json").read_text())
@@ -66,14 +71,7 @@ def test_ablate_relevance_recipe_untrained_row_is_the_start(tmp_path):
     """With relevance-only training the untrained row is the copy-init layer with β, γ at their start values, and
     the MLP control still trains (it has no relevance arrays)."""
     d = make_run_data(tmp_path)
-    np.save(tmp_path / "img.npy", d["image"][320:])
-    np.save(tmp_path / "keys.npy", d["keys"][320:])
-    manifest = tmp_path / "eval.csv"
-    manifest.write_text("file,label,class_name,split\n" + "".join(
-        f"x{i}.jpg,{c},c{c},test\n" for i, c in enumerate(d["labels"][320:])))
-    args = ["ablate", "--memory", str(tmp_path / "train_mem"), "--eval-memory", str(tmp_path / "train_mem"),
-            "--eval-dataset", str(manifest), "--eval-embeddings", str(tmp_path / "img.npy"), "--eval-keys",
-            str(tmp_path / "keys.npy"), "--ks", "5", "--arms", "k,mlp", "--out", str(tmp_path / "abl"),
+    args = _eval_args(tmp_path, d) + ["--ks", "5", "--arms", "k,mlp", "--out", str(tmp_path / "abl"),
             "--init", "copy", "--relevance", "--train-groups", "relevance", "--irrelevant-fraction", "0.5",
             "--rel-map", "neighbour", *RECIPE]
     with contextlib.redirect_stdout(io.StringIO()):
