@@ -30,8 +30,9 @@ def register(sub) -> None:
         "export-fusion",
         help="write the fusion modules φ_I / φ_T of a weights file as ONNX graphs (needs the export extra: onnx)",
         description="Read a fusion parameter set (image.*, text.*, logit_scale; reco_ref.fusion.save_param_set) and "
-        "write OUT/phi_<module>.onnx per module (inputs query [B,D], retrieved [B,k,D], mask [B,k] bool; output "
-        "out [B,D]; B and k dynamic, k = 0 allowed) plus OUT/fusion_onnx.json (configs, weight hashes, logit_scale). "
+        "write OUT/phi_<module>.onnx per module (inputs query [B,D], retrieved [B,k,D], mask [B,k] bool, and for a "
+        "module with the relevance bias scores [B,k] float32 = (cosine - center)/width, the map in the graph's "
+        "metadata; output out [B,D]; B and k dynamic, k = 0 allowed) plus OUT/fusion_onnx.json (configs, weight hashes, logit_scale). "
         "Run them with fusion backend 'onnx' (reco_ref.fusion.onnx_backend.attach(OUT, modules)): onnxruntime + numpy only.",
     )
     p.add_argument("--fusion", required=True, metavar="WEIGHTS", help="fusion parameter set (.npz)")
