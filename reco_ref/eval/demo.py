@@ -26,7 +26,11 @@ Steps (each a function below, each printed with its timing by :func:`run_demo`):
    and the majority-class rate are printed beside them.
 
 Outputs in ``out_dir`` (a fresh temporary folder by default, kept and printed): ``memory/``, ``results.json``
-(atomic) and, where matplotlib is installed, ``neighbours.png`` (a query and its neighbours per row).
+(atomic) and the pictures ``neighbours.png`` (a query and its neighbours per row) and, with step 6,
+``comparison.png`` (:func:`reco_ref.eval.demo_compare.comparison_figure`). The pictures need matplotlib, the
+``demo`` extra (``python3 -m pip install -e ".[demo]"``, README's first command). The last printed line says where
+they are (``pictures: /abs/neighbours.png, /abs/comparison.png``) or, without matplotlib, that none were drawn
+and which extra draws them (:data:`NO_MATPLOTLIB`).
 
 Data: ``data=None`` uses ``weights/demo/pairs.csv`` (``image,caption,category,label,split,source``; split
 ``memory`` / ``query``), prompts ``"a drawing of a {category}."``. ``data=DIR`` takes a dataset folder with
@@ -56,6 +60,19 @@ IDENTITY_TOL = 1e-6  # |refined − frozen| at init: 0 up to float32 re-normalis
 LOSS_BATCH = 256  # rows of the memory used for the "loss at initialisation" line (one training batch)
 
 Say = Callable[..., None]
+# the demo's last line when matplotlib is missing (one line: what is missing, what to install)
+NO_MATPLOTLIB = ('pictures: none, matplotlib is not installed; the demo extra draws neighbours.png and comparison.png: '
+                 'python3 -m pip install -e ".[demo]"')
+
+
+def have_matplotlib() -> bool:
+    """True where the pictures can be drawn: the imports :func:`figure` and ``comparison_figure`` make succeed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------- printing
@@ -347,8 +364,9 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
 
     Parameters
     ----------
-    out_dir : folder for ``memory/``, ``results.json``, ``neighbours.png``; None = a new temporary folder
-        (kept, its path printed). An existing ``out_dir/memory`` is refused, never overwritten.
+    out_dir : folder for ``memory/``, ``results.json``, ``neighbours.png``, ``comparison.png``; None = a new
+        temporary folder (kept, its path printed; every path printed and returned is absolute). An existing
+        ``out_dir/memory`` is refused, never overwritten.
     data : None (the shipped sample, ``weights/demo``) or a dataset folder with ``manifest.csv``
     k : neighbours per query
     backend : fusion backend, ``"numpy"`` (the reference), ``"numba"`` or ``"cuda"``
@@ -367,7 +385,8 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     Returns
     -------
     dict — the content of ``results.json``: ``data``, ``encoder``, ``timing_s``, ``search``, ``fusion``,
-    ``eval`` (accuracies in [0, 1]), ``examples``, ``out_dir``, ``files``.
+    ``eval`` (accuracies in [0, 1]), ``examples``, ``out_dir``, ``files`` (``figure`` = neighbours.png and
+    ``comparison`` only where drawn), with step 6 ``compare`` (per set: predictions, ``top1``, ``counts``).
     """
     say = printer(quiet)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -380,7 +399,7 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
     ds = shipped_data() if data is None else manifest_data(data, limit=limit, memory_limit=memory_limit, seed=seed)
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="reco-ref-demo-"))
+    out = (Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="reco-ref-demo-"))).absolute()
     mem_dir = out / "memory"
     if mem_dir.exists():
         raise MemoryFormatError(f"{mem_dir} already exists (an earlier demo run?): pass another --out, or delete "
@@ -426,7 +445,10 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     if examples and figure(fig_path, examples, min(k, 5)):
         results["files"]["figure"] = str(fig_path)
     atomic_write_json(out / "results.json", results)
-    say(f"\nwrote {out / 'results.json'}" + (f" and {fig_path}" if "figure" in results["files"] else "")
-        + (f" and {results['files']['comparison']}" if "comparison" in results["files"] else "")
-        + f"; total {timing['total']:.1f} s")
+    pictures = [results["files"][key] for key in ("figure", "comparison") if key in results["files"]]
+    say(f"\nwrote {out / 'results.json'}; total {timing['total']:.1f} s")
+    if pictures:
+        say("pictures: " + ", ".join(pictures))  # the last line: where to look
+    else:
+        say(NO_MATPLOTLIB if not have_matplotlib() else "pictures: none (no query to draw)")
     return results

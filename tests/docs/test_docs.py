@@ -87,7 +87,7 @@ def test_readme_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).splitlines()
-    assert block[0].startswith("python3 -m pip install -e . && reco-ref demo")
+    assert block[0].startswith('python3 -m pip install -e ".[demo]" && reco-ref demo')
     assert block[1].split("  #", 1)[0].rstrip() == ci
 
 

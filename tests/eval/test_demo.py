@@ -28,6 +28,17 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = weights_dir() / "demo"
 HAVE_RECO_MINI = (weights_dir() / "reco-mini" / "encoder.json").is_file()
 needs_reco_mini = pytest.mark.skipif(not HAVE_RECO_MINI, reason="weights/reco-mini not present")
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib (the demo extra) not installed")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _hide_matplotlib(monkeypatch) -> None:
+    """Make the demo's matplotlib imports raise ImportError, as on an install without the demo extra."""
+    import sys
+
+    for name in ("matplotlib", "matplotlib.backends", "matplotlib.backends.backend_agg", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)
 
 
 def _pairs() -> list[dict]:
@@ -162,6 +173,97 @@ def test_demo_compares_methods_on_flags_and_clipart(demo_run):
         assert Path(r["files"]["comparison"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# ------------------------------------------------------------------- the pictures and where they are
+@needs_reco_mini
+@needs_matplotlib
+def test_demo_writes_both_pictures_and_names_them_last(demo_run):
+    r, text, out = demo_run
+    last = text.rstrip("\n").splitlines()[-1]
+    neighbours, comparison = out / "neighbours.png", out / "comparison.png"
+    assert neighbours.is_absolute() and comparison.is_absolute()
+    assert last == f"pictures: {neighbours}, {comparison}"
+    assert r["files"]["figure"] == str(neighbours) and r["files"]["comparison"] == str(comparison)
+    for png in (neighbours, comparison):
+        assert png.read_bytes()[:8] == PNG
+    # comparison.png is what docs/demo.png copies: small enough to ship (test_shipped_demo_png_is_small_and_shown)
+    assert comparison.stat().st_size < 300_000
+
+
+@needs_reco_mini
+def test_demo_without_matplotlib_says_so_in_its_last_line(tmp_path, monkeypatch, capsys):
+    from reco_ref.eval.demo import NO_MATPLOTLIB, have_matplotlib
+    from reco_ref.eval.demo_compare import comparison_figure
+
+    import shutil
+
+    # a tiny --data folder (8 shipped drawings, 2 classes): the whole demo in a second or two
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    rows = ["file,label,class_name,split"]
+    for label, cat in enumerate(("bird", "fish")):
+        items = [p for p in _pairs() if p["category"] == cat][:4]
+        for j, item in enumerate(items):
+            shutil.copy(DEMO / item["image"], data / "img" / f"{cat}{j}.png")
+            rows.append(f"img/{cat}{j}.png,{label},{cat},{'test' if j == 3 else 'train'}")
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
+
+    _hide_matplotlib(monkeypatch)
+    assert not have_matplotlib()
+    monkeypatch.chdir(tmp_path)  # a relative --out: the printed and recorded paths are still absolute
+    assert main(["demo", "--data", "data", "--out", "rel", "-k", "3", "--fusion", "none"]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert lines[-1] == NO_MATPLOTLIB and 'pip install -e ".[demo]"' in lines[-1] and "matplotlib" in lines[-1]
+    assert sum("matplotlib is not installed" in ln for ln in lines) == 1  # said once, in one line
+    assert not list((tmp_path / "rel").glob("*.png"))
+    r = json.loads((tmp_path / "rel" / "results.json").read_text())
+    assert r["out_dir"] == str(tmp_path / "rel") and "figure" not in r["files"] and r["examples"]
+    # step 6's picture is skipped the same way (no exception, nothing written)
+    assert comparison_figure(tmp_path / "c.png", [({"queries": 0}, {})]) is False
+    assert not (tmp_path / "c.png").exists()
+
+
+def _table(ax) -> list[list[str]]:
+    cells = ax.tables[0].get_celld()
+    n_rows, n_cols = max(r for r, _ in cells) + 1, max(c for _, c in cells) + 1
+    return [[cells[r, c].get_text().get_text() for c in range(n_cols)] for r in range(n_rows)]
+
+
+@needs_reco_mini
+@needs_matplotlib
+def test_comparison_counts_panel_equals_the_counts_of_results_json(demo_run):
+    from matplotlib.text import Text
+
+    from reco_ref.eval.data import shipped_data
+    from reco_ref.eval.demo_compare import FIGURE_DPI, METHODS, draw_comparison, entities_data
+
+    _, _, out = demo_run
+    on_disk = json.loads((out / "results.json").read_text())["compare"]
+    sets = [(on_disk["flags"], entities_data()), (on_disk["clipart"], shipped_data())]
+    fig = draw_comparison(sets)
+    panels = {ax.get_label(): ax for ax in fig.axes if ax.get_label().startswith("counts: ")}
+    assert len(panels) == 2
+    for c, _ in sets:
+        y = np.array(c["labels"])
+        ok_f = np.array(c["pred"]["frozen"]) == y
+        expect = [["method", "right", "fixed", "broken", "missed"]]
+        for m in METHODS:  # counted here from the per-query predictions, independently of the demo's code
+            ok = np.array(c["pred"][m]) == y
+            counts = {"right": int(ok.sum()), "fixed": int((~ok_f & ok).sum()),
+                      "broken": int((ok_f & ~ok).sum()), "missed": int((~ok_f & ~ok).sum())}
+            assert c["counts"][m] == counts, m  # results.json carries the panel's numbers
+            assert counts["right"] == round(c["top1"][m] * c["queries"])
+            vs = ["—"] * 3 if m == "frozen" else [str(counts[k]) for k in ("fixed", "broken", "missed")]
+            expect.append([m, f"{counts['right']}/{c['queries']}", *vs])
+        assert _table(panels[f"counts: {c['name']}"]) == expect
+    # at least one method fixes and one breaks queries here (the panel is not all zeros)
+    assert any(c["counts"][m]["fixed"] and c["counts"][m]["broken"] for c, _ in sets for m in METHODS)
+    # every text (predictions, counts, captions) is >= 10 pt at the saved dpi: >= 14 px at 100 %
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_text().strip()]
+    assert sizes and min(sizes) >= 10 and FIGURE_DPI >= 100
+    w, h = fig.get_size_inches() * FIGURE_DPI
+    assert w <= 1200 and h <= 1600  # reasonably sized
+
+
 def test_compare_report_partitions_queries_and_names_them():
     from reco_ref.eval.demo_compare import pick_examples, report_lines
 
@@ -176,6 +278,19 @@ def test_compare_report_partitions_queries_and_names_them():
     assert any("RECO still misses): 1" in ln for ln in lines)
     assert any("RECO breaks): 1: ant (ant → cat)" in ln for ln in lines)
     assert pick_examples(c) == [(3, "fixed"), (0, "broken"), (2, "missed")]
+
+
+def test_readme_first_command_installs_the_pictures():
+    """README's first command installs the demo extra (matplotlib, for the pictures); torch stays out of runtime."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["optional-dependencies"]["demo"] == ["matplotlib>=3.7"]
+    assert not any(re.match(r"(torch|open[_-]clip)", d) for d in project["dependencies"] + ["matplotlib>=3.7"])
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).splitlines()[0]
+    assert first.startswith('python3 -m pip install -e ".[demo]" && reco-ref demo')
 
 
 def test_shipped_demo_png_is_small_and_shown():
