@@ -26,7 +26,7 @@
 # modality (spec §1); the pictures below show why: same-modality neighbours look alike, and their captions are
 # what the fusion layer gets to read.
 #
-# Runs offline in seconds; everything it writes goes to a temporary folder.
+# Runs offline in seconds; everything it writes goes to a temporary folder, removed by the last cell.
 
 # %%
 import tempfile
@@ -40,6 +40,8 @@ from PIL import Image
 from reco_ref.encoders import load
 from reco_ref.memory import Memory, build_memory, read_pairs_csv
 from reco_ref.paths import weights_file
+
+from _show import show_figure  # plt.show() in Jupyter; a PNG in notebooks/figures/ when run as a script with no display
 
 enc = load("reco-mini", threads=2)
 print(f"encoder {enc.name}: embedding dim D={enc.dim}, image search key dim Dk={enc.key_dim}")
@@ -59,7 +61,8 @@ items = read_pairs_csv(pairs, split="memory")    # list of {image, caption, ...}
 queries = read_pairs_csv(pairs, split="query")
 print(f"{len(items)} memory pairs, {len(queries)} query images")
 
-work = Path(tempfile.mkdtemp(prefix="a-memory-"))
+tmp = tempfile.TemporaryDirectory(prefix="a-memory-", ignore_cleanup_errors=True)  # removed at the end
+work = Path(tmp.name)
 t = time.perf_counter()
 manifest = build_memory(work / "mem", items, enc, progress=False)
 mem = Memory.open(work / "mem", encoder=enc)     # checks manifest, sizes, sha256, shapes, encoder fingerprint
@@ -99,7 +102,7 @@ print(f"neighbours sharing the query's category, k={k}: image→image {hit_uni:.
 
 
 # %%
-def show(rows, scores, title, n_queries=4, n_nb=5):
+def show(rows, scores, title, name, n_queries=4, n_nb=5):
     """One row per query: the query image, then its neighbours (memory images) with their captions."""
     fig, axes = plt.subplots(n_queries, n_nb + 1, figsize=(2.1 * (n_nb + 1), 2.5 * n_queries))
     picked = [int(np.flatnonzero(q_cat == c)[0]) for c in sorted(set(q_cat))][:n_queries]  # one per category
@@ -118,13 +121,13 @@ def show(rows, scores, title, n_queries=4, n_nb=5):
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(title + "  (green: same category as the query)", fontsize=10)
     fig.tight_layout()
-    plt.show()
+    show_figure(name)
 
 
-show(rows_uni, s_uni, "uni-modal: query image → memory images (search keys)")
+show(rows_uni, s_uni, "uni-modal: query image → memory images (search keys)", "uni-modal")
 
 # %%
-show(rows_x, s_x, "cross-modal: query image → memory captions (joint embedding space)")
+show(rows_x, s_x, "cross-modal: query image → memory captions (joint embedding space)", "cross-modal")
 
 # %% [markdown]
 # What the fusion layer would read: for each query, RECO takes the **uni-modal** neighbours' *text*
@@ -183,9 +186,18 @@ ax.set_ylabel("recall@10 vs exact search")
 ax.set_title("HNSW (M=8) on 10,000 synthetic 64-d keys")
 ax.grid(alpha=0.3)
 fig.tight_layout()
-plt.show()
+show_figure("hnsw-recall-vs-ef")
 assert recall[-1] >= recall[0] - 0.01  # a wider beam never loses much: the curve rises towards 1
 
 # %% [markdown]
 # Queries per second on this small base are noisy (shared machine); the repository's benchmark
 # (`benchmarks/bench_memory.py`, see `docs/memory.md`) measures the same curve at 1,000,000 rows.
+
+# %% [markdown]
+# ## Clean up
+#
+# The memory above was built in a temporary folder; this removes it, so a run leaves nothing behind.
+
+# %%
+tmp.cleanup()
+print(f"removed {work}")

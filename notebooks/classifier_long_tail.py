@@ -41,6 +41,8 @@ from reco_ref.classify.train import ClassifyConfig, evaluate_classifier, shot_gr
 from reco_ref.eval.metrics import knn_vote
 from reco_ref.memory import Memory, build_memory_from_arrays
 
+from _show import show_figure  # plt.show() in Jupyter; a PNG in notebooks/figures/ when run as a script with no display
+
 rng = np.random.default_rng(0)
 D, C, NOISE = 32, 30, 1.5
 
@@ -70,7 +72,7 @@ print("classes many / medium / few:", np.bincount(groups, minlength=3).tolist(),
 fig, ax = plt.subplots(figsize=(8, 2.5))
 ax.bar(range(C), counts, color=np.array(["tab:blue", "tab:orange", "tab:red"])[groups])
 ax.set(title="the long tail (blue many, orange medium, red few)", xlabel="class", ylabel="training images")
-plt.show()
+show_figure("long-tail")
 
 # %% [markdown]
 # ## Two memories
@@ -81,7 +83,8 @@ plt.show()
 #   it knows the tail even though the labelled training set does not).
 
 # %%
-work = Path(tempfile.mkdtemp(prefix="classifier-long-tail-"))
+tmp = tempfile.TemporaryDirectory(prefix="classifier-long-tail-", ignore_cleanup_errors=True)  # removed at the end
+work = Path(tmp.name)
 
 
 def caption_embeddings(labels):
@@ -143,7 +146,7 @@ for j, (name, r) in enumerate(runs.items()):
 ax.set_xticks(x, ["overall", "many (> 20)", "medium (5–20)", "few (< 5)"])
 ax.set(ylim=(0, 1.1), ylabel="top-1 (balanced test)", title="with and without memory, by shot group")
 ax.legend(fontsize=7, ncol=3)
-plt.show()
+show_figure("by-shot-group")
 
 # %% [markdown]
 # What to read off (seed 0; the printed table above is the measurement): memory **b** lifts the few-shot group
@@ -159,3 +162,12 @@ plt.show()
 gain_few = runs["attention, memory b"]["few"] - runs["no memory"]["few"]
 gain_many = runs["attention, memory b"]["many"] - runs["no memory"]["many"]
 print(f"memory b vs no memory: few-shot {gain_few:+.3f}, many-shot {gain_many:+.3f}")
+
+# %% [markdown]
+# ## Clean up
+#
+# The memories above were built in a temporary folder; this removes it, so a run leaves nothing behind.
+
+# %%
+tmp.cleanup()
+print(f"removed {work}")

@@ -53,6 +53,8 @@ from reco_ref.fusion.reference import (
     layernorm_backward, layernorm_forward, linear_backward, linear_forward, merge_heads, split_heads,
 )
 
+from _show import show_figure  # plt.show() in Jupyter; a PNG in notebooks/figures/ when run as a script with no display
+
 try:
     import torch
 except ImportError:  # the oracle is optional: every torch line below says it was skipped
@@ -403,7 +405,7 @@ for b in range(B):
         ax.set_title(f"example {b}, head {j}" + (" (r4, r5 masked)" if b == 1 else ""), fontsize=8)
         ax.set_xlabel("key token", fontsize=8), ax.set_ylabel("query token", fontsize=8)
 fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight")
-plt.show()
+show_figure("attention-heat-maps")
 
 fig, ax = plt.subplots(figsize=(6, 2.6))
 width = 0.8 / (B * h)
@@ -415,9 +417,9 @@ ax.set_ylabel("weight")
 ax.set_title("row 0: what the query token reads from itself and its neighbours", fontsize=9)
 ax.legend(fontsize=7)
 fig.tight_layout()
-plt.show()
+show_figure("query-row")
 
 # %% [markdown]
 # At the identity initialisation of the real layer (`init_params`: `W_o, b_o, W_2, b_2, e_q = 0`) the output is
 # exactly `normalize(x)` whatever the attention does; training is what makes these weights matter. The
-# "Training RECO" notebook (to come) draws them before and after.
+# "Training RECO" notebook (`notebooks/training_reco.py`) draws them before and after.

@@ -27,6 +27,9 @@
 # plus validation, checkpoints and resume). It is **short and in-domain**: the weights see the memory drawings
 # of the very flags they are then scored on, so the numbers here illustrate the mechanics, not transfer — the
 # measured leave-one-dataset-out numbers are in `docs/results.md`.
+#
+# Everything it writes (the memory, and the library run's checkpoints: ~270 MB) goes to a temporary folder that
+# the last cell removes.
 
 # %%
 import os
@@ -46,6 +49,8 @@ from reco_ref.train.losses import DEFAULT_TAU, reco_loss_backward, reco_loss_for
 from reco_ref.train.optim import adamw_init, adamw_step, lr_at
 from reco_ref.train.pairs import epoch_batches, prepare_source
 from reco_ref.train.weights import init_reco_weights
+
+from _show import show_figure  # plt.show() in Jupyter; a PNG in notebooks/figures/ when run as a script with no display
 
 TESTING = bool(os.environ.get("RECO_REF_NOTEBOOK_TEST"))  # the test suite runs a shorter schedule
 STEPS = 12 if TESTING else 32     # a step is 0.3–2 s on 2 busy cores (two 7 M-parameter layers, NumPy)
@@ -72,7 +77,8 @@ print(f"{n} flags encoded in {time.perf_counter() - t:.1f} s: memory images {img
 # k neighbours once: image → image (fed their *captions*) and text → text (fed their *images*).
 
 # %%
-work = Path(tempfile.mkdtemp(prefix="training-reco-"))
+tmp = tempfile.TemporaryDirectory(prefix="training-reco-", ignore_cleanup_errors=True)  # removed by the last cell
+work = Path(tmp.name)
 build_memory_from_arrays(work / "flags", img[:n], cap, keys=keys[:n], name=enc.name, fingerprint=enc.fingerprint,
                          items=mem_items, progress=False)
 mem = Memory.open(work / "flags", encoder=enc)
@@ -118,11 +124,15 @@ fig, ax = plt.subplots(1, 3, figsize=(12, 3))
 ax[0].plot(log["loss"], marker="o")
 ax[0].set(title="RECO loss (3 InfoNCE terms)", xlabel="step")
 ax[1].plot(log["tau"], marker="o", color="tab:orange")
-ax[1].set(title="τ (scale s = e^τ)", xlabel="step")
+d_tau = log["tau"][-1] - log["tau"][0]
+half = max(0.05, 1.2 * max(abs(x - DEFAULT_TAU) for x in log["tau"]))   # ±0.05 at least: 5 % of the scale s
+ax[1].set(ylim=(DEFAULT_TAU - half, DEFAULT_TAU + half), xlabel="step",
+          title=f"τ (scale s = e^τ): Δτ = {d_tau:+.4f} in {STEPS} steps")
+ax[1].ticklabel_format(axis="y", useOffset=False)                   # absolute values, no hidden offset
 ax[2].plot(log["lr"], marker="o", color="tab:green")
 ax[2].set(title="learning rate (warm-up, cosine)", xlabel="step")
 fig.tight_layout()
-plt.show()
+show_figure("loss-tau-lr")
 
 # %% [markdown]
 # ### The same run through the library
@@ -159,16 +169,17 @@ att = {}
 for label, ww in (("before (init)", w0), ("after training", w)):
     _, cache = fusion_forward(ww.image, q_img[show], r_txt[show], valid[show])
     att[label] = cache["att"]["p"][:, :, 0, :].mean(axis=1)       # [8, T]: query token, averaged over heads
-fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), layout="constrained")
+vmax = max(float(x.max()) for x in att.values())                   # one colour scale for both panels
 for a, (label, p) in zip(axes, att.items()):
-    a.imshow(p, cmap="viridis", vmin=0, vmax=max(float(x.max()) for x in att.values()))
+    im = a.imshow(p, cmap="viridis", vmin=0, vmax=vmax)
     a.set(title=f"query-token attention, {label}", xlabel="token (0 = query, 1..k = neighbours)")
     a.set_yticks(range(len(show)), [names[i][:18] for i in show], fontsize=7)
     for i in show:
         if rows[i, 0] == i:
             a.text(1, i, "✓", color="white", ha="center", va="center", fontsize=8)
-fig.tight_layout()
-plt.show()
+fig.colorbar(im, ax=axes, shrink=0.9, label="attention weight (mean over heads)")
+show_figure("attention-before-after")
 print("first neighbour is the same flag for", int((rows[:, 0] == np.arange(n)).sum()), "of", n, "queries")
 print("attention on the query token itself: before", np.round(att["before (init)"][:, 0], 3),
       "\n                                     after ", np.round(att["after training"][:, 0], 3))
@@ -199,7 +210,17 @@ for i in range(0, n, 16):
     ax.annotate("", xy=rv[i], xytext=fv[i], arrowprops={"arrowstyle": "->", "color": "tab:blue", "lw": 0.8})
 ax.set(title="PCA of frozen vs refined embeddings (flags)", xlabel="PC 1", ylabel="PC 2")
 ax.legend(fontsize=7)
-plt.show()
+show_figure("pca-frozen-vs-refined")
 y = np.arange(n)
 print(f"zero-shot top-1 on {n} query flags: frozen {np.mean(zero_shot(q_img, prompts) == y):.3f}, "
       f"after {STEPS} steps {np.mean(zero_shot(v_bar, t_bar) == y):.3f}, chance {1 / n:.3f}")
+
+# %% [markdown]
+# ## Clean up
+#
+# The memory and the library run (checkpoints and weights files, ~270 MB) were written to a temporary folder;
+# this removes it, so a run leaves nothing behind.
+
+# %%
+tmp.cleanup()
+print(f"removed {work}")

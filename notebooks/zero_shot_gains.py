@@ -44,6 +44,8 @@ from reco_ref.memory import Memory, build_memory_from_arrays
 from reco_ref.paths import weights_file
 from reco_ref.train.weights import load_reco_weights
 
+from _show import show_figure  # plt.show() in Jupyter; a PNG in notebooks/figures/ when run as a script with no display
+
 enc = load("reco-mini", threads=2)
 weights = load_reco_weights(weights_file("reco-mini-fusion", "fusion.npz"))
 print("RECO weights trained on:", weights.meta.get("trained_on", "?"))
@@ -60,7 +62,8 @@ print("RECO weights trained on:", weights.meta.get("trained_on", "?"))
 import tempfile
 from pathlib import Path
 
-work = Path(tempfile.mkdtemp(prefix="zero-shot-gains-"))
+tmp = tempfile.TemporaryDirectory(prefix="zero-shot-gains-", ignore_cleanup_errors=True)  # removed at the end
+work = Path(tmp.name)
 live = {}
 for key, ds in (("flags (255)", entities_data()), ("clip-art (30)", shipped_data())):
     if key.startswith("flags") and os.environ.get("RECO_REF_NOTEBOOK_TEST"):
@@ -106,7 +109,7 @@ def bars(ax, groups, title):
 fig, ax = plt.subplots(figsize=(7, 3.5))
 bars(ax, {k: {m: (r[m] or {}).get("top1") for m in METHODS} for k, r in live.items()},
      "live: shipped RECO weights on the demo sets")
-plt.show()
+show_figure("live")
 
 # %% [markdown]
 # The shipped weights read each neighbour's search score (the relevance bias, issue 18): on the flags, where one
@@ -132,7 +135,7 @@ for ds_key, lodo in (("flowers102", "lodo-flowers"), ("cub100", "lodo-cub")):
                                        "reco": runs["ship"]["eval"][ds_key]["reco"]["top1"]}
 fig, ax = plt.subplots(figsize=(9, 3.5))
 bars(ax, groups, "measured on ../shared/data (test splits, k = 10)")
-plt.show()
+show_figure("measured")
 
 # %% [markdown]
 # ### The ablations
@@ -164,7 +167,16 @@ for ax, arm in zip(axes, ("search_fuse", "k", "mlp")):
     ax.set(title=arm, ylim=(0, 0.75), ylabel="top-1 (CUB-100 test)")
 axes[0].legend(fontsize=7)
 fig.tight_layout()
-plt.show()
+show_figure("ablations")
 print(f"reference rows: frozen {frozen:.3f}, surrogate {surrogate:.3f}, k-NN vote {vote:.3f}")
 for a, v, t in abl:
     print(f"{a:13s} {v:40s} {t:.3f}")
+
+# %% [markdown]
+# ## Clean up
+#
+# The memories above were built in a temporary folder; this removes it, so a run leaves nothing behind.
+
+# %%
+tmp.cleanup()
+print(f"removed {work}")
