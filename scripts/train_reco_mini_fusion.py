@@ -184,7 +184,7 @@ def validation_eval(weights, mem, image, keys, labels, cls, names, k: int, backe
     return out
 
 
-def harm_generic(weights, train_mem, generic_dir: str, k: int, backend: str) -> dict:
+def harm_generic(weights, train_mem, generic_dir: str, encoder, k: int, backend: str) -> dict:
     """Do-no-harm on *validation* drawings: zero-shot classification of the held-out OpenClipart pairs
     (``build_generic_memory.py --heldout``: reco-mini never trained on them; they are not the demo's clip-art),
     classes = their top-level OpenClipart folder (``animals``, ``food``, ``signs and symbols``...; folders with
@@ -205,7 +205,7 @@ def harm_generic(weights, train_mem, generic_dir: str, k: int, backend: str) -> 
     keep = np.array([f in names for f in folder])
     labels = np.array([names.index(f) for f, kk in zip(folder, keep) if kk], np.int64)
     readable = [f.replace("_", " ") for f in names]
-    cls = class_embeddings(_ENCODER[0], readable, resolve_templates("generic")[1])
+    cls = class_embeddings(encoder, readable, resolve_templates("generic")[1])
     img = np.asarray(g.image)[keep]
     keys = None if g.image_keys is None else np.asarray(g.image_keys)[keep]
     r = evaluate_zero_shot(train_mem, img, labels, cls, readable, keys=keys, weights=weights, mode="both", k=k,
@@ -216,9 +216,6 @@ def harm_generic(weights, train_mem, generic_dir: str, k: int, backend: str) -> 
         if method in r.get("by_mode", {}):
             out[f"{method}_by_mode"] = {m: v["top1"] for m, v in r["by_mode"][method].items()}
     return out
-
-
-_ENCODER: list = [None]  # set in main: the encoder the class prompts are embedded with
 
 
 def demo_images(work: Path, encoder) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -356,7 +353,6 @@ def main(argv=None) -> int:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="reco-train-"))
     work.mkdir(parents=True, exist_ok=True)
     enc = load("reco-mini")
-    _ENCODER[0] = enc
     ds = {n: Dataset(n, Path(a.data), Path(a.cache), enc) for n in DATASETS}
     fl, cub = ds["flowers102"], ds["cub100"]
     mixed = a.captions == "mixed"
@@ -531,7 +527,7 @@ def main(argv=None) -> int:
                     "selected": res.best_record, "history": res.history}
         entry = {k: info[k] for k in ("train_seconds", "steps", "selected", "history") if k in info}
         if a.harm_generic:
-            entry["harm_generic"] = harm_generic(best, sources[0]["pairs"], a.harm_generic, a.k, a.backend)
+            entry["harm_generic"] = harm_generic(best, sources[0]["pairs"], a.harm_generic, enc, a.k, a.backend)
             print(f"[{run}{a.tag}] do-no-harm validation (held-out drawings vs the training memory, zero-shot): "
                   + json.dumps(entry["harm_generic"]), flush=True)
         if a.validate_only:  # choosing a recipe: validation numbers only, no test split touched

@@ -71,17 +71,14 @@ def _eval_mlp(w: dict, ev: dict, k: int) -> dict:
 def _step0(w, cfg) -> Any:
     """The untrained start of weights ``w`` trained with ``cfg``: the same init draw and score map, β/γ and τ at
     their initial values (for relevance-only training this is exactly the step-0 state)."""
-    from ..train.losses import DEFAULT_TAU
-    from ..train.weights import RecoWeights, init_reco_weights
+    from ..train.loop import init_weights
 
     maps = None
     if cfg.relevance:
         maps = {m: (getattr(w, m).config.rel_center, getattr(w, m).config.rel_width) for m in ("image", "text")}
-    kw = dict(init=cfg.init, alpha=cfg.alpha, k=cfg.k)
-    if cfg.relevance:
-        kw.update(relevance=True, rel_beta=cfg.rel_beta, rel_gamma=cfg.rel_gamma)
-    w0 = init_reco_weights(w.dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, seed=cfg.seed, maps=maps, **kw)
-    return RecoWeights(w0.image, w0.text, float(DEFAULT_TAU), dict(w.meta, selected={"epoch": 0, "step": 0}))
+    w0 = init_weights(cfg, w.dim, maps)
+    w0.meta = dict(w.meta, selected={"epoch": 0, "step": 0})
+    return w0
 
 
 def run_ablation(sources: Sequence[dict], val: Sequence[Any], ev: dict, out: str | Path, config, *,

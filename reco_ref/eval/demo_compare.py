@@ -92,12 +92,19 @@ def compare_methods(ds: dict, e: dict, mem: Any, k: int, weights: Any, backend: 
            "chance": 1.0 / C, "pred": {m: p.tolist() for m, p in pred.items()}, "labels": y.tolist(),
            "rows": rows.tolist(), "scores": scores.tolist(), "valid": valid.tolist()}
     out["counts"] = method_counts(out)
-    if "RECO" in pred:
-        ok_f, ok_r = pred["frozen"] == y, pred["RECO"] == y
-        out["fixed"] = np.flatnonzero(~ok_f & ok_r).tolist()  # frozen wrong, RECO right
-        out["missed"] = np.flatnonzero(~ok_f & ~ok_r).tolist()  # both wrong
-        out["broken"] = np.flatnonzero(ok_f & ~ok_r).tolist()  # frozen right, RECO wrong
+    if "RECO" in pred:  # RECO's queries by outcome against frozen (the printed lists and the examples)
+        out.update({kind: np.flatnonzero(m).tolist() for kind, m in outcomes(out, "RECO").items()})
     return out
+
+
+def outcomes(c: dict, method: str) -> dict[str, np.ndarray]:
+    """Boolean masks [Q] of ``method`` against frozen zero-shot on the same queries: ``fixed`` (frozen wrong,
+    method right), ``broken`` (frozen right, method wrong), ``missed`` (both wrong); a prediction of -1 (no
+    neighbour) is wrong."""
+    y = np.asarray(c["labels"], np.int64)  # [Q]
+    ok_f = np.asarray(c["pred"]["frozen"], np.int64) == y  # [Q]
+    ok = np.asarray(c["pred"][method], np.int64) == y  # [Q]
+    return {"fixed": ~ok_f & ok, "broken": ok_f & ~ok, "missed": ~ok_f & ~ok}
 
 
 def method_counts(c: dict) -> dict[str, dict[str, int]]:
@@ -106,14 +113,11 @@ def method_counts(c: dict) -> dict[str, dict[str, int]]:
     and ``missed`` (both wrong). ``right == fixed + (frozen right) - broken``; a prediction of -1 (no neighbour) is
     wrong. These are the numbers of the counts panel of ``comparison.png`` and of the printed table."""
     y = np.asarray(c["labels"], np.int64)  # [Q]
-    ok_f = np.asarray(c["pred"]["frozen"], np.int64) == y  # [Q]
     out = {}
     for m in METHODS:
-        if m not in c["pred"]:
-            continue
-        ok = np.asarray(c["pred"][m], np.int64) == y  # [Q]
-        out[m] = {"right": int(ok.sum()), "fixed": int((~ok_f & ok).sum()), "broken": int((ok_f & ~ok).sum()),
-                  "missed": int((~ok_f & ~ok).sum())}
+        if m in c["pred"]:
+            right = int((np.asarray(c["pred"][m], np.int64) == y).sum())
+            out[m] = {"right": right, **{kind: int(mask.sum()) for kind, mask in outcomes(c, m).items()}}
     return out
 
 

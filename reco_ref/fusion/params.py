@@ -74,6 +74,8 @@ PARAM_NAMES = (
 #: search score of each neighbour in the attention logits toward it, ``γ [h]`` is the logit toward the query's own
 #: token. A module has them exactly when its config says ``relevance=True``; ``β = γ = 0`` is the paper's layer.
 RELEVANCE_NAMES = ("rel_beta", "rel_gamma")
+#: Default score map ``(s − REL_CENTER) / REL_WIDTH`` of a relevance module (see :class:`FusionConfig`).
+REL_CENTER, REL_WIDTH = 1.0, 0.02
 
 FORMAT = "reco_ref.fusion.params"
 FORMAT_VERSION = 1
@@ -109,8 +111,8 @@ class FusionConfig:
     mlp_ratio: int = 4
     dtype: str = "float32"
     relevance: bool = False
-    rel_center: float = 1.0
-    rel_width: float = 0.02
+    rel_center: float = REL_CENTER
+    rel_width: float = REL_WIDTH
 
     def __post_init__(self):
         for field in ("dim", "heads", "mlp_ratio"):
@@ -298,7 +300,7 @@ INITS = ("identity", "copy")
 
 def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=np.float32, *, init: str = "identity",
                 alpha: float = COPY_ALPHA, k: int = 10, relevance: bool = False, rel_beta: float = 1.0,
-                rel_gamma: float = 0.0, rel_center: float = 1.0, rel_width: float = 0.02) -> FusionParams:
+                rel_gamma: float = 0.0, rel_center: float = REL_CENTER, rel_width: float = REL_WIDTH) -> FusionParams:
     r"""Fresh parameters (spec §2): the identity init (default) or the copy init [ours].
 
     ``init="identity"`` (spec §2, required default): ``w_o, b_o, w_2, b_2, e_query`` are zero, so
@@ -694,5 +696,4 @@ def relevance_of(params: Mapping[str, np.ndarray]) -> tuple[float, float] | None
         return (config.rel_center, config.rel_width) if has else None
     if not has:
         return None
-    default = FusionConfig(dim=1, heads=1)
-    return default.rel_center, default.rel_width
+    return REL_CENTER, REL_WIDTH

@@ -42,10 +42,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import DEFAULT_TAU, reco_loss_backward, reco_loss_forward
 from .mlp import mlp_backward, mlp_forward, mlp_hidden_for, mlp_init
 from .optim import adamw_init, adamw_step, lr_at
-from .pairs import PreparedSource, epoch_batches, labels_of, prepare_source, search_rows
+from .pairs import PreparedSource, epoch_batches, labels_of, prepare_source, score_map, search_rows
 from .weights import RecoWeights, init_reco_weights, save_reco_weights
 
-__all__ = ["TrainConfig", "ValSet", "TrainResult", "train", "class_text_embeddings", "save_mlp_weights",
+__all__ = ["TrainConfig", "ValSet", "TrainResult", "train", "init_weights", "class_text_embeddings", "save_mlp_weights",
            "load_mlp_weights"]
 
 
@@ -214,14 +214,20 @@ def class_text_embeddings(encoder: Any, class_names: Sequence[str], templates: S
 # ------------------------------------------------------------------------------------------------------------
 # the trained model as a flat dict of arrays (what AdamW and the checkpoint see) + forward/backward per modality
 # ------------------------------------------------------------------------------------------------------------
+def init_weights(cfg: TrainConfig, dim: int, maps: dict | None = None) -> RecoWeights:
+    """The untrained RECO weights a run with ``cfg`` starts from (its step 0): init, α, relevance β/γ from
+    ``cfg``; ``maps`` = each module's score map ``{"image": (center, width), "text": ...}`` when ``cfg.relevance``."""
+    kw = dict(init=cfg.init, alpha=cfg.alpha, k=cfg.k)
+    if cfg.relevance:
+        kw.update(relevance=True, rel_beta=cfg.rel_beta, rel_gamma=cfg.rel_gamma)
+    return init_reco_weights(dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, seed=cfg.seed, maps=maps, **kw)
+
+
 class _Model:
     def __init__(self, cfg: TrainConfig, dim: int, maps: dict | None = None):
         self.cfg = cfg
         if cfg.model == "reco":
-            kw = dict(init=cfg.init, alpha=cfg.alpha, k=cfg.k)
-            if cfg.relevance:
-                kw.update(relevance=True, rel_beta=cfg.rel_beta, rel_gamma=cfg.rel_gamma)
-            w = init_reco_weights(dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, seed=cfg.seed, **kw, maps=maps)
+            w = init_weights(cfg, dim, maps)
             self.modules = {"image": w.image, "text": w.text}
         else:
             hidden = mlp_hidden_for(dim, cfg.heads, cfg.mlp_ratio)
@@ -440,14 +446,8 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
     if total == 0:
         raise RecoError(f"no training batch: every source has fewer than 2 rows per batch of {cfg.batch_size}")
     config_hash = hashlib.sha256((json.dumps(cfg.to_json(), sort_keys=True) + _digest(prepared, vals)).encode()).hexdigest()
-    maps = None
-    if cfg.relevance:  # score map of each module: unrelated-pair statistics of the first source's retrieval memory
-        p0 = prepared[0]
-        if cfg.rel_map == "neighbour":
-            maps = {"image": (p0.nearest_i, p0.stats_i[1]), "text": (p0.nearest_t, p0.stats_t[1])}
-        else:
-            maps = {"image": p0.stats_i, "text": p0.stats_t}
-    model = _Model(cfg, dim, maps)
+    # score map of each module: statistics of the first source's retrieval memory (computed only when needed)
+    model = _Model(cfg, dim, score_map(prepared[0], cfg.rel_map) if cfg.relevance else None)
     opt = adamw_init(model.flat)
     meta = dict(meta or {})
     first = next((s["pairs"] for s in sources if isinstance(s, dict)), None)

@@ -39,7 +39,7 @@ from ..memory import search_index
 from ..memory.index import ExactIndex
 
 __all__ = ["SELF_MATCH_COSINE", "own_rows", "search_rows", "fed_modality", "caption_groups", "PreparedSource",
-           "unrelated_score_stats", "nearest_score_median",
+           "unrelated_score_stats", "nearest_score_median", "score_map",
            "prepare_source", "epoch_batches", "labels_of"]
 
 #: cosine at or above which a memory image counts as the query image itself (float32 rounding of 1.0)
@@ -149,6 +149,24 @@ def nearest_score_median(vectors: np.ndarray, *, queries: int = 2000, seed: int 
     return float(np.median(best))
 
 
+def score_map(src: "PreparedSource", rel_map: str = "unrelated") -> dict[str, tuple[float, float]]:
+    """Each module's relevance score map ``{"image": (center, width), "text": (center, width)}`` from the spaces
+    ``src``'s queries search (spec §2 "Relevance bias" [ours]).
+
+    ``"unrelated"``: centre and width = mean and std of the cosine between random rows
+    (:func:`unrelated_score_stats`); ``"neighbour"``: centre = the median nearest-other-row cosine
+    (:func:`nearest_score_median`), width = the same unrelated std."""
+    if src.space_i is None or src.space_t is None:
+        raise RecoError(f"{src.name}: this source was prepared without its search spaces")
+    if rel_map not in ("unrelated", "neighbour"):
+        raise RecoError(f"rel_map: expected 'unrelated' or 'neighbour', got {rel_map!r}")
+    out = {}
+    for modality, space in (("image", src.space_i), ("text", src.space_t)):
+        mean, std = unrelated_score_stats(space)
+        out[modality] = (nearest_score_median(space), std) if rel_map == "neighbour" else (mean, std)
+    return out
+
+
 def caption_groups(text: np.ndarray) -> np.ndarray:
     """Group id per row, equal iff the rows' text embeddings are bit-identical (the same caption) — int64 [n]."""
     t = np.ascontiguousarray(text)
@@ -183,9 +201,8 @@ class PreparedSource:
     own : int64 [n] — each pair's own row in the retrieval memory (-1 none)
     weight : float — share of batches (relative)
     scores_i, scores_t : float32 [n, k] — the search scores of those neighbours (what the relevance bias reads)
-    stats_i, stats_t : (mean, std) of unrelated-pair cosines in the spaces the image / text queries search
-        (:func:`unrelated_score_stats`; the relevance bias's score map)
-    nearest_i, nearest_t : median nearest-other-row cosine in those spaces (:func:`nearest_score_median`)
+    space_i, space_t : [M, d] — the retrieval memory's arrays that the image / text queries search (references,
+        not copies); :func:`score_map` reads its statistics from them when a run needs one
     """
 
     name: str
@@ -202,10 +219,8 @@ class PreparedSource:
     weight: float
     scores_i: np.ndarray | None = None
     scores_t: np.ndarray | None = None
-    stats_i: tuple | None = None
-    stats_t: tuple | None = None
-    nearest_i: float | None = None
-    nearest_t: float | None = None
+    space_i: np.ndarray | None = None
+    space_t: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.v)
@@ -277,15 +292,12 @@ def prepare_source(pairs: Any, retrieval: Any = None, *, name: str | None = None
     image_space = retrieval.image_keys if keyed else retrieval.image  # what the image index holds
     space_i = image_space if search == "uni" else retrieval.text
     space_t = retrieval.text if search == "uni" else retrieval.image
-    stats_i, stats_t = unrelated_score_stats(space_i), unrelated_score_stats(space_t)
-    nearest_i, nearest_t = nearest_score_median(space_i), nearest_score_median(space_t)
     fed_i, fed_t = fed_modality("image", fuse), fed_modality("text", fuse)
     arrays = {m: np.ascontiguousarray(getattr(retrieval, m), np.float32) for m in {fed_i, fed_t}}
     return PreparedSource(name=name or str(pairs.root), v=v, t=t, groups=caption_groups(t), nb_image=arrays[fed_i],
                           nb_text=arrays[fed_t], rows_i=rows_i, valid_i=valid_i, rows_t=rows_t, valid_t=valid_t,
                           own=own, weight=float(len(idx) if weight is None else weight), scores_i=scores_i,
-                          scores_t=scores_t, stats_i=stats_i, stats_t=stats_t, nearest_i=nearest_i,
-                          nearest_t=nearest_t)
+                          scores_t=scores_t, space_i=space_i, space_t=space_t)
 
 
 def _source_batches(groups: np.ndarray, batch_size: int, unique: bool, rng: np.random.Generator) -> list[np.ndarray]:

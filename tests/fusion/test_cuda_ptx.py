@@ -76,6 +76,10 @@ SCRIPT = textwrap.dedent(r'''
         valid = np.ones((B, T), np.bool_)
         out, cache = fusion_forward_device(p, q, r, valid, heads=H, cfg=cfg)
         g = fusion_backward_device(p, cache, np.ones((B, D), dt), return_input_grads=True, cfg=cfg)
+        # the relevance-bias specialisations (spec §2 "Relevance bias", issue 18) beside the paper layer's
+        pr = dict(init_params(D, H, dtype=dt, relevance=True))
+        _, cache_r = fusion_forward_device(pr, q, r, valid, heads=H, scores=np.zeros((B, k), dt), cfg=cfg)
+        fusion_backward_device(pr, cache_r, np.ones((B, D), dt), cfg=cfg)
         loss, c = infonce_forward_device(q, q, np.array([2.0]), cfg=cfg)
         infonce_backward_device(c, np.array([1.0]), cfg=cfg)
         st = adamw_init_device(p)
@@ -118,3 +122,8 @@ def test_every_kernel_compiles_to_ptx():
     for mod in ("gemm", "layernorm", "attention", "gelu", "l2norm", "reduce", "infonce", "adamw"):
         assert any(f".cuda.{mod}." in n for n in names), f"no kernel of {mod} compiled: {sorted(names)}"
     assert len(compiled) >= 60, len(compiled)
+    # the relevance bias: its dβ/dγ reduction, and per dtype the row-0 forward and backward with and without it
+    ends = [c.split("(")[0] for c in compiled]
+    assert any(n.endswith("_rel_bwd.<locals>.kernel") for n in ends), ends
+    for fn in ("_row0_fwd", "_row0_bwd"):
+        assert sum(n.endswith(f"{fn}.<locals>.kernel") for n in ends) == 4, ends

@@ -191,22 +191,29 @@ def test_mask_matters_when_weights_do(rng):
     assert np.abs(a - b).max() > 1e-3
 
 
+def _assert_float32_matches_float64(p64, p32, q, r, mask, rng, *, atol_out, atol_grad, **kw):
+    """The float32 layer's output within ``atol_out`` of the float64 one, and every parameter gradient within
+    ``atol_grad`` × max(1, its float64 magnitude); ``kw`` (e.g. ``scores``) goes to both forwards."""
+    out64, c64 = fusion_forward(p64, q, r, mask, **kw)
+    out32, c32 = fusion_forward(p32, q.astype(np.float32), r.astype(np.float32), mask, **kw)
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, out64, rtol=0, atol=atol_out)
+    dout = rng.standard_normal(q.shape)
+    g64 = fusion_backward(p64, c64, dout)
+    g32 = fusion_backward(p32, c32, dout.astype(np.float32))
+    assert set(g64) == set(p64)  # every parameter, relevance pair included where present
+    for n in g64:
+        assert g32[n].dtype == np.float32, n
+        scale = max(1.0, np.abs(g64[n]).max())
+        np.testing.assert_allclose(g32[n], g64[n], rtol=0, atol=atol_grad * scale, err_msg=n)
+
+
 def test_float32_path_matches_float64(rng):
     B, k, D, h = 8, 10, 32, 4
     p64 = random_params(D, h, rng)
     q, r, mask = random_inputs(B, k, D, rng)
     p32 = FusionParams({n: a.astype(np.float32) for n, a in p64.items()}, p64.config.__class__(D, h, 4, "float32"))
-    out64, c64 = fusion_forward(p64, q, r, mask)
-    out32, c32 = fusion_forward(p32, q.astype(np.float32), r.astype(np.float32), mask)
-    assert out32.dtype == np.float32
-    np.testing.assert_allclose(out32, out64, rtol=0, atol=2e-6)
-    dout = rng.standard_normal((B, D))
-    g64 = fusion_backward(p64, c64, dout)
-    g32 = fusion_backward(p32, c32, dout.astype(np.float32))
-    for n in PARAM_NAMES:
-        assert g32[n].dtype == np.float32, n
-        scale = max(1.0, np.abs(g64[n]).max())
-        np.testing.assert_allclose(g32[n], g64[n], rtol=0, atol=5e-5 * scale, err_msg=n)
+    _assert_float32_matches_float64(p64, p32, q, r, mask, rng, atol_out=2e-6, atol_grad=5e-5)
 
 
 def test_every_step_preserves_float32(rng):
@@ -648,17 +655,7 @@ def test_relevance_float32_matches_float64(rng):
     p32 = FusionParams({n: a.astype(np.float32) for n, a in p64.items()}, FusionConfig(D, h, 4, "float32", relevance=True))
     q, r, mask = random_inputs(B, k, D, rng)
     raw = random_scores(B, k, rng)
-    out64, c64 = fusion_forward(p64, q, r, mask, scores=raw)
-    out32, c32 = fusion_forward(p32, q.astype(np.float32), r.astype(np.float32), mask, scores=raw)
-    assert out32.dtype == np.float32
-    np.testing.assert_allclose(out32, out64, rtol=0, atol=2e-5)
-    dout = rng.standard_normal((B, D))
-    g64 = fusion_backward(p64, c64, dout)
-    g32 = fusion_backward(p32, c32, dout.astype(np.float32))
-    for n in g64:
-        assert g32[n].dtype == np.float32, n
-        scale = max(1.0, np.abs(g64[n]).max())
-        np.testing.assert_allclose(g32[n], g64[n], rtol=0, atol=2e-4 * scale, err_msg=n)
+    _assert_float32_matches_float64(p64, p32, q, r, mask, rng, atol_out=2e-5, atol_grad=2e-4, scores=raw)
 
 
 @pytest.fixture

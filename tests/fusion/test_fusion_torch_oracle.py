@@ -70,6 +70,27 @@ def torch_fusion(P, x, r, mask, heads, raw_scores=None, center=1.0, width=0.02, 
     return F.normalize(Y[:, 0], dim=-1, eps=0.0)
 
 
+def _assert_matches_torch(params, names, q, r, dout, out, grads, run) -> float:
+    """Run the torch layer ``run(P, xt, rt)`` on leaf tensors of ``params[names]``, ``q``, ``r``, back-propagate
+    ``dout``, and assert the forward ``out`` and every gradient in ``grads`` (``names`` + the two inputs) match
+    within ATOL. Returns the worst absolute difference."""
+    P = {n: torch.tensor(params[n], requires_grad=True) for n in names}
+    xt = torch.tensor(q, requires_grad=True)
+    rt = torch.tensor(r, requires_grad=True)
+    out_t = run(P, xt, rt)
+    (out_t * torch.tensor(dout)).sum().backward()
+
+    worst = float(np.abs(out - out_t.detach().numpy()).max())
+    assert worst <= ATOL, f"forward differs by {worst:.3g}"
+    theirs = {**{n: P[n].grad for n in names}, "query": xt.grad, "retrieved": rt.grad}
+    for name, g_t in theirs.items():
+        g_t = np.zeros_like(grads[name]) if g_t is None else g_t.numpy()
+        diff = float(np.abs(grads[name] - g_t).max()) if g_t.size else 0.0
+        worst = max(worst, diff)
+        assert diff <= ATOL, f"{name}: |numpy − torch| = {diff:.3g}"
+    return worst
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_forward_and_every_gradient_match_torch(seed):
     rng = np.random.default_rng(500 + seed)
@@ -84,20 +105,8 @@ def test_forward_and_every_gradient_match_torch(seed):
     out, cache = fusion_forward(params, q, r, mask)
     grads = fusion_backward(params, cache, dout, return_input_grads=True)
 
-    P = {n: torch.tensor(params[n], requires_grad=True) for n in PARAM_NAMES}
-    xt = torch.tensor(q, requires_grad=True)
-    rt = torch.tensor(r, requires_grad=True)
-    out_t = torch_fusion(P, xt, rt, torch.tensor(mask), heads)
-    (out_t * torch.tensor(dout)).sum().backward()
-
-    worst = float(np.abs(out - out_t.detach().numpy()).max())
-    assert worst <= ATOL, f"forward differs by {worst:.3g}"
-    theirs = {**{n: P[n].grad for n in PARAM_NAMES}, "query": xt.grad, "retrieved": rt.grad}
-    for name, g_t in theirs.items():
-        g_t = np.zeros_like(grads[name]) if g_t is None else g_t.numpy()
-        diff = float(np.abs(grads[name] - g_t).max()) if g_t.size else 0.0
-        worst = max(worst, diff)
-        assert diff <= ATOL, f"{name}: |numpy − torch| = {diff:.3g}"
+    worst = _assert_matches_torch(params, PARAM_NAMES, q, r, dout, out, grads,
+                                  lambda P, xt, rt: torch_fusion(P, xt, rt, torch.tensor(mask), heads))
     MAX_ABS["value"] = max(MAX_ABS["value"], worst)
 
 
@@ -146,22 +155,10 @@ def test_relevance_forward_and_every_gradient_match_torch(seed):
     grads = fusion_backward(params, cache, dout, return_input_grads=True)
     assert set(grads) == set(PARAM_NAMES) | set(RELEVANCE_NAMES) | {"query", "retrieved"}
 
-    names = PARAM_NAMES + RELEVANCE_NAMES
-    P = {n: torch.tensor(params[n], requires_grad=True) for n in names}
-    xt = torch.tensor(q, requires_grad=True)
-    rt = torch.tensor(r, requires_grad=True)
     keep = torch.ones(r.shape[:2], dtype=torch.bool) if mask is None else torch.tensor(mask)
-    out_t = torch_fusion(P, xt, rt, keep, heads, torch.tensor(raw), center, width)
-    (out_t * torch.tensor(dout)).sum().backward()
-
-    worst = float(np.abs(out - out_t.detach().numpy()).max())
-    assert worst <= ATOL, f"forward differs by {worst:.3g}"
-    theirs = {**{n: P[n].grad for n in names}, "query": xt.grad, "retrieved": rt.grad}
-    for name, g_t in theirs.items():
-        g_t = np.zeros_like(grads[name]) if g_t is None else g_t.numpy()
-        diff = float(np.abs(grads[name] - g_t).max()) if g_t.size else 0.0
-        worst = max(worst, diff)
-        assert diff <= ATOL, f"{name}: |numpy − torch| = {diff:.3g}"
+    worst = _assert_matches_torch(params, PARAM_NAMES + RELEVANCE_NAMES, q, r, dout, out, grads,
+                                  lambda P, xt, rt: torch_fusion(P, xt, rt, keep, heads, torch.tensor(raw), center,
+                                                                 width))
     if r.shape[1]:  # the bias is doing something in these configurations
         assert max(np.abs(grads["rel_beta"]).max(), np.abs(grads["rel_gamma"]).max()) > 1e-3
     MAX_ABS["relevance"] = max(MAX_ABS.get("relevance", 0.0), worst)

@@ -13,7 +13,7 @@ import pytest
 from reco_ref.errors import RecoError, ShapeError
 from reco_ref.fusion import RELEVANCE_NAMES, fusion_forward, score_features
 from reco_ref.train.loop import TrainConfig, ValSet, train
-from reco_ref.train.pairs import labels_of, prepare_source, unrelated_score_stats
+from reco_ref.train.pairs import labels_of, nearest_score_median, prepare_source, score_map, unrelated_score_stats
 from reco_ref.train.refine import refine, retrieve_for
 from reco_ref.train.weights import load_reco_weights
 
@@ -52,7 +52,10 @@ def test_prepared_scores_are_the_search_cosines(data):
     want = np.einsum("nd,nkd->nk", keys, keys[src.rows_i])  # query key · neighbour key
     assert np.allclose(np.where(src.valid_i, src.scores_i, 0), np.where(src.valid_i, want, 0), atol=1e-5)
     assert (src.rows_i != i).all()  # own row excluded
-    assert np.allclose(src.stats_i, unrelated_score_stats(keys), rtol=1e-9) and src.stats_t is not None
+    maps = score_map(src, "unrelated")
+    assert np.allclose(maps["image"], unrelated_score_stats(keys), rtol=1e-9) and len(maps["text"]) == 2
+    near = score_map(src, "neighbour")
+    assert near["image"][1] == maps["image"][1] and np.isclose(near["image"][0], nearest_score_median(keys), rtol=1e-9)
 
 
 def test_irrelevant_source_never_retrieves_the_query_class(data):
@@ -72,7 +75,7 @@ def test_relevance_training_moves_only_beta_gamma_tau_and_keeps_the_score_map(da
 
     src = prepare_source(data["train"], k=5, exact=True)
     start = init_reco_weights(w0.dim, heads=4, init="copy", k=5, relevance=True,
-                              maps={"image": src.stats_i, "text": src.stats_t})
+                              maps=score_map(src))
     for m in ("image", "text"):
         a, b = getattr(w0, m), getattr(start, m)
         assert (a.config.rel_center, a.config.rel_width) == (b.config.rel_center, b.config.rel_width)
