@@ -67,6 +67,11 @@ def train_pairs_per_second(mem, backend: str, out: Path) -> float:
     return STEPS * BATCH / (time.perf_counter() - t0)
 
 
+#: the shipped kind of layer: copy init, relevance bias, scores read against the searched memory's own map (computed
+#: once per memory, stored in its manifest: not part of a query), and the relevance gate returned with the answer
+SHIPPED_KIND = dict(init="copy", relevance=True, rel_source="memory")
+
+
 def query_latency(mem, image, keys, backend: str = "numba", batch: int = 1, repeats: int = 50,
                   validate: bool = True, relevance: bool = False) -> float:
     """Seconds per call of refine() on ``batch`` image queries (HNSW key search + fusion), median of ``repeats``.
@@ -76,7 +81,7 @@ def query_latency(mem, image, keys, backend: str = "numba", batch: int = 1, repe
     from reco_ref.train.refine import refine
     from reco_ref.train.weights import init_reco_weights
 
-    w = init_reco_weights(D, heads=8, **(dict(init="copy", relevance=True) if relevance else {}))
+    w = init_reco_weights(D, heads=8, **(SHIPPED_KIND if relevance else {}))
     rng = np.random.default_rng(1)
     for phi in (w.image, w.text):  # non-trivial weights (identity at init would still run every op)
         phi["w_o"][...] = rng.normal(0, 0.02, phi["w_o"].shape)
@@ -86,7 +91,8 @@ def query_latency(mem, image, keys, backend: str = "numba", batch: int = 1, repe
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        refine(w.image, mem, q, "image", search_queries=sq, k=K, backend=backend, validate_params=validate)
+        refine(w.image, mem, q, "image", search_queries=sq, k=K, backend=backend, validate_params=validate,
+               with_gate=relevance)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -98,7 +104,7 @@ def paired_latency(mem, image, keys, repeats: int = 200) -> dict:
     from reco_ref.train.weights import init_reco_weights
 
     rng = np.random.default_rng(1)
-    ws = {"paper": init_reco_weights(D, heads=8), "relevance": init_reco_weights(D, heads=8, init="copy", relevance=True)}
+    ws = {"paper": init_reco_weights(D, heads=8), "relevance": init_reco_weights(D, heads=8, **SHIPPED_KIND)}
     for w in ws.values():  # non-trivial output weights in both
         w.image["w_o"][...] = rng.normal(0, 0.02, w.image["w_o"].shape)
         w.image["w_2"][...] = rng.normal(0, 0.02, w.image["w_2"].shape)
@@ -109,7 +115,8 @@ def paired_latency(mem, image, keys, repeats: int = 200) -> dict:
     for _ in range(repeats):
         for n, w in ws.items():
             t0 = time.perf_counter()
-            refine(w.image, mem, q, "image", search_queries=sq, k=K, backend="numba", validate_params=False)
+            refine(w.image, mem, q, "image", search_queries=sq, k=K, backend="numba", validate_params=False,
+                   with_gate=n == "relevance")
             times[n].append(time.perf_counter() - t0)
     return {n: float(np.median(t)) for n, t in times.items()}
 
@@ -129,10 +136,10 @@ def test_enhanced_query(benchmark, memory, batch, relevance):
     from reco_ref.train.refine import refine
     from reco_ref.train.weights import init_reco_weights
 
-    w = init_reco_weights(D, heads=8, **(dict(init="copy", relevance=True) if relevance else {}))
+    w = init_reco_weights(D, heads=8, **(SHIPPED_KIND if relevance else {}))
     refine(w.image, mem, image[:batch], "image", search_queries=keys[:batch], k=K, backend="numba")
     benchmark(lambda: refine(w.image, mem, image[:batch], "image", search_queries=keys[:batch], k=K, backend="numba",
-                             validate_params=False))
+                             validate_params=False, with_gate=relevance))
     benchmark.extra_info["queries_per_s"] = batch / benchmark.stats.stats.median
 
 

@@ -184,18 +184,16 @@ def validation_eval(weights, mem, image, keys, labels, cls, names, k: int, backe
     return out
 
 
-def harm_generic(weights, train_mem, generic_dir: str, encoder, k: int, backend: str) -> dict:
-    """Do-no-harm on *validation* drawings: zero-shot classification of the held-out OpenClipart pairs
-    (``build_generic_memory.py --heldout``: reco-mini never trained on them; they are not the demo's clip-art),
-    classes = their top-level OpenClipart folder (``animals``, ``food``, ``signs and symbols``...; folders with
-    at least 5 drawings), generic templates, retrieving from the run's *training* photo memory. Top-1 of the
-    frozen encoder, the surrogate and RECO per mode: RECO should not fall below frozen on a memory of another
-    domain. Chosen before any number was seen; never the demo's clip-art (evaluation data)."""
+def drawings(generic_dir: str, encoder, work: Path) -> dict:
+    """The held-out OpenClipart drawings as a labelled validation set (``build_generic_memory.py --heldout``:
+    reco-mini never trained on them; they are not the demo's clip-art): classes = their top-level OpenClipart folder
+    (``animals``, ``food``, ``signs and symbols``...; folders with at least 5 drawings), generic templates. Returns
+    ``{"memory" (a memory of the kept drawings, built once in ``work``), "image", "keys", "labels", "class_text",
+    "names"}``."""
     from collections import Counter
 
     from reco_ref.eval.templates import class_embeddings, resolve_templates
-    from reco_ref.eval.zeroshot import evaluate_zero_shot
-    from reco_ref.memory import Memory
+    from reco_ref.memory import Memory, build_memory_from_arrays
 
     g = Memory.open(generic_dir, verify="size")
     meta = g.metadata(np.arange(len(g)))
@@ -208,13 +206,62 @@ def harm_generic(weights, train_mem, generic_dir: str, encoder, k: int, backend:
     cls = class_embeddings(encoder, readable, resolve_templates("generic")[1])
     img = np.asarray(g.image)[keep]
     keys = None if g.image_keys is None else np.asarray(g.image_keys)[keep]
-    r = evaluate_zero_shot(train_mem, img, labels, cls, readable, keys=keys, weights=weights, mode="both", k=k,
-                           backend=backend)
-    out = {"n": int(keep.sum()), "classes": readable, "frozen": r["frozen"]["top1"],
+    out = work / "mem-drawings-heldout-labelled"
+    if not (out / "manifest.json").is_file():
+        items = [dict(m, label=int(lab)) for m, lab in zip([m for m, kk in zip(meta, keep) if kk], labels)]
+        build_memory_from_arrays(out, img, np.asarray(g.text)[keep], keys=keys,
+                                 items=[{"image": it["source"], "caption": it["caption"], "source": it["source"],
+                                         "label": it["label"], "split": "heldout", "tags": "openclipart"} for it in items],
+                                 name=g.manifest["encoder"]["name"], fingerprint=g.fingerprint, progress=False)
+    return {"memory": Memory.open(out, verify="size"), "image": img, "keys": keys, "labels": labels,
+            "class_text": cls, "names": readable}
+
+
+def harm_generic(weights, train_mem, generic_dir: str, encoder, k: int, backend: str, work: Path) -> dict:
+    """Do-no-harm on *validation* drawings (:func:`drawings`) retrieving from a photo memory (the run's training
+    memory): top-1 of the frozen encoder, the surrogate and RECO per mode. RECO should not fall below frozen on a
+    memory of another domain. Chosen before any number was seen; never the demo's clip-art (evaluation data)."""
+    from reco_ref.eval.zeroshot import evaluate_zero_shot
+
+    dr = drawings(generic_dir, encoder, work)
+    r = evaluate_zero_shot(train_mem, dr["image"], dr["labels"], dr["class_text"], dr["names"], keys=dr["keys"],
+                           weights=weights, mode="both", k=k, backend=backend)
+    out = {"n": int(len(dr["labels"])), "classes": dr["names"], "frozen": r["frozen"]["top1"],
            "surrogate": r["surrogate"]["top1"]}
     for method in ("reco", "surrogate"):
         if method in r.get("by_mode", {}):
             out[f"{method}_by_mode"] = {m: v["top1"] for m, v in r["by_mode"][method].items()}
+    return out
+
+
+def guard_sets(sources: list, generic_dir: str, encoder, work: Path, run: str) -> list:
+    """[ours] Do-no-harm guards for epoch selection (``ValSet(guard=True)``): the held-out drawings retrieving from
+    each training source's photo memory and, for a run with several, from their union. An epoch whose top-1 on a
+    guard falls more than ``--guard-tolerance`` below its epoch-0 value is not kept."""
+    from reco_ref.memory import Memory, build_memory_from_arrays
+    from reco_ref.train.loop import ValSet
+
+    dr = drawings(generic_dir, encoder, work)
+    mems, out = [], []
+    for src in sources:
+        m = src.get("retrieval") or src["pairs"]
+        if any(m is x for x in mems):
+            continue
+        mems.append(m)
+        out.append(ValSet(f"guard-drawings-vs-{src.get('name', len(out))}", dr["memory"], m, dr["labels"],
+                          dr["class_text"], guard=True))
+    if len(mems) > 1:
+        root = work / f"mem-union-{run}"
+        if not (root / "manifest.json").is_file():
+            keys = [m.image_keys for m in mems]
+            build_memory_from_arrays(root, np.concatenate([np.asarray(m.image) for m in mems]),
+                                     np.concatenate([np.asarray(m.text) for m in mems]),
+                                     keys=None if any(k is None for k in keys) else np.concatenate(
+                                         [np.asarray(k) for k in keys]),
+                                     name=mems[0].manifest["encoder"]["name"], fingerprint=mems[0].fingerprint,
+                                     progress=False)
+        out.append(ValSet("guard-drawings-vs-union", dr["memory"], Memory.open(root, verify="size"), dr["labels"],
+                          dr["class_text"], guard=True))
     return out
 
 
@@ -238,11 +285,8 @@ def demo_images(work: Path, encoder) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return z["image"], z["keys"], np.array([int(r["label"]) for r in rows]), [names[i] for i in range(len(names))]
 
 
-def do_no_harm(weights, work: Path, ds: dict, encoder, k: int, backend: str) -> dict:
-    """Clip-art queries (weights/demo, 11 everyday classes, generic templates) against a memory that lacks their
-    classes: Flowers-102 train + CUB-100 train. RECO should stay within 1 point of the frozen encoder."""
-    from reco_ref.eval.templates import class_embeddings, resolve_templates
-    from reco_ref.eval.zeroshot import evaluate_zero_shot
+def union_memory(work: Path, ds: dict, encoder):
+    """The memory of Flowers-102 train + CUB-100 train (two photo domains joined), built once in ``work``."""
     from reco_ref.memory import Memory, build_memory_from_arrays
 
     out = work / "mem-flowers-cub-train"
@@ -253,7 +297,16 @@ def do_no_harm(weights, work: Path, ds: dict, encoder, k: int, backend: str) -> 
                                  keys=np.concatenate([d.keys[idx[n]] for n, d in ds.items()]),
                                  items=[it for n, d in ds.items() for it in d.items(idx[n])], name=encoder.name,
                                  fingerprint=encoder.fingerprint, progress=False)
-    mem = Memory.open(out, encoder=encoder, verify="size")
+    return Memory.open(out, encoder=encoder, verify="size")
+
+
+def do_no_harm(weights, work: Path, ds: dict, encoder, k: int, backend: str) -> dict:
+    """Clip-art queries (weights/demo, 11 everyday classes, generic templates) against a memory that lacks their
+    classes: Flowers-102 train + CUB-100 train. RECO should stay within 1 point of the frozen encoder."""
+    from reco_ref.eval.templates import class_embeddings, resolve_templates
+    from reco_ref.eval.zeroshot import evaluate_zero_shot
+
+    mem = union_memory(work, ds, encoder)
     img, keys, labels, names = demo_images(work, encoder)
     _, templates = resolve_templates("generic")
     cls = class_embeddings(encoder, names, templates)
@@ -327,11 +380,21 @@ def main(argv=None) -> int:
                     "(relevance bias beta*s_j, query logit gamma; score map from unrelated pairs of the training memory)")
     ap.add_argument("--rel-beta", type=float, default=1.0)
     ap.add_argument("--rel-gamma", type=float, default=0.0)
-    ap.add_argument("--rel-map", choices=("unrelated", "neighbour"), default="unrelated")
+    ap.add_argument("--rel-map", choices=("unrelated", "neighbour", "memory"), default="unrelated")
     ap.add_argument("--train-groups", choices=("all", "relevance"), default="all",
                     help="what trains: every array, or only rel_beta/rel_gamma and tau")
     ap.add_argument("--irrelevant-fraction", type=float, default=0.0,
                     help="share of irrelevant-memory batches (each query's own class excluded from its search)")
+    ap.add_argument("--eval-step0", action="store_true",
+                    help="also evaluate each run's untrained start on the test splits and the do-no-harm check")
+    ap.add_argument("--harm-guard", action="store_true",
+                    help="with --harm-generic: the drawings against each training memory (and their union) become "
+                         "do-no-harm guards of epoch selection [ours]")
+    ap.add_argument("--guard-tolerance", type=float, default=0.01,
+                    help="top-1 a guard may lose against its epoch 0 in a keepable epoch (default 0.01)")
+    ap.add_argument("--harm-union", action="store_true",
+                    help="with --harm-generic: also check the drawings against Flowers-102 train + CUB-100 train joined "
+                         "(kept weights and their step 0)")
     ap.add_argument("--harm-generic", help="memory of held-out generic drawings (build_generic_memory.py --heldout): "
                     "a do-no-harm validation (retrieval R@1, frozen vs RECO) against each run's training memory")
     ap.add_argument("--save-lodo", action="store_true", help="also write the lodo runs' kept weights to --out "
@@ -342,6 +405,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-weights", help="evaluate this RecoWeights file (e.g. a `reco-ref train` run's best.npz) on "
                                            "both test splits and the do-no-harm check, print JSON, train nothing")
     a = ap.parse_args(argv)
+    if (a.harm_guard or a.harm_union) and not a.harm_generic:
+        ap.error("--harm-guard and --harm-union need --harm-generic DIR (the held-out drawings)")
 
     from reco_ref.encoders import load
     from reco_ref.eval.templates import class_embeddings, resolve_templates
@@ -496,7 +561,7 @@ def main(argv=None) -> int:
                       seed=a.seed, backend=a.backend, checkpoint_every=25, steps_per_epoch=a.steps_per_epoch,
                       weight_decay=a.weight_decay, init=a.init, alpha=a.alpha, relevance=a.relevance,
                       rel_beta=a.rel_beta, rel_gamma=a.rel_gamma, train_groups=a.train_groups, rel_map=a.rel_map,
-                      irrelevant_fraction=a.irrelevant_fraction, exact_search=True)
+                      irrelevant_fraction=a.irrelevant_fraction, exact_search=True, guard_tolerance=a.guard_tolerance)
     report = {"command": command, "inputs": inputs, "recipe": cfg.to_json(), "runs": {}}
     from reco_ref.train.weights import load_reco_weights
 
@@ -505,6 +570,8 @@ def main(argv=None) -> int:
         report["runs"] = json.loads(previous.read_text()).get("runs", {})
     for run in [r for r in a.runs.split(",") if r]:
         sources, vals, saw = runs[run]
+        if a.harm_guard:
+            vals = list(vals) + guard_sets(sources, a.harm_generic, enc, work, run + a.tag)
         out = work / f"run-{run}{a.tag}"
         if a.eval_only:
             best, info = load_reco_weights(out / "best.npz"), report["runs"].get(run + a.tag, {})
@@ -527,9 +594,24 @@ def main(argv=None) -> int:
                     "selected": res.best_record, "history": res.history}
         entry = {k: info[k] for k in ("train_seconds", "steps", "selected", "history") if k in info}
         if a.harm_generic:
-            entry["harm_generic"] = harm_generic(best, sources[0]["pairs"], a.harm_generic, enc, a.k, a.backend)
+            entry["harm_generic"] = harm_generic(best, sources[0]["pairs"], a.harm_generic, enc, a.k, a.backend,
+                                                 work)
             print(f"[{run}{a.tag}] do-no-harm validation (held-out drawings vs the training memory, zero-shot): "
                   + json.dumps(entry["harm_generic"]), flush=True)
+            if a.harm_union:
+                # the same drawings against two photo domains joined (Flowers-102 train + CUB-100 train: train
+                # splits only), kept weights and their untrained start
+                from reco_ref.train.loop import init_weights
+
+                um = union_memory(work, ds, enc)
+                maps = {m: (getattr(best, m).config.rel_center, getattr(best, m).config.rel_width)
+                        for m in ("image", "text")} if cfg.relevance else None
+                step0 = init_weights(cfg, best.dim, maps)
+                step0.meta = dict(best.meta)
+                for key, w in (("harm_union", best), ("harm_union_step0", step0)):
+                    entry[key] = harm_generic(w, um, a.harm_generic, enc, a.k, a.backend, work)
+                    print(f"[{run}{a.tag}] {key} (held-out drawings vs Flowers-102 + CUB-100 train): "
+                          + json.dumps({x: entry[key][x] for x in ("frozen", "reco_by_mode")}), flush=True)
         if a.validate_only:  # choosing a recipe: validation numbers only, no test split touched
             for rec in entry.get("history", []):
                 print(f"[{run}{a.tag}] epoch {rec['epoch']} step {rec['step']}: " + "  ".join(
@@ -545,6 +627,15 @@ def main(argv=None) -> int:
             atomic_write_json(work / f"validation{a.tag}.json", report)
             continue
         entry.update(evaluate_run(run, best, saw, ds, eval_mem, work, enc, a.k, a.backend))
+        if a.eval_step0 and cfg.model == "reco":
+            # the same numbers for the run's untrained start (same init draw, β/γ at their initial values)
+            from reco_ref.train.loop import init_weights
+
+            maps = {m: (getattr(best, m).config.rel_center, getattr(best, m).config.rel_width)
+                    for m in ("image", "text")} if cfg.relevance else None
+            step0 = init_weights(cfg, best.dim, maps)
+            step0.meta = dict(best.meta)
+            entry["step0"] = evaluate_run(f"{run} step 0", step0, saw, ds, eval_mem, work, enc, a.k, a.backend)
         report["runs"][run + a.tag] = entry
         atomic_write_json(work / "metrics.json", report)
         if run.startswith("lodo") and a.save_lodo:

@@ -291,12 +291,13 @@ def step_trained(e: dict, s: dict, mem: Any, k: int, backend: str, fusion: Any, 
     w = load_reco_weights(path)
     check_weights_match(w, encoder_fingerprint=enc.fingerprint, dim=enc.dim, where=f"fusion weights {path}")
     t = time.perf_counter()
-    v_bar = refine(w.image, mem, e["q_img"], "image", search_queries=s["q_search"], k=k, backend=backend)[0]
+    v_bar, _, _, gate = refine(w.image, mem, e["q_img"], "image", search_queries=s["q_search"], k=k,
+                               backend=backend, with_gate=True)
     t_bar = refine(w.text, mem, e["cls_txt"], "text", k=k, backend=backend)[0]
     timing["fusion_trained"] = time.perf_counter() - t
     say(f"      trained φ_I, φ_T from {path}: mean cosine(v̄, v) = "
         f"{float((v_bar * e['q_img']).sum(axis=1).mean()):.3f} ({timing['fusion_trained'] * 1e3:.0f} ms)")
-    return {"v_bar": v_bar, "t_bar": t_bar, "path": str(path)}
+    return {"v_bar": v_bar, "t_bar": t_bar, "gate": gate, "path": str(path)}
 
 
 def step_evaluate(ds: dict, e: dict, s: dict, f: dict, k: int, say: Say, trained: dict | None = None) -> dict:
@@ -308,7 +309,10 @@ def step_evaluate(ds: dict, e: dict, s: dict, f: dict, k: int, say: Say, trained
     pred_knn = knn_vote(s["nb_labels"], s["scores"], s["valid"], C)
     preds = [("zero_shot_frozen", pred_frozen), ("zero_shot_reco_untrained", pred_reco), ("knn_vote", pred_knn)]
     if trained is not None:
-        preds.append(("zero_shot_reco_trained", zero_shot(trained["v_bar"], trained["t_bar"])))
+        from ..fusion import gated_scores  # the relevance gate blends refined and frozen class text per query
+
+        g = gated_scores(trained["v_bar"], trained["t_bar"], e["cls_txt"], trained.get("gate"))
+        preds.append(("zero_shot_reco_trained", np.argmax(g, axis=1)))
     acc = {name: float((p == y).mean()) if n_q else 0.0 for name, p in preds}
     chance = 1.0 / C
     majority = float(np.bincount(y, minlength=C).max() / n_q) if n_q else 0.0

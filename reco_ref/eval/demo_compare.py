@@ -66,6 +66,7 @@ def compare_methods(ds: dict, e: dict, mem: Any, k: int, weights: Any, backend: 
     mem : the set's memory (rows in ``ds["memory"]`` order)
     weights : RecoWeights or None (then no RECO column)
     """
+    from ..fusion import gated_scores
     from ..train.refine import refine
     from .zeroshot import surrogate_refine
 
@@ -84,9 +85,10 @@ def compare_methods(ds: dict, e: dict, mem: Any, k: int, weights: Any, backend: 
     pred["1-NN"] = nb[:, 0]
     pred["k-NN vote"] = knn_vote(nb, scores, valid, C)
     if weights is not None:
-        v_bar = refine(weights.image, mem, q_img, "image", search_queries=q_search, k=k, backend=backend)[0]
+        v_bar, _, _, gate = refine(weights.image, mem, q_img, "image", search_queries=q_search, k=k,
+                                   backend=backend, with_gate=True)
         t_bar = refine(weights.text, mem, cls, "text", k=k, backend=backend)[0]
-        pred["RECO"] = zero_shot(v_bar, t_bar)
+        pred["RECO"] = np.argmax(gated_scores(v_bar, t_bar, cls, gate), axis=1)  # with the relevance gate
     top1 = {m: float((p == y).mean()) for m, p in pred.items()}
     out = {"name": ds["name"], "queries": int(y.size), "classes": C, "prompt": ds["prompt"], "k": k, "top1": top1,
            "chance": 1.0 / C, "pred": {m: p.tolist() for m, p in pred.items()}, "labels": y.tolist(),

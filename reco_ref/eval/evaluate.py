@@ -200,6 +200,8 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
         raise RecoError("--profile times an image's whole trip: give an image, --classes or --class-names (the "
                         "scoring step) and fusion weights (not --fusion none)")
     get_backend(backend)
+    from ..fusion import gated_scores, relevance_of
+
     enc = load(model, threads=threads) if isinstance(model, (str, os.PathLike)) else model
     mem = open_memory(memory, enc)
     weights, wpath = load_weights(fusion, enc)
@@ -221,18 +223,22 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
     out = {"query": str(image) if image is not None else text, "modality": modality, "k": k, "fusion": wpath,
            "memory": str(mem.root), "neighbours": neighbours}
     if weights is not None:
-        refined, _, _ = refine(weights.phi(modality), mem, v, modality, search_queries=key, k=k, backend=backend)
+        refined, _, _, gate = refine(weights.phi(modality), mem, v, modality, search_queries=key, k=k,
+                                     backend=backend, with_gate=True)
+        if relevance_of(weights.phi(modality)) is not None:  # 1 = the bias kept the query (memory judged irrelevant)
+            out["relevance_gate"] = float(gate[0])
         out["refined_minus_frozen_cosine"] = float(1.0 - (refined[0].astype(np.float64) @ v[0].astype(np.float64)))
     if class_names:
         _, tlist = resolve_templates(templates)
         cls = class_embeddings(enc, class_names, tlist)  # [C,D]
-        sides = [("frozen_top", v[0], cls)]
+        sides: list = [("frozen_top", v[0], cls)]
         if weights is not None:
             cls_bar, _, _ = refine(weights.text, mem, cls, "text", k=k, backend=backend)  # [C,D]
-            sides.append(("reco_top", refined[0], cls_bar))
+            # an image query blends refined and frozen class text by its gate (fusion.gated_scores)
+            sides.append(("reco_top", refined[0], cls_bar, gate if modality == "image" else None))
         top = min(top, len(class_names))
-        for name, a, b in sides:
-            s = b.astype(np.float64) @ a.astype(np.float64)  # [C]
+        for name, a, b, *g in sides:
+            s = gated_scores(a[None], b, cls, g[0] if g else None)[0]  # [C]
             order = np.argsort(-s, kind="stable")[:top]
             out[name] = [{"class": class_names[c], "score": float(s[c])} for c in order]
         if profile:
@@ -240,7 +246,7 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
 
             # class embeddings do not depend on the photo: refined once above, scored per photo inside the profile
             out["profile"] = profile_query([str(image)], enc, mem, weights.image, cls_bar, k=k, batch=64,
-                                           backend=backend, repeats=3)
+                                           backend=backend, repeats=3, class_frozen=cls)
     return out
 
 

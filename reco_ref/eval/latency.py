@@ -49,11 +49,12 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 
 def _trip(images: Sequence[Any], encoder, memory, phi_image, class_emb: np.ndarray, k: int, backend: str,
-          repeats: int) -> tuple[dict[str, float], np.ndarray]:
+          repeats: int, class_frozen: np.ndarray | None = None, score_map: Any = None
+          ) -> tuple[dict[str, float], np.ndarray]:
     """Time the six steps on ``images`` (one batch); returns ({step: ms for the whole batch}, predictions [N])."""
     from ..encoders.images import decode_image
     from ..encoders.preprocess import crop_bytes, normalize_batch
-    from ..fusion import fusion_forward
+    from ..fusion import fusion_forward, gated_scores, relevance_gate, relevance_of, score_features
     from ..memory import retrieve
 
     cfg = encoder.config.image
@@ -68,13 +69,21 @@ def _trip(images: Sequence[Any], encoder, memory, phi_image, class_emb: np.ndarr
         lambda: retrieve(memory, q_search, "image", search="uni", fuse="cross", k=k, with_scores=True),
         repeats)  # [N,k,D], [N,k], [N,k], [N,k]
     ms["fusion"], (v_bar, _) = _median_ms(lambda: fusion_forward(phi_image, v, r, mask, backend=backend,
-                                                                 scores=scores), repeats)
-    ms["scoring"], pred = _median_ms(lambda: np.argmax(v_bar @ class_emb.T, axis=1), repeats)  # [N]
+                                                                 scores=scores, score_map=score_map), repeats)
+    if class_frozen is not None and relevance_of(phi_image) is not None:  # with the relevance gate, as eval scores
+        def score():
+            gate = relevance_gate(phi_image, score_features(phi_image, scores, mask, score_map=score_map), mask)
+            return np.argmax(gated_scores(v_bar, class_emb, class_frozen, gate), axis=1)
+
+        ms["scoring"], pred = _median_ms(score, repeats)  # [N]
+    else:
+        ms["scoring"], pred = _median_ms(lambda: np.argmax(v_bar @ class_emb.T, axis=1), repeats)  # [N]
     return ms, pred
 
 
 def profile_query(images: Sequence[Any], encoder, memory, phi_image, class_emb: np.ndarray, *, k: int = 10,
-                  batch: int = 64, backend: str = "numpy", repeats: int = 5) -> dict:
+                  batch: int = 64, backend: str = "numpy", repeats: int = 5,
+                  class_frozen: np.ndarray | None = None) -> dict:
     """Per-step latency of one photo at batch 1 and per image at batch ``batch``.
 
     Parameters
@@ -87,6 +96,8 @@ def profile_query(images: Sequence[Any], encoder, memory, phi_image, class_emb: 
     phi_image : FusionParams — φ_I
     class_emb : float32 [C, D] — the class text embeddings the refined image is scored against (refine them
         with φ_T once beforehand: they do not depend on the photo)
+    class_frozen : float32 [C, D], optional — the frozen class text; with a relevance φ_I the scoring step then
+        blends it in by the image's relevance gate, as evaluation does (:func:`reco_ref.fusion.gated_scores`)
     k : neighbours per query
     batch : size of the comparison batch (``0`` skips it)
     backend : fusion backend (``"numpy"``, ``"numba"``, ``"onnx"``, ...)
@@ -110,13 +121,22 @@ def profile_query(images: Sequence[Any], encoder, memory, phi_image, class_emb: 
     class_emb = np.asarray(class_emb, np.float32)
     if class_emb.ndim != 2 or class_emb.shape[1] != encoder.dim:
         raise RecoError(f"class_emb: shape {class_emb.shape}, expected [C, {encoder.dim}] (the encoder's dim)")
-    one, pred = _trip(images[:1], encoder, memory, phi_image, class_emb, k, backend, repeats)
+    smap = None
+    if getattr(getattr(phi_image, "config", None), "rel_source", "fixed") == "memory":
+        from ..memory.score_map import memory_score_map
+
+        smap = memory_score_map(memory, "image")  # a property of the memory (stored in its manifest): not timed
+    if class_frozen is not None:
+        class_frozen = np.asarray(class_frozen, np.float32)
+        if class_frozen.shape != class_emb.shape:
+            raise RecoError(f"class_frozen: shape {class_frozen.shape}, expected {class_emb.shape} (as class_emb)")
+    one, pred = _trip(images[:1], encoder, memory, phi_image, class_emb, k, backend, repeats, class_frozen, smap)
     out = {"steps": STEPS, "k": int(k), "backend": backend, "encoder": getattr(encoder, "name", "?"),
            "batch1_ms": one, "batch1_total_ms": float(sum(one.values())), "prediction": int(pred[0]),
            "batch": int(batch)}  # fmt: skip
     if batch:
         many = [images[i % len(images)] for i in range(batch)]
-        ms, _ = _trip(many, encoder, memory, phi_image, class_emb, k, backend, repeats)
+        ms, _ = _trip(many, encoder, memory, phi_image, class_emb, k, backend, repeats, class_frozen, smap)
         per = {s: v / batch for s, v in ms.items()}
         out["batch_ms_per_image"] = per
         out["batch_total_ms_per_image"] = float(sum(per.values()))

@@ -18,6 +18,19 @@ Every report holds four methods on the same queries, memory, prompts and neighbo
   neighbours' classes come from the memory's ``label`` column or captions
   (:func:`reco_ref.eval.data.memory_class_labels`), or the entry is ``null`` with the reason.
 
+**The relevance gate [ours].** When φ_I has the relevance bias, RECO's class scores in the modes that refine the
+class text (``text``, ``both``) blend the refined and the frozen class text per query image:
+
+.. math::
+
+    s_{ic} = (1 - \rho_i)\,\langle \tilde v_i, \bar t_c \rangle + \rho_i\,\langle \tilde v_i, t_c \rangle
+
+with ``ρ_i`` the image module's gate (:func:`reco_ref.fusion.relevance_gate`: 1 when its bias keeps the query
+because no neighbour is close enough, 0 when it uses the memory). The class text is refined once for all queries
+and cannot know whether a given query image is covered by the memory; a query that the memory does not cover
+(a drawing against a photo memory) then compares with the frozen class text, as the image side already falls
+back to its query — "do no harm". For a module without the bias ``ρ = 0`` and the scores are the paper's.
+
 Because refining a side does not depend on the other, all four modes cost two refinements; ``by_mode`` reports
 every mode for ``reco`` and ``surrogate``. When the evaluated images are themselves memory rows (e.g. the train
 split), their own rows are excluded from every retrieval (``exclude``, from :func:`reco_ref.eval.data.own_rows`).
@@ -124,6 +137,7 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
     or None), ``knn_vote_labels`` (how the neighbours' classes were found, or why not), ``by_mode``, ``n``,
     ``classes``, ``k``, ``mode``, ``alpha``, ``search``, ``fuse``, ``backend``, ``excluded_own_rows``, ``chance``.
     """
+    from ..fusion import gated_scores
     from ..train.refine import refine
 
     check_mode(mode)
@@ -159,12 +173,15 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
     out["frozen"] = classification_metrics(_scores(image, class_emb), labels, C)
 
     sides: dict[str, dict[str, np.ndarray]] = {"surrogate": {}, "reco": {}}
+    gates: dict[str, np.ndarray | None] = {"surrogate": None, "reco": None}
     say("surrogate")
     sides["surrogate"]["image"] = surrogate_refine(memory, image, "image", alpha=alpha, **img_kw)[0]
     sides["surrogate"]["text"] = surrogate_refine(memory, class_emb, "text", alpha=alpha, **common)[0]
     if weights is not None:
         say("reco")
-        sides["reco"]["image"] = refine(weights.image, memory, image, "image", backend=backend, **img_kw)[0]
+        sides["reco"]["image"], _, _, gate = refine(weights.image, memory, image, "image", backend=backend,
+                                                    with_gate=True, **img_kw)
+        gates["reco"] = gate if gate.any() else None
         sides["reco"]["text"] = refine(weights.text, memory, class_emb, "text", backend=backend, **common)[0]
     by_mode: dict[str, dict] = {}
     for method, got in sides.items():
@@ -174,10 +191,14 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
         for m in MODES:
             v = got["image"] if m in ("image", "both") else image
             t = got["text"] if m in ("text", "both") else class_emb
-            by_mode[method][m] = classification_metrics(_scores(v, t), labels, C)
+            g = gates[method] if m in ("text", "both") else None
+            by_mode[method][m] = classification_metrics(gated_scores(v, t, class_emb, g), labels, C)
     out["surrogate"] = by_mode["surrogate"][mode]
     out["reco"] = by_mode["reco"][mode] if "reco" in by_mode else None
     out["by_mode"] = by_mode
+    if gates["reco"] is not None:  # how often the image module's bias kept the query (the memory judged irrelevant)
+        out["reco_gate"] = {"mean": float(gates["reco"].mean()), "median": float(np.median(gates["reco"])),
+                            "above_half": float((gates["reco"] > 0.5).mean())}
 
     say("knn_vote")
     rows, scores, valid = memory.search(search_q, modality="image", k=k, exact=exact, exclude=exclude,

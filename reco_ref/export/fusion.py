@@ -76,6 +76,10 @@ OPSET = 17
 LN_EPS = 1e-5  # the reference's LN_EPS (spec §2)
 #: What the ``scores`` input of a relevance graph holds (metadata ``scores``, manifest ``scores``).
 SCORES_DOC = "feature (cos - rel_center) / rel_width, float32 [B,k]; masked slots ignored"
+#: ... and for a module whose map comes from the searched memory (``FusionConfig.rel_source == "memory"``).
+SCORES_DOC_MEMORY = ("feature (cos - center) / width, float32 [B,k], with center and width measured on the searched "
+                     "memory (reco_ref.memory.score_map.memory_score_map; rel_center/rel_width record the training "
+                     "memory's); masked slots ignored")
 
 
 def _onnx():
@@ -228,7 +232,9 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
     props = {"reco_ref.format": FORMAT, "reco_ref.module": name, "dim": str(D), "heads": str(h),
              "mlp_hidden": str(R), "params_sha256": params_digest(params)}  # fmt: skip
     if rel is not None:
-        props.update({"relevance": "1", "inputs": "query,retrieved,mask,scores", "scores": SCORES_DOC,
+        source = params.config.rel_source if isinstance(params, FusionParams) else "fixed"
+        props.update({"relevance": "1", "inputs": "query,retrieved,mask,scores", "rel_source": source,
+                      "scores": SCORES_DOC_MEMORY if source == "memory" else SCORES_DOC,
                       "rel_center": repr(rel[0]), "rel_width": repr(rel[1])})  # fmt: skip
     helper.set_model_props(model, props)
     onnx.checker.check_model(model)
@@ -269,7 +275,8 @@ def export_fusion(weights: str | os.PathLike, out_dir: str | os.PathLike) -> dic
         atomic_write_bytes(out / fname, blob)
         entry = dict(params.config.to_json(), file=fname, params_sha256=params_digest(params))
         if params.config.relevance:  # the config's "relevance" holds {center, width}; say what the graph takes
-            entry.update(inputs=["query", "retrieved", "mask", "scores"], scores=SCORES_DOC)
+            entry.update(inputs=["query", "retrieved", "mask", "scores"],
+                         scores=SCORES_DOC_MEMORY if params.config.rel_source == "memory" else SCORES_DOC)
         manifest["modules"][prefix] = entry
     for name, a in extras.items():
         if a.size != 1:

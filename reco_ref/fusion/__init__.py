@@ -79,6 +79,9 @@ __all__ = [
     "RELEVANCE_NAMES",
     "relevance_of",
     "score_features",
+    "resolve_score_map",
+    "relevance_gate",
+    "gated_scores",
     "FusionConfig",
     "FusionParams",
     "count_params",
@@ -158,16 +161,18 @@ def check_params(params: Mapping[str, np.ndarray], finite: bool = True, *, resca
     return D, dtype
 
 
-def score_features(params, scores, mask=None, *, dtype=None):
+def score_features(params, scores, mask=None, *, dtype=None, score_map=None):
     """Raw search scores ``[B, k]`` (cosines) → the feature ``(s − center)/width`` that ``β`` multiplies.
 
     Masked slots (``mask`` False) may hold anything (non-finite included) and become 0. Returns ``None`` for a
     module without the relevance bias. The map's centre and width come from the module's config
-    (:class:`FusionConfig`; see spec §2 "Relevance bias")."""
+    (:class:`FusionConfig`; see spec §2 "Relevance bias"), or from ``score_map = (center, width)`` — the searched
+    memory's map, which a module with ``config.rel_source == "memory"`` requires
+    (:func:`reco_ref.memory.score_map.memory_score_map`)."""
     rel = relevance_of(params)
     if rel is None:
         return None
-    center, width = rel
+    center, width = resolve_score_map(params, score_map)
     s = np.asarray(scores, dtype=np.float64)
     if mask is not None:
         s = np.where(mask, s, center)
@@ -175,7 +180,79 @@ def score_features(params, scores, mask=None, *, dtype=None):
     return np.ascontiguousarray((s - center) / width, dtype=dt)
 
 
-def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="numpy", scores=None):
+def relevance_gate(params, features, mask=None):
+    r"""The relevance bias's own verdict on a query's neighbours: the share of attention its bias alone gives the
+    query token, averaged over heads — float64 [B] in (0, 1].
+
+    .. math::
+
+        \rho_b = \frac{1}{h}\sum_{h'} \frac{e^{\gamma_{h'}}}{e^{\gamma_{h'}} + \sum_{j\ \text{valid}}
+        e^{\beta_{h'} f_{bj}}}
+
+    ``features`` [B, k] are the mapped scores (:func:`score_features`). It is the attention the query token gets
+    when the content logits are equal (exactly the layer's query share when ``W_q`` or ``W_k`` is 0): 1 = "none of
+    these neighbours is relevant, keep the query", 0 = "use the memory". Evaluation uses it to fall back to the
+    frozen class text for a query the memory does not cover ([ours]; :func:`gated_scores`).
+    A module without the relevance bias has no verdict: all zeros (the memory is always used, as in the paper).
+    """
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2:
+        raise ShapeError(f"features: expected [B,k], got shape {f.shape}")
+    if relevance_of(params) is None:
+        return np.zeros(f.shape[0])
+    beta = np.asarray(params["rel_beta"], np.float64)  # [h]
+    gamma = np.asarray(params["rel_gamma"], np.float64)  # [h]
+    logit = beta[None, :, None] * f[:, None, :]  # [B, h, k]
+    if mask is not None:
+        logit = np.where(np.asarray(mask, bool)[:, None, :], logit, -np.inf)
+    top = np.maximum(logit.max(axis=2), gamma[None, :])  # [B, h]: a stable softmax
+    own = np.exp(gamma[None, :] - top)  # [B, h]
+    return (own / (own + np.exp(logit - top[..., None]).sum(axis=2))).mean(axis=1)
+
+
+def gated_scores(img: np.ndarray, cls_refined: np.ndarray, cls_frozen: np.ndarray, gate: np.ndarray | None
+                 ) -> np.ndarray:
+    """Class scores ``(1 − ρ)·⟨v, t̄_c⟩ + ρ·⟨v, t_c⟩`` [N, C] (float64): the relevance gate [ours] in zero-shot
+    classification (see :mod:`reco_ref.eval.zeroshot`). The class text is refined once for every query and cannot
+    know whether a query image is covered by the memory; a query whose image module kept its own token (ρ → 1)
+    compares with the frozen class text instead.
+
+    ``img`` [N, D], ``cls_refined`` / ``cls_frozen`` [C, D], ``gate`` [N] in [0, 1] or None (= 0: the refined
+    class text only)."""
+    s = np.asarray(img, np.float64) @ np.asarray(cls_refined, np.float64).T  # [N, C]
+    if gate is None:
+        return s
+    g = np.asarray(gate, np.float64)
+    if g.shape != (img.shape[0],) or not np.isfinite(g).all() or (g < 0).any() or (g > 1).any():
+        raise ShapeError(f"gate: expected [N={img.shape[0]}] values in [0, 1], got shape {g.shape}")
+    if not g.any():
+        return s
+    return (1.0 - g)[:, None] * s + g[:, None] * (np.asarray(img, np.float64) @ np.asarray(cls_frozen, np.float64).T)
+
+
+def resolve_score_map(params, score_map=None) -> tuple[float, float]:
+    """The ``(center, width)`` a relevance module's scores are mapped with: ``score_map`` when given, else the
+    config's; a module whose config says ``rel_source="memory"`` must be given the searched memory's map."""
+    rel = relevance_of(params)
+    if rel is None:
+        raise ShapeError("score map: this fusion module has no relevance bias")
+    if score_map is None:
+        config = getattr(params, "config", None)
+        if config is not None and config.rel_source == "memory":
+            raise ShapeError("score_map: this module reads scores relative to the searched memory "
+                             "(rel_source='memory'); pass score_map=memory_score_map(memory, modality)")
+        return rel
+    try:
+        center, width = (float(x) for x in score_map)
+    except (TypeError, ValueError):
+        raise ShapeError(f"score_map: expected (center, width), got {score_map!r}") from None
+    if not (np.isfinite(center) and np.isfinite(width) and width > 0):
+        raise ShapeError(f"score_map: expected a finite centre and a positive width, got {score_map!r}")
+    return center, width
+
+
+def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="numpy", scores=None,
+                   score_map=None):
     """Refine ``query`` with its retrieved neighbours (spec §2); validates, then dispatches.
 
     Parameters
@@ -192,6 +269,9 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="
         Raw search scores (cosine of the query's search key with each neighbour's). Required when ``params``
         has the relevance bias (``rel_beta, rel_gamma``); the front door maps them to ``(s − center)/width``
         (:func:`score_features`) before dispatch. Ignored by the paper's layer (no relevance arrays).
+    score_map : (center, width), optional
+        The map to use instead of the config's: the searched memory's (required when ``config.rel_source`` is
+        ``"memory"``; :func:`reco_ref.memory.score_map.memory_score_map`).
 
     Returns
     -------
@@ -246,7 +326,7 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="
         bad = ~np.isfinite(sc) if mask is None else (~np.isfinite(sc) & mask)
         if bad.any():
             raise ShapeError(f"scores: {int(bad.sum())} NaN/inf value(s) in valid neighbour slots")
-        kw["scores"] = score_features(params, sc, mask, dtype=dtype)
+        kw["scores"] = score_features(params, sc, mask, dtype=dtype, score_map=score_map)
     mod = get_backend(backend)
     with np.errstate(invalid="ignore", divide="ignore"):  # a zero row is reported just below, by name
         out, cache = mod.fusion_forward(params, np.ascontiguousarray(query), np.ascontiguousarray(retrieved), mask,

@@ -76,6 +76,8 @@ PARAM_NAMES = (
 RELEVANCE_NAMES = ("rel_beta", "rel_gamma")
 #: Default score map ``(s − REL_CENTER) / REL_WIDTH`` of a relevance module (see :class:`FusionConfig`).
 REL_CENTER, REL_WIDTH = 1.0, 0.02
+#: Where a relevance module's score map comes from: its config (``"fixed"``) or the searched memory (``"memory"``).
+REL_SOURCES = ("fixed", "memory")
 
 FORMAT = "reco_ref.fusion.params"
 FORMAT_VERSION = 1
@@ -104,6 +106,13 @@ class FusionConfig:
         ``β`` multiplies. The default centre 1 measures each neighbour's distance from a perfect match, so the
         feature keeps the *absolute* level of the scores (the query logit ``γ`` can win when every neighbour is
         far); the width 0.02 makes one unit a typical gap between close neighbours, so ``β`` is of order 1.
+    rel_source : str
+        ``"fixed"`` (default): the map's centre and width are ``rel_center, rel_width``. ``"memory"`` [ours]: they
+        are measured on the memory being searched, at use time (:func:`reco_ref.memory.score_map.memory_score_map`:
+        centre = the median nearest-other-row cosine, width = its robust spread), so ``f = 0`` means
+        "as close as a typical neighbour inside *this* memory" whatever memory the weights were trained on;
+        ``rel_center, rel_width`` then record the training memory's map (what a caller without a memory, e.g. an
+        exported graph's user, would pass).
     """
 
     dim: int
@@ -113,6 +122,7 @@ class FusionConfig:
     relevance: bool = False
     rel_center: float = REL_CENTER
     rel_width: float = REL_WIDTH
+    rel_source: str = "fixed"
 
     def __post_init__(self):
         for field in ("dim", "heads", "mlp_ratio"):
@@ -136,6 +146,10 @@ class FusionConfig:
             object.__setattr__(self, field, float(v))
         if self.rel_width <= 0:
             raise ValueError(f"FusionConfig.rel_width: expected > 0, got {self.rel_width!r}")
+        if self.rel_source not in REL_SOURCES:
+            raise ValueError(f"FusionConfig.rel_source: expected one of {list(REL_SOURCES)}, got {self.rel_source!r}")
+        if self.rel_source != "fixed" and not self.relevance:
+            raise ValueError("FusionConfig.rel_source: 'memory' needs relevance=True")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -146,6 +160,8 @@ class FusionConfig:
         out = {"dim": self.dim, "heads": self.heads, "mlp_ratio": self.mlp_ratio, "dtype": self.dtype}
         if self.relevance:  # absent = the paper's layer; files without it read as before
             out["relevance"] = {"center": self.rel_center, "width": self.rel_width}
+            if self.rel_source != "fixed":  # absent = fixed; files written before the option read as before
+                out["relevance"]["source"] = self.rel_source
         return out
 
 
@@ -300,7 +316,8 @@ INITS = ("identity", "copy")
 
 def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=np.float32, *, init: str = "identity",
                 alpha: float = COPY_ALPHA, k: int = 10, relevance: bool = False, rel_beta: float = 1.0,
-                rel_gamma: float = 0.0, rel_center: float = REL_CENTER, rel_width: float = REL_WIDTH) -> FusionParams:
+                rel_gamma: float = 0.0, rel_center: float = REL_CENTER, rel_width: float = REL_WIDTH,
+                rel_source: str = "fixed") -> FusionParams:
     r"""Fresh parameters (spec §2): the identity init (default) or the copy init [ours].
 
     ``init="identity"`` (spec §2, required default): ``w_o, b_o, w_2, b_2, e_query`` are zero, so
@@ -337,6 +354,8 @@ def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=n
         Initial β and γ of every head (relevance only).
     rel_center, rel_width : float
         Score → feature map ``(s − center)/width`` recorded in the config (see :class:`FusionConfig`).
+    rel_source : {"fixed", "memory"}
+        Where the map comes from at use time (see :class:`FusionConfig`).
 
     Returns
     -------
@@ -345,7 +364,7 @@ def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=n
     if init not in INITS:
         raise ValueError(f"init: expected one of {list(INITS)}, got {init!r}")
     config = FusionConfig(dim=dim, heads=heads, mlp_ratio=mlp_ratio, dtype=np.dtype(dtype).name,
-                          relevance=relevance, rel_center=rel_center, rel_width=rel_width)
+                          relevance=relevance, rel_center=rel_center, rel_width=rel_width, rel_source=rel_source)
     rng = np.random.default_rng(seed)
     dt = np.dtype(config.dtype)
     arrays = {}
@@ -576,13 +595,14 @@ def _header_config(path, prefix: str, entry) -> FusionConfig:
     rel = entry.get("relevance")
     if rel is None:
         return FusionConfig(entry["dim"], entry["heads"], entry["mlp_ratio"], entry["dtype"])
-    if not isinstance(rel, dict) or sorted(rel) != ["center", "width"] or not all(
-            isinstance(rel[f], (int, float)) and not isinstance(rel[f], bool) and np.isfinite(rel[f]) for f in rel) \
-            or rel["width"] <= 0:
+    if not isinstance(rel, dict) or sorted(set(rel) - {"source"}) != ["center", "width"] or not all(
+            isinstance(rel[f], (int, float)) and not isinstance(rel[f], bool) and np.isfinite(rel[f])
+            for f in ("center", "width")) or rel["width"] <= 0 or rel.get("source", "fixed") not in REL_SOURCES:
         raise ParamsFormatError(f"{path}: {label} field 'relevance' is {rel!r}, expected "
-                                "{'center': finite number, 'width': positive number}")
+                                "{'center': finite number, 'width': positive number[, 'source': "
+                                f"one of {list(REL_SOURCES)}]}}")
     return FusionConfig(entry["dim"], entry["heads"], entry["mlp_ratio"], entry["dtype"], relevance=True,
-                        rel_center=rel["center"], rel_width=rel["width"])
+                        rel_center=rel["center"], rel_width=rel["width"], rel_source=rel.get("source", "fixed"))
 
 
 def _expected_entries(path, header) -> dict[str, tuple[str, tuple[int, ...], np.dtype]]:

@@ -14,6 +14,7 @@ Modules: :mod:`.format` (files, manifest, commit), :mod:`.sources` (pair readers
 (hnswlib + brute force), :mod:`.search` (exclusion, masks, the four retrieval combinations),
 :mod:`.store` (:class:`Memory`, one directory), :mod:`.shards` (N shards, exact merge),
 :mod:`.opener` (:func:`open_memory`: dispatches on the directory kind), :mod:`.dask_build` (shards built on a Dask cluster), :mod:`.estimate` (disk/RAM/time),
+:mod:`.score_map` (the memory's own score scale, read by memory-relative fusion modules),
 :mod:`.synth` (benchmark vectors from real embeddings).
 """
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .. import __version__
-from ..errors import MemoryFormatError, ShapeError
+from ..errors import MemoryFormatError, RecoError, ShapeError
 from ..io import atomic_open, atomic_path, atomic_save_npz, atomic_write_json, atomic_write_text, load_npy, load_npz
 from ..failpoints import failpoint
 from . import format as fmt
@@ -43,6 +43,7 @@ from .index import hnsw_add, hnsw_build, hnsw_load
 from .limits import check_option
 from .producers import DEFAULT_BATCH, NORM_TOL, ArrayProducer, EncoderProducer
 from .sources import items_digest
+from .score_map import space_score_map
 from .store import Memory
 
 DEFAULT_CHUNK = 1024
@@ -240,9 +241,17 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
         log(f"{len(failures)} item(s) could not be encoded; listed in {root / fmt.FAILURES}")
 
     # HNSW indexes (labels = row ids), built on the staged memmaps
-    hnsw_meta = {}
+    hnsw_meta, score_maps = {}, {}
     for modality, fname, dim in (("image", fmt.IMAGE_KEYS if Dk else fmt.IMAGE, Dk or D), ("text", fmt.TEXT, D)):
         vecs = load_npy(staged / fname)
+        # the memory's own score scale, for fusion modules that read search scores relative to the searched memory
+        # (memory/score_map.py); None where it is undefined (fewer than 2 distinct vectors)
+        t0 = time.perf_counter()
+        try:
+            score_maps[modality] = list(space_score_map(vecs))
+        except RecoError:
+            score_maps[modality] = None
+        log(f"{modality} score map: {score_maps[modality]} in {time.perf_counter() - t0:.1f}s")
         t0 = time.perf_counter()
         if base:
             index = hnsw_load(base["root"] / f"{modality}.hnsw", dim, expect_count=n_old, expect_M=M,
@@ -272,6 +281,7 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
         "counts": {"rows": n, "items": n_items, "failed": n_failed},
         "files": {f: fmt.file_record(staged / f) for f in files},
         "hnsw": hnsw_meta,
+        "score_map": score_maps,
         "created_by": f"reco_ref {__version__}",
         "history": history,
     }

@@ -27,6 +27,7 @@ the chunks, which are themselves atomic files.
 from __future__ import annotations
 
 import contextlib
+import math
 import json
 import os
 import shutil
@@ -282,6 +283,14 @@ def validate_manifest(m: Any, where: Path | str) -> None:
             raise MemoryFormatError(
                 f"{where}: hnsw.{modality}.count {h['count']} != counts.rows {counts['rows']}"
             )
+    if "score_map" in m:  # optional (memories built before it lack it): {modality: [center, width] | null}
+        sm = m["score_map"]
+        if not isinstance(sm, dict) or set(sm) != {"image", "text"} or not all(
+                v is None or (isinstance(v, list) and len(v) == 2
+                              and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                      for x in v) and v[1] > 0) for v in sm.values()):
+            raise MemoryFormatError(f"{where}: field 'score_map' is {sm!r}, expected {{'image': [center, width > 0] "
+                                    "or null, 'text': the same}")
     want_image_dim = m["key_dim"] or m["embed_dim"]
     if m["hnsw"]["image"]["dim"] != want_image_dim:
         raise MemoryFormatError(f"{where}: hnsw.image.dim {m['hnsw']['image']['dim']} != expected {want_image_dim}")

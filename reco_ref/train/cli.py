@@ -60,9 +60,10 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                         "query (score map: z-score against unrelated pairs of the first training memory)")
     g.add_argument("--rel-beta", type=float, default=d.rel_beta, help=f"initial β per head (default {d.rel_beta})")
     g.add_argument("--rel-gamma", type=float, default=d.rel_gamma, help=f"initial γ per head (default {d.rel_gamma})")
-    g.add_argument("--rel-map", choices=("unrelated", "neighbour"), default=d.rel_map,
+    g.add_argument("--rel-map", choices=("unrelated", "neighbour", "memory"), default=d.rel_map,
                    help="score map of the relevance bias: z-score against unrelated pairs (default) or centred at the "
-                        "typical nearest-neighbour cosine of the training memory")
+                        "typical nearest-neighbour cosine of the training memory (both fixed in the weights), or "
+                        "'memory': measured on whichever memory is searched, in training and at use time")
     g.add_argument("--train-groups", choices=("all", "relevance"), default=d.train_groups,
                    help="what trains: every array (default) or only β, γ and τ ('relevance')")
     g.add_argument("--irrelevant-fraction", type=float, default=d.irrelevant_fraction,

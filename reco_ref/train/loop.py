@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, RecoError
-from ..fusion import RELEVANCE_NAMES, fusion_backward, fusion_forward
+from ..fusion import RELEVANCE_NAMES, fusion_backward, fusion_forward, gated_scores, relevance_gate, score_features
 from ..io import atomic_save_npz, atomic_write_json, atomic_write_text, load_npz
 from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import DEFAULT_TAU, reco_loss_backward, reco_loss_forward
@@ -79,10 +79,15 @@ class TrainConfig:
     relevance : the layer reads each neighbour's search score (spec §2 "Relevance bias" [ours]); the score map
         ``(s − center)/width`` is set from the first source's retrieval memory (``rel_map``)
     rel_map : "unrelated" [ours, default]: centre and width = mean and std of the cosine between random rows;
-        "neighbour": centre = median cosine of a row to its nearest other row, width = the unrelated std
+        "neighbour": centre = median cosine of a row to its nearest other row, width = the unrelated std (both
+        fixed in the weights); "memory" [ours]: the map is measured on whatever memory is searched — each training
+        source's own retrieval memory here, the evaluated memory at use time (``FusionConfig.rel_source``,
+        :mod:`reco_ref.memory.score_map`)
     rel_beta, rel_gamma : initial β, γ of every head (relevance only)
     train_groups : "all" (every array of φ_I, φ_T, and τ) | "relevance" (only rel_beta, rel_gamma and τ [ours]:
         the layer cannot memorise the training classes' names — docs/training.md "Why training lost transfer")
+    guard_tolerance : [ours] how far (top-1) a guard validation set (``ValSet.guard``) may fall below its epoch-0
+        value in a keepable epoch
     irrelevant_fraction : [ours] add, beside each source, an irrelevant-memory source of its pairs whose search
         excludes every row of the query's own class, weighted ``fraction / (1 − fraction)`` of the source (needs
         labelled memories); 0 = off
@@ -119,6 +124,7 @@ class TrainConfig:
     rel_map: str = "unrelated"
     train_groups: str = "all"
     irrelevant_fraction: float = 0.0
+    guard_tolerance: float = 0.01
 
     def check(self) -> None:
         """One-line :class:`RecoError` for a bad field."""
@@ -134,13 +140,15 @@ class TrainConfig:
                               ("backend", ("numpy", "numba", "cuda")), ("loss_backend", ("numpy", "numba", "cuda")),
                               ("select_on", ("top1", "loss")), ("init", ("identity", "copy")),
                               ("train_groups", ("all", "relevance")),
-                              ("rel_map", ("unrelated", "neighbour"))):
+                              ("rel_map", ("unrelated", "neighbour", "memory"))):
             if getattr(self, name) not in allowed:
                 raise RecoError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
         for name in ("lr", "min_lr", "weight_decay"):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise RecoError(f"{name}: expected a non-negative finite number, got {v}")
+        if not 0 <= float(self.guard_tolerance) < 1:
+            raise RecoError(f"guard_tolerance: expected a number in [0, 1), got {self.guard_tolerance!r}")
         for name in ("alpha", "rel_beta", "rel_gamma"):
             if not math.isfinite(float(getattr(self, name))):
                 raise RecoError(f"{name}: expected a finite number, got {getattr(self, name)}")
@@ -178,6 +186,9 @@ class ValSet:
     retrieval : Memory — the memory the queries retrieve from (the training rows; never the test split)
     labels : int64 [N] — class of each pairs row
     class_text : float32 [C, D] — class text embeddings (normalised mean of template embeddings)
+    guard : a do-no-harm guard [ours] instead of a selection set: validated every epoch but not averaged into the
+        selection score; an epoch whose top-1 on a guard falls more than ``TrainConfig.guard_tolerance`` below
+        that guard's epoch-0 value cannot be kept (e.g. queries of another domain against the training memory)
     """
 
     name: str
@@ -185,6 +196,7 @@ class ValSet:
     retrieval: Any
     labels: np.ndarray
     class_text: np.ndarray
+    guard: bool = False
 
 
 @dataclass
@@ -219,7 +231,8 @@ def init_weights(cfg: TrainConfig, dim: int, maps: dict | None = None) -> RecoWe
     ``cfg``; ``maps`` = each module's score map ``{"image": (center, width), "text": ...}`` when ``cfg.relevance``."""
     kw = dict(init=cfg.init, alpha=cfg.alpha, k=cfg.k)
     if cfg.relevance:
-        kw.update(relevance=True, rel_beta=cfg.rel_beta, rel_gamma=cfg.rel_gamma)
+        kw.update(relevance=True, rel_beta=cfg.rel_beta, rel_gamma=cfg.rel_gamma,
+                  rel_source="memory" if cfg.rel_map == "memory" else "fixed")
     return init_reco_weights(dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, seed=cfg.seed, maps=maps, **kw)
 
 
@@ -236,11 +249,16 @@ class _Model:
         self.flat = {f"{m}.{n}": a for m, p in self.modules.items() for n, a in p.items()}
         self.flat["tau"] = self.tau
 
-    def forward(self, modality: str, q, nb, mask, scores=None):
+    def forward(self, modality: str, q, nb, mask, scores=None, src: PreparedSource | None = None):
+        """φ of ``modality`` on one batch; ``src`` = the source the batch comes from (its retrieval memory's score
+        map is what a ``rel_map="memory"`` module reads the scores against)."""
         phi = self.modules[modality]
         if self.cfg.model == "reco":
+            smap = None
+            if self.cfg.relevance and self.cfg.rel_map == "memory":
+                smap = score_map(src, "memory")[modality]
             return fusion_forward(phi, q, nb, mask, backend=self.cfg.backend,
-                                  scores=scores if self.cfg.relevance else None)
+                                  scores=scores if self.cfg.relevance else None, score_map=smap)
         return mlp_forward(phi, q, nb, mask)
 
     def backward(self, modality: str, cache, dout) -> dict:
@@ -298,6 +316,7 @@ class _PreparedVal:
     cls_nb: np.ndarray  # [C,k,D] neighbours fed to the class texts
     cls_valid: np.ndarray  # [C,k]
     cls_scores: np.ndarray  # [C,k] search cosines of those neighbours
+    guard: bool = False
 
 
 def _prepare_val(vs: ValSet, cfg: TrainConfig) -> _PreparedVal:
@@ -315,7 +334,7 @@ def _prepare_val(vs: ValSet, cfg: TrainConfig) -> _PreparedVal:
                                       dup_threshold=cfg.dup_threshold_text if cfg.search == "uni" else cfg.dup_threshold_image,
                                       exact=cfg.exact_search, with_scores=True)
     nb = src.nb_text[np.where(valid, rows, 0)] * valid[..., None]
-    return _PreparedVal(vs.name, src, labels, ct, nb.astype(np.float32), valid, scores)
+    return _PreparedVal(vs.name, src, labels, ct, nb.astype(np.float32), valid, scores, bool(vs.guard))
 
 
 def _validate(model: _Model, pv: _PreparedVal, cfg: TrainConfig) -> dict:
@@ -327,19 +346,28 @@ def _validate(model: _Model, pv: _PreparedVal, cfg: TrainConfig) -> dict:
     for _, idx in plan:
         v, t, nb_i, m_i, nb_t, m_t = src.batch(idx)
         s_i, s_t = src.batch_scores(idx)
-        vb, _ = model.forward("image", v, nb_i, m_i, s_i)
-        tb, _ = model.forward("text", t, nb_t, m_t, s_t)
+        vb, _ = model.forward("image", v, nb_i, m_i, s_i, src)
+        tb, _ = model.forward("text", t, nb_t, m_t, s_t, src)
         loss, _ = reco_loss_forward(vb, tb, v, t, float(model.tau), weights=cfg.loss_weights, backend=cfg.loss_backend)
         tot += loss * len(idx)
         n += len(idx)
     refined = np.empty_like(src.v)
+    gate = np.zeros(len(src))  # the image module's relevance gate per query (0 without the bias)
     for lo in range(0, len(src), 1024):
         idx = np.arange(lo, min(len(src), lo + 1024))
         v, _, nb_i, m_i, _, _ = src.batch(idx)
-        refined[idx], _ = model.forward("image", v, nb_i, m_i, src.batch_scores(idx)[0])
-    cls, _ = model.forward("text", pv.class_text, pv.cls_nb, pv.cls_valid, pv.cls_scores)
-    pred = np.argmax(refined @ cls.T, axis=1)
-    return {"set": pv.name, "loss": tot / max(1, n), "top1": float(np.mean(pred == pv.labels)), "n": int(len(src))}
+        s_i = src.batch_scores(idx)[0]
+        refined[idx], _ = model.forward("image", v, nb_i, m_i, s_i, src)
+        if cfg.model == "reco" and cfg.relevance:
+            phi = model.modules["image"]
+            smap = score_map(src, "memory")["image"] if cfg.rel_map == "memory" else None
+            gate[idx] = relevance_gate(phi, score_features(phi, s_i, m_i, score_map=smap), m_i)
+    cls, _ = model.forward("text", pv.class_text, pv.cls_nb, pv.cls_valid, pv.cls_scores, src)
+    # the class scores evaluation uses (fusion.gated_scores): refined class text, blended per query with
+    # the frozen class text by the image module's gate
+    pred = np.argmax(gated_scores(refined, cls, pv.class_text, gate), axis=1)
+    out = {"set": pv.name, "loss": tot / max(1, n), "top1": float(np.mean(pred == pv.labels)), "n": int(len(src))}
+    return out | {"guard": True} if pv.guard else out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -354,6 +382,7 @@ def _digest(sources: Sequence[PreparedSource], vals: Sequence[_PreparedVal]) -> 
     for p in vals:
         h.update(p.labels.tobytes())
         h.update(p.class_text.tobytes())
+        h.update(b"guard" if p.guard else b"select")
     return h.hexdigest()
 
 
@@ -372,11 +401,21 @@ def _better(rec: dict, best: dict | None, select_on: str) -> bool:
 
 
 def _mean_record(epoch: int, step: int, per_set: list[dict], train_loss: float | None) -> dict:
+    """One validation record; ``loss``/``top1`` average the selection sets only (guards are constraints)."""
     rec = {"epoch": epoch, "step": step, "train_loss": train_loss, "sets": per_set}
-    if per_set:
-        rec["loss"] = float(np.mean([r["loss"] for r in per_set]))
-        rec["top1"] = float(np.mean([r["top1"] for r in per_set]))
+    sel = [r for r in per_set if not r.get("guard")]
+    if sel:
+        rec["loss"] = float(np.mean([r["loss"] for r in sel]))
+        rec["top1"] = float(np.mean([r["top1"] for r in sel]))
     return rec
+
+
+def _guard_ok(rec: dict, first: dict | None, tolerance: float) -> bool:
+    """Every guard set of ``rec`` within ``tolerance`` (top-1) of its value in ``first`` (the epoch-0 record)."""
+    if first is None:
+        return True
+    start = {r["set"]: r["top1"] for r in first["sets"] if r.get("guard")}
+    return all(r["top1"] >= start[r["set"]] - tolerance - 1e-12 for r in rec["sets"] if r.get("guard"))
 
 
 def _labelled(*memories) -> bool:
@@ -440,6 +479,9 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
         raise RecoError(f"sources: embedding dims differ {sorted(dims)}; all sources must come from one encoder")
     dim = dims.pop()
     vals = [_prepare_val(v, cfg) for v in val]
+    if vals and all(p.guard for p in vals):
+        raise RecoError("val: every validation set is a guard; at least one selection set is needed to choose an "
+                        "epoch (guards only constrain the choice)")
     plans = [epoch_batches(prepared, cfg.batch_size, seed=cfg.seed, epoch=e, unique_captions=cfg.unique_captions)
              [:cfg.steps_per_epoch] for e in range(cfg.epochs)]
     total = sum(len(p) for p in plans)
@@ -474,10 +516,13 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
 
     def end_epoch(epoch_done: int, train_loss: float | None) -> None:
         rec = _mean_record(epoch_done, state["step"], [_validate(model, pv, cfg) for pv in vals], train_loss)
+        if any(pv.guard for pv in vals):  # do-no-harm guards: an epoch that lost more than the tolerance is not kept
+            rec["guards_ok"] = _guard_ok(rec, state["history"][0] if state["history"] else None,
+                                         cfg.guard_tolerance)
         state["history"].append(rec)
         if not vals and epoch_done == cfg.epochs:  # no validation: the final weights are the kept ones
             save_best(rec)
-        elif vals and _better(rec, state["best"], cfg.select_on):
+        elif vals and rec.get("guards_ok", True) and _better(rec, state["best"], cfg.select_on):
             state["best"] = rec
             save_best(rec)
         atomic_write_text(out / "log.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in state["history"]))
@@ -500,8 +545,8 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
                 si, idx = plan[state["pos"]]
                 v, t, nb_i, m_i, nb_t, m_t = prepared[si].batch(idx)
                 s_i, s_t = prepared[si].batch_scores(idx)
-                vb, ci = model.forward("image", v, nb_i, m_i, s_i)
-                tb, ct = model.forward("text", t, nb_t, m_t, s_t)
+                vb, ci = model.forward("image", v, nb_i, m_i, s_i, prepared[si])
+                tb, ct = model.forward("text", t, nb_t, m_t, s_t, prepared[si])
                 loss, lc = reco_loss_forward(vb, tb, v, t, float(model.tau), weights=cfg.loss_weights,
                                              backend=cfg.loss_backend)
                 dvb, dtb, dtau = reco_loss_backward(lc)

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..checks import check_array
 from ..errors import SearchError, ShapeError
-from ..fusion import fusion_forward, get_backend, relevance_of, score_features
+from ..fusion import fusion_forward, get_backend, relevance_gate, relevance_of, score_features
 from ..memory import retrieve, search_index
 from ..memory.index import ExactIndex
 
@@ -65,8 +65,8 @@ def retrieve_for(memory: Any, queries: np.ndarray, query_modality: str, *, searc
 
 def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
            k: int = 10, search: str = "uni", fuse: str = "cross", exclude: Any = None, dup_threshold: Any = None,
-           backend: str = "numpy", batch_size: int = 1024, exact: bool = False, validate_params: bool = True
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           backend: str = "numpy", batch_size: int = 1024, exact: bool = False, validate_params: bool = True,
+           with_gate: bool = False) -> tuple[np.ndarray, ...]:
     """Refined embeddings ``x̄ = φ(x, neighbours)`` for every query row, in batches.
 
     Parameters
@@ -88,12 +88,19 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
         door does (default). ``False`` skips the scan and calls the backend directly — for a query server
         answering single queries, where scanning 7M parameters costs about as much as the layer itself; only
         for parameters already validated, e.g. by :func:`~reco_ref.train.weights.load_reco_weights` at load
+    with_gate : also return each query's relevance gate (:func:`~reco_ref.fusion.relevance_gate`)
+
+    A module whose config says ``rel_source="memory"`` reads its scores against the searched memory's own map
+    (:func:`~reco_ref.memory.score_map.memory_score_map` of the searched space, computed once per memory; for
+    cross-modal search, the memory's own rows searching across the modalities).
 
     Returns
     -------
     refined : float32 [N, D] — unit rows
     rows : int64 [N, k] — retrieved memory rows (−1 where invalid)
     valid : bool [N, k]
+    gate : float64 [N] — only with ``with_gate``: 1 = the bias keeps the query, 0 = it uses the memory (all 0
+        for a module without the relevance bias)
     """
     D = int(phi["ln1_gamma"].shape[0])
     q = check_array("queries [N,D]", queries, ndim=2)
@@ -114,6 +121,12 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
             raise ShapeError(f"exclude: {len(excl)} entries, queries has {n}")
     dtype = phi["ln1_gamma"].dtype
     relevance = relevance_of(phi) is not None  # the layer reads each neighbour's search score
+    smap = None
+    if relevance and getattr(getattr(phi, "config", None), "rel_source", "fixed") == "memory":
+        from ..memory.score_map import memory_score_map
+
+        smap = memory_score_map(memory, query_modality, search=search)
+    gate = np.zeros(n) if with_gate else None
     if not validate_params:
         heads = getattr(phi, "heads", None)
         if heads is None:
@@ -129,13 +142,16 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
                                      dup_threshold=dup_threshold, exact=exact, with_scores=True)
         qb, nbb = np.ascontiguousarray(q[lo:hi], dtype=dtype), np.ascontiguousarray(nb, dtype=dtype)
         if validate_params:
-            out, _ = fusion_forward(phi, qb, nbb, ok, backend=backend, scores=sc if relevance else None)
+            out, _ = fusion_forward(phi, qb, nbb, ok, backend=backend, scores=sc if relevance else None,
+                                    score_map=smap)
         else:
-            kw = {"scores": score_features(phi, sc, ok, dtype=dtype)} if relevance else {}
+            kw = {"scores": score_features(phi, sc, ok, dtype=dtype, score_map=smap)} if relevance else {}
             out, _ = mod.fusion_forward(phi, qb, nbb, np.ascontiguousarray(ok), heads=heads, **kw)
             if not np.isfinite(out).all():
                 raise ShapeError("fusion output: a row is not finite (a zero query row?)")
         refined[lo:hi] = out
         rows[lo:hi] = r
         valid[lo:hi] = ok
-    return refined, rows, valid
+        if with_gate and relevance:
+            gate[lo:hi] = relevance_gate(phi, score_features(phi, sc, ok, score_map=smap), ok)
+    return (refined, rows, valid, gate) if with_gate else (refined, rows, valid)

@@ -257,3 +257,36 @@ def test_eval_on_a_flowers102_slice(shared_data, tmp_path):
                          model=enc)
     assert r["n"] == len(rows) - 30 and r["classes"] == 30 and r["templates"] == "flowers"
     assert r["knn_vote"]["top1"] > r["frozen"]["top1"] and r["surrogate"]["top1"] > r["frozen"]["top1"]
+
+
+def test_query_with_memory_relative_weights_reports_the_gate_and_scores_like_eval(setup, tmp_path, capsys):
+    """Relevance weights reading scores against the memory: `query` reports the image's gate, and its RECO class
+    ranking is the gated one (refined class text blended with the frozen by that gate)."""
+    import numpy as np
+
+    from reco_ref.eval.templates import class_embeddings, resolve_templates
+    from reco_ref.fusion import gated_scores
+    from reco_ref.memory import Memory
+    from reco_ref.train.refine import refine
+    from reco_ref.train.weights import init_reco_weights, save_reco_weights
+
+    enc = setup["enc"]
+    w = init_reco_weights(enc.dim, init="copy", k=4, relevance=True, rel_beta=2.0, rel_gamma=-4.0,
+                          rel_source="memory", meta={"encoder_name": enc.name, "encoder_fingerprint": enc.fingerprint})
+    save_reco_weights(tmp_path / "mem-rel.npz", w)
+    names = tmp_path / "names.txt"
+    classes = sorted({row[2] for row in setup["rows"]})
+    names.write_text("\n".join(classes) + "\n")
+    image = next(row[0] for row in setup["rows"] if row[3] == "test")
+    assert main(["query", image, "--memory", str(setup["mem"]), "--fusion", str(tmp_path / "mem-rel.npz"),
+                 "--class-names", str(names), "-k", "4", "--json", "-"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert 0.0 <= r["relevance_gate"] <= 1.0
+    mem = Memory.open(setup["mem"], encoder=enc)
+    v, key = enc.encode_images([image], with_keys=True)
+    vb, _, _, gate = refine(w.image, mem, v, "image", search_queries=key, k=4, with_gate=True)
+    assert r["relevance_gate"] == pytest.approx(float(gate[0]))
+    cls = class_embeddings(enc, classes, resolve_templates(None)[1])
+    tb = refine(w.text, mem, cls, "text", k=4)[0]
+    s = gated_scores(vb, tb, cls, gate)[0]
+    assert [c["class"] for c in r["reco_top"]] == [classes[i] for i in np.argsort(-s, kind="stable")[:5]]

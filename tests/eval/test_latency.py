@@ -55,3 +55,24 @@ def test_profile_query_bad_arguments(setup):
         profile_query(photos, enc, mem, phi, cls[:, :10])
     with pytest.raises(RecoError, match="k: expected"):
         profile_query(photos, enc, mem, phi, cls, k=0)
+
+
+def test_profile_query_with_a_memory_relative_module_scores_like_evaluation(setup):
+    """φ_I reading scores against the memory's own map, and the relevance gate in the scoring step: the profiled
+    prediction is the one zero-shot evaluation makes (refined class text blended with the frozen by the gate)."""
+    from reco_ref.fusion import gated_scores, relevance_gate, score_features
+    from reco_ref.memory.score_map import memory_score_map
+
+    enc, mem, _, cls, photos = setup
+    phi = init_params(enc.dim, 8, init="copy", k=5, relevance=True, rel_beta=3.0, rel_gamma=-3.0,
+                      rel_source="memory")
+    cls_bar = np.asarray(cls[::-1], np.float32)  # any second class set: the blend must tell them apart
+    p = profile_query(photos, enc, mem, phi, cls_bar, k=5, batch=0, repeats=1, class_frozen=cls)
+    v, key = enc.encode_images(photos[:1], with_keys=True)
+    r, mask, _, sc = retrieve(mem, key, "image", k=5, with_scores=True)
+    smap = memory_score_map(mem, "image")
+    v_bar, _ = fusion_forward(phi, v, r, mask, scores=sc, score_map=smap)
+    gate = relevance_gate(phi, score_features(phi, sc, mask, score_map=smap), mask)
+    assert p["prediction"] == int(np.argmax(gated_scores(v_bar, cls_bar, cls, gate), axis=1)[0])
+    with pytest.raises(RecoError, match="class_frozen"):
+        profile_query(photos, enc, mem, phi, cls_bar, k=5, batch=0, repeats=1, class_frozen=cls[:2])

@@ -156,3 +156,31 @@ def test_attach_refuses_relevance_graph_for_other_rel_arrays(tmp_path):
     modules["image"]["rel_beta"][0] += 1.0  # same 18 arrays, other beta
     with pytest.raises(ParamsFormatError, match="exported from other weights"):
         onnx_backend.attach(tmp_path / "onnx", modules)
+
+
+def test_export_memory_relative_module_says_where_its_map_comes_from(tmp_path):
+    """A module whose score map comes from the searched memory: the graph is the same kind of graph, its metadata
+    and manifest say that the `scores` features are taken against the searched memory's map, and the ONNX backend
+    agrees with the reference given that map."""
+    onnx = pytest.importorskip("onnx")
+
+    from reco_ref.export.fusion import export_fusion
+
+    weights = tmp_path / "fusion.npz"
+    save_param_set(weights, {"image": _rel_params(32, 4, 0, rel_center=0.9, rel_width=0.05, rel_source="memory")})
+    manifest = export_fusion(weights, tmp_path / "onnx")
+    img = manifest["modules"]["image"]
+    assert img["relevance"]["source"] == "memory" and "searched memory" in img["scores"]
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "onnx" / "phi_image.onnx").metadata_props}
+    assert meta["rel_source"] == "memory" and "searched memory" in meta["scores"]
+    modules, _ = load_param_set(weights)
+    onnx_backend.attach(tmp_path / "onnx", modules)
+    phi = modules["image"]
+    rng = np.random.default_rng(3)
+    q, r = rng.standard_normal((4, 32)).astype(np.float32), rng.standard_normal((4, 6, 32)).astype(np.float32)
+    raw = (0.7 + 0.3 * rng.random((4, 6))).astype(np.float32)
+    with pytest.raises(ShapeError, match="rel_source='memory'"):
+        fusion_forward(phi, q, r, scores=raw, backend="onnx")
+    ref, _ = fusion_forward(phi, q, r, scores=raw, score_map=(0.8, 0.07))
+    got, _ = fusion_forward(phi, q, r, scores=raw, score_map=(0.8, 0.07), backend="onnx")
+    assert np.abs(got - ref).max() <= 1e-5
