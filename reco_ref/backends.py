@@ -19,13 +19,15 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 from typing import Callable, NamedTuple
 
 from .errors import BackendUnavailableError, RecoError
 
-__all__ = ["Backend", "BACKENDS", "register_backend", "get_backend", "backend_function", "backend_of_cache"]
+__all__ = ["Backend", "BACKENDS", "register_backend", "get_backend", "backend_function", "backend_of_cache",
+           "blas_threads"]
 
 
 class Backend(NamedTuple):
@@ -101,3 +103,30 @@ def backend_of_cache(cache: dict, backend: str | None, made_by_fn: str) -> str:
     if backend is not None and backend != made_by:
         raise RecoError(f"backend: cache was made by backend {made_by!r}, backward asked for {backend!r}")
     return made_by
+
+
+_BLAS_POOLS: object = False  # not looked up yet; None = threadpoolctl absent or unusable
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None):
+    """Run the enclosed code with BLAS limited to ``n`` threads (``None``: as configured).
+
+    Needs ``threadpoolctl`` (optional, not a runtime dependency): without it BLAS keeps its own threading. Small
+    GEMMs on a machine with more runnable threads than cores are the reason: a 2-thread OpenBLAS call waits for a
+    descheduled worker, and an epoch of the classifier took 33 s with 2 BLAS threads against 2.7 s with one while
+    another process held a core (docs/classify.md); the fusion layer's numba steps measured the same
+    (docs/performance.md)."""
+    global _BLAS_POOLS
+    if _BLAS_POOLS is False:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_POOLS = ThreadpoolController()
+        except Exception:  # noqa: BLE001  (absent, or fails to inspect the loaded libraries)
+            _BLAS_POOLS = None
+    if n is None or _BLAS_POOLS is None:
+        yield
+    else:
+        with _BLAS_POOLS.limit(limits=n, user_api="blas"):
+            yield

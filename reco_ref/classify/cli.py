@@ -32,7 +32,7 @@ def _run_eval(a: argparse.Namespace) -> int:
     stem = str(a.json)[:-5] if str(a.json).endswith(".json") else str(a.json)
     eval_from_manifest(a.weights, a.dataset, a.split, a.memory, a.json, encoder=_encoder(a), cache_dir=a.cache_dir,
                        backend=a.backend, markdown=a.markdown or stem + ".md", png=a.png or stem + ".png",
-                       progress=not a.no_progress, quiet=a.quiet)
+                       progress=not a.no_progress, quiet=a.quiet, baselines=not a.no_baselines)
     return 0
 
 
@@ -40,7 +40,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset manifest (file,label,class_name,split) or its folder")
     p.add_argument("--memory", help="memory directory (reco-ref build-memory)")
     p.add_argument("--model", default="reco-mini", help="encoder of the memory (name, folder, or module:factory)")
-    p.add_argument("--cache-dir", help="embedding cache folder (default $RECO_REF_CACHE; unset = no cache)")
+    p.add_argument("--cache-dir", help="embedding cache folder (default $RECO_REF_CACHE, else ~/.cache/reco_ref/"
+                                       "embeddings; 'off' = no cache)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -50,6 +51,9 @@ def register(subparsers) -> None:
                               description="Image classifier whose query attends over its retrieved memory items "
                                           "(spec §5), trained on a dataset manifest's split.")
     sub = p.add_subparsers(dest="classify_verb", metavar="train|eval", required=True)
+    from .train import ClassifyConfig
+
+    d = ClassifyConfig()
     t = sub.add_parser("train", help="train on a split; write WEIGHTS.npz")
     _common(t)
     t.add_argument("--split", default="train", help="split to train on (default train)")
@@ -61,12 +65,12 @@ def register(subparsers) -> None:
     t.add_argument("--values", default="text", choices=("text", "image", "both"), help="item values (default text)")
     t.add_argument("--attention", default="softmax", choices=("softmax", "uniform"),
                    help="softmax (default) or uniform average of the items (the attention-removed baseline)")
-    t.add_argument("--width", type=int, default=128, help="attention width (default 128)")
+    t.add_argument("--width", type=int, default=d.width, help=f"attention width (default {d.width})")
     t.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     t.add_argument("--logit-scale", type=float, default=32.0, help="fixed logit scale s (default 32)")
-    t.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
+    t.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
     t.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    t.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
     t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
     t.add_argument("--label-noise", type=float, default=0.0, help="symmetric label noise rate (experiments)")
     t.add_argument("--seed", type=int, default=0, help="seed of init, batches, hold-out and noise")
@@ -81,4 +85,6 @@ def register(subparsers) -> None:
     e.add_argument("--markdown", help="Markdown table (default: JSON path with .md)")
     e.add_argument("--png", help="bar chart (default: JSON path with .png)")
     e.add_argument("--backend", default=None, choices=("numpy", "numba"), help="compute backend (default: training's)")
+    e.add_argument("--no-baselines", action="store_true",
+                   help="skip the logistic-regression probe and the k-NN vote reported beside the classifier")
     e.set_defaults(func=_run_eval)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import DatasetError
-from ..eval.data import Split, default_cache_dir, embed_split, own_rows, read_manifest_rows, read_split
+from ..eval.data import Split, embed_split, own_rows, read_manifest_rows, read_split, user_cache_dir
 from .report import write_json, write_markdown, write_png
 from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, save_classifier, \
     search_vectors, symmetric_label_noise, train_classifier
@@ -36,6 +36,13 @@ def open_memory(path: str | os.PathLike, encoder: Any) -> Any:
     return Memory.open(path, encoder=encoder, verify="size")
 
 
+def _cache(cache_dir) -> Any:
+    """``--cache-dir``: None = the user cache (:func:`reco_ref.eval.data.user_cache_dir`), "off" = no cache."""
+    if cache_dir is None:
+        return user_cache_dir()
+    return None if str(cache_dir).strip().lower() in ("", "off", "0") else cache_dir
+
+
 def _embed(ds: Split, encoder: Any, cache_dir, progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
     img, keys = embed_split(ds, encoder, cache_dir=cache_dir, progress=progress)
     return np.asarray(img, np.float32), None if keys is None else np.asarray(keys, np.float32)
@@ -53,9 +60,10 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     the class counts recorded for the shot groups are the manifest's).
     """
     say = _say(quiet)
-    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    cache_dir = _cache(cache_dir)
     ds = read_split(dataset, split)
     C = ds.n_classes
+    say(f"embeddings cache: {cache_dir if cache_dir is not None else 'off'} (--cache-dir off to disable)")
     memory = open_memory(memory_dir, encoder) if cfg.memory else None
     img, keys = _embed(ds, encoder, cache_dir, progress)
     search = search_vectors(memory, img, keys) if memory is not None else None
@@ -88,10 +96,21 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         val_desc = f"{sel.size} held-out train rows"
     say(f"training on {len(train_rows)} rows of {ds.manifest} split {split!r} ({C} classes), validation: {val_desc}")
     ckpt = Path(str(out) + ".ckpt.npz")
-    params, info = train_classifier(
-        img[train_rows], None if search is None else search[train_rows], labels[train_rows], C, memory, cfg,
-        exclude=None if excl is None else excl[train_rows], val=val, checkpoint=ckpt, resume=resume,
-        progress=progress, log=say)
+    steps = -(-len(train_rows) // cfg.batch_size)
+    say(f"plan: {cfg.epochs} epochs × {steps} steps of {cfg.batch_size} ({cfg.backend} backend"
+        + (f", memory k={cfg.k}" if cfg.memory else ", no memory") + f"); a checkpoint after every epoch at {ckpt} "
+        "— interrupt at any time and rerun the same command with --resume")
+    try:
+        params, info = train_classifier(
+            img[train_rows], None if search is None else search[train_rows], labels[train_rows], C, memory, cfg,
+            exclude=None if excl is None else excl[train_rows], val=val, checkpoint=ckpt, resume=resume,
+            progress=progress, log=say)
+    except KeyboardInterrupt:
+        done = ckpt.exists()
+        print(f"interrupted: {'the last finished epoch is in ' + str(ckpt) + '; ' if done else ''}rerun the same "
+              "command with --resume to continue" + ("" if done else " (no epoch had finished: it starts over)"),
+              flush=True)
+        raise
     meta = {
         "config": dataclasses.asdict(cfg),
         "dims": {"dim": int(img.shape[1]), "classes": C,
@@ -114,10 +133,16 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
 def eval_from_manifest(weights: str | os.PathLike, dataset: str | os.PathLike, split: str,
                        memory_dir: str | os.PathLike | None, json_out: str | os.PathLike, *, encoder: Any,
                        cache_dir=None, backend: str | None = None, markdown: str | os.PathLike | None = None,
-                       png: str | os.PathLike | None = None, progress: bool = True, quiet: bool = False) -> dict:
-    """Evaluate ``weights`` on ``split``; write the JSON (and Markdown / PNG reports when asked)."""
+                       png: str | os.PathLike | None = None, progress: bool = True, quiet: bool = False,
+                       baselines: bool = True) -> dict:
+    """Evaluate ``weights`` on ``split``; write the JSON (and Markdown / PNG reports when asked).
+
+    ``baselines`` (default): also the logistic-regression probe on the same image embeddings, fitted on the
+    weights' training split of ``dataset`` (λ chosen on its held-out rows), and the k-NN label vote over the memory
+    (``--memory`` also serves the vote for a no-memory classifier) — ``result["baselines"]``, and rows in the
+    Markdown and PNG reports (:mod:`reco_ref.classify.baselines`)."""
     say = _say(quiet)
-    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    cache_dir = _cache(cache_dir)
     params, meta = load_classifier(weights)
     if meta["encoder_fingerprint"] != str(encoder.fingerprint):
         raise DatasetError(f"{weights}: trained on embeddings of encoder {meta['encoder_fingerprint'][:16]}…, but "
@@ -139,12 +164,64 @@ def eval_from_manifest(weights: str | os.PathLike, dataset: str | os.PathLike, s
     result = evaluate_classifier(params, meta, img, search, ds.labels, memory, exclude=excl, backend=backend)
     result.update({"weights": str(weights), "dataset": str(ds.manifest), "split": split,
                    "memory": None if memory is None else str(Path(memory_dir).resolve())})
+    if baselines:
+        vote_memory = memory
+        if vote_memory is None and memory_dir is not None:
+            vote_memory = open_memory(memory_dir, encoder)  # a no-memory classifier: the memory serves the vote
+        result["baselines"] = _baselines(meta, dataset, ds, img, keys, vote_memory, encoder, cache_dir, progress, say)
     write_json(json_out, result)
     name = Path(weights).stem
+    rows = [(name, result)] + [(b, r) for b, r in result.get("baselines", {}).items() if r.get("top1") is not None]
     if markdown:
-        write_markdown(markdown, [(name, result)], title=f"{ds.manifest.parent.name} {split}")
+        write_markdown(markdown, rows, title=f"{ds.manifest.parent.name} {split}")
     if png:
-        write_png(png, [(name, result)], title=f"{ds.manifest.parent.name} {split}: top-1 (%)")
+        write_png(png, rows, title=f"{ds.manifest.parent.name} {split}: top-1 (%)")
     say(f"top-1 {result['top1']:.4f} (many {result['many']}, medium {result['medium']}, few {result['few']}) "
         f"on {result['n']} images → {json_out}")
+    for b, r in result.get("baselines", {}).items():
+        say(f"  {b}: " + (f"top-1 {r['top1']:.4f} (many {r['many']}, medium {r['medium']}, few {r['few']})"
+                          if r.get("top1") is not None else r.get("not_computed", "not computed")))
     return result
+
+
+def _baselines(meta: dict, dataset, ds: Split, img: np.ndarray, keys, memory: Any, encoder: Any, cache_dir,
+               progress: bool, say) -> dict:
+    """The logistic probe (fit on the classifier's own training split, λ chosen on its held-out rows) and the
+    k-NN label vote over ``memory`` on the evaluated rows (:mod:`reco_ref.classify.baselines`)."""
+    from .baselines import fit_logistic_probe, group_accuracy, knn_vote_predictions, probe_logits
+
+    counts = meta["train_class_counts"]
+    C = len(counts)
+    out: dict = {}
+    try:
+        tds = read_split(dataset, meta["split"])
+    except DatasetError as e:
+        out["logistic_probe"] = {"not_computed": f"training split {meta['split']!r} not readable here: {e}"}
+    else:
+        t_img, _ = _embed(tds, encoder, cache_dir, progress)
+        labels = tds.labels
+        if meta.get("label_noise"):  # the labels the classifier was trained on
+            labels = symmetric_label_noise(labels, meta["label_noise"], C, seed=meta["config"]["seed"])
+        present = {r["split"] for r in read_manifest_rows(tds.manifest)}
+        vname = next((v for v in VAL_SPLITS if v in present and v != meta["split"]), None)
+        if vname is not None:
+            vds = read_split(dataset, vname)
+            fit_x, fit_y, val = t_img, labels, (_embed(vds, encoder, cache_dir, progress)[0], vds.labels)
+        else:
+            held = holdout_rows(labels, 0.1, seed=meta["config"]["seed"])
+            fit_x, fit_y, val = t_img[~held], labels[~held], (t_img[held], labels[held])
+        say(f"logistic probe: fitting on {len(fit_y)} training rows, L2 chosen on {len(val[1])} held-out rows")
+        probe = fit_logistic_probe(fit_x, fit_y, C, val=val)
+        pred = probe_logits(probe, img).argmax(axis=1)
+        out["logistic_probe"] = group_accuracy(pred, ds.labels, counts) | {
+            "l2": probe["l2"], "val_top1_by_l2": probe["val_top1"],
+            "fit": f"split {meta['split']!r} (+ {'split ' + repr(vname) if vname else 'its 10 % held-out rows'})"}
+    if memory is None:
+        out["knn_vote"] = {"not_computed": "no memory given"}
+    else:
+        search = search_vectors(memory, img, keys)
+        pred, how = knn_vote_predictions(memory, search, ds.class_names, int(meta["config"]["k"]),
+                                         exclude=own_rows(memory, search))
+        out["knn_vote"] = ({"not_computed": how} if pred is None else
+                           group_accuracy(pred, ds.labels, counts) | {"k": int(meta["config"]["k"]), "labels": how})
+    return out

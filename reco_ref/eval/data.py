@@ -146,6 +146,17 @@ def default_cache_dir() -> Path | None:
     return Path(env).expanduser()
 
 
+def user_cache_dir() -> Path | None:
+    """The embedding cache of commands that cache by default (``classify``): ``$RECO_REF_CACHE`` when set (``""``,
+    ``"off"`` or ``"0"`` = no cache), else ``$XDG_CACHE_HOME/reco_ref/embeddings`` (``~/.cache/...``). Entries are
+    keyed by the encoder fingerprint and the image files' paths, sizes and modification times."""
+    env = os.environ.get("RECO_REF_CACHE")
+    if env is not None:
+        return default_cache_dir()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "reco_ref" / "embeddings"
+
+
 def embed_split(ds: Split, encoder: Any, *, cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
                 progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Image embeddings ``[N,D]`` and image search keys ``[N,Dk]`` (None if the encoder has none) of a split.

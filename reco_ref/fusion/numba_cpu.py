@@ -75,6 +75,7 @@ __all__ = [
 _JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
 from .constants import GELU_INV_SQRT2 as _INV_SQRT2, GELU_INV_SQRT_2PI as _INV_SQRT2PI, LN_EPS, MAX_SCALE  # noqa: E402
+from ..backends import blas_threads  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -831,14 +832,6 @@ def _infonce_dz(z, lse_r, lse_c, coef, dz, ds_part):
 #: (a whole step ≈ 130 ms with 2 BLAS threads vs ≈ 9 ms with 1).
 SMALL_WORK = 1 << 16
 
-try:  # optional: not a runtime dependency; without it small problems keep BLAS's own threading
-    from threadpoolctl import ThreadpoolController
-
-    _BLAS_POOLS = ThreadpoolController()
-except Exception:  # noqa: BLE001  (absent, or fails to inspect the loaded libraries)
-    _BLAS_POOLS = None
-
-
 #: BLAS threads for the GEMMs of a large step (``B·T·D ≥ SMALL_WORK``); ``None`` leaves BLAS as
 #: configured.  Default 1: on a machine with more runnable threads than cores, 2-thread OpenBLAS
 #: calls wait for descheduled workers — measured at load ≈ 8 on 2 cores, a B=32 step took 43–340 ms
@@ -848,13 +841,7 @@ except Exception:  # noqa: BLE001  (absent, or fails to inspect the loaded libra
 STEP_BLAS_THREADS = 1
 
 
-@contextmanager
-def _blas_threads(n):
-    if n is None or _BLAS_POOLS is None:
-        yield
-    else:
-        with _BLAS_POOLS.limit(limits=n, user_api="blas"):
-            yield
+_blas_threads = blas_threads  # threadpoolctl-backed, optional (reco_ref.backends)
 
 
 @contextmanager

@@ -16,6 +16,15 @@ from reco_ref.memory import build_memory, read_pairs
 ENC = "classify_testlib:make_encoder"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _cache_in_tmp(tmp_path_factory):
+    """`classify` caches embeddings by default in the user's cache: keep the tests' entries out of $HOME."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RECO_REF_CACHE", str(tmp_path_factory.mktemp("emb-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("classify")
@@ -49,7 +58,16 @@ def test_train_eval_contract(setup, capsys):
         assert r["n"] == 12 and r["classes"] == 3 and (r["n_many"], r["n_medium"], r["n_few"]) == (4, 4, 4)
         # well-separated classes: both beat chance (1/3); the memory's captions lift the 3-shot class
         assert r["top1"] >= (0.9 if w == "w" else 0.5)
-        assert out.with_suffix(".md").read_text().count("|") > 10 and out.with_suffix(".png").stat().st_size > 500
+        md = out.with_suffix(".md").read_text()
+        assert md.count("|") > 10 and out.with_suffix(".png").stat().st_size > 500
+        # the honest baselines beside it: a logistic probe on the same features and the k-NN vote over the memory
+        probe, vote = r["baselines"]["logistic_probe"], r["baselines"]["knn_vote"]
+        assert {"top1", "many", "medium", "few", "l2"} <= set(probe) and probe["top1"] >= 0.5
+        assert vote["top1"] >= 0.5 and vote["k"] == 4 and "logistic_probe" in md and "knn_vote" in md
+    assert main(["classify", "eval", "--weights", str(tmp / "w.npz"), "--dataset", str(manifest), "--split", "test",
+                 "--memory", str(tmp / "mem"), "--json", str(tmp / "nb.json"), "--model", ENC, "--quiet",
+                 "--no-progress", "--no-baselines"]) == 0
+    assert "baselines" not in json.loads((tmp / "nb.json").read_text())
 
 
 def test_one_line_errors(setup, capsys):
@@ -102,3 +120,35 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     assert len(info["history"]) == 4
     for n in full:
         np.testing.assert_array_equal(resumed[n], full[n])
+
+
+def test_train_caches_embeddings_by_default_and_off_disables_it(setup, tmp_path, monkeypatch, capsys):
+    """Without --cache-dir and $RECO_REF_CACHE, the embeddings land in $XDG_CACHE_HOME/reco_ref/embeddings and the
+    plan (epochs × steps, checkpoint, how to resume) is printed before training; --cache-dir off writes nothing."""
+    tmp, manifest = setup
+    monkeypatch.delenv("RECO_REF_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    args = ["classify", "train", "--dataset", str(manifest), "--memory", str(tmp / "mem"), "--model", ENC,
+            "--epochs", "2", "--width", "8", "--heads", "2", "-k", "4", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 2 epochs" in out and "--resume" in out and "epoch 1/2:" in out
+    assert list((tmp_path / "xdg" / "reco_ref" / "embeddings").glob("emb-*.npz"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg2"))
+    assert main(args + ["--out", str(tmp_path / "b.npz"), "--cache-dir", "off"]) == 0
+    assert not (tmp_path / "xdg2").exists()
+
+
+def test_interrupt_says_how_to_resume(setup, tmp_path, monkeypatch, capsys):
+    import reco_ref.classify.commands as commands
+
+    tmp, manifest = setup
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "train_classifier", stop)
+    with pytest.raises(KeyboardInterrupt):
+        commands.train_from_manifest(manifest, "train", tmp / "mem", tmp_path / "c.npz", ClassifyConfig(k=4, width=8,
+                                     heads=2, epochs=1), encoder=make_encoder(), progress=False)
+    assert "rerun the same command with --resume" in capsys.readouterr().out

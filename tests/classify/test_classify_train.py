@@ -69,3 +69,30 @@ def test_weights_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(Exception, match="junk.npz"):
         load_classifier(tmp_path / "junk.npz")
+
+
+def test_logistic_probe_matches_the_optimum_and_chooses_l2_on_held_out_rows():
+    """The probe's solution has zero gradient (float64), its λ comes from the validation rows only, and its
+    loss/gradient pair passes central differences."""
+    from reco_ref.classify.baselines import _loss_grad, fit_logistic_probe
+
+    rng = np.random.default_rng(0)
+    C, D = 3, 5
+    centres = rng.standard_normal((C, D))
+    y = rng.integers(0, C, 120)
+    x = centres[y] + 0.8 * rng.standard_normal((120, D))
+    yv = rng.integers(0, C, 60)
+    xv = centres[yv] + 0.8 * rng.standard_normal((60, D))
+    p = fit_logistic_probe(x, y, C, val=(xv, yv), l2=(1e-3, 1e-1))
+    assert set(p["val_top1"]) == {"0.001", "0.1"} and p["l2"] in (1e-3, 1e-1)
+    theta = np.concatenate([p["W"].ravel(), p["b"]])
+    xa, ya = np.concatenate([x, xv]), np.concatenate([y, yv])  # refitted on train + validation rows
+    _, g = _loss_grad(theta, xa, ya, C, p["l2"])
+    assert np.abs(g).max() < 1e-4
+    t = rng.standard_normal(theta.size) * 0.1
+    _, g = _loss_grad(t, xa, ya, C, 0.01)
+    for i in rng.choice(t.size, 6, replace=False):
+        e = np.zeros_like(t)
+        e[i] = 1e-6
+        fd = (_loss_grad(t + e, xa, ya, C, 0.01)[0] - _loss_grad(t - e, xa, ya, C, 0.01)[0]) / 2e-6
+        assert abs(fd - g[i]) < 1e-6
