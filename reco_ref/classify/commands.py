@@ -126,7 +126,9 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     }
     save_classifier(out, params, meta)
     ckpt.unlink(missing_ok=True)  # the run finished: its weights are the record
-    say(f"wrote {out} (best validation epoch {info['best_epoch']}, val top-1 {info['val_top1']})")
+    from ..eval.report import fmt
+
+    say(f"wrote {out} (best validation epoch {info['best_epoch']}, val top-1 {fmt(info['val_top1'])})")
     return meta
 
 
@@ -176,11 +178,14 @@ def eval_from_manifest(weights: str | os.PathLike, dataset: str | os.PathLike, s
         write_markdown(markdown, rows, title=f"{ds.manifest.parent.name} {split}")
     if png:
         write_png(png, rows, title=f"{ds.manifest.parent.name} {split}: top-1 (%)")
-    say(f"top-1 {result['top1']:.4f} (many {result['many']}, medium {result['medium']}, few {result['few']}) "
-        f"on {result['n']} images → {json_out}")
+    from ..eval.report import fmt
+
+    def line(r: dict) -> str:
+        return f"top-1 {fmt(r['top1'])} (many {fmt(r['many'])}, medium {fmt(r['medium'])}, few {fmt(r['few'])})"
+
+    say(f"{line(result)} on {result['n']} images → {json_out}")
     for b, r in result.get("baselines", {}).items():
-        say(f"  {b}: " + (f"top-1 {r['top1']:.4f} (many {r['many']}, medium {r['medium']}, few {r['few']})"
-                          if r.get("top1") is not None else r.get("not_computed", "not computed")))
+        say(f"  {b}: " + (line(r) if r.get("top1") is not None else r.get("not_computed", "not computed")))
     return result
 
 

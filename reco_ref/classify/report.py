@@ -1,7 +1,7 @@
-"""Small report writers for classify results: JSON, a Markdown table, a PNG bar chart (Pillow only).
+"""Report writers for classify results: JSON, a Markdown table, a PNG bar chart (Pillow only).
 
-Written here because ``reco_ref/eval/report.py`` (helper "evalroom") was not on main when this room was built;
-once it is, these three functions are the ones to replace by it.
+Numbers are fractions with three decimals and "—" for an empty group, as every other verb's reports
+(:func:`reco_ref.eval.report.markdown_table`, the one table writer); the PNG draws percent bars.
 """
 
 from __future__ import annotations
@@ -16,20 +16,16 @@ __all__ = ["COLUMNS", "write_json", "markdown_table", "write_markdown", "write_p
 COLUMNS = ("top1", "many", "medium", "few")
 
 
-def _pct(v: Any) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
-
-
 def write_json(path: str | os.PathLike, result: dict) -> None:
     """The result dict as indented JSON, atomically."""
     atomic_write_json(path, result)
 
 
 def markdown_table(rows: Sequence[tuple[str, dict]], columns: Sequence[str] = COLUMNS) -> str:
-    """``| run | top1 | many | medium | few | n |`` with top-1 in percent (``–`` where a group is empty)."""
-    head = "| run | " + " | ".join(columns) + " | n |\n|---|" + "---:|" * (len(columns) + 1) + "\n"
-    return head + "".join(f"| {name} | " + " | ".join(_pct(r.get(c)) for c in columns) + f" | {r.get('n', '')} |\n"
-                          for name, r in rows)
+    """``| run | top1 | many | medium | few | n |``: top-1 as fractions, three decimals, "—" where a group is empty."""
+    from ..eval.report import markdown_table as table
+
+    return table(["run", *columns, "n"], [[name, *(r.get(c) for c in columns), r.get("n")] for name, r in rows])
 
 
 def write_markdown(path: str | os.PathLike, rows: Sequence[tuple[str, dict]], title: str = "") -> None:

@@ -133,7 +133,8 @@ def _run_query(a: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="encode → memory → search → fuse → evaluate on shipped sample data (offline, seconds)",
+        "demo", help="encode → memory → search → fuse → evaluate on shipped sample data (offline, about half a "
+                "minute)",
         description="Run the whole pipeline step by step on the shipped OpenClipart sample (weights/demo) or on a "
                     "dataset folder with manifest.csv (--data), print each step, write results.json.")
     p.add_argument("--out", help="folder for memory/, results.json, neighbours.png (default: a new temp folder)")

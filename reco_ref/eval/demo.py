@@ -124,6 +124,14 @@ def check_backend(backend: str) -> None:
                             "False); use --backend numpy or numba")
 
 
+def _steps_of(say: Say, total: int) -> Say:
+    """``say`` with the five core steps' headers ``[i/5]`` numbered out of ``total`` (the comparison adds one)."""
+    def out(m: str) -> None:
+        say(m.replace("/5] ", f"/{total}] ", 1) if m.startswith("\n[") else m)
+
+    return out
+
+
 def step_encode(ds: dict, encoder: Any, threads: int | None, say: Say, timing: dict) -> dict:
     """Step 1: embed memory images + captions, query images, class prompts. Returns the arrays by name."""
     from ..encoders import load
@@ -347,7 +355,7 @@ def step_compare(ds: dict, e: dict, mem: Any, out: Path, k: int, backend: str, t
     mem_f = step_memory(flags, e_f, out / "memory-flags", quiet, {})
     sets = [(compare_methods(flags, e_f, mem_f, k, w, backend), flags), (compare_methods(ds, e, mem, k, w, backend), ds)]
     timing["compare"] = time.perf_counter() - t
-    say(f"\n[6] compare  frozen vs RECO ({'weights ' + trained['path'] if trained else 'no trained weights'}) vs "
+    say(f"\n[6/6] compare  frozen vs RECO ({'weights ' + trained['path'] if trained else 'no trained weights'}) vs "
         f"surrogate vs 1-NN / {k}-NN vote, on a memory of {len(flags['memory'])} flags (fine-grained names the "
         f"frozen encoder cannot give) and on the clip-art above (where RECO must do no harm); "
         f"{timing['compare']:.1f} s")
@@ -409,6 +417,8 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
         raise MemoryFormatError(f"{mem_dir} already exists (an earlier demo run?): pass another --out, or delete "
                                 "that folder")
     n_mem, n_q, C = len(ds["memory"]), len(ds["queries"]), len(ds["class_names"])
+    if compare and data is None:  # six steps: the step headers say "[i/6]"
+        say = _steps_of(say, 6)
     say(f"reco-ref demo — {ds['name']}: {n_mem} memory pairs, {n_q} query images, {C} classes; output in {out}")
 
     e = step_encode(ds, encoder, threads, say, timing)

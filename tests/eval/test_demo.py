@@ -67,7 +67,7 @@ def demo_run(tmp_path_factory):
 @needs_reco_mini
 def test_demo_prints_every_step(demo_run):
     _, text, out = demo_run
-    for step in ("[1/5] encode", "[2/5] memory", "[3/5] search", "[4/5] fuse", "[5/5] evaluate"):
+    for step in ("[1/6] encode", "[2/6] memory", "[3/6] search", "[4/6] fuse", "[5/6] evaluate", "[6/6] compare"):
         assert step in text
     assert "UNTRAINED" in text and "refined == frozen" in text
     assert str(out / "results.json") in text
@@ -153,7 +153,7 @@ def test_cli_demo_verb_exits_0(tmp_path, capsys):
 @needs_reco_mini
 def test_demo_compares_methods_on_flags_and_clipart(demo_run):
     r, text, out = demo_run
-    assert "[6] compare" in text and "RECO still misses" in text and "RECO breaks" in text
+    assert "[1/6] encode" in text and "[6/6] compare" in text and "RECO still misses" in text and "RECO breaks" in text
     flags, clip = r["compare"]["flags"], r["compare"]["clipart"]
     assert flags["queries"] == flags["classes"] == 255 and clip["queries"] == 30
     for c in (flags, clip):

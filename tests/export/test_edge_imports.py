@@ -57,3 +57,38 @@ def test_edge_path_needs_no_numba_scipy_onnx(tmp_path):
                           str(tmp_path / "memory")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "EDGE-OK []" in res.stdout
+
+
+CLI_CHILD = r"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('numba', 'llvmlite', 'scipy', 'onnx', 'torch'):
+            raise ImportError('blocked on the edge: ' + name)
+sys.meta_path.insert(0, Block())
+from reco_ref.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_edge_cli_verbs_run_without_numba_scipy_onnx(tmp_path):
+    """The verbs docs/edge.md promises — encode, build-memory, memory-search, query (with the shipped fusion
+    weights, NumPy backend) — in a child Python where numba, llvmlite, scipy, onnx and torch cannot be imported
+    (issue 21: `query` used to fail on scipy's erf). Each exits 0 and prints no traceback."""
+    demo = ROOT / "weights" / "demo"
+    bird = sorted((demo / "images" / "bird").iterdir())[0]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    names = tmp_path / "names.txt"
+    names.write_text("bird\nboat\ncar\ndog\nfish\n")
+    runs = [
+        ["encode", "--images", str(demo / "images" / "bird"), "--out", str(tmp_path / "birds.npy"), "--no-progress"],
+        ["build-memory", "--pairs", str(demo / "pairs.csv"), "--out", str(tmp_path / "mem"), "--no-progress"],
+        ["memory-search", str(tmp_path / "mem"), "--text", "a drawing of a bird.", "-k", "3"],
+        ["query", str(bird), "--memory", str(tmp_path / "mem"), "-k", "5", "--class-names", str(names)],
+    ]
+    for argv in runs:
+        r = subprocess.run([sys.executable, "-c", CLI_CHILD, *argv], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, (argv[0], r.stdout[-2000:], r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and "a bug" not in r.stderr, (argv[0], r.stderr[-2000:])
+    assert "refined (RECO) top classes" in r.stdout  # the shipped fusion weights ran (NumPy GELU without SciPy)
