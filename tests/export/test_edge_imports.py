@@ -16,13 +16,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CHILD = r"""
+BLOCK = r"""
 import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split('.')[0] in ('numba', 'llvmlite', 'scipy', 'onnx', 'torch'):
             raise ImportError('blocked on the edge: ' + name)
 sys.meta_path.insert(0, Block())
+"""
+
+CHILD = BLOCK + r"""
 from reco_ref.eval.data import shipped_data
 from reco_ref.encoders import load
 from reco_ref.fusion import fusion_forward, load_param_set, onnx_backend
@@ -59,13 +62,7 @@ def test_edge_path_needs_no_numba_scipy_onnx(tmp_path):
     assert "EDGE-OK []" in res.stdout
 
 
-CLI_CHILD = r"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in ('numba', 'llvmlite', 'scipy', 'onnx', 'torch'):
-            raise ImportError('blocked on the edge: ' + name)
-sys.meta_path.insert(0, Block())
+CLI_CHILD = BLOCK + r"""
 from reco_ref.cli import main
 sys.exit(main(sys.argv[1:]))
 """
