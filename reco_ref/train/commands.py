@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import RecoError
 from ..memory import Memory, read_pairs
 from .loop import TrainConfig, TrainResult, ValSet, class_text_embeddings, train
@@ -101,6 +103,20 @@ def train_command(a: argparse.Namespace) -> TrainResult:
                             "retrieval": str(s["retrieval"].root) if s["retrieval"] is not None else "same"}
                            for s in sources],
             "validation": [{"memory": str(v.pairs.root), "retrieval": str(v.retrieval.root)} for v in vals]}
+    if cfg.model == "reco":  # the disk a run takes, said before it starts (issue 21)
+        from ..fusion.params import param_shapes
+
+        D = int(sources[0]["pairs"].dim)
+        n = 2 * sum(int(np.prod(s)) for s in param_shapes(D, cfg.mlp_ratio, cfg.heads if cfg.relevance else None)
+                    .values())
+        w = 4 * n  # bytes: float32, both modules
+
+        def size(b: float) -> str:
+            return f"{b / 1e6:.0f} MB" if b >= 1e6 else f"{b / 1e3:.0f} kB"
+
+        print(f"this run writes about {size(5 * w)} to {a.out}: best.npz and last.npz ({size(w)} each) and "
+              f"checkpoint.npz ({size(3 * w)}: the parameters and AdamW's two moments, for --resume; delete it once "
+              "the run is done)", flush=True)
     res = train(sources, a.out, cfg, val=vals, meta=meta, resume=a.resume, progress=not a.no_progress)
     best = res.best_record or {}
     print(f"trained {res.steps} steps; kept epoch {best.get('epoch', cfg.epochs)} "

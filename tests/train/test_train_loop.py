@@ -132,6 +132,9 @@ def test_kill9_resume_bit_identical(data, tmp_path):
             "4", "--lr", "2e-3", "--warmup-steps", "5", "--checkpoint-every", "4", "--no-progress"]
     full = _cli(args + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr
+    said = full.stdout.split("this run writes about ", 1)[1].split(" ", 2)  # the disk it takes, said up front
+    written = sum(f.stat().st_size for f in (tmp_path / "full").iterdir() if f.suffix == ".npz")
+    assert said[1] == "kB" and abs(float(said[0]) * 1e3 - written) < 0.15 * written  # npz headers and meta: the rest
     killed = _cli(args + ["--out", str(tmp_path / "k")], {"RECO_REF_TRAIN_KILL_AT_STEP": "27"})
     assert killed.returncode == -9, killed.stderr  # a real SIGKILL mid-run (epoch 2 of 3)
     assert not (tmp_path / "k" / "last.npz").exists()
