@@ -108,7 +108,8 @@ def _run_query(a: argparse.Namespace) -> int:
         raise RecoError("give --classes or --class-names, not both")
     names = read_class_names(a.classes or a.class_names) if (a.classes or a.class_names) else None
     r = query(a.memory, image=a.image, text=a.text, fusion=a.fusion, class_names=names, k=a.k, top=a.top,
-              templates=a.templates, model=a.model, backend=a.backend, threads=a.threads, profile=a.profile)
+              templates=a.templates, model=a.model, backend=a.backend, threads=a.threads, profile=a.profile,
+              classes_manifest=a.classes)
     if a.json == "-":
         print(json.dumps(r, indent=1, ensure_ascii=False))
         return 0
@@ -207,7 +208,8 @@ def register(subparsers) -> None:
     q.add_argument("--fusion", help="RECO weights .npz (default: the shipped weights of --model; 'none': no refining)")
     q.add_argument("--classes", help="dataset manifest whose class names to rank")
     q.add_argument("--class-names", help="text file, one class name per line")
-    q.add_argument("--templates", default=None, help="template set or file for the class embeddings (default generic)")
+    q.add_argument("--templates", default=None, help="template set or file for the class embeddings (default: the set "
+                   "eval uses for the --classes dataset, else generic)")
     q.add_argument("-k", "--k", type=_positive, default=10, help="neighbours (default 10)")
     q.add_argument("--top", type=_positive, default=5, help="classes listed (default 5)")
     q.add_argument("--json", help="write the result JSON here ('-' : JSON to stdout only)")

@@ -164,8 +164,12 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
 def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, text: str | None = None,
           fusion: str | os.PathLike | None = None, class_names: list[str] | None = None, k: int = 10,
           top: int = 5, templates: str | None = None, model: Any = "reco-mini", backend: str = "numpy",
-          threads: int | None = None, profile: bool = False) -> dict:
+          threads: int | None = None, profile: bool = False, classes_manifest: str | os.PathLike | None = None) -> dict:
     """One query (an image file or a text) against a memory: its neighbours and, with classes, top classes.
+
+    Templates: ``templates`` (a set name or a file) or, when None / "auto", the set ``eval`` uses for the dataset
+    of ``classes_manifest`` (the ``--classes`` manifest) — so ``query`` and ``eval`` rank with the same prompts;
+    ``out["templates"]`` names the set used.
 
     ``profile=True`` (an image query with classes and fusion weights) adds ``profile``: the photo's trip timed step
     by step (decode, preprocess, image graph, search, fusion, scoring) at batch 1 and per image at batch 64, from
@@ -229,7 +233,8 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
             out["relevance_gate"] = float(gate[0])
         out["refined_minus_frozen_cosine"] = float(1.0 - (refined[0].astype(np.float64) @ v[0].astype(np.float64)))
     if class_names:
-        _, tlist = resolve_templates(templates)
+        tname, tlist = resolve_templates(templates, classes_manifest)  # the dataset's set, as eval picks it
+        out["templates"] = tname
         cls = class_embeddings(enc, class_names, tlist)  # [C,D]
         sides: list = [("frozen_top", v[0], cls)]
         if weights is not None:

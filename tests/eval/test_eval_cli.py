@@ -290,3 +290,18 @@ def test_query_with_memory_relative_weights_reports_the_gate_and_scores_like_eva
     tb = refine(w.text, mem, cls, "text", k=4)[0]
     s = gated_scores(vb, tb, cls, gate)[0]
     assert [c["class"] for c in r["reco_top"]] == [classes[i] for i in np.argsort(-s, kind="stable")[:5]]
+
+
+def test_query_ranks_with_the_template_set_eval_uses_for_the_dataset(setup, tmp_path):
+    """`query --classes MANIFEST` ranks with the template set `eval` picks for that dataset (by its folder's name);
+    class names alone get the generic set; --templates overrides. The set used is in the JSON."""
+    from reco_ref.eval.evaluate import query
+
+    flowers = tmp_path / "flowers102" / "manifest.csv"
+    flowers.parent.mkdir()
+    flowers.write_text("file,label,class_name,split\n")
+    image = next(row[0] for row in setup["rows"] if row[3] == "test")
+    kw = dict(image=image, fusion="none", class_names=["bird", "dog"], k=3, model=setup["enc"])
+    assert query(setup["mem"], classes_manifest=flowers, **kw)["templates"] == "flowers"
+    assert query(setup["mem"], **kw)["templates"] == "generic"
+    assert query(setup["mem"], classes_manifest=flowers, templates="single", **kw)["templates"] == "single"
