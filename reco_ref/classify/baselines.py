@@ -59,8 +59,9 @@ def _fit(x: np.ndarray, y: np.ndarray, C: int, lam: float) -> tuple[np.ndarray, 
 
 def fit_logistic_probe(x: np.ndarray, y: np.ndarray, classes: int, *, val: tuple[np.ndarray, np.ndarray] | None,
                        l2: tuple[float, ...] = PROBE_L2) -> dict:
-    """Fit the probe on ``x`` [N, D], ``y`` [N]; choose ``λ`` on ``val = (x_val, y_val)`` (or the smallest ``λ``
-    when there is no validation row) and refit on ``x`` and the validation rows together.
+    """Fit the probe on ``x`` [N, D], ``y`` [N]; choose ``λ`` on ``val = (x_val, y_val)`` by top-1, ties broken by
+    the lower validation loss (the smallest ``λ`` when there is no validation row), and refit on ``x`` and the
+    validation rows together.
 
     Returns ``{"W" [D, C], "b" [C], "l2", "val_top1" {λ: top-1}}`` (float64)."""
     x = np.asarray(x, np.float64)
@@ -72,10 +73,15 @@ def fit_logistic_probe(x: np.ndarray, y: np.ndarray, classes: int, *, val: tuple
     scores: dict[float, float] = {}
     if val is not None and len(val[1]):
         xv, yv = np.asarray(val[0], np.float64), np.asarray(val[1], np.int64)
+        losses: dict[float, float] = {}
         for lam in l2:
             W, b = _fit(x, y, classes, lam)
-            scores[lam] = float(((xv @ W + b).argmax(1) == yv).mean())
-        best = max(l2, key=lambda lam: (scores[lam], lam))  # ties: the stronger regulariser
+            z = xv @ W + b
+            scores[lam] = float((z.argmax(1) == yv).mean())
+            z = z - z.max(axis=1, keepdims=True)
+            losses[lam] = float(-(z[np.arange(len(yv)), yv] - np.log(np.exp(z).sum(axis=1))).mean())
+        # small validation sets tie often on top-1: the lower validation loss breaks ties (as the classifier's epochs)
+        best = max(l2, key=lambda lam: (scores[lam], -losses[lam]))
         x, y = np.concatenate([x, xv]), np.concatenate([y, yv])
     else:
         best = l2[0]
