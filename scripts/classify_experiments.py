@@ -178,7 +178,7 @@ def cli_commands(run: dict, lt: Path, work: Path, cfg: ClassifyConfig) -> str:
     w = work / "runs" / (run["id"].replace("/", "_") + ".npz")
     mem = work / "mem" / (mem_name(run) or f"{run['d']}-b")
     opts = (f" --epochs {cfg.epochs} --width {cfg.width} --lr {cfg.lr:g} -k {cfg.k} --logit-scale {cfg.logit_scale:g}"
-            f" --backend {cfg.backend}")
+            f" --backend {cfg.backend}" + (f" --seed {cfg.seed}" if cfg.seed else ""))
     if run["mem"] is None:
         opts += " --no-memory"
     if run.get("attention") == "uniform":
@@ -205,6 +205,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     ap.add_argument("-k", type=int, default=10, help="memory items per query (default 10)")
     ap.add_argument("--backend", default="numpy", choices=("numpy", "numba"))
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of init, batches, hold-out and noise (default 0; another --work per seed)")
     ap.add_argument("--check-encoder", action="store_true", help="re-encode 4 images per set and compare")
     a = ap.parse_args(argv)
     from reco_ref.encoders import load
@@ -236,7 +238,8 @@ def main(argv=None) -> int:
         if run["id"] in results and not a.only:
             continue
         cfg = ClassifyConfig(memory=run["mem"] is not None, attention=run.get("attention", "softmax"),
-                             epochs=a.epochs or EPOCHS[run["d"]], width=a.width, lr=a.lr, k=a.k, backend=a.backend)
+                             epochs=a.epochs or EPOCHS[run["d"]], width=a.width, lr=a.lr, k=a.k, backend=a.backend,
+                             seed=a.seed)
         m = lt / f"{run['d']}-lt-r{run['ratio']}" / "manifest.csv"
         w = work / "runs" / (run["id"].replace("/", "_") + ".npz")
         t0 = time.time()
