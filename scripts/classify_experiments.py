@@ -141,8 +141,8 @@ def knn_vote(memory, mem_labels: np.ndarray, keys: np.ndarray, k: int) -> np.nda
 
 SETTINGS = [("cub100", 50), ("cub100", 10), ("flowers102", 50), ("flowers102", 10)]
 #: display order of a setting's rows
-ROW_ORDER = ["no-memory", "mem-a", "mem-b", "mem-c", "mem-d", "uniform-b", "uniform-d", "knn-a", "knn-b", "knn-d",
-             "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]
+ROW_ORDER = ["no-memory", "mem-a", "mem-b", "mem-c", "mem-d", "uniform-b", "uniform-d", "readout-b", "readonly-b",
+             "knn-a", "knn-b", "knn-d", "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]
 
 
 def _run(d: str, ratio: int, row: str) -> dict:
@@ -150,10 +150,14 @@ def _run(d: str, ratio: int, row: str) -> dict:
     base, _, noise = row.partition("-noise")
     if noise:
         r["noise"] = int(noise) / 100
-    if base.startswith(("mem-", "uniform-", "knn-")):
+    if base.startswith(("mem-", "uniform-", "knn-", "readout-", "readonly-")):
         r["mem"] = base[-1]
     if base.startswith("uniform-"):
         r["attention"] = "uniform"
+    if base.startswith(("readout-", "readonly-")):  # [ours] the score readout, with / without the attention module
+        r["readout"] = True
+        if base.startswith("readonly-"):
+            r["attention"] = "none"
     if base.startswith("knn-"):
         r["knn"] = True
     return r
@@ -161,7 +165,8 @@ def _run(d: str, ratio: int, row: str) -> dict:
 
 def run_plan() -> list[dict]:
     """Every run, most important first (the whole matrix takes longer than one sitting on a shared machine)."""
-    tiers = [["no-memory", "mem-b", "knn-b", "uniform-b", "mem-d", "uniform-d", "knn-d", "mem-c"],
+    tiers = [["no-memory", "mem-b", "knn-b", "uniform-b", "mem-d", "uniform-d", "knn-d", "mem-c", "readout-b",
+              "readonly-b"],
              ["mem-a", "knn-a", "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]]
     cub = [_run(d, r, row) for tier in tiers for d, r in SETTINGS if d == "cub100" for row in tier]
     return cub + [_run(d, r, row) for tier in tiers for d, r in SETTINGS if d != "cub100" for row in tier]
@@ -181,8 +186,10 @@ def cli_commands(run: dict, lt: Path, work: Path, cfg: ClassifyConfig) -> str:
             f" --backend {cfg.backend}" + (f" --seed {cfg.seed}" if cfg.seed else ""))
     if run["mem"] is None:
         opts += " --no-memory"
-    if run.get("attention") == "uniform":
-        opts += " --attention uniform"
+    if run.get("attention") in ("uniform", "none"):
+        opts += f" --attention {run['attention']}"
+    if run.get("readout"):
+        opts += " --readout"
     if run.get("noise"):
         opts += f" --label-noise {run['noise']}"
     return (f"reco-ref classify train --dataset {m} --split train --memory {mem} --out {w}{opts} && "
@@ -239,7 +246,7 @@ def main(argv=None) -> int:
             continue
         cfg = ClassifyConfig(memory=run["mem"] is not None, attention=run.get("attention", "softmax"),
                              epochs=a.epochs or EPOCHS[run["d"]], width=a.width, lr=a.lr, k=a.k, backend=a.backend,
-                             seed=a.seed)
+                             seed=a.seed, readout=bool(run.get("readout")))
         m = lt / f"{run['d']}-lt-r{run['ratio']}" / "manifest.csv"
         w = work / "runs" / (run["id"].replace("/", "_") + ".npz")
         t0 = time.time()

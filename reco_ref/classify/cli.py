@@ -19,7 +19,8 @@ def _run_train(a: argparse.Namespace) -> int:
         raise FileNotFoundError("--memory DIR is required (or train the no-memory classifier with --no-memory)")
     cfg = ClassifyConfig(memory=not a.no_memory, k=a.k, values=a.values, attention=a.attention, width=a.width,
                          heads=a.heads, logit_scale=a.logit_scale, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                         weight_decay=a.weight_decay, seed=a.seed, backend=a.backend).check()
+                         weight_decay=a.weight_decay, seed=a.seed, backend=a.backend, readout=a.readout,
+                         readout_template=a.readout_template).check()
     train_from_manifest(a.dataset, a.split, a.memory, a.out, cfg, encoder=_encoder(a), cache_dir=a.cache_dir,
                         val_split=a.val_split, label_noise=a.label_noise, resume=a.resume,
                         progress=not a.no_progress, quiet=a.quiet)
@@ -63,8 +64,14 @@ def register(subparsers) -> None:
                                        "else 10%% of each class's train rows)")
     t.add_argument("-k", type=int, default=10, help="memory items per query (default 10)")
     t.add_argument("--values", default="text", choices=("text", "image", "both"), help="item values (default text)")
-    t.add_argument("--attention", default="softmax", choices=("softmax", "uniform"),
-                   help="softmax (default) or uniform average of the items (the attention-removed baseline)")
+    t.add_argument("--attention", default="softmax", choices=("softmax", "uniform", "none"),
+                   help="softmax (default) or uniform average of the items (the attention-removed baseline); 'none' "
+                        "(with --readout): no attention module, the memory feeds the readout only")
+    t.add_argument("--readout", action="store_true",
+                   help="[ours] add the score readout: the items' caption embeddings, weighted by a softmax of their "
+                        "search score, read against the class prompts (a soft vote the classifier learns to weigh)")
+    t.add_argument("--readout-template", default=d.readout_template,
+                   help=f"class prompt of the readout (the memory's caption template; default {d.readout_template!r})")
     t.add_argument("--width", type=int, default=d.width, help=f"attention width (default {d.width})")
     t.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     t.add_argument("--logit-scale", type=float, default=32.0, help="fixed logit scale s (default 32)")

@@ -100,11 +100,16 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     say(f"plan: {cfg.epochs} epochs × {steps} steps of {cfg.batch_size} ({cfg.backend} backend"
         + (f", memory k={cfg.k}" if cfg.memory else ", no memory") + f"); a checkpoint after every epoch at {ckpt} "
         "— interrupt at any time and rerun the same command with --resume")
+    class_text = None
+    if cfg.readout:  # [ours] the class prompts the score readout reads the items' captions against
+        class_text = np.asarray(encoder.encode_texts([cfg.readout_template.format(c) for c in ds.class_names]),
+                                np.float32)  # [C, Dt]
+        say(f"score readout: class prompts \"{cfg.readout_template}\" ({C} × {class_text.shape[1]})")
     try:
         params, info = train_classifier(
             img[train_rows], None if search is None else search[train_rows], labels[train_rows], C, memory, cfg,
             exclude=None if excl is None else excl[train_rows], val=val, checkpoint=ckpt, resume=resume,
-            progress=progress, log=say)
+            progress=progress, log=say, class_text=class_text)
     except KeyboardInterrupt:
         done = ckpt.exists()
         print(f"interrupted: {'the last finished epoch is in ' + str(ckpt) + '; ' if done else ''}rerun the same "
@@ -115,7 +120,8 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         "config": dataclasses.asdict(cfg),
         "dims": {"dim": int(img.shape[1]), "classes": C,
                  "key_dim": None if memory is None else int(memory.key_dim or memory.dim),
-                 "value_dim": None if memory is None else int(memory.dim * (2 if cfg.values == "both" else 1))},
+                 "value_dim": None if memory is None else int(memory.dim * (2 if cfg.values == "both" else 1)),
+                 "readout_dim": None if class_text is None else int(class_text.shape[1])},
         "class_names": ds.class_names,
         "train_class_counts": np.bincount(ds.labels, minlength=C).tolist(),
         "encoder_fingerprint": str(encoder.fingerprint),

@@ -27,11 +27,23 @@ BACKENDS = ("numpy", "numba")
 VALUE_MODES = ("text", "image", "both")
 
 
+#: the score readout's initial β (a sharp softmax over search cosines: a prototype fitted β ≈ 40–70 on CUB-100 and
+#: Flowers-102; started at 0 it stays near a uniform average) and output scale s_v [ours]
+READOUT_BETA0, READOUT_SV0 = 40.0, 16.0
+
+
 def param_shapes(dim: int, classes: int, *, key_dim: int | None = None, value_dim: int | None = None,
-                 width: int = 128, memory: bool = True, attention: str = "softmax") -> dict[str, tuple]:
-    """Name → shape of every parameter of the configuration (no memory: only the linear classifier)."""
+                 width: int = 128, memory: bool = True, attention: str = "softmax",
+                 readout_dim: int | None = None) -> dict[str, tuple]:
+    """Name → shape of every parameter of the configuration (no memory: only the linear classifier).
+
+    ``readout_dim`` (the caption embeddings' width) adds the score readout [ours]: ``ro_beta [1]``, ``ro_log_sv [1]``
+    (trained) and ``ro_class_text [C, Dt]`` (the class prompts' text embeddings, fixed: never given a gradient).
+    ``attention="none"``: no attention module, the memory only feeds the readout."""
     shapes = {"w_c": (dim, classes), "b_c": (classes,)}
-    if not memory:
+    if memory and readout_dim:
+        shapes.update({"ro_beta": (1,), "ro_log_sv": (1,), "ro_class_text": (classes, readout_dim)})
+    if not memory or attention == "none":
         return shapes
     key_dim, value_dim = key_dim or dim, value_dim or dim
     shapes.update({"lnv_gamma": (value_dim,), "lnv_beta": (value_dim,), "w_v": (value_dim, width), "b_v": (width,),
@@ -44,20 +56,34 @@ def param_shapes(dim: int, classes: int, *, key_dim: int | None = None, value_di
 
 def init_params(dim: int, classes: int, *, key_dim: int | None = None, value_dim: int | None = None,
                 width: int = 128, heads: int = 4, memory: bool = True, attention: str = "softmax", seed: int = 0,
-                dtype=np.float32) -> dict[str, np.ndarray]:
+                dtype=np.float32, class_text: np.ndarray | None = None) -> dict[str, np.ndarray]:
     r"""Initial parameters: LayerNorms identity, projections :math:`\mathcal N(0, 1/d_\mathrm{in})`, biases 0,
     :math:`W_o = 0, b_o = 0` (so :math:`z = q`: training starts at the no-memory classifier) and
     :math:`W_c \sim \mathcal N(0, 0.01^2)`, :math:`b_c = 0`.
+
+    ``class_text`` [C, Dt] (the class prompts' text embeddings) adds the score readout [ours]:
+    ``ro_beta = READOUT_BETA0``, ``ro_log_sv = log READOUT_SV0``, ``ro_class_text = class_text``.
     """
-    if attention not in ATTENTION_MODES:
-        raise ShapeError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
+    if attention not in ATTENTION_MODES + ("none",):
+        raise ShapeError(f"attention: expected one of {ATTENTION_MODES + ('none',)}, got {attention!r}")
+    if attention == "none" and class_text is None:
+        raise ShapeError("attention 'none' (no attention module) is only the score readout's variant: give class_text")
     if memory and (width < 1 or heads < 1 or width % heads):
         raise ShapeError(f"width {width} must be a positive multiple of heads {heads}")
     rng = np.random.default_rng(seed)
     params = {}
+    readout_dim = None if class_text is None else int(np.shape(class_text)[1])
+    if class_text is not None and np.shape(class_text)[0] != classes:
+        raise ShapeError(f"class_text: {np.shape(class_text)[0]} rows, expected one per class ({classes})")
     for name, shape in param_shapes(dim, classes, key_dim=key_dim, value_dim=value_dim, width=width, memory=memory,
-                                    attention=attention).items():
-        if name.endswith("_gamma"):
+                                    attention=attention, readout_dim=readout_dim).items():
+        if name == "ro_beta":
+            a = np.full(shape, READOUT_BETA0)
+        elif name == "ro_log_sv":
+            a = np.full(shape, np.log(READOUT_SV0))
+        elif name == "ro_class_text":
+            a = np.asarray(class_text, np.float64)
+        elif name.endswith("_gamma"):
             a = np.ones(shape)
         elif name in ("w_q", "w_k", "w_v"):
             a = rng.standard_normal(shape) / np.sqrt(shape[0])
@@ -107,28 +133,72 @@ def _impl(backend: str):
 
 
 def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=4, attention="softmax",
-                     logit_scale=1.0, backend="numpy"):
-    """Checked forward (see :func:`reco_ref.classify.reference.classify_forward`); ``cache["backend"]`` set."""
-    check_inputs(params, query, keys, values, valid, heads)
-    logits, cache = _impl(backend).classify_forward(params, query, keys, values, valid, heads=heads,
-                                                    attention=attention, logit_scale=logit_scale)
+                     logit_scale=1.0, backend="numpy", scores=None):
+    """Checked forward (see :func:`reco_ref.classify.reference.classify_forward`); ``cache["backend"]`` set.
+
+    With the score readout (``ro_beta`` in ``params``) the front door adds
+    :func:`~reco_ref.classify.reference.score_readout_forward` of the items' ``scores`` [B, k] and caption
+    embeddings (the first ``Dt`` columns of ``values``) to the backend's logits — one NumPy implementation for both
+    backends (small GEMMs). ``attention="none"``: the backend runs the no-memory classifier, the memory feeds the
+    readout only."""
+    readout = "ro_beta" in params and keys is not None
+    if readout:
+        _check_readout(params, keys, values, valid, scores)
+    module = attention != "none"
+    check_inputs(params, query, keys if module else None, values, valid, heads)
+    logits, cache = _impl(backend).classify_forward(params, query, keys if module else None,
+                                                    values if module else None, valid, heads=heads,
+                                                    attention=attention if module else "softmax",
+                                                    logit_scale=logit_scale)
+    if readout:
+        Dt = params["ro_class_text"].shape[1]
+        ro, cache["readout"] = reference.score_readout_forward(
+            scores, valid, values[..., :Dt], params["ro_class_text"], params["ro_beta"][0], params["ro_log_sv"][0])
+        logits = logits + ro
     cache["backend"] = backend
     return logits, cache
 
 
+def _check_readout(params, keys, values, valid, scores) -> None:
+    Dt = params["ro_class_text"].shape[1]
+    if scores is None or np.shape(scores) != keys.shape[:2]:
+        raise ShapeError(f"scores [B,k]: the score readout needs the items' search scores, got "
+                         f"{None if scores is None else np.shape(scores)}, expected {keys.shape[:2]}")
+    if values is None or values.shape[-1] < Dt:
+        raise ShapeError(f"values: the score readout reads the items' caption embeddings (width {Dt}) as their first "
+                         f"columns (values 'text' or 'both'), got {None if values is None else values.shape}")
+    ok = np.ones(keys.shape[:2], bool) if valid is None else valid
+    if not np.isfinite(np.asarray(scores)[ok]).all():
+        raise ShapeError("scores: NaN/inf in a valid item's search score")
+
+
 def classify_backward(params, cache, dlogits, *, return_input_grads=False):
-    """Backward on the backend that made ``cache``."""
-    return _impl(cache["backend"]).classify_backward(params, cache, dlogits, return_input_grads=return_input_grads)
+    """Backward on the backend that made ``cache`` (+ the score readout's, when the forward had one)."""
+    grads = _impl(cache["backend"]).classify_backward(params, cache, dlogits, return_input_grads=return_input_grads)
+    if "readout" in cache:
+        g = reference.score_readout_backward(cache["readout"], dlogits)
+        grads["ro_beta"] = np.reshape(g["beta"], (1,)).astype(params["ro_beta"].dtype)
+        grads["ro_log_sv"] = np.reshape(g["log_sv"], (1,)).astype(params["ro_log_sv"].dtype)
+        if return_input_grads:
+            Dt = g["values_text"].shape[-1]
+            if "values" in grads:
+                grads["values"] = grads["values"].copy()
+                grads["values"][..., :Dt] += g["values_text"]
+            else:
+                grads["values_text"] = g["values_text"]
+            grads["scores"] = g["scores"]
+    return grads
 
 
 def predict_logits(params, query, keys=None, values=None, valid=None, *, heads=4, attention="softmax",
-                   logit_scale=1.0, backend="numpy", batch_size=1024) -> np.ndarray:
+                   logit_scale=1.0, backend="numpy", batch_size=1024, scores=None) -> np.ndarray:
     """Logits ``[N, C]`` in batches (bounded memory)."""
     out = []
     for lo in range(0, len(query), batch_size):
         s = slice(lo, lo + batch_size)
         logits, _ = classify_forward(params, query[s], None if keys is None else keys[s],
                                      None if values is None else values[s], None if valid is None else valid[s],
-                                     heads=heads, attention=attention, logit_scale=logit_scale, backend=backend)
+                                     heads=heads, attention=attention, logit_scale=logit_scale, backend=backend,
+                                     scores=None if scores is None else scores[s])
         out.append(logits)
     return np.concatenate(out) if out else np.zeros((0, params["b_c"].shape[0]), params["b_c"].dtype)

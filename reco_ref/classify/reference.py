@@ -44,6 +44,8 @@ from ..fusion.reference import (
 
 __all__ = [
     "ATTENTION_MODES",
+    "score_readout_forward",
+    "score_readout_backward",
     "uniform_attention_forward",
     "uniform_attention_backward",
     "cross_entropy_forward",
@@ -285,3 +287,63 @@ def add_input_grads(grads, cache, dq, dkeys, dvalues):
     if cache["memory"]:
         grads["values"] = dvalues
         grads["keys"] = dkeys if cache["attention"] != "uniform" else np.zeros(cache["keys_shape"], dvalues.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The score readout [ours]: a soft vote of the neighbours' captions against the class prompts
+# ----------------------------------------------------------------------------------------------
+
+
+def score_readout_forward(scores, valid, values_text, class_text, beta, log_sv):
+    r"""The neighbours' caption embeddings read against the class prompts, weighted by their search score [ours].
+
+    .. math::
+
+        a_{bj} = \frac{e^{\beta s_{bj}}}{\sum_{l\ \text{valid}} e^{\beta s_{bl}}}\ (0 \text{ if invalid}),\quad
+        r_b = \sum_j a_{bj} v_{bj},\quad
+        \mathrm{out}_{bc} = e^{\log s_v}\, r_b \cdot t_c
+
+    ``scores`` [B, k] are the items' search cosines, ``values_text`` [B, k, Dt] their caption embeddings,
+    ``class_text`` [C, Dt] the class prompts' text embeddings (fixed), ``beta`` and ``log_sv`` scalars (trained).
+    With captions that name the class, ``out`` is a soft k-NN vote the classifier can weigh against its own
+    logits: few-shot classes get the memory's evidence from step 0. A row with no valid item contributes 0.
+
+    Returns
+    -------
+    out : ndarray, shape [B, C]
+    cache : dict for :func:`score_readout_backward`
+    """
+    dt = values_text.dtype
+    valid = np.ones(scores.shape, bool) if valid is None else valid
+    z = np.where(valid, dt.type(beta) * scores.astype(dt), -np.inf)  # [B, k]
+    top = z.max(axis=1, keepdims=True)  # [B, 1]
+    top = np.where(np.isfinite(top), top, 0)
+    e = np.where(valid, np.exp(z - top), 0).astype(dt)  # [B, k]
+    den = e.sum(axis=1, keepdims=True)  # [B, 1]
+    a = np.divide(e, den, out=np.zeros_like(e), where=den > 0)  # [B, k]
+    r = np.einsum("bk,bkd->bd", a, values_text)  # [B, Dt]
+    R = r @ class_text.T  # [B, C]
+    sv = dt.type(np.exp(log_sv))
+    return sv * R, {"a": a, "v": values_text, "t": class_text, "R": R, "sv": sv, "beta": dt.type(beta),
+                    "s": np.where(valid, scores, 0).astype(dt)}
+
+
+def score_readout_backward(cache, dout):
+    r"""Backward of :func:`score_readout_forward`.
+
+    .. math::
+
+        d\log s_v = s_v \textstyle\sum_{bc} d\mathrm{out}_{bc} R_{bc},\quad dr = s_v\, d\mathrm{out}\, T,\quad
+        da_{bj} = v_{bj} \cdot dr_b,\quad dz_{bj} = a_{bj}\big(da_{bj} - \textstyle\sum_l a_{bl} da_{bl}\big)
+
+        d\beta = \textstyle\sum_{bj} dz_{bj} s_{bj},\quad ds_{bj} = \beta\, dz_{bj},\quad dv_{bj} = a_{bj}\, dr_b
+
+    Returns ``{"beta": [], "log_sv": [], "values_text": [B, k, Dt], "scores": [B, k]}`` (0-d for the scalars).
+    """
+    a, v, t, R, sv, beta, s = (cache[x] for x in ("a", "v", "t", "R", "sv", "beta", "s"))
+    d_log_sv = sv * (dout * R).sum()
+    dr = sv * (dout @ t)  # [B, Dt]
+    da = np.einsum("bkd,bd->bk", v, dr)  # [B, k]
+    dz = a * (da - (a * da).sum(axis=1, keepdims=True))  # [B, k]; 0 where invalid (a = 0)
+    return {"beta": (dz * s).sum(), "log_sv": d_log_sv, "values_text": a[..., None] * dr[:, None, :],
+            "scores": beta * dz}

@@ -61,6 +61,8 @@ class ClassifyConfig:
     warmup_epochs: int = 1
     seed: int = 0
     backend: str = "numpy"
+    readout: bool = False  # [ours] the score readout: a soft vote of the items' captions against the class prompts
+    readout_template: str = "a photo of a {}."  # class prompt of the readout (the memory's caption template)
 
     def check(self) -> "ClassifyConfig":
         if self.values not in VALUE_MODES:
@@ -70,6 +72,16 @@ class ClassifyConfig:
         for name in ("k", "epochs", "batch_size", "width", "heads"):
             if int(getattr(self, name)) < 1:
                 raise ShapeError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.attention not in ("softmax", "uniform", "none"):
+            raise ShapeError(f"attention: expected softmax, uniform or none, got {self.attention!r}")
+        if self.readout and not self.memory:
+            raise ShapeError("readout: the score readout reads memory items; it needs a memory (not --no-memory)")
+        if self.readout and self.values == "image":
+            raise ShapeError("readout: the score readout reads the items' captions; use values 'text' or 'both'")
+        if self.attention == "none" and not self.readout:
+            raise ShapeError("attention 'none' (no attention module) only goes with the score readout (--readout)")
+        if self.readout and "{}" not in self.readout_template:
+            raise ShapeError(f"readout_template: expected a '{{}}' for the class name, got {self.readout_template!r}")
         return self
 
     def fingerprint(self) -> str:
@@ -94,14 +106,15 @@ def search_vectors(memory: Any, image: np.ndarray, keys: np.ndarray | None) -> n
 
 
 def retrieve_items(memory: Any, search: np.ndarray, k: int, values: str = "text", exclude: np.ndarray | None = None,
-                   dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   dtype=np.float32, with_scores: bool = False) -> tuple[np.ndarray, ...]:
     """The ``k`` nearest memory items of each query: keys ``[B,k,Dk]``, values ``[B,k,Dv]``, valid ``[B,k]``.
 
     Keys are the items' image search keys (image embeddings where the memory has no keys); values their text
     embeddings (``values="text"``), image embeddings, or both concatenated ``[text, image]``. Missing slots
-    (memory smaller than ``k``, excluded own item) are zero with ``valid=False``.
+    (memory smaller than ``k``, excluded own item) are zero with ``valid=False``. ``with_scores``: also the
+    items' search cosines ``[B,k]`` (0 where invalid; what the score readout weighs them by).
     """
-    rows, _, valid = memory.search(np.ascontiguousarray(search, np.float32), modality="image", k=k, exclude=exclude)
+    rows, scores, valid = memory.search(np.ascontiguousarray(search, np.float32), modality="image", k=k, exclude=exclude)
     K = memory.embeddings("image_keys" if memory.key_dim else "image", rows)  # [B, k, Dk]
     if values == "text":
         V = memory.embeddings("text", rows)  # [B, k, D]
@@ -109,7 +122,8 @@ def retrieve_items(memory: Any, search: np.ndarray, k: int, values: str = "text"
         V = memory.embeddings("image", rows)
     else:
         V = np.concatenate([memory.embeddings("text", rows), memory.embeddings("image", rows)], axis=-1)  # [B,k,2D]
-    return K.astype(dtype, copy=False), V.astype(dtype, copy=False), valid
+    out = (K.astype(dtype, copy=False), V.astype(dtype, copy=False), valid)
+    return out + (np.where(valid, scores, 0).astype(dtype),) if with_scores else out
 
 
 def _dims(memory: Any, values: str) -> tuple[int, int]:
@@ -156,10 +170,10 @@ def _logits(params, cfg, memory, image, search, exclude, batch_size=1024) -> np.
         s = slice(lo, lo + batch_size)
         q = image[s].astype(dt, copy=False)
         if cfg.memory and memory is not None:
-            K, V, valid = retrieve_items(memory, search[s], cfg.k, cfg.values,
-                                         None if exclude is None else exclude[s], dt)
+            K, V, valid, sc = retrieve_items(memory, search[s], cfg.k, cfg.values,
+                                             None if exclude is None else exclude[s], dt, with_scores=True)
             out.append(predict_logits(params, q, K, V, valid, heads=cfg.heads, attention=cfg.attention,
-                                      logit_scale=cfg.logit_scale, backend=cfg.backend))
+                                      logit_scale=cfg.logit_scale, backend=cfg.backend, scores=sc))
         else:
             out.append(predict_logits(params, q, logit_scale=cfg.logit_scale, backend=cfg.backend))
     return np.concatenate(out) if out else np.zeros((0, params["b_c"].shape[0]), dt)
@@ -178,7 +192,8 @@ def _ckpt_arrays(params, best, state, epoch, best_epoch, best_acc, history, cfg)
 def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.ndarray, classes: int,
                      memory: Any, cfg: ClassifyConfig, *, exclude: np.ndarray | None = None,
                      val: tuple | None = None, checkpoint: str | os.PathLike | None = None, resume: bool = False,
-                     progress: bool = True, log: Callable[[str], Any] | None = None) -> tuple[dict, dict]:
+                     progress: bool = True, log: Callable[[str], Any] | None = None,
+                     class_text: np.ndarray | None = None) -> tuple[dict, dict]:
     """Train on ``image [N,D]`` (queries), ``search [N,Dk]`` (their memory search vectors), ``labels [N]``.
 
     Parameters
@@ -200,8 +215,11 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
         raise ShapeError("a memory classifier needs a memory (or train with memory=False / --no-memory)")
     N, D = image.shape
     Dk, Dv = _dims(memory, cfg.values) if cfg.memory else (None, None)
+    if cfg.readout and class_text is None:
+        raise ShapeError("readout: the score readout needs the class prompts' text embeddings (class_text [C, Dt])")
     params = init_params(D, classes, key_dim=Dk, value_dim=Dv, width=cfg.width, heads=cfg.heads,
-                         memory=cfg.memory, attention=cfg.attention, seed=cfg.seed)
+                         memory=cfg.memory, attention=cfg.attention, seed=cfg.seed,
+                         class_text=class_text if cfg.readout else None)
     state = adamw_init(params)
     best = {n: a.copy() for n, a in params.items()}
     start, best_epoch, best_acc, best_loss, history = 0, -1, -1.0, np.inf, []
@@ -247,10 +265,10 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                 idx = np.sort(order[lo:lo + cfg.batch_size])
                 q = image[idx].astype(np.float32, copy=False)
                 if cfg.memory:
-                    K, V, valid = retrieve_items(memory, search[idx], cfg.k, cfg.values,
-                                                 None if exclude is None else exclude[idx])
+                    K, V, valid, sc = retrieve_items(memory, search[idx], cfg.k, cfg.values,
+                                                     None if exclude is None else exclude[idx], with_scores=True)
                     logits, cache = classify_forward(params, q, K, V, valid, heads=cfg.heads, attention=cfg.attention,
-                                                     logit_scale=cfg.logit_scale, backend=cfg.backend)
+                                                     logit_scale=cfg.logit_scale, backend=cfg.backend, scores=sc)
                 else:
                     logits, cache = classify_forward(params, q, logit_scale=cfg.logit_scale, backend=cfg.backend)
                 loss, ce = cross_entropy_forward(logits, labels[idx])
@@ -350,7 +368,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[dict, dict]:
         dims = meta["dims"]
         expect = param_shapes(dims["dim"], dims["classes"], key_dim=dims.get("key_dim"),
                               value_dim=dims.get("value_dim"), width=cfg.width, memory=cfg.memory,
-                              attention=cfg.attention)
+                              attention=cfg.attention, readout_dim=dims.get("readout_dim") if cfg.readout else None)
         if len(meta["train_class_counts"]) != dims["classes"]:
             raise ParamsFormatError(f"{path}: train_class_counts has {len(meta['train_class_counts'])} entries, "
                                     f"expected classes={dims['classes']}")

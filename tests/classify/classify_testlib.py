@@ -77,3 +77,19 @@ def write_dataset(root, per_class_train=(30, 12, 3), per_class_test=4, extra_spl
                 i += 1
     (root / "manifest.csv").write_text("\n".join(lines) + "\n")
     return root / "manifest.csv"
+
+
+
+def central_differences(loss, arr, eps: float = 1e-6):
+    """Float64 central differences of the scalar ``loss()`` with respect to every entry of ``arr`` (the fusion
+    tests' ``central_diff``, entry by entry)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fusion"))
+    from fusion_testlib import central_diff
+
+    num = np.zeros_like(arr)
+    for i in np.ndindex(arr.shape):
+        num[i] = central_diff(loss, arr, i, eps)
+    return num

@@ -152,3 +152,29 @@ def test_interrupt_says_how_to_resume(setup, tmp_path, monkeypatch, capsys):
         commands.train_from_manifest(manifest, "train", tmp / "mem", tmp_path / "c.npz", ClassifyConfig(k=4, width=8,
                                      heads=2, epochs=1), encoder=make_encoder(), progress=False)
     assert "rerun the same command with --resume" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("attention", ["softmax", "none"])
+def test_readout_train_eval_round_trip(setup, attention):
+    """--readout stores the class prompts and the readout's scalars in the weights; eval reads them back; the
+    3-shot class is recognised through the memory's captions."""
+    tmp, manifest = setup
+    out = tmp / f"ro-{attention}.npz"
+    assert _train(tmp, manifest, out, "--readout", "--attention", attention) == 0
+    params, meta = load_classifier(out)
+    assert {"ro_beta", "ro_log_sv", "ro_class_text"} <= set(params) and meta["config"]["readout"]
+    assert params["ro_class_text"].shape == (3, 16) and meta["dims"]["readout_dim"] == 16
+    js = tmp / f"ro-{attention}.json"
+    assert main(["classify", "eval", "--weights", str(out), "--dataset", str(manifest), "--split", "test",
+                 "--memory", str(tmp / "mem"), "--json", str(js), "--model", ENC, "--quiet", "--no-progress",
+                 "--no-baselines"]) == 0
+    r = json.loads(js.read_text())
+    assert r["top1"] >= 0.9 and r["few"] == 1.0
+
+
+def test_readout_options_are_checked():
+    for kw, match in ((dict(readout=True, memory=False), "needs a memory"), (dict(readout=True, values="image"),
+                      "captions"), (dict(attention="none"), "only goes with"), (dict(readout=True,
+                      readout_template="a photo"), "readout_template")):
+        with pytest.raises(Exception, match=match):
+            ClassifyConfig(**kw).check()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classify_testlib import random_case
+from classify_testlib import central_differences, random_case
 from reco_ref.classify import reference
 from reco_ref.classify.model import classify_backward, classify_forward, cross_entropy_backward, \
     cross_entropy_forward, init_params
@@ -42,15 +42,7 @@ def test_fd_every_gradient(attention, memory, heads):
     arrays = dict(P, query=q) if not memory else dict(P, query=q, keys=K, values=V)
     assert set(g) == set(arrays)
     for name, arr in arrays.items():
-        num = np.zeros_like(arr)
-        for i in np.ndindex(arr.shape):
-            old = arr[i]
-            arr[i] = old + EPS
-            up = _loss(P, q, K, V, valid, y, heads, attention)
-            arr[i] = old - EPS
-            down = _loss(P, q, K, V, valid, y, heads, attention)
-            arr[i] = old
-            num[i] = (up - down) / (2 * EPS)
+        num = central_differences(lambda: _loss(P, q, K, V, valid, y, heads, attention), arr, EPS)
         if name in ("b_k", "lnk_beta"):
             assert np.abs(g[name]).max() <= 1e-12, name and np.abs(num).max() <= 1e-8
             continue
