@@ -141,12 +141,16 @@ def knn_vote(memory, mem_labels: np.ndarray, keys: np.ndarray, k: int) -> np.nda
 
 SETTINGS = [("cub100", 50), ("cub100", 10), ("flowers102", 50), ("flowers102", 10)]
 #: display order of a setting's rows
-ROW_ORDER = ["no-memory", "mem-a", "mem-b", "mem-c", "mem-d", "uniform-b", "uniform-d", "readout-b", "readonly-b",
+ROW_ORDER = ["no-memory", "no-memory-pinit", "mem-a", "mem-b", "mem-b-pinit", "mem-c", "mem-d", "uniform-b",
+             "uniform-d", "readout-b", "readonly-b", "readonly-b-pinit",
              "knn-a", "knn-b", "knn-d", "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]
 
 
 def _run(d: str, ratio: int, row: str) -> dict:
     r = dict(id=f"{d}-r{ratio}/{row}", d=d, ratio=ratio, row=row, mem=None)
+    if row.endswith("-pinit"):  # [ours] the linear head starts at the logistic probe
+        r["head_init"] = "probe"
+        row = row[: -len("-pinit")]
     base, _, noise = row.partition("-noise")
     if noise:
         r["noise"] = int(noise) / 100
@@ -166,7 +170,7 @@ def _run(d: str, ratio: int, row: str) -> dict:
 def run_plan() -> list[dict]:
     """Every run, most important first (the whole matrix takes longer than one sitting on a shared machine)."""
     tiers = [["no-memory", "mem-b", "knn-b", "uniform-b", "mem-d", "uniform-d", "knn-d", "mem-c", "readout-b",
-              "readonly-b"],
+              "readonly-b", "no-memory-pinit", "mem-b-pinit", "readonly-b-pinit"],
              ["mem-a", "knn-a", "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]]
     cub = [_run(d, r, row) for tier in tiers for d, r in SETTINGS if d == "cub100" for row in tier]
     return cub + [_run(d, r, row) for tier in tiers for d, r in SETTINGS if d != "cub100" for row in tier]
@@ -190,6 +194,8 @@ def cli_commands(run: dict, lt: Path, work: Path, cfg: ClassifyConfig) -> str:
         opts += f" --attention {run['attention']}"
     if run.get("readout"):
         opts += " --readout"
+    if run.get("head_init"):
+        opts += f" --head-init {run['head_init']}"
     if run.get("noise"):
         opts += f" --label-noise {run['noise']}"
     return (f"reco-ref classify train --dataset {m} --split train --memory {mem} --out {w}{opts} && "
@@ -246,7 +252,7 @@ def main(argv=None) -> int:
             continue
         cfg = ClassifyConfig(memory=run["mem"] is not None, attention=run.get("attention", "softmax"),
                              epochs=a.epochs or EPOCHS[run["d"]], width=a.width, lr=a.lr, k=a.k, backend=a.backend,
-                             seed=a.seed, readout=bool(run.get("readout")))
+                             seed=a.seed, readout=bool(run.get("readout")), head_init=run.get("head_init", "random"))
         m = lt / f"{run['d']}-lt-r{run['ratio']}" / "manifest.csv"
         w = work / "runs" / (run["id"].replace("/", "_") + ".npz")
         t0 = time.time()

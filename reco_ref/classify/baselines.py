@@ -9,7 +9,8 @@ r"""The honest baselines every ``classify eval`` report carries beside the memor
 
   solved to convergence with L-BFGS (SciPy), float64. ``λ`` is chosen among :data:`PROBE_L2` on held-out rows of
   the *training* split (the validation split when the manifest has one, else 10 % of each class's train rows),
-  never on the evaluated split; the probe is then refitted on every training row with that ``λ``.
+  never on the evaluated split; the probe is fitted on exactly the rows the classifier trained on (the validation
+  rows only choose ``λ``, as they choose the classifier's epoch).
 * **k-NN label vote** over the same memory: the majority class of the ``k`` nearest items by image search key
   (ties to the nearer), labels from the memory's ``label`` column or, failing that, from captions naming a class
   (:func:`reco_ref.eval.data.memory_class_labels`). It reads the memory rows' labels, which the attention
@@ -58,10 +59,11 @@ def _fit(x: np.ndarray, y: np.ndarray, C: int, lam: float) -> tuple[np.ndarray, 
 
 
 def fit_logistic_probe(x: np.ndarray, y: np.ndarray, classes: int, *, val: tuple[np.ndarray, np.ndarray] | None,
-                       l2: tuple[float, ...] = PROBE_L2) -> dict:
+                       l2: tuple[float, ...] = PROBE_L2, refit_with_val: bool = True) -> dict:
     """Fit the probe on ``x`` [N, D], ``y`` [N]; choose ``λ`` on ``val = (x_val, y_val)`` by top-1, ties broken by
     the lower validation loss (the smallest ``λ`` when there is no validation row), and refit on ``x`` and the
-    validation rows together.
+    validation rows together (``refit_with_val=False``: on ``x`` only — when the validation rows must stay unseen,
+    e.g. to choose the epoch of a classifier started from this probe).
 
     Returns ``{"W" [D, C], "b" [C], "l2", "val_top1" {λ: top-1}}`` (float64)."""
     x = np.asarray(x, np.float64)
@@ -82,7 +84,8 @@ def fit_logistic_probe(x: np.ndarray, y: np.ndarray, classes: int, *, val: tuple
             losses[lam] = float(-(z[np.arange(len(yv)), yv] - np.log(np.exp(z).sum(axis=1))).mean())
         # small validation sets tie often on top-1: the lower validation loss breaks ties (as the classifier's epochs)
         best = max(l2, key=lambda lam: (scores[lam], -losses[lam]))
-        x, y = np.concatenate([x, xv]), np.concatenate([y, yv])
+        if refit_with_val:
+            x, y = np.concatenate([x, xv]), np.concatenate([y, yv])
     else:
         best = l2[0]
     W, b = _fit(x, y, classes, best)

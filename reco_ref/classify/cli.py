@@ -20,7 +20,7 @@ def _run_train(a: argparse.Namespace) -> int:
     cfg = ClassifyConfig(memory=not a.no_memory, k=a.k, values=a.values, attention=a.attention, width=a.width,
                          heads=a.heads, logit_scale=a.logit_scale, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                          weight_decay=a.weight_decay, seed=a.seed, backend=a.backend, readout=a.readout,
-                         readout_template=a.readout_template).check()
+                         readout_template=a.readout_template, head_init=a.head_init).check()
     train_from_manifest(a.dataset, a.split, a.memory, a.out, cfg, encoder=_encoder(a), cache_dir=a.cache_dir,
                         val_split=a.val_split, label_noise=a.label_noise, resume=a.resume,
                         progress=not a.no_progress, quiet=a.quiet)
@@ -70,6 +70,9 @@ def register(subparsers) -> None:
     t.add_argument("--readout", action="store_true",
                    help="[ours] add the score readout: the items' caption embeddings, weighted by a softmax of their "
                         "search score, read against the class prompts (a soft vote the classifier learns to weigh)")
+    t.add_argument("--head-init", default=d.head_init, choices=("random", "probe"),
+                   help="[ours] 'probe': the linear head starts at the logistic probe's solution (fitted on the training "
+                        "rows, L2 chosen on the validation rows) and epoch 0 is a candidate (default random)")
     t.add_argument("--readout-template", default=d.readout_template,
                    help=f"class prompt of the readout (the memory's caption template; default {d.readout_template!r})")
     t.add_argument("--width", type=int, default=d.width, help=f"attention width (default {d.width})")

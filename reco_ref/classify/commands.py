@@ -105,11 +105,19 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         class_text = np.asarray(encoder.encode_texts([cfg.readout_template.format(c) for c in ds.class_names]),
                                 np.float32)  # [C, Dt]
         say(f"score readout: class prompts \"{cfg.readout_template}\" ({C} × {class_text.shape[1]})")
+    head = None
+    if cfg.head_init == "probe":  # [ours] start from the logistic probe, fitted on the training rows only
+        from .baselines import fit_logistic_probe
+
+        pv = None if val is None else (val[0], val[2])
+        probe = fit_logistic_probe(img[train_rows], labels[train_rows], C, val=pv, refit_with_val=False)
+        head = (probe["W"], probe["b"])
+        say(f"head initialised from the logistic probe (L2 {probe['l2']:g}, chosen on the validation rows)")
     try:
         params, info = train_classifier(
             img[train_rows], None if search is None else search[train_rows], labels[train_rows], C, memory, cfg,
             exclude=None if excl is None else excl[train_rows], val=val, checkpoint=ckpt, resume=resume,
-            progress=progress, log=say, class_text=class_text)
+            progress=progress, log=say, class_text=class_text, head=head)
     except KeyboardInterrupt:
         done = ckpt.exists()
         print(f"interrupted: {'the last finished epoch is in ' + str(ckpt) + '; ' if done else ''}rerun the same "
@@ -222,11 +230,13 @@ def _baselines(meta: dict, dataset, ds: Split, img: np.ndarray, keys, memory: An
             held = holdout_rows(labels, 0.1, seed=meta["config"]["seed"])
             fit_x, fit_y, val = t_img[~held], labels[~held], (t_img[held], labels[held])
         say(f"logistic probe: fitting on {len(fit_y)} training rows, L2 chosen on {len(val[1])} held-out rows")
-        probe = fit_logistic_probe(fit_x, fit_y, C, val=val)
+        # the rows the classifier trained on, no more: the validation rows only choose λ (as they choose its epoch)
+        probe = fit_logistic_probe(fit_x, fit_y, C, val=val, refit_with_val=False)
         pred = probe_logits(probe, img).argmax(axis=1)
         out["logistic_probe"] = group_accuracy(pred, ds.labels, counts) | {
             "l2": probe["l2"], "val_top1_by_l2": probe["val_top1"],
-            "fit": f"split {meta['split']!r} (+ {'split ' + repr(vname) if vname else 'its 10 % held-out rows'})"}
+            "fit": f"split {meta['split']!r}" + ("" if vname else " without its 10 % held-out rows")
+            + f"; λ chosen on {'split ' + repr(vname) if vname else 'those held-out rows'}"}
     if memory is None:
         out["knn_vote"] = {"not_computed": "no memory given"}
     else:

@@ -63,6 +63,7 @@ class ClassifyConfig:
     backend: str = "numpy"
     readout: bool = False  # [ours] the score readout: a soft vote of the items' captions against the class prompts
     readout_template: str = "a photo of a {}."  # class prompt of the readout (the memory's caption template)
+    head_init: str = "random"  # "probe" [ours]: W_c, b_c start at the logistic probe's solution (epoch 0 = the probe)
 
     def check(self) -> "ClassifyConfig":
         if self.values not in VALUE_MODES:
@@ -80,6 +81,8 @@ class ClassifyConfig:
             raise ShapeError("readout: the score readout reads the items' captions; use values 'text' or 'both'")
         if self.attention == "none" and not self.readout:
             raise ShapeError("attention 'none' (no attention module) only goes with the score readout (--readout)")
+        if self.head_init not in ("random", "probe"):
+            raise ShapeError(f"head_init: expected 'random' or 'probe', got {self.head_init!r}")
         if self.readout and "{}" not in self.readout_template:
             raise ShapeError(f"readout_template: expected a '{{}}' for the class name, got {self.readout_template!r}")
         return self
@@ -193,7 +196,7 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                      memory: Any, cfg: ClassifyConfig, *, exclude: np.ndarray | None = None,
                      val: tuple | None = None, checkpoint: str | os.PathLike | None = None, resume: bool = False,
                      progress: bool = True, log: Callable[[str], Any] | None = None,
-                     class_text: np.ndarray | None = None) -> tuple[dict, dict]:
+                     class_text: np.ndarray | None = None, head: tuple | None = None) -> tuple[dict, dict]:
     """Train on ``image [N,D]`` (queries), ``search [N,Dk]`` (their memory search vectors), ``labels [N]``.
 
     Parameters
@@ -220,6 +223,13 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
     params = init_params(D, classes, key_dim=Dk, value_dim=Dv, width=cfg.width, heads=cfg.heads,
                          memory=cfg.memory, attention=cfg.attention, seed=cfg.seed,
                          class_text=class_text if cfg.readout else None)
+    if head is not None:  # [ours] start from a given linear head (the probe): logits = s·q W_c + b_c = q W + b
+        W, b = head
+        if np.shape(W) != params["w_c"].shape or np.shape(b) != params["b_c"].shape:
+            raise ShapeError(f"head: shapes {np.shape(W)}, {np.shape(b)}, expected {params['w_c'].shape}, "
+                             f"{params['b_c'].shape}")
+        params["w_c"] = (np.asarray(W, np.float64) / cfg.logit_scale).astype(params["w_c"].dtype)
+        params["b_c"] = np.asarray(b, params["b_c"].dtype)
     state = adamw_init(params)
     best = {n: a.copy() for n, a in params.items()}
     start, best_epoch, best_acc, best_loss, history = 0, -1, -1.0, np.inf, []
@@ -254,6 +264,14 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
         tqdm = None
     bar = tqdm(total=total, initial=start * steps_per_epoch, desc="classify train", unit="step",
                disable=not progress or tqdm is None) if tqdm else None
+    if head is not None and val is not None and start == 0:  # the start is a candidate: never end below the probe
+        with blas_threads(1):
+            v_img, v_search, v_lab, v_excl = val
+            v_logits = _logits(params, cfg, memory, v_img, v_search, v_excl)
+        best_acc = float((v_logits.argmax(1) == v_lab).mean())
+        best_loss = cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
+        best_epoch = 0
+        history.append({"epoch": 0, "val_top1": best_acc, "val_loss": best_loss})
     # small GEMMs: one BLAS thread (threadpoolctl, when installed) — 2.7 s an epoch on Flowers-102 against 33 s
     # with 2 OpenBLAS threads while another process held one of the 2 cores (docs/classify.md)
     with blas_threads(1):

@@ -89,6 +89,9 @@ def test_logistic_probe_matches_the_optimum_and_chooses_l2_on_held_out_rows():
     xa, ya = np.concatenate([x, xv]), np.concatenate([y, yv])  # refitted on train + validation rows
     _, g = _loss_grad(theta, xa, ya, C, p["l2"])
     assert np.abs(g).max() < 1e-4
+    q = fit_logistic_probe(x, y, C, val=(xv, yv), l2=(1e-3, 1e-1), refit_with_val=False)  # the training rows only
+    assert q["l2"] == p["l2"]
+    assert np.abs(_loss_grad(np.concatenate([q["W"].ravel(), q["b"]]), x, y, C, q["l2"])[1]).max() < 1e-4
     t = rng.standard_normal(theta.size) * 0.1
     _, g = _loss_grad(t, xa, ya, C, 0.01)
     for i in rng.choice(t.size, 6, replace=False):
@@ -96,3 +99,20 @@ def test_logistic_probe_matches_the_optimum_and_chooses_l2_on_held_out_rows():
         e[i] = 1e-6
         fd = (_loss_grad(t + e, xa, ya, C, 0.01)[0] - _loss_grad(t - e, xa, ya, C, 0.01)[0]) / 2e-6
         assert abs(fd - g[i]) < 1e-6
+
+
+def test_head_init_probe_starts_at_the_probe_and_epoch_0_is_a_candidate():
+    """head=(W, b): s·q W_c + b_c equals q W + b at the start; epoch 0 is validated and kept if no epoch beats it."""
+    from reco_ref.classify.train import ClassifyConfig, train_classifier
+
+    rng = np.random.default_rng(4)
+    C, D = 3, 6
+    centres = rng.standard_normal((C, D))
+    y = rng.integers(0, C, 90)
+    x = (centres[y] + 0.5 * rng.standard_normal((90, D))).astype(np.float32)
+    W, b = rng.standard_normal((D, C)), rng.standard_normal(C)
+    cfg = ClassifyConfig(memory=False, epochs=2, lr=0.0, logit_scale=4.0, batch_size=32)  # lr 0: nothing moves
+    params, info = train_classifier(x, None, y, C, None, cfg, val=(x[:30], None, y[:30], None), progress=False,
+                                    head=(W, b))
+    assert info["history"][0]["epoch"] == 0 and info["best_epoch"] == 0
+    assert np.allclose(4.0 * x @ params["w_c"] + params["b_c"], x @ W + b, atol=1e-5)
