@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import train_reco_mini_fusion as T
     from reco_ref.encoders import load
     from reco_ref.memory.score_map import memory_score_map
-    from reco_ref.train.loop import TrainConfig, init_weights
+    from reco_ref.train.loop import TrainConfig, step0_weights
     from reco_ref.train.refine import refine
     from reco_ref.train.weights import load_reco_weights
 
@@ -58,8 +58,7 @@ def main(argv=None) -> int:
         fields = TrainConfig.__dataclass_fields__
         cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in w.meta["recipe"].items()
                              if k in fields})
-        maps = {m: (getattr(w, m).config.rel_center, getattr(w, m).config.rel_width) for m in ("image", "text")}
-        ws.insert(0, ("step 0 of " + Path(ws[0][0]).name, init_weights(cfg, w.dim, maps)))
+        ws.insert(0, ("step 0 of " + Path(ws[0][0]).name, step0_weights(w, cfg)))
     print(f"memory {mem.root}: image map centre {center:.4f}, width {width:.4f}")
     for name, w in ws:
         b = np.asarray(w.image["rel_beta"], np.float64)

@@ -601,14 +601,10 @@ def main(argv=None) -> int:
             if a.harm_union:
                 # the same drawings against two photo domains joined (Flowers-102 train + CUB-100 train: train
                 # splits only), kept weights and their untrained start
-                from reco_ref.train.loop import init_weights
+                from reco_ref.train.loop import step0_weights
 
                 um = union_memory(work, ds, enc)
-                maps = {m: (getattr(best, m).config.rel_center, getattr(best, m).config.rel_width)
-                        for m in ("image", "text")} if cfg.relevance else None
-                step0 = init_weights(cfg, best.dim, maps)
-                step0.meta = dict(best.meta)
-                for key, w in (("harm_union", best), ("harm_union_step0", step0)):
+                for key, w in (("harm_union", best), ("harm_union_step0", step0_weights(best, cfg))):
                     entry[key] = harm_generic(w, um, a.harm_generic, enc, a.k, a.backend, work)
                     print(f"[{run}{a.tag}] {key} (held-out drawings vs Flowers-102 + CUB-100 train): "
                           + json.dumps({x: entry[key][x] for x in ("frozen", "reco_by_mode")}), flush=True)
@@ -629,13 +625,10 @@ def main(argv=None) -> int:
         entry.update(evaluate_run(run, best, saw, ds, eval_mem, work, enc, a.k, a.backend))
         if a.eval_step0 and cfg.model == "reco":
             # the same numbers for the run's untrained start (same init draw, β/γ at their initial values)
-            from reco_ref.train.loop import init_weights
+            from reco_ref.train.loop import step0_weights
 
-            maps = {m: (getattr(best, m).config.rel_center, getattr(best, m).config.rel_width)
-                    for m in ("image", "text")} if cfg.relevance else None
-            step0 = init_weights(cfg, best.dim, maps)
-            step0.meta = dict(best.meta)
-            entry["step0"] = evaluate_run(f"{run} step 0", step0, saw, ds, eval_mem, work, enc, a.k, a.backend)
+            entry["step0"] = evaluate_run(f"{run} step 0", step0_weights(best, cfg), saw, ds, eval_mem, work, enc,
+                                          a.k, a.backend)
         report["runs"][run + a.tag] = entry
         atomic_write_json(work / "metrics.json", report)
         if run.startswith("lodo") and a.save_lodo:

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from ..eval.data import Split, embed_split, own_rows, read_manifest_rows, read_split, user_cache_dir
+from ..eval.report import fmt
 from .report import write_json, write_markdown, write_png
 from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, save_classifier, \
     search_vectors, symmetric_label_noise, train_classifier
@@ -41,6 +42,15 @@ def _cache(cache_dir) -> Any:
     if cache_dir is None:
         return user_cache_dir()
     return None if str(cache_dir).strip().lower() in ("", "off", "0") else cache_dir
+
+
+def _val_split(ds: Split, split: str, val_split: str | None) -> str | None:
+    """The validation split: ``val_split`` if given, else a split named valid/val/validation that the manifest has
+    (other than ``split``), else None (then 10 % of each class's training rows are held out)."""
+    if val_split is not None:
+        return val_split
+    present = {r["split"] for r in read_manifest_rows(ds.manifest)}
+    return next((s for s in VAL_SPLITS if s in present and s != split), None)
 
 
 def _embed(ds: Split, encoder: Any, cache_dir, progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -75,9 +85,7 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     if label_noise:
         labels = symmetric_label_noise(labels, label_noise, C, seed=cfg.seed)
         say(f"label noise {label_noise:g}: {int((labels != ds.labels).sum())} of {len(labels)} labels flipped")
-    if val_split is None:
-        present = {r["split"] for r in read_manifest_rows(ds.manifest)}
-        val_split = next((s for s in VAL_SPLITS if s in present and s != split), None)
+    val_split = _val_split(ds, split, val_split)
     if val_split is not None:
         vds = read_split(dataset, val_split)
         if vds.class_names != ds.class_names:
@@ -136,12 +144,10 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         "dataset": str(ds.manifest), "split": split, "label_noise": label_noise,
         "memory": None if memory is None else str(Path(memory_dir).resolve()),
         "memory_overlap": 0 if excl is None else int((excl >= 0).sum()),
-        "validation": val_desc, **info,
+        "validation": val_desc, "val_split": val_split, **info,
     }
     save_classifier(out, params, meta)
     ckpt.unlink(missing_ok=True)  # the run finished: its weights are the record
-    from ..eval.report import fmt
-
     say(f"wrote {out} (best validation epoch {info['best_epoch']}, val top-1 {fmt(info['val_top1'])})")
     return meta
 
@@ -192,7 +198,6 @@ def eval_from_manifest(weights: str | os.PathLike, dataset: str | os.PathLike, s
         write_markdown(markdown, rows, title=f"{ds.manifest.parent.name} {split}")
     if png:
         write_png(png, rows, title=f"{ds.manifest.parent.name} {split}: top-1 (%)")
-    from ..eval.report import fmt
 
     def line(r: dict) -> str:
         return f"top-1 {fmt(r['top1'])} (many {fmt(r['many'])}, medium {fmt(r['medium'])}, few {fmt(r['few'])})"
@@ -221,8 +226,8 @@ def _baselines(meta: dict, dataset, ds: Split, img: np.ndarray, keys, memory: An
         labels = tds.labels
         if meta.get("label_noise"):  # the labels the classifier was trained on
             labels = symmetric_label_noise(labels, meta["label_noise"], C, seed=meta["config"]["seed"])
-        present = {r["split"] for r in read_manifest_rows(tds.manifest)}
-        vname = next((v for v in VAL_SPLITS if v in present and v != meta["split"]), None)
+        # the validation the classifier had (weights written before "val_split" was recorded: the same rule)
+        vname = meta["val_split"] if "val_split" in meta else _val_split(tds, meta["split"], None)
         if vname is not None:
             vds = read_split(dataset, vname)
             fit_x, fit_y, val = t_img, labels, (_embed(vds, encoder, cache_dir, progress)[0], vds.labels)

@@ -31,7 +31,7 @@ from ..backends import blas_threads
 from ..errors import CheckpointError, ParamsFormatError, SearchError, ShapeError
 from ..io import atomic_save_npz, load_npz
 from ..train.optim import adamw_init, adamw_step, lr_at
-from .model import BACKENDS, VALUE_MODES, classify_backward, classify_forward, cross_entropy_backward, \
+from .model import ATTENTION_MODES, BACKENDS, VALUE_MODES, classify_backward, classify_forward, cross_entropy_backward, \
     cross_entropy_forward, init_params, param_shapes, predict_logits
 
 __all__ = ["ClassifyConfig", "SHOT_GROUPS", "retrieve_items", "search_vectors", "train_classifier",
@@ -73,8 +73,8 @@ class ClassifyConfig:
         for name in ("k", "epochs", "batch_size", "width", "heads"):
             if int(getattr(self, name)) < 1:
                 raise ShapeError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        if self.attention not in ("softmax", "uniform", "none"):
-            raise ShapeError(f"attention: expected softmax, uniform or none, got {self.attention!r}")
+        if self.attention not in ATTENTION_MODES + ("none",):
+            raise ShapeError(f"attention: expected one of {ATTENTION_MODES + ('none',)}, got {self.attention!r}")
         if self.readout and not self.memory:
             raise ShapeError("readout: the score readout reads memory items; it needs a memory (not --no-memory)")
         if self.readout and self.values == "image":
@@ -264,12 +264,14 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
         tqdm = None
     bar = tqdm(total=total, initial=start * steps_per_epoch, desc="classify train", unit="step",
                disable=not progress or tqdm is None) if tqdm else None
+    def validate() -> tuple[float, float]:  # (top-1, loss) of the current params on the validation rows
+        v_img, v_search, v_lab, v_excl = val
+        v_logits = _logits(params, cfg, memory, v_img, v_search, v_excl)
+        return float((v_logits.argmax(1) == v_lab).mean()), cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
+
     if head is not None and val is not None and start == 0:  # the start is a candidate: never end below the probe
         with blas_threads(1):
-            v_img, v_search, v_lab, v_excl = val
-            v_logits = _logits(params, cfg, memory, v_img, v_search, v_excl)
-        best_acc = float((v_logits.argmax(1) == v_lab).mean())
-        best_loss = cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
+            best_acc, best_loss = validate()
         best_epoch = 0
         history.append({"epoch": 0, "val_top1": best_acc, "val_loss": best_loss})
     # small GEMMs: one BLAS thread (threadpoolctl, when installed) — 2.7 s an epoch on Flowers-102 against 33 s
@@ -301,10 +303,7 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
             entry = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
             if val is not None:
-                v_img, v_search, v_lab, v_excl = val
-                v_logits = _logits(params, cfg, memory, v_img, v_search, v_excl)
-                acc = float((v_logits.argmax(1) == v_lab).mean())
-                v_loss = cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
+                acc, v_loss = validate()
                 entry["val_top1"], entry["val_loss"] = acc, v_loss
                 # ties in top-1 are common on small validation sets: the lower validation loss breaks them
                 if (acc, -v_loss) > (best_acc, -best_loss):

@@ -68,19 +68,6 @@ def _eval_mlp(w: dict, ev: dict, k: int) -> dict:
                                              ev["labels"], C)}
 
 
-def _step0(w, cfg) -> Any:
-    """The untrained start of weights ``w`` trained with ``cfg``: the same init draw and score map, β/γ and τ at
-    their initial values (for relevance-only training this is exactly the step-0 state)."""
-    from ..train.loop import init_weights
-
-    maps = None
-    if cfg.relevance:
-        maps = {m: (getattr(w, m).config.rel_center, getattr(w, m).config.rel_width) for m in ("image", "text")}
-    w0 = init_weights(cfg, w.dim, maps)
-    w0.meta = dict(w.meta, selected={"epoch": 0, "step": 0})
-    return w0
-
-
 def run_ablation(sources: Sequence[dict], val: Sequence[Any], ev: dict, out: str | Path, config, *,
                  small_memory: Any = None, ks: Sequence[int] = (1, 5, 10, 20, 50), arms: Sequence[str] = ARMS,
                  meta: dict | None = None, progress: bool = True, command: str | None = None) -> dict:
@@ -91,7 +78,7 @@ def run_ablation(sources: Sequence[dict], val: Sequence[Any], ev: dict, out: str
     """
     from dataclasses import replace
 
-    from ..train.loop import train
+    from ..train.loop import step0_weights, train
 
     bad = [a for a in arms if a not in ARMS]
     if bad:
@@ -128,7 +115,7 @@ def run_ablation(sources: Sequence[dict], val: Sequence[Any], ev: dict, out: str
     if main_w is not None:  # learned vs untrained: the same layer at step 0 (same init, same score map)
         cfg = replace(config, model="reco", search="uni", fuse="cross")
         row("untrained", "the uni/cross layer at step 0 (its init, untrained)", cfg, cfg.k,
-            _eval_reco(_step0(main_w, cfg), ev, cfg.k, "uni", "cross", cfg.backend))
+            _eval_reco(step0_weights(main_w, cfg), ev, cfg.k, "uni", "cross", cfg.backend))
     if "k" in arms:
         cfg = replace(config, model="reco", search="uni", fuse="cross")
         for k in ks:

@@ -121,11 +121,9 @@ def profile_query(images: Sequence[Any], encoder, memory, phi_image, class_emb: 
     class_emb = np.asarray(class_emb, np.float32)
     if class_emb.ndim != 2 or class_emb.shape[1] != encoder.dim:
         raise RecoError(f"class_emb: shape {class_emb.shape}, expected [C, {encoder.dim}] (the encoder's dim)")
-    smap = None
-    if getattr(getattr(phi_image, "config", None), "rel_source", "fixed") == "memory":
-        from ..memory.score_map import memory_score_map
+    from ..train.refine import searched_score_map
 
-        smap = memory_score_map(memory, "image")  # a property of the memory (stored in its manifest): not timed
+    smap = searched_score_map(phi_image, memory, "image")  # a property of the memory (in its manifest): not timed
     if class_frozen is not None:
         class_frozen = np.asarray(class_frozen, np.float32)
         if class_frozen.shape != class_emb.shape:

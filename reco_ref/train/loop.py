@@ -45,7 +45,7 @@ from .optim import adamw_init, adamw_step, lr_at
 from .pairs import PreparedSource, epoch_batches, labels_of, prepare_source, score_map, search_rows
 from .weights import RecoWeights, init_reco_weights, save_reco_weights
 
-__all__ = ["TrainConfig", "ValSet", "TrainResult", "train", "init_weights", "class_text_embeddings", "save_mlp_weights",
+__all__ = ["TrainConfig", "ValSet", "TrainResult", "train", "init_weights", "step0_weights", "class_text_embeddings", "save_mlp_weights",
            "load_mlp_weights"]
 
 
@@ -234,6 +234,17 @@ def init_weights(cfg: TrainConfig, dim: int, maps: dict | None = None) -> RecoWe
         kw.update(relevance=True, rel_beta=cfg.rel_beta, rel_gamma=cfg.rel_gamma,
                   rel_source="memory" if cfg.rel_map == "memory" else "fixed")
     return init_reco_weights(dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, seed=cfg.seed, maps=maps, **kw)
+
+
+def step0_weights(w: RecoWeights, cfg: TrainConfig) -> RecoWeights:
+    """The untrained start of weights ``w`` trained with ``cfg``: the same init draw and score map, β/γ and τ at
+    their initial values (for relevance-only training this is exactly the step-0 state)."""
+    maps = None
+    if cfg.relevance:
+        maps = {m: (getattr(w, m).config.rel_center, getattr(w, m).config.rel_width) for m in ("image", "text")}
+    w0 = init_weights(cfg, w.dim, maps)
+    w0.meta = dict(w.meta, selected={"epoch": 0, "step": 0})
+    return w0
 
 
 class _Model:

@@ -155,24 +155,20 @@ def score_map(src: "PreparedSource", rel_map: str = "unrelated") -> dict[str, tu
 
     ``"unrelated"``: centre and width = mean and std of the cosine between random rows
     (:func:`unrelated_score_stats`); ``"neighbour"``: centre = the median nearest-other-row cosine
-    (:func:`nearest_score_median`), width = the same unrelated std; ``"memory"``: the memory-relative map of
-    :func:`reco_ref.memory.score_map.space_score_map` (duplicates are not neighbours) — the same map a
-    ``rel_source="memory"`` module gets from the searched memory at use time; computed once per source."""
+    (:func:`nearest_score_median`), width = the same unrelated std; ``"memory"``: the retrieval memory's own map
+    (:func:`reco_ref.memory.score_map.memory_score_map` for the source's search kind: stored in the memory's manifest,
+    cached on the opened memory) — the same map a ``rel_source="memory"`` module gets at use time."""
     if src.space_i is None or src.space_t is None:
         raise RecoError(f"{src.name}: this source was prepared without its search spaces")
     if rel_map not in ("unrelated", "neighbour", "memory"):
         raise RecoError(f"rel_map: expected 'unrelated', 'neighbour' or 'memory', got {rel_map!r}")
-    if rel_map == "memory":
-        cache = src.__dict__.setdefault("_memory_map", {})
-        if not cache:
-            from ..memory.score_map import space_score_map
+    if rel_map == "memory":  # the retrieval memory's own map (stored in its manifest; cached on the object)
+        from ..memory.score_map import memory_score_map
 
-            if src.cross:  # image queries search the captions (space_i) with the memory's images (space_t)...
-                cache.update(image=space_score_map(src.space_i, query_parts=src.space_t),
-                             text=space_score_map(src.space_t, query_parts=src.space_i))
-            else:
-                cache.update({m: space_score_map(sp) for m, sp in (("image", src.space_i), ("text", src.space_t))})
-        return dict(cache)
+        if src.retrieval is None:
+            raise RecoError(f"{src.name}: this source was prepared without its retrieval memory")
+        search = "cross" if src.cross else "uni"
+        return {m: memory_score_map(src.retrieval, m, search) for m in ("image", "text")}
     out = {}
     for modality, space in (("image", src.space_i), ("text", src.space_t)):
         mean, std = unrelated_score_stats(space)
@@ -216,8 +212,8 @@ class PreparedSource:
     scores_i, scores_t : float32 [n, k] — the search scores of those neighbours (what the relevance bias reads)
     space_i, space_t : [M, d] — the retrieval memory's arrays that the image / text queries search (references,
         not copies); :func:`score_map` reads its statistics from them when a run needs one
-    cross : the queries search the other modality (then ``space_t`` / ``space_i`` are also the memory's own
-        query-side rows of the other modality: what a memory-relative map of a cross-modal search is measured with)
+    cross : the queries search the other modality (``search="cross"``)
+    retrieval : the memory searched (what a memory-relative score map is read from)
     """
 
     name: str
@@ -237,6 +233,7 @@ class PreparedSource:
     space_i: np.ndarray | None = None
     space_t: np.ndarray | None = None
     cross: bool = False
+    retrieval: Any = None
 
     def __len__(self) -> int:
         return len(self.v)
@@ -313,7 +310,8 @@ def prepare_source(pairs: Any, retrieval: Any = None, *, name: str | None = None
     return PreparedSource(name=name or str(pairs.root), v=v, t=t, groups=caption_groups(t), nb_image=arrays[fed_i],
                           nb_text=arrays[fed_t], rows_i=rows_i, valid_i=valid_i, rows_t=rows_t, valid_t=valid_t,
                           own=own, weight=float(len(idx) if weight is None else weight), scores_i=scores_i,
-                          scores_t=scores_t, space_i=space_i, space_t=space_t, cross=search == "cross")
+                          scores_t=scores_t, space_i=space_i, space_t=space_t, cross=search == "cross",
+                          retrieval=retrieval)
 
 
 def _source_batches(groups: np.ndarray, batch_size: int, unique: bool, rng: np.random.Generator) -> list[np.ndarray]:

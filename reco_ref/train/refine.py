@@ -28,7 +28,7 @@ from ..fusion import fusion_forward, get_backend, relevance_gate, relevance_of, 
 from ..memory import retrieve, search_index
 from ..memory.index import ExactIndex
 
-__all__ = ["refine", "retrieve_for"]
+__all__ = ["refine", "retrieve_for", "searched_score_map"]
 
 
 def retrieve_for(memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
@@ -61,6 +61,17 @@ def retrieve_for(memory: Any, queries: np.ndarray, query_modality: str, *, searc
         return out + (scores,) if with_scores else out
     return retrieve(memory, queries, query_modality, search=search, fuse=fuse, k=k, exclude=exclude,
                     dup_threshold=dup_threshold, exact=exact, with_scores=with_scores)
+
+
+def searched_score_map(phi, memory: Any, query_modality: str, search: str = "uni") -> tuple[float, float] | None:
+    """The score map ``phi`` reads its scores with when it searches ``memory``: the memory's own
+    (:func:`~reco_ref.memory.score_map.memory_score_map`) for a module with ``rel_source="memory"``, else None (the
+    module's config map, or no relevance bias at all)."""
+    if getattr(getattr(phi, "config", None), "rel_source", "fixed") != "memory" or relevance_of(phi) is None:
+        return None
+    from ..memory.score_map import memory_score_map
+
+    return memory_score_map(memory, query_modality, search=search)
 
 
 def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
@@ -121,11 +132,7 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
             raise ShapeError(f"exclude: {len(excl)} entries, queries has {n}")
     dtype = phi["ln1_gamma"].dtype
     relevance = relevance_of(phi) is not None  # the layer reads each neighbour's search score
-    smap = None
-    if relevance and getattr(getattr(phi, "config", None), "rel_source", "fixed") == "memory":
-        from ..memory.score_map import memory_score_map
-
-        smap = memory_score_map(memory, query_modality, search=search)
+    smap = searched_score_map(phi, memory, query_modality, search)
     gate = np.zeros(n) if with_gate else None
     if not validate_params:
         heads = getattr(phi, "heads", None)

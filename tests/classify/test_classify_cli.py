@@ -178,3 +178,22 @@ def test_readout_options_are_checked():
                       readout_template="a photo"), "readout_template")):
         with pytest.raises(Exception, match=match):
             ClassifyConfig(**kw).check()
+
+
+def test_the_probe_chooses_its_l2_on_the_classifiers_own_validation_split(tmp_path):
+    """--val-split holdout: the classifier's epoch and the probe's λ are chosen on the same split (recorded in the
+    weights as val_split); without it, the rule's default (10 % of each class's train rows)."""
+    from classify_testlib import write_dataset
+
+    manifest = write_dataset(tmp_path / "data", extra_splits=[("holdout", [4, 4, 4])])
+    items = read_pairs(manifest, split="train", caption_template="a photo of a {class_name}.")
+    build_memory(tmp_path / "mem", items, make_encoder(), progress=False)
+    for extra, want in ((["--val-split", "holdout"], "split 'holdout'"), ([], "held-out rows")):
+        out = tmp_path / f"w{len(extra)}.npz"
+        assert _train(tmp_path, manifest, out, *extra) == 0
+        assert load_classifier(out)[1]["val_split"] == ("holdout" if extra else None)
+        js = tmp_path / f"w{len(extra)}.json"
+        assert main(["classify", "eval", "--weights", str(out), "--dataset", str(manifest), "--split", "test",
+                     "--memory", str(tmp_path / "mem"), "--json", str(js), "--model", ENC, "--quiet",
+                     "--no-progress"]) == 0
+        assert want in json.loads(js.read_text())["baselines"]["logistic_probe"]["fit"]

@@ -79,13 +79,12 @@ def test_ablate_relevance_recipe_untrained_row_is_the_start(tmp_path):
     res = json.loads((tmp_path / "abl" / "ablations.json").read_text())
     arms = [r["arm"] for r in res["rows"]]
     assert arms == ["untrained", "k", "mlp"]
-    from reco_ref.eval.ablate import _step0
-    from reco_ref.train.loop import TrainConfig
+    from reco_ref.train.loop import TrainConfig, step0_weights
     from reco_ref.train.weights import load_reco_weights
 
     w = load_reco_weights(tmp_path / "abl" / "arm-uni-cross" / "best.npz")
     cfg = TrainConfig(k=5, heads=4, init="copy", relevance=True, train_groups="relevance", rel_map="neighbour")
-    w0 = _step0(w, cfg)
+    w0 = step0_weights(w, cfg)
     for m in ("image", "text"):
         a, b = getattr(w, m), getattr(w0, m)
         assert a.config == b.config
