@@ -114,9 +114,8 @@ def blas_threads(n: int | None):
 
     Needs ``threadpoolctl`` (optional, not a runtime dependency): without it BLAS keeps its own threading. Small
     GEMMs on a machine with more runnable threads than cores are the reason: a 2-thread OpenBLAS call waits for a
-    descheduled worker, and an epoch of the classifier took 33 s with 2 BLAS threads against 2.7 s with one while
-    another process held a core (docs/classify.md); the fusion layer's numba steps measured the same
-    (docs/performance.md)."""
+    descheduled worker, which made a classifier epoch an order of magnitude slower while another process held a
+    core (figures: docs/classify.md); the fusion layer's numba steps behave the same (docs/performance.md)."""
     global _BLAS_POOLS
     if _BLAS_POOLS is False:
         try:

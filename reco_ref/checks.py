@@ -99,3 +99,89 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def _float_range(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    """``"> 0"``, ``"in [0, 1)"``, ... — how a float range reads in a message."""
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return ""
+
+
+def check_float(name: str, value: object, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False, error: type = ShapeError) -> float:
+    """``value`` as a finite float in the range (``lo``/``hi`` None: unbounded; ``*_open``: bound excluded), else
+    ``error`` naming ``name``.
+
+    The float twin of :func:`check_int`, used by :func:`float_option` at the CLI and by the library functions
+    that receive the same value: NaN and inf are always refused (a NaN learning rate or weight only shows up
+    steps later, as a NaN loss or a JSON error at save time), and so is a bool.
+    """
+    want = " ".join(["a finite number", _float_range(lo, hi, lo_open, hi_open)]).strip()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise error(f"{name}: expected {want}, got {value!r}")
+    v = float(value)
+    if not np.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (
+            hi is not None and (v >= hi if hi_open else v > hi)):
+        raise error(f"{name}: expected {want}, got {v!r}")
+    return v
+
+
+def float_option(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """An argparse ``type=`` that parses a finite float in the range (one-line usage error otherwise).
+
+    ``float_option(0, lo_open=True)`` takes numbers > 0; ``float_option(0, 1, hi_open=True)`` takes [0, 1).
+    ``nan``, ``inf`` and ``-inf``, which Python's ``float()`` accepts, are refused.
+    """
+    import argparse
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            want = " ".join(["a finite number", _float_range(lo, hi, lo_open, hi_open)]).strip()
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        try:
+            return check_float("value", v, lo, hi, lo_open=lo_open, hi_open=hi_open)
+        except ShapeError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
+
+    parse.__name__ = "number"
+    return parse
+
+
+def memory_rows(memory: object) -> int:
+    """``len(memory)``, or a one-line :class:`~reco_ref.errors.SearchError` for a memory of 0 rows.
+
+    A build whose every item failed to encode still writes a valid, empty memory (exit 0, the failures listed in
+    its ``failures.jsonl``); anything that retrieves from it would index an empty neighbour array. Every verb
+    that retrieves (query, eval, ablate, demo, train, classify) refuses it here, naming the folder.
+    """
+    from .errors import SearchError
+
+    n = int(len(memory))
+    if n == 0:
+        root = getattr(memory, "root", "memory")
+        raise SearchError(f"{root}: memory holds 0 rows, nothing to retrieve (did every item fail to encode when it "
+                          f"was built? see {root}/failures.jsonl); build it again from inputs that encode")
+    return n
+
+
+def cap_k(k: int, memory: object, note=None) -> int:
+    """The neighbours per query a memory can give: ``min(k, len(memory))`` (a memory of 0 rows is refused).
+
+    A memory of n rows has at most n neighbours, and its search returns ``min(k, n)`` columns
+    (:func:`reco_ref.memory.search_index`); the verbs size their arrays with this same number. ``note``
+    (e.g. a print to stderr) is told ``note: k = 10 capped at the memory's 7 rows`` when the cap applies.
+    """
+    k = check_int("k", k, 1)
+    n = memory_rows(memory)
+    if k > n:
+        if note is not None:
+            note(f"note: k = {k} capped at the memory's {n} rows")
+        return n
+    return k

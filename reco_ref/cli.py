@@ -21,6 +21,7 @@ import os
 import sys
 
 from .errors import RecoError
+from .paths import printable
 
 # Rooms that contribute verbs, in the order they appear in --help; every entry must exist.
 VERB_MODULES = (
@@ -28,6 +29,7 @@ VERB_MODULES = (
     "reco_ref.memory.cli",
     "reco_ref.train.cli",
     "reco_ref.eval.cli",
+    "reco_ref.eval.edge_cli",
     "reco_ref.classify.cli",
     "reco_ref.export.cli",
 )
@@ -68,7 +70,8 @@ def one_line(exc: BaseException) -> str:
         msg = "out of memory (the input asks for more RAM than this machine allows)"
     else:
         msg = f"unexpected {type(exc).__name__}: {exc} (a bug: re-run with --debug and report the traceback)"
-    return " ".join(msg.split()) or type(exc).__name__
+    # one line, and control characters escaped: messages quote file names and text read from files
+    return printable(" ".join(msg.split()) or type(exc).__name__)
 
 
 def main(argv: list[str] | None = None) -> int:

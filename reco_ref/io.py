@@ -16,11 +16,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
 from .errors import RecoError
+from .paths import file_problem
 
 TMP_PREFIX = ".tmp-"
 
@@ -126,14 +127,73 @@ NPZ_MAX_RATIO = 100  # an .npz may declare at most this many times its own size 
 NPZ_SLACK = 256 << 20
 
 
+NPY_HEADER_MAX = 10000  # bytes of an .npy header's text; numpy's own max_header_size
+
+
+class ArraySpec(NamedTuple):
+    """What a caller expects of one array, checked against its ``.npy`` header before any data is read.
+
+    ``shape``: a tuple whose items are a length or None (any length), or None (any shape); ``dtype``: a dtype
+    or a tuple of accepted dtypes (None: any); ``kind``: accepted dtype kinds, e.g. ``"f"`` (None: any);
+    ``max_bytes``: the largest data size accepted (None: no bound beyond the shape and dtype).
+    """
+
+    shape: tuple | None = None
+    dtype: Any = None
+    kind: str | None = None
+    max_bytes: int | None = None
+
+
+class EntryError(RecoError):
+    """One entry of an ``.npz`` (or one ``.npy``) is unusable: ``entry`` names it (without ``.npy``), ``reason``
+    says why (the message is ``"{path}: entry '{entry}' {reason}"``); ``pickled`` when it holds Python objects."""
+
+    def __init__(self, path: Path | str, entry: str, reason: str, pickled: bool = False):
+        super().__init__(f"{path}: entry {entry!r} {reason}")
+        self.entry, self.reason, self.pickled = entry, reason, pickled
+
+
+def _dims(shape) -> str:
+    return "(" + ", ".join("*" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def spec_problem(shape: tuple[int, ...], dtype: np.dtype, nbytes: int, spec: Any) -> str | None:
+    """Why an array of ``shape``/``dtype`` (``nbytes`` of data) does not match ``spec`` (an :class:`ArraySpec` or
+    a ``(shape, dtype)`` tuple), or None when it does."""
+    spec = ArraySpec(*spec) if not isinstance(spec, ArraySpec) else spec
+    if spec.dtype is not None:
+        want = spec.dtype if isinstance(spec.dtype, tuple) else (spec.dtype,)
+        if dtype not in [np.dtype(d) for d in want]:
+            return f"has dtype {dtype}, expected {' or '.join(str(np.dtype(d)) for d in want)}"
+    if spec.kind is not None and dtype.kind not in spec.kind:
+        kinds = {"f": "float", "i": "signed integer", "u": "unsigned integer", "b": "bool", "c": "complex"}
+        return f"has dtype {dtype}, expected {' or '.join(kinds.get(k, k) for k in spec.kind)}"
+    if spec.shape is not None and (len(shape) != len(spec.shape) or any(
+            w is not None and w != d for w, d in zip(spec.shape, shape))):
+        return f"has shape {shape}, expected {_dims(spec.shape) if None in spec.shape else tuple(spec.shape)}"
+    if spec.max_bytes is not None and nbytes > spec.max_bytes:
+        return f"declares {nbytes} bytes of data (shape {shape} {dtype}), more than the {spec.max_bytes} expected"
+    return None
+
+
 def _npy_header(fh: Any, where: str) -> tuple[tuple[int, ...], np.dtype, int, str]:
-    """Read an ``.npy`` header from ``fh`` -> (shape, dtype, data bytes it promises, order); no data is read."""
+    """Read an ``.npy`` header from ``fh`` -> (shape, dtype, data bytes it promises, order); no data is read.
+
+    The header's length field is checked before its text is read (numpy reads the text first, up to 4 GiB
+    for a version 2 header, and only then compares it with its limit).
+    """
     try:
         version = np.lib.format.read_magic(fh)
         read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if read is None:
             raise ValueError(f"format version {version} not supported")
-        shape, fortran, dtype = read(fh)  # a literal dict parsed by ast.literal_eval: never unpickles
+        raw_len = fh.read(2 if version == (1, 0) else 4)
+        if len(raw_len) != (2 if version == (1, 0) else 4):
+            raise EOFError("the file ends inside the header length")
+        if int.from_bytes(raw_len, "little") > NPY_HEADER_MAX:
+            raise ValueError(f"header of {int.from_bytes(raw_len, 'little')} bytes, more than {NPY_HEADER_MAX}")
+        text = fh.read(int.from_bytes(raw_len, "little"))
+        shape, fortran, dtype = read(io.BytesIO(raw_len + text))  # a literal dict (ast.literal_eval): never unpickles
     except Exception as exc:  # numpy raises ValueError / EOFError / SyntaxError on mangled headers
         raise RecoError(f"{where}: not a readable .npy header ({type(exc).__name__}: {exc})") from None
     if dtype.hasobject:
@@ -144,29 +204,62 @@ def _npy_header(fh: Any, where: str) -> tuple[tuple[int, ...], np.dtype, int, st
     return tuple(int(d) for d in shape), dtype, count * dtype.itemsize, "F" if fortran else "C"
 
 
+def require_file(path: Path) -> None:
+    """Refuse an input that is not a regular file: missing (:class:`FileNotFoundError`), a broken link, or a
+    device / pipe / folder (:class:`RecoError` saying which: reading ``/dev/zero`` never ends)."""
+    if path.is_file():
+        return
+    problem = file_problem(path) or "no such file"
+    if problem == "no such file":
+        raise FileNotFoundError(f"no such file: {path}")
+    if problem.startswith("broken"):
+        raise FileNotFoundError(f"{path}: {problem}")
+    raise RecoError(f"{path}: {problem}")
+
+
+def _name_list(names: Iterable[str], limit: int = 12) -> str:
+    names = sorted(names)
+    return str(names[:limit])[:-1] + (f", … {len(names) - limit} more]" if len(names) > limit else "]")
+
+
 def load_npz(path: str | os.PathLike, names: Iterable[str] | None = None,
-             max_bytes: int | None = None) -> dict[str, np.ndarray]:
+             max_bytes: int | None = None, *, expect: Mapping[str, Any] | None = None,
+             only: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Load the arrays of an ``.npz`` into memory, never unpickling, checking before decompressing.
 
-    Before any entry is decompressed: every entry name must be in ``names`` (when given) and end in
-    ``.npy``; each entry's ``.npy`` header must promise exactly its declared uncompressed size; and the
-    declared total must stay within ``max_bytes`` (default: ``NPZ_MAX_RATIO`` times the file's size plus
-    ``NPZ_SLACK``), so a small crafted file cannot make the reader allocate gigabytes.
+    Before any entry's data is decompressed: every entry name must be in ``names`` (when given) and end in
+    ``.npy``; the declared total must stay within ``max_bytes`` (default: ``NPZ_MAX_RATIO`` times the file's
+    size plus ``NPZ_SLACK``), so a small crafted file cannot make the reader allocate gigabytes; and every
+    entry's ``.npy`` header must promise exactly its declared uncompressed size and, with ``expect``, match
+    what the caller expects. A caller that knows its arrays passes ``expect``, so an entry declaring more
+    than that is refused from its header, whatever the file's size.
+
+    Parameters
+    ----------
+    expect : mapping of entry name -> :class:`ArraySpec` (or ``(shape, dtype)``), optional
+        The arrays the caller expects. Any other entry is refused (:class:`EntryError`, ``unexpected``);
+        an expected entry that is missing is not (the caller says what a missing one means).
+    only : iterable of entry names, optional
+        Read only these entries (their headers checked as above); the others are left unread. For a file
+        whose header entry says what the others must be: read it first, then the rest with ``expect``.
 
     Raises
     ------
     FileNotFoundError
         If ``path`` does not exist.
+    EntryError
+        An entry that is unexpected, does not match ``expect``, holds objects, or whose header is unreadable
+        or disagrees with its size (a :class:`RecoError` naming the entry).
     RecoError
-        If the file is not a readable npz, holds unexpected entries or object arrays, or declares more
-        data than allowed.
+        If the file is not a readable npz, holds entries outside ``names``, or declares more data than allowed.
     """
     import zipfile
+    import zlib
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    require_file(path)
     allowed = None if names is None else {f"{n}.npy" for n in names}
+    wanted = None if only is None else {f"{n}.npy" for n in only}
     limit = max_bytes if max_bytes is not None else NPZ_MAX_RATIO * path.stat().st_size + NPZ_SLACK
     try:
         with zipfile.ZipFile(path) as zf:
@@ -180,18 +273,39 @@ def load_npz(path: str | os.PathLike, names: Iterable[str] | None = None,
             if total > limit:
                 raise RecoError(f"{path}: entries declare {total} bytes uncompressed, more than the {limit} allowed "
                                 f"for a {path.stat().st_size}-byte file (a decompression bomb?)")
-            out = {}
+            infos = [i for i in infos if wanted is None or i.filename in wanted]
+            plan = []  # every header is checked before any entry's data is read
             for info in infos:
-                where = f"{path}[{info.filename}]"
-                with zf.open(info) as fh:
-                    shape, dtype, nbytes, order = _npy_header(fh, where)
-                    if fh.tell() + nbytes != info.file_size:
-                        raise RecoError(f"{where}: header promises {nbytes} data bytes for shape {shape}, the entry "
-                                        f"holds {info.file_size - fh.tell()}")
-                    data = bytearray(nbytes)  # writeable, exactly the promised size
-                    if fh.readinto(data) != nbytes:
-                        raise RecoError(f"{where}: entry ends before its {nbytes} data bytes")
-                out[info.filename[:-4]] = np.frombuffer(data, dtype=dtype).reshape(shape, order=order)
+                name = info.filename[:-4]
+                if expect is not None and name not in expect:
+                    raise EntryError(path, name, f"unexpected, expected only {_name_list(expect)}")
+                try:
+                    with zf.open(info) as fh:
+                        shape, dtype, nbytes, order = _npy_header(fh, "")
+                        offset = fh.tell()
+                except RecoError as exc:
+                    raise EntryError(path, name, str(exc)[2:], pickled="Python objects" in str(exc)) from None
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error) as exc:
+                    raise EntryError(path, name, f"unreadable ({type(exc).__name__}: {exc})") from None
+                if offset + nbytes != info.file_size:
+                    raise EntryError(path, name, f"header promises {nbytes} data bytes for shape {shape}, the "
+                                                 f"entry holds {info.file_size - offset}")
+                problem = None if expect is None else spec_problem(shape, dtype, nbytes, expect[name])
+                if problem:
+                    raise EntryError(path, name, problem + " (refused from its header, before reading it)")
+                plan.append((info, name, shape, dtype, nbytes, order))
+            out = {}
+            for info, name, shape, dtype, nbytes, order in plan:
+                data = bytearray(nbytes)  # writeable, exactly the promised size
+                try:
+                    with zf.open(info) as fh:
+                        _npy_header(fh, "")
+                        got = fh.readinto(data)
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:  # a bad CRC, cut data
+                    raise EntryError(path, name, f"unreadable ({type(exc).__name__}: {exc})") from None
+                if got != nbytes:
+                    raise EntryError(path, name, f"ends before its {nbytes} data bytes")
+                out[name] = np.frombuffer(data, dtype=dtype).reshape(shape, order=order)
             return out
     except RecoError:
         raise
@@ -199,15 +313,15 @@ def load_npz(path: str | os.PathLike, names: Iterable[str] | None = None,
         raise RecoError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
 
 
-def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
+def load_npy(path: str | os.PathLike, mmap: bool = True, *, expect: Any = None) -> np.ndarray:
     """Load one ``.npy`` (memory-mapped read-only by default), never unpickling.
 
     The header is checked against the file size first, so a crafted header cannot make the reader
-    allocate more than the file holds.
+    allocate more than the file holds, and against ``expect`` (an :class:`ArraySpec` or ``(shape, dtype)``)
+    when given, before any data is read.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    require_file(path)
     with open(path, "rb") as fh:
         shape, dtype, nbytes, _ = _npy_header(fh, str(path))
         offset = fh.tell()
@@ -215,6 +329,9 @@ def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     if offset + nbytes != size:
         raise RecoError(f"{path}: header promises {nbytes} data bytes for shape {shape} {dtype}, the file holds "
                         f"{size - offset} (truncated or crafted)")
+    problem = None if expect is None else spec_problem(shape, dtype, nbytes, expect)
+    if problem:
+        raise RecoError(f"{path}: array {problem}")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except Exception as exc:
@@ -234,9 +351,11 @@ def list_files(folder: str | os.PathLike, suffixes: Iterable[str]) -> list[Path]
     """Every file under ``folder`` (recursively, symlinks followed) whose suffix is in ``suffixes``, sorted.
 
     Symbolic links are followed, but a link that leads back into a folder already on the walk (a loop)
-    raises :class:`RecoError` naming it instead of being skipped without a trace; a link with an
-    image suffix whose target is missing (broken, or a loop of file links) is listed, so the decoder
-    reports it as a failure with its name.
+    raises :class:`RecoError` naming it instead of being skipped without a trace; an entry with an
+    image suffix that is not a regular file is listed, so the decoder reports it as a failure with its name
+    and what it is (:func:`reco_ref.paths.file_problem`): a broken link (target missing, or a loop of file
+    links), or a device, named pipe or socket ("not a regular file": a link to ``/dev/zero`` is not broken,
+    and reading it would never end).
     """
     root = Path(folder)
     if not root.is_dir():

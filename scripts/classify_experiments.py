@@ -22,6 +22,9 @@ reco-mini's text tower; no label stored in any memory):
 Rows per (dataset, ratio): no-memory classifier; memory attention over a/b/c/d; uniform average of the
 neighbours' values (attention removed) over b and d; k-NN vote (k = 10) over a, b, d (uses the memory rows'
 labels, which the attention classifier never sees); 20 % and 40 % symmetric label noise, no-memory and mem-b.
+[ours] rows: ``readout-b`` (+ the score readout), ``readonly-b`` (the readout without the attention module); suffix
+``-pinit``: the linear head starts at the logistic probe, ``-prinit``: at the class prompts' text embeddings
+(``--head-init probe|prompts``).
 """
 
 from __future__ import annotations
@@ -141,16 +144,18 @@ def knn_vote(memory, mem_labels: np.ndarray, keys: np.ndarray, k: int) -> np.nda
 
 SETTINGS = [("cub100", 50), ("cub100", 10), ("flowers102", 50), ("flowers102", 10)]
 #: display order of a setting's rows
-ROW_ORDER = ["no-memory", "no-memory-pinit", "mem-a", "mem-b", "mem-b-pinit", "mem-c", "mem-d", "uniform-b",
-             "uniform-d", "readout-b", "readonly-b", "readonly-b-pinit",
+ROW_ORDER = ["no-memory", "no-memory-pinit", "no-memory-prinit", "mem-a", "mem-b", "mem-b-pinit", "mem-b-prinit",
+             "mem-c", "mem-d", "uniform-b", "uniform-d", "readout-b", "readout-b-prinit", "readonly-b",
+             "readonly-b-pinit", "readonly-b-prinit",
              "knn-a", "knn-b", "knn-d", "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]
 
 
 def _run(d: str, ratio: int, row: str) -> dict:
     r = dict(id=f"{d}-r{ratio}/{row}", d=d, ratio=ratio, row=row, mem=None)
-    if row.endswith("-pinit"):  # [ours] the linear head starts at the logistic probe
-        r["head_init"] = "probe"
-        row = row[: -len("-pinit")]
+    for suffix, init in (("-pinit", "probe"), ("-prinit", "prompts")):  # [ours] where the linear head starts
+        if row.endswith(suffix):
+            r["head_init"] = init
+            row = row[: -len(suffix)]
     base, _, noise = row.partition("-noise")
     if noise:
         r["noise"] = int(noise) / 100
@@ -170,7 +175,8 @@ def _run(d: str, ratio: int, row: str) -> dict:
 def run_plan() -> list[dict]:
     """Every run, most important first (the whole matrix takes longer than one sitting on a shared machine)."""
     tiers = [["no-memory", "mem-b", "knn-b", "uniform-b", "mem-d", "uniform-d", "knn-d", "mem-c", "readout-b",
-              "readonly-b", "no-memory-pinit", "mem-b-pinit", "readonly-b-pinit"],
+              "readonly-b", "no-memory-pinit", "mem-b-pinit", "readonly-b-pinit", "no-memory-prinit", "mem-b-prinit",
+              "readout-b-prinit", "readonly-b-prinit"],
              ["mem-a", "knn-a", "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]]
     cub = [_run(d, r, row) for tier in tiers for d, r in SETTINGS if d == "cub100" for row in tier]
     return cub + [_run(d, r, row) for tier in tiers for d, r in SETTINGS if d != "cub100" for row in tier]
@@ -274,6 +280,8 @@ def main(argv=None) -> int:
             r = eval_from_manifest(w, m, "test", mem_dir, w.with_suffix(".json"), encoder=enc, progress=False,
                                    quiet=True)
             r["best_epoch"], r["val_top1"], r["validation"] = meta["best_epoch"], meta["val_top1"], meta["validation"]
+            # every epoch's validation top-1 (epoch 0: the start of a --head-init run), what a variant is chosen on
+            r["val_by_epoch"] = {h["epoch"]: h["val_top1"] for h in meta["history"] if "val_top1" in h}
             cmd = cli_commands(run, lt, work, cfg)
         r["seconds"] = round(time.time() - t0, 1)
         r["command"] = cmd

@@ -383,6 +383,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rel-map", choices=("unrelated", "neighbour", "memory"), default="unrelated")
     ap.add_argument("--train-groups", choices=("all", "relevance"), default="all",
                     help="what trains: every array, or only rel_beta/rel_gamma and tau")
+    ap.add_argument("--hold-threshold", action="store_true",
+                    help="[ours] with --train-groups relevance: gamma tied to beta so each head's gate threshold "
+                         "(gamma - ln k)/beta stays at its init")
     ap.add_argument("--irrelevant-fraction", type=float, default=0.0,
                     help="share of irrelevant-memory batches (each query's own class excluded from its search)")
     ap.add_argument("--eval-step0", action="store_true",
@@ -561,7 +564,8 @@ def main(argv=None) -> int:
                       seed=a.seed, backend=a.backend, checkpoint_every=25, steps_per_epoch=a.steps_per_epoch,
                       weight_decay=a.weight_decay, init=a.init, alpha=a.alpha, relevance=a.relevance,
                       rel_beta=a.rel_beta, rel_gamma=a.rel_gamma, train_groups=a.train_groups, rel_map=a.rel_map,
-                      irrelevant_fraction=a.irrelevant_fraction, exact_search=True, guard_tolerance=a.guard_tolerance)
+                      irrelevant_fraction=a.irrelevant_fraction, exact_search=True, guard_tolerance=a.guard_tolerance,
+                      hold_threshold=a.hold_threshold)
     report = {"command": command, "inputs": inputs, "recipe": cfg.to_json(), "runs": {}}
     from reco_ref.train.weights import load_reco_weights
 

@@ -1,4 +1,4 @@
-"""The memory-attention classifier (CVPR 2023, spec §5): a query image attends over its retrieved memory items.
+"""The memory-attention classifier (CVPR 2023, docs/reco.md §5): a query image attends over its retrieved memory items.
 
 Front door::
 

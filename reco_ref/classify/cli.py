@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..checks import float_option, int_option
+from ..paths import add_overwrite_option, check_output_files
+
+_count = int_option(1)
+_nonneg = float_option(0.0)
+
 
 def _encoder(a: argparse.Namespace):
     from ..memory.producers import load_encoder
@@ -12,7 +18,7 @@ def _encoder(a: argparse.Namespace):
 
 
 def _run_train(a: argparse.Namespace) -> int:
-    from .commands import train_from_manifest
+    from .commands import check_config, train_from_manifest
     from .train import ClassifyConfig
 
     if not a.no_memory and not a.memory:
@@ -20,7 +26,9 @@ def _run_train(a: argparse.Namespace) -> int:
     cfg = ClassifyConfig(memory=not a.no_memory, k=a.k, values=a.values, attention=a.attention, width=a.width,
                          heads=a.heads, logit_scale=a.logit_scale, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                          weight_decay=a.weight_decay, seed=a.seed, backend=a.backend, readout=a.readout,
-                         readout_template=a.readout_template, head_init=a.head_init).check()
+                         readout_template=a.readout_template, head_init=a.head_init)
+    check_config(cfg)
+    check_output_files([a.out], overwrite=a.overwrite)
     train_from_manifest(a.dataset, a.split, a.memory, a.out, cfg, encoder=_encoder(a), cache_dir=a.cache_dir,
                         val_split=a.val_split, label_noise=a.label_noise, resume=a.resume,
                         progress=not a.no_progress, quiet=a.quiet)
@@ -31,6 +39,8 @@ def _run_eval(a: argparse.Namespace) -> int:
     from .commands import eval_from_manifest
 
     stem = str(a.json)[:-5] if str(a.json).endswith(".json") else str(a.json)
+    check_output_files([a.json, a.markdown or stem + ".md", a.png or stem + ".png"], overwrite=a.overwrite,
+                       what="--json/--markdown/--png")
     eval_from_manifest(a.weights, a.dataset, a.split, a.memory, a.json, encoder=_encoder(a), cache_dir=a.cache_dir,
                        backend=a.backend, markdown=a.markdown or stem + ".md", png=a.png or stem + ".png",
                        progress=not a.no_progress, quiet=a.quiet, baselines=not a.no_baselines)
@@ -50,9 +60,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("classify", help="memory-attention classifier (CVPR 2023): train | eval",
                               description="Image classifier whose query attends over its retrieved memory items "
-                                          "(spec §5), trained on a dataset manifest's split.")
+                                          "(docs/reco.md §5), trained on a dataset manifest's split.")
     sub = p.add_subparsers(dest="classify_verb", metavar="train|eval", required=True)
-    from .train import ClassifyConfig
+    from .train import HEAD_INITS, ClassifyConfig
 
     d = ClassifyConfig()
     t = sub.add_parser("train", help="train on a split; write WEIGHTS.npz")
@@ -62,7 +72,7 @@ def register(subparsers) -> None:
     t.add_argument("--no-memory", action="store_true", help="the same classifier without memory (m = 0)")
     t.add_argument("--val-split", help="validation split for the epoch kept (default: valid/val if present, "
                                        "else 10%% of each class's train rows)")
-    t.add_argument("-k", type=int, default=10, help="memory items per query (default 10)")
+    t.add_argument("-k", type=_count, default=10, help="memory items per query (default 10)")
     t.add_argument("--values", default="text", choices=("text", "image", "both"), help="item values (default text)")
     t.add_argument("--attention", default="softmax", choices=("softmax", "uniform", "none"),
                    help="softmax (default) or uniform average of the items (the attention-removed baseline); 'none' "
@@ -70,22 +80,29 @@ def register(subparsers) -> None:
     t.add_argument("--readout", action="store_true",
                    help="[ours] add the score readout: the items' caption embeddings, weighted by a softmax of their "
                         "search score, read against the class prompts (a soft vote the classifier learns to weigh)")
-    t.add_argument("--head-init", default=d.head_init, choices=("random", "probe"),
+    t.add_argument("--head-init", default=d.head_init, choices=HEAD_INITS,
                    help="[ours] 'probe': the linear head starts at the logistic probe's solution (fitted on the training "
-                        "rows, L2 chosen on the validation rows) and epoch 0 is a candidate (default random)")
+                        "rows, L2 chosen on the validation rows); 'prompts': at the class prompts' text embeddings "
+                        "(--readout-template; a zero-shot cosine classifier); either way epoch 0 is a candidate "
+                        "(default random)")
     t.add_argument("--readout-template", default=d.readout_template,
-                   help=f"class prompt of the readout (the memory's caption template; default {d.readout_template!r})")
-    t.add_argument("--width", type=int, default=d.width, help=f"attention width (default {d.width})")
-    t.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-    t.add_argument("--logit-scale", type=float, default=32.0, help="fixed logit scale s (default 32)")
-    t.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
-    t.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
-    t.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
-    t.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
-    t.add_argument("--label-noise", type=float, default=0.0, help="symmetric label noise rate (experiments)")
-    t.add_argument("--seed", type=int, default=0, help="seed of init, batches, hold-out and noise")
+                   help="class prompt of the readout and of --head-init prompts (the memory's caption template; "
+                        f"default {d.readout_template!r})")
+    t.add_argument("--width", type=_count, default=d.width, help=f"attention width (default {d.width})")
+    t.add_argument("--heads", type=_count, default=4, help="attention heads (default 4)")
+    t.add_argument("--logit-scale", type=float_option(0.0, lo_open=True), default=32.0,
+                   help="fixed logit scale s > 0 (default 32)")
+    t.add_argument("--epochs", type=_count, default=d.epochs, help=f"epochs (default {d.epochs})")
+    t.add_argument("--batch-size", type=_count, default=128, help="batch size (default 128)")
+    t.add_argument("--lr", type=_nonneg, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    t.add_argument("--weight-decay", type=_nonneg, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    t.add_argument("--label-noise", type=float_option(0.0, 1.0, hi_open=True), default=0.0,
+                   help="symmetric label noise rate in [0, 1) (experiments)")
+    t.add_argument("--seed", type=int_option(0, 2**32 - 1), default=0,
+                   help="seed of init, batches, hold-out and noise, 0 … 2³²−1")
     t.add_argument("--backend", default="numpy", choices=("numpy", "numba"), help="compute backend")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.ckpt.npz)")
+    add_overwrite_option(t, what="an existing OUT")
     t.set_defaults(func=_run_train)
     e = sub.add_parser("eval", help="evaluate WEIGHTS.npz on a split; write the JSON (+ .md, .png)")
     _common(e)
@@ -97,4 +114,5 @@ def register(subparsers) -> None:
     e.add_argument("--backend", default=None, choices=("numpy", "numba"), help="compute backend (default: training's)")
     e.add_argument("--no-baselines", action="store_true",
                    help="skip the logistic-regression probe and the k-NN vote reported beside the classifier")
+    add_overwrite_option(e, what="the JSON, Markdown and PNG files")
     e.set_defaults(func=_run_eval)

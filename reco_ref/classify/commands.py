@@ -14,14 +14,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..checks import check_float, check_int, memory_rows
+from ..errors import DatasetError, RecoError
 from ..eval.data import Split, embed_split, own_rows, read_manifest_rows, read_split, user_cache_dir
 from ..eval.report import fmt
 from .report import write_json, write_markdown, write_png
-from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, save_classifier, \
+from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, prompt_head, save_classifier, \
     search_vectors, symmetric_label_noise, train_classifier
 
-__all__ = ["VAL_SPLITS", "open_memory", "train_from_manifest", "eval_from_manifest"]
+__all__ = ["VAL_SPLITS", "SEED_MAX", "check_config", "open_memory", "train_from_manifest", "eval_from_manifest"]
 
 #: a manifest split with one of these names is the validation split (else 10 % of each class's train rows)
 VAL_SPLITS = ("valid", "val", "validation")
@@ -31,10 +32,56 @@ def _say(quiet: bool) -> Callable[[str], Any]:
     return (lambda m: None) if quiet else (lambda m: print(m, flush=True))
 
 
+#: the largest seed (numpy's generators take any integer >= 0; the range keeps them plain 32-bit values)
+SEED_MAX = 2**32 - 1
+
+
+def check_readout_template(template: str) -> str:
+    """A class prompt with one or more plain ``{}`` fields, else a :class:`RecoError` naming it.
+
+    ``str.format`` is run on it with each class name: a named field (``{x}``) raised a KeyError, and a format
+    width (``{:>900000000}``) builds a string of that many characters.
+    """
+    import string
+
+    where = f"readout_template {template!r}"
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:  # a lone brace
+        raise RecoError(f"{where}: {exc} (use {{{{ and }}}} for literal braces)") from None
+    if not fields or any(f != ("", "", None) for f in fields):
+        raise RecoError(f"{where}: expected plain '{{}}' fields for the class name (no names, indexes, conversions "
+                        "or format specs)")
+    return template
+
+
+def check_config(cfg: ClassifyConfig) -> ClassifyConfig:
+    """``cfg.check()`` plus the numbers it takes on trust, as one :class:`RecoError` naming the field.
+
+    ``lr`` NaN / inf / < 0 failed in the learning-rate schedule as an unexpected ValueError; a NaN or non-positive
+    ``logit_scale`` trained NaN or sign-flipped logits; ``seed`` < 0 failed in numpy; a readout template with a
+    named field failed with a KeyError.
+    """
+    cfg.check()
+    check_float("lr", cfg.lr, 0.0, error=RecoError)
+    check_float("weight_decay", cfg.weight_decay, 0.0, error=RecoError)
+    check_float("logit_scale", cfg.logit_scale, 0.0, lo_open=True, error=RecoError)
+    check_int("seed", cfg.seed, 0, SEED_MAX, error=RecoError)
+    check_int("warmup_epochs", cfg.warmup_epochs, 0, error=RecoError)
+    for name in ("k", "epochs", "batch_size", "width", "heads"):
+        check_int(name, getattr(cfg, name), 1, error=RecoError)
+    if cfg.readout or cfg.head_init == "prompts":  # both format the class prompts with it
+        check_readout_template(cfg.readout_template)
+    return cfg
+
+
 def open_memory(path: str | os.PathLike, encoder: Any) -> Any:
+    """Open the memory the classifier retrieves from; one of 0 rows is refused (nothing to retrieve)."""
     from ..memory import Memory
 
-    return Memory.open(path, encoder=encoder, verify="size")
+    mem = Memory.open(path, encoder=encoder, verify="size")
+    memory_rows(mem)
+    return mem
 
 
 def _cache(cache_dir) -> Any:
@@ -69,6 +116,8 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     ``label_noise`` (0 ≤ p < 1) flips that fraction of the training labels symmetrically (experiments only;
     the class counts recorded for the shot groups are the manifest's).
     """
+    check_config(cfg)  # before any embedding is computed
+    check_float("label_noise", label_noise, 0.0, 1.0, hi_open=True, error=RecoError)
     say = _say(quiet)
     cache_dir = _cache(cache_dir)
     ds = read_split(dataset, split)
@@ -109,11 +158,21 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         + (f", memory k={cfg.k}" if cfg.memory else ", no memory") + f"); a checkpoint after every epoch at {ckpt} "
         "— interrupt at any time and rerun the same command with --resume")
     class_text = None
-    if cfg.readout:  # [ours] the class prompts the score readout reads the items' captions against
+    if cfg.readout or cfg.head_init == "prompts":  # [ours] the class prompts: what the score readout reads the
+        # items' captions against, and the zero-shot head's rows — one encoding for both
         class_text = np.asarray(encoder.encode_texts([cfg.readout_template.format(c) for c in ds.class_names]),
                                 np.float32)  # [C, Dt]
-        say(f"score readout: class prompts \"{cfg.readout_template}\" ({C} × {class_text.shape[1]})")
+        uses = " and ".join(u for u, on in (("the score readout", cfg.readout),
+                                            ("the head's start", cfg.head_init == "prompts")) if on)
+        say(f"class prompts \"{cfg.readout_template}\" ({C} × {class_text.shape[1]}) for {uses}")
     head = None
+    if cfg.head_init == "prompts":  # [ours] start as the zero-shot cosine classifier over the class prompts
+        if class_text.shape[1] != img.shape[1]:
+            raise DatasetError(f"--head-init prompts: the encoder's text embeddings have width {class_text.shape[1]}, "
+                               f"its image embeddings {img.shape[1]}; the prompts can only start the head of a "
+                               "CLIP-style pair (one embedding space)")
+        head = prompt_head(class_text, cfg.logit_scale)
+        say("head initialised from the class prompts' text embeddings (zero-shot cosine classifier; epoch 0)")
     if cfg.head_init == "probe":  # [ours] start from the logistic probe, fitted on the training rows only
         from .baselines import fit_logistic_probe
 

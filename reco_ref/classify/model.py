@@ -176,17 +176,17 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
     """Backward on the backend that made ``cache`` (+ the score readout's, when the forward had one)."""
     grads = _impl(cache["backend"]).classify_backward(params, cache, dlogits, return_input_grads=return_input_grads)
     if "readout" in cache:
-        g = reference.score_readout_backward(cache["readout"], dlogits)
-        grads["ro_beta"] = np.reshape(g["beta"], (1,)).astype(params["ro_beta"].dtype)
-        grads["ro_log_sv"] = np.reshape(g["log_sv"], (1,)).astype(params["ro_log_sv"].dtype)
+        dscores, dvalues_text, dbeta, dlog_sv = reference.score_readout_backward(cache["readout"], dlogits)
+        grads["ro_beta"] = np.reshape(dbeta, (1,)).astype(params["ro_beta"].dtype)
+        grads["ro_log_sv"] = np.reshape(dlog_sv, (1,)).astype(params["ro_log_sv"].dtype)
         if return_input_grads:
-            Dt = g["values_text"].shape[-1]
+            Dt = dvalues_text.shape[-1]
             if "values" in grads:
                 grads["values"] = grads["values"].copy()
-                grads["values"][..., :Dt] += g["values_text"]
+                grads["values"][..., :Dt] += dvalues_text
             else:
-                grads["values_text"] = g["values_text"]
-            grads["scores"] = g["scores"]
+                grads["values_text"] = dvalues_text
+            grads["scores"] = dscores
     return grads
 
 

@@ -1,23 +1,26 @@
-r"""The memory-attention classifier (CVPR 2023, spec §5) as plain NumPy forward/backward pairs.
+r"""The memory-attention classifier (CVPR 2023, docs/reco.md §5) as plain NumPy forward/backward pairs.
 
 llm.c style, built from the fusion layer's primitives (:mod:`reco_ref.fusion.reference`: LayerNorm, linear,
-masked multi-head attention, head split/merge — each ``*_forward`` returns ``(out, cache)``, each
-``*_backward`` takes ``(cache, dout)``). Nothing here validates its inputs; :mod:`reco_ref.classify.model`
-(the front door) does that once. Every function is dtype-preserving (float32 or float64 throughout).
+masked multi-head attention, head split/merge) and following their convention (docs/architecture.md, held by
+tests/fusion/test_fusion_convention.py): each ``*_forward`` returns ``(out, cache)`` with ``cache`` a dict, each
+``*_backward`` takes ``(cache, dout)`` (``dloss`` for a loss) and returns the gradients of the float inputs in the
+forward's argument order; the whole module, like the fusion layer, takes ``params`` first and returns a dict.
+Nothing here validates its inputs; :mod:`reco_ref.classify.model` (the front door) does that once. Every
+function is dtype-preserving (float32 or float64 throughout).
 
 The module, for a batch of ``B`` query images with ``k`` retrieved memory items each::
 
     Aq = LN_q(q)                         [B, D]        q: the query image embedding
-    Q  = Aq W_q + b_q                    [B, W]        W: attention width, h heads of dh = W/h
+    Q  = Aq W_q + b_q                    [B, Da]       Da: attention width, h heads of dh = Da/h
     Ak = LN_k(K_r)                       [B, k, Dk]    K_r: the items' image search keys
-    K  = Ak W_k + b_k                    [B, k, W]
+    K  = Ak W_k + b_k                    [B, k, Da]
     Av = LN_v(V_r)                       [B, k, Dv]    V_r: the items' values (text, image or both)
-    V  = Av W_v + b_v                    [B, k, W]
-    a  = softmax(Q K^T / sqrt(dh) + m)   [B, h, 1, k]  single query token; m = -inf on missing items
-    c  = concat_heads(a V)               [B, W]
-    m  = c W_o + b_o                     [B, D]        W_o, b_o zero at init: the module starts as z = q
+    V  = Av W_v + b_v                    [B, k, Da]
+    a  = softmax(Q K^T / sqrt(dh) + M)   [B, h, 1, k]  single query token; mask M = -inf on missing items, else 0
+    c  = concat_heads(a V)               [B, Da]
+    m  = c W_o + b_o                     [B, D]        the memory's contribution; W_o, b_o zero at init: z = q
     z  = q + m                           [B, D]
-    logits = s z W_c + b_c               [B, C]        s: a fixed logit scale (1 = spec §5's formula)
+    logits = s z W_c + b_c               [B, C]        s: a fixed logit scale (1 = docs/reco.md §5's formula)
     loss = mean_b CE(logits_b, y_b)
 
 Two variants share the code: ``attention="uniform"`` replaces ``a`` by the uniform average over the valid
@@ -74,17 +77,17 @@ def uniform_attention_forward(v, valid):
 
     Parameters
     ----------
-    v : ndarray, shape [B, k, W]
+    v : ndarray, shape [B, k, Da]
     valid : ndarray of bool, shape [B, k]
 
     Returns
     -------
-    out : ndarray, shape [B, W]
-    cache : ndarray, shape [B, k, 1] — the weights ``valid / n_b``
+    out : ndarray, shape [B, Da]
+    cache : dict — ``"w"`` [B, k, 1], the weights ``valid / n_b``
     """
     w = valid.astype(v.dtype)[:, :, None]  # [B, k, 1]
     w = w / np.maximum(1, w.sum(axis=1, keepdims=True))  # [B, k, 1]
-    return (w * v).sum(axis=1), w  # [B, W]
+    return (w * v).sum(axis=1), {"w": w}  # [B, Da]
 
 
 def uniform_attention_backward(cache, dout):
@@ -92,14 +95,14 @@ def uniform_attention_backward(cache, dout):
 
     Parameters
     ----------
-    cache : ndarray, shape [B, k, 1]
-    dout : ndarray, shape [B, W]
+    cache : dict from :func:`uniform_attention_forward`
+    dout : ndarray, shape [B, Da]
 
     Returns
     -------
-    dv : ndarray, shape [B, k, W]
+    dv : ndarray, shape [B, k, Da]
     """
-    return cache * dout[:, None, :]  # [B, k, W]
+    return cache["w"] * dout[:, None, :]  # [B, k, Da]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,13 +125,13 @@ def cross_entropy_forward(logits, labels):
     Returns
     -------
     loss : float
-    cache : tuple ``(probs [B, C], labels [B])``
+    cache : dict — ``"probs"`` [B, C], ``"labels"`` [B]
     """
     smax = logits.max(axis=1, keepdims=True)  # [B, 1]
     e = np.exp(logits - smax)  # [B, C]
     z = e.sum(axis=1, keepdims=True)  # [B, 1]
     logp_y = (logits - smax)[np.arange(len(labels)), labels] - np.log(z[:, 0])  # [B]
-    return float(-logp_y.mean()), (e / z, labels)
+    return float(-logp_y.mean()), {"probs": e / z, "labels": labels}
 
 
 def cross_entropy_backward(cache, dloss=1.0):
@@ -140,14 +143,14 @@ def cross_entropy_backward(cache, dloss=1.0):
 
     Parameters
     ----------
-    cache : tuple from :func:`cross_entropy_forward`
+    cache : dict from :func:`cross_entropy_forward`
     dloss : float — upstream gradient of the loss
 
     Returns
     -------
     dlogits : ndarray, shape [B, C]
     """
-    probs, labels = cache
+    probs, labels = cache["probs"], cache["labels"]
     d = probs.copy()  # [B, C]
     d[np.arange(len(labels)), labels] -= 1
     return d * (dloss / len(labels))
@@ -160,7 +163,7 @@ def cross_entropy_backward(cache, dloss=1.0):
 
 def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=1, attention="softmax",
                      logit_scale=1.0):
-    r"""Forward pass: query attends over its retrieved items, then the linear classifier (spec §5).
+    r"""Forward pass: query attends over its retrieved items, then the linear classifier (docs/reco.md §5).
 
     .. math::
 
@@ -169,20 +172,20 @@ def classify_forward(params, query, keys=None, values=None, valid=None, *, heads
         z = q + \big(a\,(\mathrm{LN}_v(V_r) W_v + b_v)\big) W_o + b_o,\quad
         \mathrm{logits} = s\, z W_c + b_c
 
-    The fixed scale :math:`s` (``logit_scale``; 1 in spec §5) matters for training only: the query embeddings
+    The fixed scale :math:`s` (``logit_scale``; 1 in docs/reco.md §5) matters for training only: the query embeddings
     are unit vectors, so with :math:`s = 1` a linear classifier on them needs a learning rate ~:math:`\sqrt D`
     times larger than the LayerNorm-ed memory path to move its logits as fast (CLIP's logit scale, fixed).
 
     Parameters
     ----------
     params : mapping of str to ndarray
-        ``w_c [D, C], b_c [C]``; with memory also ``lnq_*/lnk_*/lnv_*`` gamma/beta, ``w_q [D, W], b_q [W],
-        w_k [Dk, W], b_k [W], w_v [Dv, W], b_v [W], w_o [W, D], b_o [D]``.
+        ``w_c [D, C], b_c [C]``; with memory also ``lnq_*/lnk_*/lnv_*`` gamma/beta, ``w_q [D, Da], b_q [Da],
+        w_k [Dk, Da], b_k [Da], w_v [Dv, Da], b_v [Da], w_o [Da, D], b_o [D]`` (``Da`` the attention width).
     query : ndarray, shape [B, D]
     keys : ndarray, shape [B, k, Dk], or None (no memory)
     values : ndarray, shape [B, k, Dv], or None
     valid : ndarray of bool, shape [B, k], or None (all valid)
-    heads : int — must divide W
+    heads : int — must divide the attention width Da
     attention : "softmax" | "uniform"
     logit_scale : float — :math:`s`
 
@@ -198,23 +201,23 @@ def classify_forward(params, query, keys=None, values=None, valid=None, *, heads
     if cache["memory"]:
         B, k, _ = keys.shape
         cache["keys_shape"] = keys.shape
-        Wd = p["w_v"].shape[1]
+        Da = p["w_v"].shape[1]  # attention width
         if valid is None:
             valid = np.ones((B, k), dtype=bool)
         Av, cache["lnv"] = layernorm_forward(values, p["lnv_gamma"], p["lnv_beta"])  # [B, k, Dv]
-        V, cache["v"] = linear_forward(Av, p["w_v"], p["b_v"])  # [B, k, W]
+        V, cache["v"] = linear_forward(Av, p["w_v"], p["b_v"])  # [B, k, Da]
         if attention == "uniform":
-            c, cache["att"] = uniform_attention_forward(V, valid)  # [B, W]
+            c, cache["att"] = uniform_attention_forward(V, valid)  # [B, Da]
         else:
             Aq, cache["lnq"] = layernorm_forward(query, p["lnq_gamma"], p["lnq_beta"])  # [B, D]
-            Q, cache["q"] = linear_forward(Aq, p["w_q"], p["b_q"])  # [B, W]
+            Q, cache["q"] = linear_forward(Aq, p["w_q"], p["b_q"])  # [B, Da]
             Ak, cache["lnk"] = layernorm_forward(keys, p["lnk_gamma"], p["lnk_beta"])  # [B, k, Dk]
-            K, cache["k"] = linear_forward(Ak, p["w_k"], p["b_k"])  # [B, k, W]
+            K, cache["k"] = linear_forward(Ak, p["w_k"], p["b_k"])  # [B, k, Da]
             att, cache["att"] = attention_forward(
-                split_heads(Q.reshape(B, 1, Wd), heads), split_heads(K, heads), split_heads(V, heads), valid
+                split_heads(Q.reshape(B, 1, Da), heads), split_heads(K, heads), split_heads(V, heads), valid
             )  # [B, h, 1, dh]
-            c = merge_heads(att).reshape(B, Wd)  # [B, W] concat_heads(a V)
-        m, cache["o"] = linear_forward(c, p["w_o"], p["b_o"])  # [B, D]
+            c = merge_heads(att).reshape(B, Da)  # [B, Da] concat_heads(a V)
+        m, cache["o"] = linear_forward(c, p["w_o"], p["b_o"])  # [B, D] the memory's contribution
         z = query + m  # [B, D] residual: zero W_o, b_o ⇒ z = q
     logits, cache["c"] = linear_forward(z * z.dtype.type(logit_scale), p["w_c"], p["b_c"])  # [B, C]
     return logits, cache
@@ -260,14 +263,14 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
     dkeys = dvalues = None  # input gradients, set on the memory path
     if cache["memory"]:
         heads = cache["heads"]
-        dc, grads["w_o"], grads["b_o"] = linear_backward(cache["o"], dz)  # [B, W]
+        dc, grads["w_o"], grads["b_o"] = linear_backward(cache["o"], dz)  # [B, Da]
         if cache["attention"] == "uniform":
-            dV = uniform_attention_backward(cache["att"], dc)  # [B, k, W]
+            dV = uniform_attention_backward(cache["att"], dc)  # [B, k, Da]
         else:
-            B, Wd = dc.shape
-            dQh, dKh, dVh = attention_backward(cache["att"], split_heads(dc.reshape(B, 1, Wd), heads))
-            dQ = merge_heads(dQh).reshape(B, Wd)  # [B, W]
-            dK, dV = merge_heads(dKh), merge_heads(dVh)  # [B, k, W]
+            B, Da = dc.shape
+            dQh, dKh, dVh = attention_backward(cache["att"], split_heads(dc.reshape(B, 1, Da), heads))
+            dQ = merge_heads(dQh).reshape(B, Da)  # [B, Da]
+            dK, dV = merge_heads(dKh), merge_heads(dVh)  # [B, k, Da]
             dAq, grads["w_q"], grads["b_q"] = linear_backward(cache["q"], dQ)  # [B, D]
             dq_ln, grads["lnq_gamma"], grads["lnq_beta"] = layernorm_backward(cache["lnq"], dAq)
             dq = dz + dq_ln  # [B, D] both paths
@@ -338,12 +341,16 @@ def score_readout_backward(cache, dout):
 
         d\beta = \textstyle\sum_{bj} dz_{bj} s_{bj},\quad ds_{bj} = \beta\, dz_{bj},\quad dv_{bj} = a_{bj}\, dr_b
 
-    Returns ``{"beta": [], "log_sv": [], "values_text": [B, k, Dt], "scores": [B, k]}`` (0-d for the scalars).
+    Returns
+    -------
+    dscores : ndarray, shape [B, k] (0 on invalid items)
+    dvalues_text : ndarray, shape [B, k, Dt]
+    dbeta, dlog_sv : scalars
+        In the forward's argument order; ``valid`` (bool) and ``class_text`` (the fixed class prompts) get none.
     """
     a, v, t, R, sv, beta, s = (cache[x] for x in ("a", "v", "t", "R", "sv", "beta", "s"))
     d_log_sv = sv * (dout * R).sum()
     dr = sv * (dout @ t)  # [B, Dt]
     da = np.einsum("bkd,bd->bk", v, dr)  # [B, k]
     dz = a * (da - (a * da).sum(axis=1, keepdims=True))  # [B, k]; 0 where invalid (a = 0)
-    return {"beta": (dz * s).sum(), "log_sv": d_log_sv, "values_text": a[..., None] * dr[:, None, :],
-            "scores": beta * dz}
+    return beta * dz, a[..., None] * dr[:, None, :], (dz * s).sum(), d_log_sv

@@ -29,18 +29,21 @@ import numpy as np
 
 from ..backends import blas_threads
 from ..errors import CheckpointError, ParamsFormatError, SearchError, ShapeError
-from ..io import atomic_save_npz, load_npz
+from ..io import ArraySpec, atomic_save_npz, load_npz
 from ..train.optim import adamw_init, adamw_step, lr_at
 from .model import ATTENTION_MODES, BACKENDS, VALUE_MODES, classify_backward, classify_forward, cross_entropy_backward, \
     cross_entropy_forward, init_params, param_shapes, predict_logits
 
-__all__ = ["ClassifyConfig", "SHOT_GROUPS", "retrieve_items", "search_vectors", "train_classifier",
-           "evaluate_classifier", "shot_groups", "save_classifier", "load_classifier", "holdout_rows",
+__all__ = ["ClassifyConfig", "SHOT_GROUPS", "HEAD_INITS", "retrieve_items", "search_vectors", "train_classifier",
+           "prompt_head", "evaluate_classifier", "shot_groups", "save_classifier", "load_classifier", "holdout_rows",
            "symmetric_label_noise", "FORMAT"]
 
 FORMAT = "reco_ref.classify/1"
 #: ImageNet-LT convention on the training split's class counts: many > 20, medium 5..20, few < 5
 SHOT_GROUPS = ("many", "medium", "few")
+#: how the linear head W_c, b_c starts: random (the paper's), at the logistic probe [ours], or at the class prompts'
+#: text embeddings [ours] (a zero-shot cosine classifier at step 0)
+HEAD_INITS = ("random", "probe", "prompts")
 
 
 @dataclass
@@ -62,8 +65,10 @@ class ClassifyConfig:
     seed: int = 0
     backend: str = "numpy"
     readout: bool = False  # [ours] the score readout: a soft vote of the items' captions against the class prompts
-    readout_template: str = "a photo of a {}."  # class prompt of the readout (the memory's caption template)
-    head_init: str = "random"  # "probe" [ours]: W_c, b_c start at the logistic probe's solution (epoch 0 = the probe)
+    readout_template: str = "a photo of a {}."  # class prompt of the readout and of head_init "prompts"
+    # "probe" [ours]: W_c, b_c start at the logistic probe's solution; "prompts" [ours]: at the class prompts' text
+    # embeddings (zero-shot). Either way epoch 0, the start, is a candidate for the epoch kept
+    head_init: str = "random"
 
     def check(self) -> "ClassifyConfig":
         if self.values not in VALUE_MODES:
@@ -81,9 +86,9 @@ class ClassifyConfig:
             raise ShapeError("readout: the score readout reads the items' captions; use values 'text' or 'both'")
         if self.attention == "none" and not self.readout:
             raise ShapeError("attention 'none' (no attention module) only goes with the score readout (--readout)")
-        if self.head_init not in ("random", "probe"):
-            raise ShapeError(f"head_init: expected 'random' or 'probe', got {self.head_init!r}")
-        if self.readout and "{}" not in self.readout_template:
+        if self.head_init not in HEAD_INITS:
+            raise ShapeError(f"head_init: expected one of {HEAD_INITS}, got {self.head_init!r}")
+        if (self.readout or self.head_init == "prompts") and "{}" not in self.readout_template:
             raise ShapeError(f"readout_template: expected a '{{}}' for the class name, got {self.readout_template!r}")
         return self
 
@@ -166,6 +171,36 @@ def symmetric_label_noise(labels: np.ndarray, rate: float, classes: int, seed: i
 # ----------------------------------------------------------------------------------------------
 
 
+def prompt_head(class_text: np.ndarray, logit_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    r"""The linear head of a zero-shot cosine classifier over the class prompts' text embeddings [ours].
+
+    .. math::
+
+        W = s\,\hat T^\top,\quad b = 0,\qquad \hat t_c = t_c / \lVert t_c \rVert
+
+    in the units of ``train_classifier``'s ``head`` (logits ``= q W + b``). The query embeddings are unit vectors and
+    the module starts at ``z = q`` (``W_o = 0``), so at step 0 the logits are :math:`s \cos(q, t_c)`: every class,
+    few-shot ones included, starts from its prompt instead of a random row that 2–4 images barely move. Needs the
+    text embeddings in the image embeddings' space (a CLIP-style pair: same width ``D``).
+
+    Parameters
+    ----------
+    class_text : ndarray, shape [C, D] — the class prompts' text embeddings (the score readout's ``ro_class_text``)
+    logit_scale : float — the classifier's fixed scale :math:`s`
+
+    Returns
+    -------
+    W : ndarray [D, C], b : ndarray [C] (float64)
+    """
+    T = np.asarray(class_text, np.float64)
+    if T.ndim != 2:
+        raise ShapeError(f"class_text: expected [C, D], got shape {T.shape}")
+    norms = np.linalg.norm(T, axis=1, keepdims=True)
+    if not (np.isfinite(norms).all() and (norms > 0).all()):
+        raise ShapeError("class_text: a class prompt's text embedding is zero or not finite")
+    return float(logit_scale) * (T / norms).T, np.zeros(T.shape[0])
+
+
 def _logits(params, cfg, memory, image, search, exclude, batch_size=1024) -> np.ndarray:
     dt = params["w_c"].dtype
     out = []
@@ -207,6 +242,10 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
         None: the last epoch is kept.
     checkpoint : path of an atomic per-epoch checkpoint; with ``resume=True`` an existing one of the same
         configuration is continued (another configuration's raises :class:`CheckpointError`).
+    class_text : [C, Dt] — the class prompts' text embeddings (needed by the score readout, ``cfg.readout``)
+    head : ``(W [D, C], b [C])`` — a linear head in logit units (logits ``= q W + b`` at ``z = q``) to start
+        ``W_c, b_c`` from instead of the random init (:func:`prompt_head`, the logistic probe); with ``val`` the
+        start is validated as epoch 0 and kept unless an epoch beats it.
 
     Returns
     -------
@@ -223,7 +262,7 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
     params = init_params(D, classes, key_dim=Dk, value_dim=Dv, width=cfg.width, heads=cfg.heads,
                          memory=cfg.memory, attention=cfg.attention, seed=cfg.seed,
                          class_text=class_text if cfg.readout else None)
-    if head is not None:  # [ours] start from a given linear head (the probe): logits = s·q W_c + b_c = q W + b
+    if head is not None:  # [ours] start from a given linear head (the probe, the prompts): s·q W_c + b_c = q W + b
         W, b = head
         if np.shape(W) != params["w_c"].shape or np.shape(b) != params["b_c"].shape:
             raise ShapeError(f"head: shapes {np.shape(W)}, {np.shape(b)}, expected {params['w_c'].shape}, "
@@ -239,7 +278,8 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
     if ckpt is not None and ckpt.exists():
         if not resume:
             raise CheckpointError(f"{ckpt}: a checkpoint exists; pass resume (--resume) to continue it, or remove it")
-        z = load_npz(ckpt)
+        # the run identity first, then only the arrays this run restores, each header checked before its data
+        z = load_npz(ckpt, only=["info"], expect={"info": _JSON_ENTRY})
         try:
             info = json.loads(bytes(z["info"]).decode())
         except (KeyError, ValueError) as exc:
@@ -247,6 +287,8 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
         if info.get("config") != cfg.fingerprint():
             raise CheckpointError(f"{ckpt}: written by another configuration (config {info.get('config')}, this run "
                                   f"{cfg.fingerprint()}); remove it or use the same options")
+        z = load_npz(ckpt, expect={"info": _JSON_ENTRY, **{f"{pre}{n}": ArraySpec(a.shape, a.dtype) for pre, arrays in
+                                   (("param.", params), ("best.", params), ("opt.", state)) for n, a in arrays.items()}})
         for n in params:
             for pre, dst in (("param.", params), ("best.", best)):
                 if z.get(pre + n) is None or z[pre + n].shape != params[n].shape:
@@ -269,13 +311,13 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
         v_logits = _logits(params, cfg, memory, v_img, v_search, v_excl)
         return float((v_logits.argmax(1) == v_lab).mean()), cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
 
-    if head is not None and val is not None and start == 0:  # the start is a candidate: never end below the probe
+    if head is not None and val is not None and start == 0:  # the start is a candidate: never end below it
         with blas_threads(1):
             best_acc, best_loss = validate()
         best_epoch = 0
         history.append({"epoch": 0, "val_top1": best_acc, "val_loss": best_loss})
-    # small GEMMs: one BLAS thread (threadpoolctl, when installed) — 2.7 s an epoch on Flowers-102 against 33 s
-    # with 2 OpenBLAS threads while another process held one of the 2 cores (docs/classify.md)
+    # small GEMMs: one BLAS thread (threadpoolctl, when installed) — an order of magnitude faster than 2 OpenBLAS
+    # threads while another process holds a core (figures: docs/classify.md)
     with blas_threads(1):
         for epoch in range(start, cfg.epochs):
             t_epoch = time.perf_counter()
@@ -364,6 +406,9 @@ def evaluate_classifier(params: dict, meta: dict, image: np.ndarray, search: np.
 # ----------------------------------------------------------------------------------------------
 
 
+_JSON_ENTRY = ArraySpec((None,), np.uint8, max_bytes=64 << 20)  # a JSON blob (meta / info): KBs in practice
+
+
 def save_classifier(path: str | os.PathLike, params: dict, meta: dict) -> None:
     """One ``.npz``: ``param.<name>`` arrays + ``meta`` (JSON as uint8 bytes; no pickle), written atomically."""
     arrays = {f"param.{n}": np.asarray(a) for n, a in params.items()}
@@ -373,7 +418,7 @@ def save_classifier(path: str | os.PathLike, params: dict, meta: dict) -> None:
 
 def load_classifier(path: str | os.PathLike) -> tuple[dict, dict]:
     """``(params, meta)`` of a file from :func:`save_classifier`, checked against the configuration it records."""
-    z = load_npz(path)
+    z = load_npz(path, only=["meta"], expect={"meta": _JSON_ENTRY})  # the meta says which arrays to expect
     try:
         meta = json.loads(bytes(z["meta"]).decode())
     except (KeyError, ValueError):
@@ -391,6 +436,9 @@ def load_classifier(path: str | os.PathLike) -> tuple[dict, dict]:
                                     f"expected classes={dims['classes']}")
     except (KeyError, TypeError) as exc:
         raise ParamsFormatError(f"{path}: meta lacks a valid entry ({exc})") from None
+    # each array's header is checked against its expected shape before any data is read
+    z = load_npz(path, expect={"meta": _JSON_ENTRY, **{f"param.{n}": ArraySpec(tuple(shape), kind="f")
+                                                       for n, shape in expect.items()}})
     params = {}
     for n, shape in expect.items():
         a = z.get(f"param.{n}")

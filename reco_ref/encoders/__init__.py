@@ -1,4 +1,4 @@
-"""Encoders: a frozen image/text encoder pair on ONNX Runtime (issue 4).
+"""Encoders: a frozen image/text encoder pair on ONNX Runtime.
 
 Public API::
 

@@ -31,30 +31,51 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    """An optional JSON object file: absent -> {}; anything else that is not a JSON object -> one named error
+    (a folder, a device, a pipe or a broken link in its place is refused, not read as "absent": the defaults
+    would then silently describe another model)."""
+    from ..paths import file_problem
+
+    if not path.exists() and not path.is_symlink():
         return {}
+    problem = file_problem(path)
+    if problem:
+        raise EncoderConfigError(f"{path}: {problem}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EncoderConfigError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise EncoderConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(obj, dict):
+        raise EncoderConfigError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
 
 
 def _edge(value, key: str, path: Path) -> int:
     """HF sizes are an int or a dict (shortest_edge / height+width)."""
-    if isinstance(value, int):
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if whole(value):
         return value
     if isinstance(value, dict):
-        if "shortest_edge" in value:
-            return int(value["shortest_edge"])
-        if value.get("height") == value.get("width") and "height" in value:
-            return int(value["height"])
-    raise EncoderConfigError(f"{path}: field '{key}': expected an int, {{'shortest_edge': n}} or a square height/width, found {value!r}")
+        if whole(value.get("shortest_edge")):
+            return value["shortest_edge"]
+        if value.get("height") == value.get("width") and whole(value.get("height")):
+            return value["height"]
+    raise EncoderConfigError(f"{path}: field '{key}': expected an int, {{'shortest_edge': n}} or a square height/width, found {value!r:.80}")
+
+
+def _session(onnx_path: Path):
+    """A CPU session of a graph, or one named error (a damaged or foreign file is not a bug)."""
+    from .onnx_pair import make_session
+
+    return make_session(onnx_path, None, ["CPUExecutionProvider"])
 
 
 def _output_dim(onnx_path: Path, output: str) -> int | None:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = _session(onnx_path)
     for o in sess.get_outputs():
         if o.name == output:
             d = o.shape[-1]
@@ -63,31 +84,39 @@ def _output_dim(onnx_path: Path, output: str) -> int | None:
 
 
 def _input_names(onnx_path: Path) -> list[str]:
-    import onnxruntime as ort
-
-    return [i.name for i in ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_inputs()]
+    return [i.name for i in _session(onnx_path).get_inputs()]
 
 
 def hf_clip_config(folder: str | Path, *, vision: str = "vision_model.onnx", text: str = "text_model.onnx",
                    name: str | None = None) -> dict:
     """Build (and validate) the ``encoder.json`` dict for a Hugging Face ONNX CLIP folder."""
+    from ..paths import file_problem
+
     folder = Path(folder)
     for f in (vision, text):
-        if not (folder / f).is_file():
-            raise EncoderConfigError(f"{folder / f}: graph file not found")
+        problem = file_problem(folder / f)
+        if problem:
+            raise EncoderConfigError(f"{folder / f}: {'graph file not found' if problem == 'no such file' else problem}")
     pp_path = folder / "preprocessor_config.json"
     pp = _read_json(pp_path)
     model_cfg = _read_json(folder / "config.json")
     crop = _edge(pp.get("crop_size", 224), "crop_size", pp_path)
     shortest = _edge(pp.get("size", crop), "size", pp_path)
     resample = pp.get("resample", 3)
-    if resample not in _PIL_RESAMPLE:
-        raise EncoderConfigError(f"{pp_path}: field 'resample': expected a PIL filter id in {sorted(_PIL_RESAMPLE)}, found {resample!r}")
+    if isinstance(resample, bool) or not isinstance(resample, int) or resample not in _PIL_RESAMPLE:
+        raise EncoderConfigError(f"{pp_path}: field 'resample': expected a PIL filter id in {sorted(_PIL_RESAMPLE)}, found {resample!r:.80}")
     dim = _output_dim(folder / vision, "image_embeds") or model_cfg.get("projection_dim")
     if not isinstance(dim, int):
         raise EncoderConfigError(f"{folder}: embed dim unknown (image_embeds has a symbolic last dim and config.json has no projection_dim)")
     text_inputs = _input_names(folder / text)
-    context = model_cfg.get("text_config", {}).get("max_position_embeddings", 77)
+    text_cfg = model_cfg.get("text_config", {})
+    context = text_cfg.get("max_position_embeddings", 77) if isinstance(text_cfg, dict) else None
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+        raise EncoderConfigError(f"{folder / 'config.json'}: field 'text_config.max_position_embeddings': expected a "
+                                 f"positive integer, found {context!r:.80}")
+    for key in ("image_mean", "image_std"):
+        if key in pp and not isinstance(pp[key], list):
+            raise EncoderConfigError(f"{pp_path}: field '{key}': expected a list of 3 numbers, found {pp[key]!r:.80}")
     cfg = {
         "format_version": 1,
         "name": name or folder.resolve().name,

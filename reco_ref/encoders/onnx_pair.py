@@ -351,8 +351,9 @@ class EncoderPair:
     def _prepare_one(self, item: ImageItem) -> np.ndarray:
         """Decode + resize + crop one image -> uint8 [C,C,3] (runs in the decode threads)."""
         im = self.config.image
-        rgb = decode_image(item, max_pixels=self.max_pixels, exif_transpose=im.exif_transpose, alpha=im.alpha)
-        return crop_bytes(rgb, im)
+        # reduced right after decoding, inside the decode's memory reservation (a huge JPEG decoded at a DCT scale)
+        return decode_image(item, max_pixels=self.max_pixels, exif_transpose=im.exif_transpose, alpha=im.alpha,
+                            shortest=im.resize_shortest, finish=lambda rgb: crop_bytes(rgb, im))
 
     def preprocess(self, items: Sequence[ImageItem], on_error: str = "raise", start: int = 0):
         """Decode + preprocess: (pixels float32 [M,...] in the graph layout or None, ok_index list, errors list).

@@ -5,7 +5,8 @@ Files written for ``--out emb.npy`` (every write atomic, through :mod:`reco_ref.
     emb.npy            float32 [M,D]   L2-normalised embeddings, one row per item that worked
     emb.keys.npy       float32 [M,Dk]  image search keys (image runs of a pair with image.key_output)
     emb.ok_index.npy   int64   [M]     position in the item list of each row (images; texts keep all rows)
-    emb.items.txt                      the item list, one per line (images: resolved paths; texts: not written)
+    emb.items.txt                      the item list, one per line (images: resolved paths; texts: not written);
+                                       a name holding a line break or control character is refused
     emb.meta.json                      model name + fingerprint, dims, counts, the errors (index, item, message)
     emb.parts/                         while running: plan.json + chunk_000000.npz ...; removed at the end
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +28,7 @@ import numpy as np
 
 from ..errors import RecoError
 from ..io import atomic_save_npy, atomic_save_npz, atomic_write_json, atomic_write_text, load_npz
+from ..paths import printable
 from .images import ImageError, list_images
 
 
@@ -55,13 +58,38 @@ def read_image_list(source: str | Path) -> list[Path]:
 
 def read_text_lines(path: str | Path) -> list[str]:
     """One text per line (UTF-8); the final newline does not make an extra empty text."""
+    from ..paths import file_problem
+
     p = Path(path)
-    if not p.is_file():
+    problem = file_problem(p)  # a folder, a device or a named pipe is named as such, not called missing
+    if problem == "no such file":
         raise FileNotFoundError(f"{p}: no such texts file")
+    if problem:
+        raise RecoError(f"{p}: {problem}; expected a UTF-8 text file, one text per line")
     try:
         return p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise RecoError(f"{p}: not UTF-8 text ({exc})") from None
+
+
+# characters that end a line for str.splitlines (\n \r \x0b \x0c \x1c-\x1e \x85 \u2028 \u2029) or are other
+# control characters, and lone surrogates (an undecodable file name: not writable as UTF-8)
+_NOT_IN_A_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def check_item_names(names: Sequence[str]) -> None:
+    """Refuse image names that the one-name-per-line ``.items.txt`` sidecar cannot hold.
+
+    A name with a line break used to split into two lines (every later line then names the wrong row of
+    ``.ok_index.npy``), and one with an undecodable byte stopped the run at its very end.  Checked before
+    anything is written; the message shows the name escaped.
+    """
+    for i, name in enumerate(names):
+        m = _NOT_IN_A_LINE.search(name)
+        if m:
+            ch = m.group().encode("unicode_escape", "backslashreplace").decode("ascii")
+            raise RecoError(f"item {i} {printable(name)!s:.300}: the name holds {ch} (a line break, control character "
+                            "or undecodable byte); the .items.txt sidecar lists one name per line: rename the file")
 
 
 def _items_digest(items: Sequence[str]) -> str:
@@ -100,6 +128,8 @@ def encode_to_file(enc, items: Sequence, out: str | Path, *, kind: str, chunk_si
         raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
     out = Path(out)
     names = [str(x) for x in items]
+    if kind == "images":
+        check_item_names(names)
     with_keys = kind == "images" and bool(enc.config.image.key_output)
     plan = {"kind": kind, "model": enc.name, "fingerprint": enc.fingerprint, "n_items": len(names),
             "items_sha256": _items_digest(names), "chunk_size": chunk_size}

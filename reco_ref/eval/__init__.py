@@ -1,4 +1,4 @@
-"""Evaluation (spec §4): zero-shot classification and image↔text retrieval with a memory, side by side.
+"""Evaluation (docs/reco.md §4): zero-shot classification and image↔text retrieval with a memory, side by side.
 
 Modules: :mod:`.data` (dataset manifests, split embeddings, overlap with a memory, memory rows → classes, demo
 datasets), :mod:`.metrics` (top-k, mean per-class recall, k-NN vote, Recall@K), :mod:`.templates` (prompt template

@@ -70,15 +70,30 @@ def _eval_mlp(w: dict, ev: dict, k: int) -> dict:
 
 def run_ablation(sources: Sequence[dict], val: Sequence[Any], ev: dict, out: str | Path, config, *,
                  small_memory: Any = None, ks: Sequence[int] = (1, 5, 10, 20, 50), arms: Sequence[str] = ARMS,
-                 meta: dict | None = None, progress: bool = True, command: str | None = None) -> dict:
+                 meta: dict | None = None, progress: bool = True, command: str | None = None,
+                 note: Any = None) -> dict:
     """Train and evaluate every arm; write ``OUT/ablations.json`` and ``OUT/ablations.md``; return the result.
 
     ``ev`` = ``{"memory", "image" [N,D], "keys" [N,Dk] | None, "labels" [N], "class_emb" [C,D], "class_names",
     "name"}`` — the evaluated dataset. ``sources`` / ``val`` / ``config`` as :func:`reco_ref.train.loop.train`.
+
+    Every k evaluated is capped at the evaluated memory's rows (a row's ``k`` is the k used, ``k_requested`` the
+    one asked for); ``note`` (e.g. a print to stderr) is told once per capped value. An evaluated memory of 0 rows
+    is refused before any arm trains.
     """
     from dataclasses import replace
 
+    from ..checks import cap_k, memory_rows
+    from ..train.checkpoint import run_lock
     from ..train.loop import step0_weights, train
+
+    memory_rows(ev["memory"])  # before hours of training, not after
+    noted: set[int] = set()
+
+    def used_k(k: int) -> int:  # the k a row is evaluated with; the cap said once per value
+        first = k not in noted
+        noted.add(k)
+        return cap_k(k, ev["memory"], note=note if first else None)
 
     bad = [a for a in arms if a not in ARMS]
     if bad:
@@ -91,13 +106,18 @@ def run_ablation(sources: Sequence[dict], val: Sequence[Any], ev: dict, out: str
 
     def fit(name: str, cfg, srcs) -> Any:
         run = out / f"arm-{name}"
-        return train(srcs, run, cfg, val=val, meta=meta, resume=(run / "checkpoint.npz").exists(),
-                     progress=progress).best
+        with run_lock(run):  # a second ablate (or train) on the same arm stops at once instead of mixing files
+            return train(srcs, run, cfg, val=val, meta=meta, resume=(run / "checkpoint.npz").exists(),
+                         progress=progress).best
 
     def row(arm: str, variant: str, cfg, k: int, r: dict, memory_at_training: str = "100 %") -> None:
+        k_used = used_k(k)
+        if k_used < k:
+            variant += f"; k capped at the memory's {k_used} rows"
         rows.append({"arm": arm, "variant": variant, "model": cfg.model, "search": cfg.search, "fuse": cfg.fuse,
-                     "k": k, "memory_at_training": memory_at_training, **{f"{m}": r["reco"][m] for m in
-                     ("top1", "top5", "mean_per_class_recall")}, "frozen_top1": r["frozen"]["top1"],
+                     "k": k_used, "k_requested": int(k), "memory_at_training": memory_at_training,
+                     **{f"{m}": r["reco"][m] for m in ("top1", "top5", "mean_per_class_recall")},
+                     "frozen_top1": r["frozen"]["top1"],
                      "surrogate_top1": (r.get("surrogate") or {}).get("top1"),
                      "knn_vote_top1": (r.get("knn_vote") or {}).get("top1")})
 
@@ -130,7 +150,7 @@ def run_ablation(sources: Sequence[dict], val: Sequence[Any], ev: dict, out: str
             d = type(config)()
             extra = dict(lr=min(config.lr, d.lr), weight_decay=d.weight_decay)
         cfg = replace(config, model="mlp", search="uni", fuse="cross", init="identity", relevance=False,
-                      train_groups="all", **extra)
+                      train_groups="all", hold_threshold=False, **extra)
         w = fit("mlp", cfg, sources)
         row("mlp", "equal-size MLP control", cfg, cfg.k, _eval_mlp(w, ev, cfg.k))
     if "small_memory" in arms:
@@ -157,18 +177,33 @@ def ablation_markdown(result: dict) -> str:
     return title + markdown_table(header, body) + cmd
 
 
+def _eval_rows(a: Any, path: str, n: int, dim: int, split: str) -> np.ndarray:
+    """Precomputed eval-split vectors (``--eval-embeddings`` / ``--eval-keys``): ``[n, dim]`` float unit rows."""
+    from ..memory.search import check_queries
+
+    a = np.asarray(a)
+    if a.ndim != 2 or a.dtype.kind != "f":
+        raise RecoError(f"{path}: expected a 2-D float array [{n}, {dim}] (one row per {split} image), found "
+                        f"{a.dtype} {a.shape}")
+    if a.shape[0] != n:
+        raise RecoError(f"{path}: {a.shape[0]} rows, the {split} split has {n}")
+    try:
+        return check_queries(a, dim, "eval memory")
+    except RecoError as exc:
+        raise RecoError(f"{path}: {exc}") from None
+
+
 def ablate_command(a: argparse.Namespace) -> dict:
     """``reco-ref ablate``: parse-level objects → :func:`run_ablation`."""
+    from ..checks import memory_rows
     from ..io import load_npy
     from ..memory import Memory
     from ..memory.producers import load_encoder
-    from ..train.commands import config_from_args
-    from ..train.commands import sources_from_args, val_sets_from_args
+    from ..train.commands import check_config, config_from_args, sources_from_args, val_sets_from_args
     from .data import embed_split, read_split
     from .templates import class_embeddings, resolve_templates
 
-    cfg = config_from_args(a)
-    cfg.check()
+    cfg = check_config(config_from_args(a))
     try:
         ks = [int(x) for x in a.ks.split(",") if x.strip()]
     except ValueError:
@@ -178,24 +213,32 @@ def ablate_command(a: argparse.Namespace) -> dict:
     arms = list(ARMS) if a.arms == "all" else [x.strip() for x in a.arms.split(",") if x.strip()]
     encoder = load_encoder(a.model)
     sources = sources_from_args(a)
+    check_config(cfg, dim=int(sources[0]["pairs"].dim))  # --heads must divide the width, before any arm trains
     val = val_sets_from_args(a, encoder)
     mem = Memory.open(a.eval_memory, verify="size")
+    memory_rows(mem)
     split = read_split(a.eval_dataset, a.eval_split)
     if a.eval_embeddings:
-        image = np.asarray(load_npy(a.eval_embeddings), np.float32)
-        keys = np.asarray(load_npy(a.eval_keys), np.float32) if a.eval_keys else None
-        if image.shape[0] != len(split):
-            raise RecoError(f"{a.eval_embeddings}: {image.shape[0]} rows, the {a.eval_split} split has {len(split)}")
-        if keys is not None and keys.shape[0] != len(split):
-            raise RecoError(f"{a.eval_keys}: {keys.shape[0]} rows, the {a.eval_split} split has {len(split)}")
+        # checked here, before any arm trains: a wrong file used to surface after the training, as a dim error or
+        # a "fusion output not finite" (an integer array of zeros), or as a row count (a 1-D array)
+        image = _eval_rows(load_npy(a.eval_embeddings), a.eval_embeddings, len(split), mem.dim, a.eval_split)
+        keys = None
+        if mem.key_dim is not None:
+            if not a.eval_keys:
+                raise RecoError(f"{mem.root} indexes images by search keys (key_dim {mem.key_dim}): pass --eval-keys "
+                                "with the eval split's image keys beside --eval-embeddings")
+            keys = _eval_rows(load_npy(a.eval_keys), a.eval_keys, len(split), mem.key_dim, a.eval_split)
     else:
         image, keys = embed_split(split, encoder, progress=not a.no_progress)
     _, templates = resolve_templates(None, a.eval_dataset)
     ev = {"memory": mem, "image": image, "keys": keys, "labels": split.labels, "name": str(a.eval_dataset),
           "class_names": split.class_names, "class_emb": class_embeddings(encoder, split.class_names, templates)}
     small = Memory.open(a.small_memory, verify="size") if a.small_memory else None
+    if small is not None:
+        memory_rows(small)
     meta = {"command": "reco-ref " + " ".join(sys.argv[1:])}
     res = run_ablation(sources, val, ev, a.out, cfg, small_memory=small, ks=ks, arms=arms, meta=meta,
-                       progress=not a.no_progress, command=meta["command"])
+                       progress=not a.no_progress, command=meta["command"],
+                       note=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps({"out": str(Path(a.out) / "ablations.md"), "rows": len(res["rows"])}))
     return res

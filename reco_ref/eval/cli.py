@@ -7,7 +7,13 @@ import json
 import math
 import sys
 
+from ..checks import int_option
 from ..checks import positive_int as _positive
+from ..paths import add_overwrite_option, check_output_dir, check_output_files
+
+#: the files ``demo`` and ``ablate`` write at the top of their output folder (checked before any work)
+DEMO_FILES = ("results.json", "neighbours.png", "comparison.png")
+ABLATE_FILES = ("ablations.json", "ablations.md")
 
 
 def _number_in(lo: float, hi: float, lo_open: bool, what: str):
@@ -32,6 +38,8 @@ _cosine = _number_in(-1.0, 1.0, True, "a cosine in (-1, 1]")
 def _run_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if a.out is not None:  # the default is a new temporary folder
+        check_output_dir(a.out, DEMO_FILES, overwrite=a.overwrite)
     run_demo(out_dir=a.out, data=a.data, k=a.k, backend=a.backend, seed=a.seed, quiet=a.quiet, limit=a.limit,
              memory_limit=a.memory_limit, encoder=a.model, threads=a.threads, fusion=a.fusion,
              compare=not a.no_compare)
@@ -66,6 +74,10 @@ def _run_eval(a: argparse.Namespace) -> int:
 
         raise RecoError("give exactly one of --dataset MANIFEST.csv (zero-shot classification) or --pairs PAIRS.csv "
                         "(image-text retrieval)")
+    check_output_files([p for p in (a.json, a.markdown, a.png) if p], overwrite=a.overwrite,
+                       what="--json/--markdown/--png")
+    if a.cache not in (None, "", "off", "0"):  # the cache folder is written too: never inside a memory
+        check_output_dir(a.cache, (), what="--cache")
     if a.pairs is not None:
         return _run_retrieval(a, say)
     result = evaluate_dataset(a.memory, a.dataset, a.split, fusion=a.fusion, mode=a.mode, k=a.k, alpha=a.alpha,
@@ -100,31 +112,36 @@ def _run_retrieval(a: argparse.Namespace, say) -> int:
 # --------------------------------------------------------------------------------------------- query
 def _run_query(a: argparse.Namespace) -> int:
     from ..io import atomic_write_json
+    from ..paths import printable
     from .evaluate import query, read_class_names
 
     if a.classes and a.class_names:
         from ..errors import RecoError
 
         raise RecoError("give --classes or --class-names, not both")
+    if a.json and a.json != "-":
+        check_output_files([a.json], overwrite=a.overwrite, what="--json")
     names = read_class_names(a.classes or a.class_names) if (a.classes or a.class_names) else None
     r = query(a.memory, image=a.image, text=a.text, fusion=a.fusion, class_names=names, k=a.k, top=a.top,
               templates=a.templates, model=a.model, backend=a.backend, threads=a.threads, profile=a.profile,
-              classes_manifest=a.classes)
+              classes_manifest=a.classes, say=lambda s: print(s, file=sys.stderr, flush=True),
+              class_text=a.class_text)
     if a.json == "-":
         print(json.dumps(r, indent=1, ensure_ascii=False))
         return 0
     if a.json:
         atomic_write_json(a.json, r)
-    print(f"{r['modality']} query {r['query']!r}: {len(r['neighbours'])} neighbours in {r['memory']} "
-          f"(fusion {r['fusion']})")
+    # captions and sources come from the memory, class names from a file: printed escaped (paths.printable)
+    print(f"{r['modality']} query {r['query']!r}: {len(r['neighbours'])} neighbours in {printable(r['memory'])} "
+          f"(fusion {printable(r['fusion'])})")
     for nb in r["neighbours"]:
-        print(f"  {nb['score']:.3f}  row {nb['row']:<7d} {str(nb['caption'])[:70]!r}  {nb['source']}")
+        print(f"  {nb['score']:.3f}  row {nb['row']:<7d} {str(nb['caption'])[:70]!r}  {printable(nb['source'])}")
     if "frozen_top" in r:
         refined = r.get("reco_top") or [None] * len(r["frozen_top"])
         print(f"  {'frozen top classes':36s} {'refined (RECO) top classes' if r.get('reco_top') else ''}")
         for f, g in zip(r["frozen_top"], refined):
-            right = f"{g['score']:.3f} {g['class'][:29]}" if g else ""
-            print(f"  {f['score']:.3f} {f['class'][:29]:30s} {right}")
+            right = f"{g['score']:.3f} {printable(g['class'][:29])}" if g else ""
+            print(f"  {f['score']:.3f} {printable(f['class'][:29]):30s} {right}")
     if "profile" in r:
         from .latency import format_profile
 
@@ -148,7 +165,8 @@ def register(subparsers) -> None:
     p.add_argument("-k", type=_positive, default=10, help="neighbours per query (default 10)")
     p.add_argument("--backend", default="numpy", choices=("numpy", "numba", "cuda"), help="fusion backend")
     p.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fusion init and the --data subsets")
+    p.add_argument("--seed", type=int_option(0, 2**32 - 1), default=0,
+                   help="seed of the fusion init and the --data subsets, 0 … 2³²−1")
     p.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
     p.add_argument("--fusion", help="trained RECO weights .npz shown beside the untrained layers (default: the "
                                     "shipped weights when present; 'none': untrained only)")
@@ -156,6 +174,7 @@ def register(subparsers) -> None:
                    help="skip step 6 (the flag memory weights/demo-entities and the frozen / RECO / surrogate / "
                         "1-NN / k-NN comparison on flags and clip-art, comparison.png)")
     p.add_argument("--quiet", action="store_true", help="print nothing (results.json is still written)")
+    add_overwrite_option(p, what="OUT's results.json and pictures")
     p.set_defaults(func=_run_demo)
 
     e = subparsers.add_parser(
@@ -195,6 +214,7 @@ def register(subparsers) -> None:
     e.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--quiet", action="store_true", help="print nothing (files are still written)")
+    add_overwrite_option(e, what="the --json/--markdown/--png files")
     e.set_defaults(func=_run_eval)
 
     q = subparsers.add_parser(
@@ -210,7 +230,12 @@ def register(subparsers) -> None:
     q.add_argument("--class-names", help="text file, one class name per line")
     q.add_argument("--templates", default=None, help="template set or file for the class embeddings (default: the set "
                    "eval uses for the --classes dataset, else generic)")
-    q.add_argument("-k", "--k", type=_positive, default=10, help="neighbours (default 10)")
+    q.add_argument("--class-text", metavar="FILE",
+                   help="precomputed class text (reco-ref class-text): its classes are ranked, and --fusion may hold "
+                        "φ_I alone (reco-ref export-image-weights); refused when made for other weights, encoder, "
+                        "memory or k")
+    q.add_argument("-k", "--k", type=_positive, default=None, help="neighbours (default 10, or the --class-text "
+                                                                   "file's)")
     q.add_argument("--top", type=_positive, default=5, help="classes listed (default 5)")
     q.add_argument("--json", help="write the result JSON here ('-' : JSON to stdout only)")
     q.add_argument("--backend", default="numpy", choices=("numpy", "numba", "cuda"), help="fusion backend")
@@ -219,6 +244,7 @@ def register(subparsers) -> None:
     q.add_argument("--profile", action="store_true",
                    help="time the photo's trip step by step (decode, preprocess, image graph, search, fusion, scoring) at "
                         "batch 1 and per image at batch 64")
+    add_overwrite_option(q, what="the --json file")
     q.set_defaults(func=_run_query)
     register_ablate(subparsers)
 
@@ -226,6 +252,9 @@ def register(subparsers) -> None:
 def _run_ablate(a: argparse.Namespace) -> int:
     from .ablate import ablate_command
 
+    # the arms' run folders (OUT/arm-*) resume from their checkpoints; the tables at the top are replaced only
+    # when told to
+    check_output_dir(a.out, ABLATE_FILES, overwrite=a.overwrite)
     ablate_command(a)
     return 0
 
@@ -250,5 +279,6 @@ def register_ablate(subparsers) -> None:
     p.add_argument("--ks", default="1,5,10,20,50", help="k values evaluated (default 1,5,10,20,50)")
     p.add_argument("--arms", default="all", help="comma list of arms: search_fuse,k,mlp,small_memory (default all)")
     p.add_argument("--out", required=True, help="output folder")
+    add_overwrite_option(p, what="OUT/ablations.json and OUT/ablations.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_ablate)

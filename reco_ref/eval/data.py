@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DatasetError, RecoError
-from ..io import atomic_save_npz, load_npz
+from ..io import ArraySpec, atomic_save_npz, load_npz
 # overlap detection by exact self-match lives with the training pairs (train may not import eval); re-exported
 from ..train.pairs import SELF_MATCH_COSINE, own_rows  # noqa: F401
 
@@ -65,6 +65,11 @@ def read_manifest_rows(path: str | os.PathLike) -> list[dict[str, str]]:
     if path.is_dir():
         path = path / "manifest.csv"
     if not path.is_file():
+        from ..paths import file_problem
+
+        problem = file_problem(path)
+        if problem != "no such file":  # a device, a pipe, a broken link: named as such, not "not found"
+            raise DatasetError(f"{path}: {problem}; expected a dataset manifest CSV")
         raise FileNotFoundError(f"dataset manifest not found: {path} (expected a CSV with columns "
                                 f"{','.join(MANIFEST_COLUMNS)})")
     try:
@@ -172,7 +177,10 @@ def embed_split(ds: Split, encoder: Any, *, cache_dir: str | os.PathLike | None 
         path = cache / f"emb-{_cache_key(ds.files, encoder.fingerprint)}.npz"
         if path.is_file():
             try:
-                z = load_npz(path)
+                z = load_npz(path, expect={  # headers checked against this split and encoder before any data is read
+                    "image": ArraySpec((len(ds), encoder.dim), kind="f"),
+                    "keys": ArraySpec((len(ds), getattr(encoder, "key_dim", None)), kind="f"),
+                    "meta": ArraySpec((None,), np.uint8, max_bytes=1 << 20)})
                 img = z["image"]
                 keys = z["keys"] if with_keys else None
                 if img.shape == (len(ds), encoder.dim) and (keys is None or keys.shape == (len(ds), encoder.key_dim)):

@@ -14,13 +14,13 @@ Steps (each a function below, each printed with its timing by :func:`run_demo`):
 2. :func:`step_memory` — :func:`reco_ref.memory.build_memory_from_arrays` writes an on-disk memory (npy + SQLite +
    one HNSW index per modality) from those arrays; :meth:`reco_ref.memory.Memory.open` validates it.
 3. :func:`step_search` — image→image: each query image's ``k`` nearest memory images, with their captions.
-4. :func:`step_fuse` (spec §1–§2) — each query is fed the *text* embeddings of its neighbours through
+4. :func:`step_fuse` (docs/reco.md §1–§2) — each query is fed the *text* embeddings of its neighbours through
    :func:`reco_ref.fusion.fusion_forward`; class prompts are fed the *image* embeddings of theirs. The fusion
    layers here are **untrained**: at initialisation they are the identity (``W_o, b_o, W_2, b_2, e_q = 0``),
    so ``refined == frozen``; the demo measures ``max |refined − frozen|`` instead of assuming it, and prints
-   the RECO loss (spec §3) that training would start from. :func:`step_trained` then refines the same queries
+   the RECO loss (docs/reco.md §3) that training would start from. :func:`step_trained` then refines the same queries
    and prompts with trained weights (``fusion=``, or the shipped ones when present) for comparison.
-5. :func:`step_evaluate` (spec §4) — zero-shot classification of the queries with one prompt per class,
+5. :func:`step_evaluate` (docs/reco.md §4) — zero-shot classification of the queries with one prompt per class,
    ``argmax_c ⟨v, t_c⟩``; the same with the (untrained, identity) fusion layers; and a retrieval baseline:
    the majority category of the ``k`` image→image neighbours (ties: larger summed cosine). Chance ``1/C``
    and the majority-class rate are printed beside them.
@@ -42,6 +42,7 @@ Data: ``data=None`` uses ``weights/demo/pairs.csv`` (``image,caption,category,la
 from __future__ import annotations
 
 import io
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,13 +50,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..checks import cap_k, check_int
 from ..errors import MemoryFormatError, RecoError
 from ..io import atomic_write_bytes, atomic_write_json
 from .data import manifest_data, shipped_data
 from .metrics import knn_vote, zero_shot
 from .report import short
 
-FUSION_HEADS = 8  # spec §2 default
+FUSION_HEADS = 8  # docs/reco.md §2 default
 IDENTITY_TOL = 1e-6  # |refined − frozen| at init: 0 up to float32 re-normalisation of a unit vector
 LOSS_BATCH = 256  # rows of the memory used for the "loss at initialisation" line (one training batch)
 
@@ -112,16 +114,11 @@ def figure(path: Path, examples: list[dict], n_cols: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------- steps
 def check_backend(backend: str) -> None:
-    """Refuse an unknown / uninstalled fusion backend, or ``cuda`` without a device, before any work."""
-    from ..fusion import get_backend
+    """Refuse an unknown / uninstalled fusion backend, or ``cuda`` without a device, before any work (the one
+    check ``train``, ``ablate``, ``eval`` and ``query`` use too: :func:`reco_ref.train.commands.check_backend`)."""
+    from ..train.commands import check_backend as check
 
-    get_backend(backend)  # BackendUnavailableError is a RecoError (one-line CLI error)
-    if backend == "cuda":
-        from numba import cuda
-
-        if not cuda.is_available():  # True under NUMBA_ENABLE_CUDASIM=1 (the simulator) as well
-            raise RecoError("fusion backend 'cuda': no usable CUDA device/driver (numba.cuda.is_available() is "
-                            "False); use --backend numpy or numba")
+    check(backend)
 
 
 def _steps_of(say: Say, total: int) -> Say:
@@ -235,7 +232,7 @@ def step_fuse(e: dict, s: dict, mem: Any, k: int, backend: str, seed: int, say: 
     t = time.perf_counter()
     phi_i = init_params(enc.dim, heads=FUSION_HEADS, seed=seed)  # φ_I
     phi_t = init_params(enc.dim, heads=FUSION_HEADS, seed=seed + 1)  # φ_T
-    # image query: image→image search, fed the neighbours' TEXT embeddings (spec §1, the paper's setting)
+    # image query: image→image search, fed the neighbours' TEXT embeddings (docs/reco.md §1, the paper's setting)
     r_txt, m_txt, _ = retrieve(mem, s["q_search"], "image", search="uni", fuse="cross", k=k)  # [Q,k,D], [Q,k]
     v_bar, _ = fusion_forward(phi_i, q_img, r_txt, mask=m_txt, backend=backend)  # [Q,D]
     # class prompt: text→text search, fed the neighbours' IMAGE embeddings
@@ -254,7 +251,7 @@ def step_fuse(e: dict, s: dict, mem: Any, k: int, backend: str, seed: int, say: 
         raise RecoError(f"identity at init violated: max |refined − frozen| = {max(d_img, d_txt):.2e} "
                         f"(expected <= {IDENTITY_TOL:.0e}: the untrained layer must return its query)")
     # the loss training would start from, on one batch of memory pairs (self-excluded: a row must not
-    # retrieve itself, spec §1)
+    # retrieve itself, docs/reco.md §1)
     n_mem = e["mem_img"].shape[0]
     sel = np.sort(np.random.default_rng(seed).permutation(n_mem)[:LOSS_BATCH])
     v_m, t_m = e["mem_img"][sel], e["mem_txt"][sel]  # [B,D]
@@ -380,7 +377,8 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
         temporary folder (kept, its path printed; every path printed and returned is absolute). An existing
         ``out_dir/memory`` is refused, never overwritten.
     data : None (the shipped sample, ``weights/demo``) or a dataset folder with ``manifest.csv``
-    k : neighbours per query
+    k : neighbours per query, capped at the memory's rows (``search.k`` in the result is the k used,
+        ``search.k_requested`` the one asked for; a note on stderr says when the cap applies)
     backend : fusion backend, ``"numpy"`` (the reference), ``"numba"`` or ``"cuda"``
     seed : seeds the fusion layers' initialisation and the ``--data`` subsets
     quiet : print nothing
@@ -403,6 +401,7 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     say = printer(quiet)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise RecoError(f"k: expected a positive integer, got {k!r}")
+    check_int("seed", seed, 0, 2**32 - 1, error=RecoError)  # numpy's generators refuse a negative seed, mid-demo
     check_backend(backend)  # before any encoding
     if fusion is not None and str(fusion) != "none":
         from ..train.weights import load_reco_weights
@@ -423,6 +422,8 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
 
     e = step_encode(ds, encoder, threads, say, timing)
     mem = step_memory(ds, e, mem_dir, say, timing)
+    # a memory of n rows has n neighbours to give (--memory-limit 4 and the default k = 10): every step uses min(k, n)
+    k_requested, k = k, cap_k(k, mem, note=None if quiet else lambda m: print(m, file=sys.stderr, flush=True))
     s = step_search(ds, e, mem, k, seed, n_show, say, timing)
     f = step_fuse(e, s, mem, k, backend, seed, say, timing)
     trained = step_trained(e, s, mem, k, backend, fusion, say, timing)
@@ -440,8 +441,8 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
         "encoder": {"name": enc.name, "fingerprint": enc.fingerprint, "dim": int(enc.dim),
                     "key_dim": None if enc.key_dim is None else int(enc.key_dim)},
         "timing_s": {key: round(v, 4) for key, v in timing.items()},
-        "search": {"k": k, "modality": "image->image", "neighbour_precision": s["precision"],
-                   "neighbour_precision_chance": s["chance_precision"]},
+        "search": {"k": k, "k_requested": k_requested, "modality": "image->image",
+                   "neighbour_precision": s["precision"], "neighbour_precision_chance": s["chance_precision"]},
         "fusion": {**f["summary"], "trained_weights": None if trained is None else trained["path"]},
         "eval": ev,
         "examples": [{**{kk: v for kk, v in ex.items() if kk != "image"},

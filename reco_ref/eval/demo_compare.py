@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import cap_k
 from ..errors import DatasetError
 from ..io import atomic_write_bytes
 from .metrics import knn_vote, zero_shot
@@ -72,6 +73,7 @@ def compare_methods(ds: dict, e: dict, mem: Any, k: int, weights: Any, backend: 
 
     y = ds["query_labels"]  # [Q]
     C = len(ds["class_names"])
+    k = cap_k(k, mem)  # the set's memory may hold fewer rows than k: what its search gives, and what is reported
     q_img, cls = e["q_img"], e["cls_txt"]  # [Q,D], [C,D]
     q_search = e["q_keys"] if e["q_keys"] is not None else q_img
     rows, scores, valid = mem.search(q_search, modality="image", k=k)  # [Q,k] each

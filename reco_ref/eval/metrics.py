@@ -1,5 +1,5 @@
-r"""Evaluation metrics (spec §4): zero-shot prediction, top-k accuracy, mean per-class recall, the k-NN label vote,
-and Recall@K for image↔text retrieval.
+r"""Evaluation metrics (docs/reco.md §4): zero-shot prediction, top-k accuracy, mean per-class recall, the k-NN
+label vote, and Recall@K for image↔text retrieval.
 
 Every ranking here breaks ties the same way: by score, then by the lower index (a stable sort of ``-scores``), so
 ``top-1`` is exactly ``argmax`` (NumPy's ``argmax`` returns the first maximum) and a tie never counts as a hit for
@@ -56,7 +56,7 @@ def rank_of(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def zero_shot(image_emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
-    """``argmax_c ⟨v, t_c⟩`` (spec §4): image_emb [N,D], class_emb [C,D] -> int64 [N]."""
+    """``argmax_c ⟨v, t_c⟩`` (docs/reco.md §4): image_emb [N,D], class_emb [C,D] -> int64 [N]."""
     return np.argmax(image_emb @ class_emb.T, axis=1).astype(np.int64)
 
 

@@ -1,4 +1,5 @@
-r"""Image↔text retrieval with a memory (spec §4): Recall@{1,5,10} both directions, each side optionally enhanced.
+r"""Image↔text retrieval with a memory (docs/reco.md §4): Recall@{1,5,10} both directions, each side optionally
+enhanced.
 
 For ``N`` image–caption pairs, image→text ranks the ``N`` captions for each image by ``⟨ṽ_i, t̃_j⟩`` and
 text→image ranks the images for each caption; pair ``i`` is relevant to query ``i``, and so is every pair whose
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import check_array
+from ..checks import cap_k, check_array
 from ..errors import ShapeError
 from .metrics import recall_at_k
 from .zeroshot import DEFAULT_ALPHA, MODES, surrogate_refine
@@ -44,7 +45,8 @@ def evaluate_retrieval(memory: Any, image: np.ndarray, text: np.ndarray, caption
     Returns
     -------
     dict — ``frozen`` ``{"image_to_text": {"R@1", "R@5", "R@10"}, "text_to_image": {...}}``, ``surrogate`` and
-    ``reco`` as ``{mode: that}`` for mode in image | text | both, ``n``, ``k``, ``alpha``.
+    ``reco`` as ``{mode: that}`` for mode in image | text | both, ``n``, ``k`` (used: at most the memory's rows),
+    ``k_requested``, ``alpha``.
     """
     from ..train.refine import refine
 
@@ -56,6 +58,7 @@ def evaluate_retrieval(memory: Any, image: np.ndarray, text: np.ndarray, caption
     cap = np.array(captions, dtype=object)
     relevant = cap[:, None] == cap[None, :]  # [N,N] bool: same caption text
     relevant |= np.eye(len(captions), dtype=bool)
+    k_requested, k = int(k), cap_k(k, memory)  # a memory of n rows gives at most n neighbours
     sq = keys if (keys is not None and memory.key_dim is not None) else image
     common = dict(k=k, search=search, fuse=fuse, exclude=exclude, batch_size=batch_size, exact=exact)
     refined = {"surrogate": {"image": surrogate_refine(memory, image, "image", alpha=alpha, search_queries=sq,
@@ -65,8 +68,8 @@ def evaluate_retrieval(memory: Any, image: np.ndarray, text: np.ndarray, caption
         refined["reco"] = {"image": refine(weights.image, memory, image, "image", search_queries=sq, backend=backend,
                                            **common)[0],
                            "text": refine(weights.text, memory, text, "text", backend=backend, **common)[0]}
-    out: dict = {"n": int(image.shape[0]), "k": int(k), "alpha": float(alpha), "frozen": _recalls(image, text, relevant),
-                 "reco": None}
+    out: dict = {"n": int(image.shape[0]), "k": int(k), "k_requested": k_requested, "alpha": float(alpha),
+                 "frozen": _recalls(image, text, relevant), "reco": None}
     for method, got in refined.items():
         out[method] = {m: _recalls(got["image"] if m in ("image", "both") else image,
                                    got["text"] if m in ("text", "both") else text, relevant)

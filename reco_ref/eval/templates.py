@@ -1,4 +1,4 @@
-r"""Prompt templates for zero-shot classification and the class embeddings they give (spec §4).
+r"""Prompt templates for zero-shot classification and the class embeddings they give (docs/reco.md §4).
 
 .. math::
 
@@ -12,7 +12,8 @@ again). ::
     name, templates = resolve_templates(None, "../shared/data/flowers102/manifest.csv")   # ("flowers", (...))
     t = class_embeddings(encoder, class_names, templates)                                  # [C, D] unit rows
 
-Template sets (``{}`` is replaced by the class name):
+Template sets (``{}`` is replaced by the class name; a template holds it exactly once, as a plain field: see
+:mod:`reco_ref.template_fmt`):
 
 * ``flowers`` — the one template CLIP's authors published for Oxford Flowers-102;
 * ``birds`` — the one template CLIP's authors published for Birdsnap (a bird-species set, used here for CUB);
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RecoError
+from ..template_fmt import CLASS_FIELDS, check_templates, fill_class, parse_class_template  # noqa: F401 (re-exported)
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "flowers": ("a photo of a {}, a type of flower.",),
@@ -51,18 +53,6 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
 
 #: substring of a dataset folder's lower-cased name → template set (first match wins)
 DATASET_HINTS: tuple[tuple[str, str], ...] = (("flower", "flowers"), ("cub", "birds"), ("bird", "birds"))
-
-
-def check_templates(templates: Any, where: str = "templates") -> tuple[str, ...]:
-    """Refuse an empty set or a template without exactly one ``{}`` (one-line :class:`RecoError`)."""
-    if isinstance(templates, str) or not templates:
-        raise RecoError(f"{where}: expected a non-empty list of templates, got {templates!r}")
-    out = []
-    for t in templates:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise RecoError(f"{where}: template {t!r} must contain '{{}}' exactly once (where the class name goes)")
-        out.append(t)
-    return tuple(out)
 
 
 def dataset_template_set(manifest: str | os.PathLike | None) -> str:
@@ -119,11 +109,11 @@ def class_embeddings(encoder: Any, class_names: list[str], templates: tuple[str,
     -------
     float32 [C, D], unit rows
     """
-    templates = check_templates(templates)
+    pieces = [parse_class_template(t) for t in check_templates(templates)]
     if not class_names:
         raise RecoError("class_names: expected at least one class")
-    C, J = len(class_names), len(templates)
-    texts = [t.replace("{}", c) for c in class_names for t in templates]  # C*J prompts, class-major
+    C, J = len(class_names), len(pieces)
+    texts = [fill_class(p, c) for c in class_names for p in pieces]  # C*J prompts, class-major
     emb = np.asarray(encoder.encode_texts(texts, batch_size=batch_size), np.float64)  # [C*J, D]
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     mean = emb.reshape(C, J, -1).mean(axis=1)  # [C, D]

@@ -1,4 +1,4 @@
-r"""Zero-shot classification with a memory, side by side (spec §4): frozen encoder, RECO, k-NN vote, surrogate.
+r"""Zero-shot classification with a memory, side by side (docs/reco.md §4): frozen encoder, RECO, k-NN vote, surrogate.
 
 .. math::
 
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import check_array
+from ..checks import cap_k, check_array
 from ..errors import RecoError, ShapeError
 from .metrics import classification_metrics, knn_vote_scores
 
@@ -72,7 +72,7 @@ def surrogate_refine(memory: Any, queries: np.ndarray, query_modality: str, *, a
 
     Returns
     -------
-    refined : float32 [N, D] unit rows ; rows : int64 [N, k] ; valid : bool [N, k]
+    refined : float32 [N, D] unit rows ; rows : int64 [N, k'] ; valid : bool [N, k'] — ``k' = min(k, len(memory))``
     """
     from ..train.refine import retrieve_for
 
@@ -81,6 +81,7 @@ def surrogate_refine(memory: Any, queries: np.ndarray, query_modality: str, *, a
     if not np.isfinite(alpha) or alpha < 0:
         raise RecoError(f"alpha: expected a finite number >= 0, got {alpha!r}")
     n, D = q.shape
+    k = cap_k(k, memory)  # the search gives min(k, rows) columns; the arrays below hold exactly those
     out = np.empty((n, D), np.float32)
     rows = np.empty((n, k), np.int64)
     valid = np.empty((n, k), bool)
@@ -124,9 +125,11 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
     keys : float32 [N, Dk] — the images' search keys where the memory indexes images by key
     weights : RecoWeights or None (``reco`` is then null)
     mode : none | image | text | both — which sides RECO and the surrogate enhance
-    k : neighbours per query (every method)
+    k : neighbours per query (every method), capped at the memory's rows (the result's ``k`` is the one used,
+        ``k_requested`` the one asked for)
     alpha : surrogate weight
-    search, fuse : retrieval combination (spec §1) for RECO and the surrogate; the vote always searches image→image
+    search, fuse : retrieval combination (docs/reco.md §1) for RECO and the surrogate; the vote always searches
+        image→image
     exclude : int64 [N] — the memory row holding each image itself (−1 none), from ``own_rows``
     labels_by_source : dataset manifest file → label (ties the memory's label column to the dataset)
     progress : callable(str) or None — told the name of each stage as it starts
@@ -135,7 +138,8 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
     -------
     dict — ``frozen``, ``reco``, ``surrogate``, ``knn_vote`` (each ``{"top1", "top5", "mean_per_class_recall"}``
     or None), ``knn_vote_labels`` (how the neighbours' classes were found, or why not), ``by_mode``, ``n``,
-    ``classes``, ``k``, ``mode``, ``alpha``, ``search``, ``fuse``, ``backend``, ``excluded_own_rows``, ``chance``.
+    ``classes``, ``k``, ``k_requested``, ``mode``, ``alpha``, ``search``, ``fuse``, ``backend``, ``excluded_own_rows``,
+    ``chance``.
     """
     from ..fusion import gated_scores
     from ..train.refine import refine
@@ -143,6 +147,7 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
     check_mode(mode)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise RecoError(f"k: expected a positive integer, got {k!r}")
+    k_requested, k = int(k), cap_k(k, memory)  # every method retrieves min(k, rows) neighbours
     image = check_array("image [N,D]", image, ndim=2)
     class_emb = check_array("class_emb [C,D]", class_emb, ndim=2)
     N, C = image.shape[0], class_emb.shape[0]
@@ -167,8 +172,8 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
 
         check_weights_match(weights, encoder_fingerprint=memory.fingerprint, dim=memory.dim, where="fusion weights")
 
-    out: dict = {"n": int(N), "classes": int(C), "k": int(k), "mode": mode, "alpha": float(alpha), "search": search,
-                 "fuse": fuse, "backend": backend, "chance": 1.0 / C,
+    out: dict = {"n": int(N), "classes": int(C), "k": int(k), "k_requested": k_requested, "mode": mode,
+                 "alpha": float(alpha), "search": search, "fuse": fuse, "backend": backend, "chance": 1.0 / C,
                  "excluded_own_rows": 0 if exclude is None else int((np.asarray(exclude) >= 0).sum())}
     out["frozen"] = classification_metrics(_scores(image, class_emb), labels, C)
 

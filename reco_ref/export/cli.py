@@ -1,5 +1,5 @@
-"""``reco-ref export-clip`` and ``export-fusion``: argument parsing only (logic: :mod:`reco_ref.export.clip`,
-:mod:`reco_ref.export.fusion`).
+"""``reco-ref export-clip`` and ``export-fusion``: argument parsing only
+(logic: :mod:`reco_ref.export.clip`, :mod:`reco_ref.export.fusion`).
 
 Registering the verbs imports nothing heavy; torch, open_clip and onnx are imported when a verb runs, and their
 absence is a one-line error naming the extra (``clip-export``, ``export``).
@@ -8,6 +8,10 @@ absence is a one-line error naming the extra (``clip-export``, ``export``).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..checks import int_option
+from ..paths import add_overwrite_option, check_output_dir, printable
 
 
 def register(sub) -> None:
@@ -22,8 +26,10 @@ def register(sub) -> None:
     e.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path (default: none = random init)")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--name", default=None, help="encoder name in encoder.json (default: derived from model/pretrained)")
-    e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    e.add_argument("--seed", type=int, default=0, help="torch seed for random init (pretrained none)")
+    e.add_argument("--opset", type=int_option(7, 30), default=17, help="ONNX opset, 7 … 30 (default 17)")
+    e.add_argument("--seed", type=int_option(0, 2**32 - 1), default=0,
+                   help="torch seed for random init (pretrained none), 0 … 2³²−1")
+    add_overwrite_option(e, what="OUT's image.onnx, text.onnx and encoder.json")
     e.set_defaults(func=_export_clip)
 
     p = sub.add_parser(
@@ -37,12 +43,26 @@ def register(sub) -> None:
     )
     p.add_argument("--fusion", required=True, metavar="WEIGHTS", help="fusion parameter set (.npz)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--modules", type=_module_list, default=None, metavar="LIST",
+                   help="comma list of the modules to export, e.g. 'image' for φ_I alone (default: all of the file's)")
+    add_overwrite_option(p, what="DIR's phi_*.onnx and fusion_onnx.json")
     p.set_defaults(func=_export_fusion)
+
+
+def _module_list(text: str) -> list[str]:
+    """An argparse type: a comma list of fusion module names (``image``, ``text``)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in ("image", "text")]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma list of image, text; got {text!r}")
+    return names
 
 
 def _export_clip(args: argparse.Namespace) -> int:
     from .clip import export_open_clip
 
+    # checked before torch is imported or a model built: the export writes these three files into OUT
+    check_output_dir(args.out, ("image.onnx", "text.onnx", "encoder.json"), overwrite=args.overwrite)
     cfg = export_open_clip(args.model, args.pretrained, args.out, name=args.name, opset=args.opset, seed=args.seed)
     print(f"{args.out}: exported {cfg['name']} (embed_dim {cfg['embed_dim']}); load it with reco_ref.encoders.load({args.out!r})")
     return 0
@@ -51,9 +71,15 @@ def _export_clip(args: argparse.Namespace) -> int:
 def _export_fusion(args: argparse.Namespace) -> int:
     from .fusion import MANIFEST, export_fusion
 
-    manifest = export_fusion(args.fusion, args.out)
-    for prefix, m in manifest["modules"].items():
-        print(f"{args.out}/{m['file']}: φ_{prefix} (D={m['dim']}, heads={m['heads']}, mlp_ratio={m['mlp_ratio']}, "
-              f"weights sha256 {m['params_sha256'][:12]})")
-    print(f"{args.out}/{MANIFEST}: manifest (extras: {', '.join(manifest['extras']) or 'none'})")
+    from ..io import require_file
+
+    # before the weights are read: the folder (export_fusion checks the graph files, named by the weights' modules)
+    # and the input (a named pipe would block the read, a device never end it)
+    check_output_dir(args.out, [MANIFEST], overwrite=args.overwrite)
+    require_file(Path(args.fusion))
+    manifest = export_fusion(args.fusion, args.out, overwrite=args.overwrite, modules=args.modules)
+    for prefix, m in manifest["modules"].items():  # module and extra names come from the weights file: escaped
+        print(printable(f"{args.out}/{m['file']}: φ_{prefix} (D={m['dim']}, heads={m['heads']}, "
+                        f"mlp_ratio={m['mlp_ratio']}, weights sha256 {m['params_sha256'][:12]})"))
+    print(printable(f"{args.out}/{MANIFEST}: manifest (extras: {', '.join(manifest['extras']) or 'none'})"))
     return 0

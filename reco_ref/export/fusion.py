@@ -1,4 +1,4 @@
-r"""Export the fusion layer φ (spec §2) to ONNX: one graph per module (φ_I, φ_T), inference only.
+r"""Export the fusion layer φ (docs/reco.md §2) to ONNX: one graph per module (φ_I, φ_T), inference only.
 
 ``reco-ref export-fusion --fusion WEIGHTS --out DIR`` writes
 
@@ -16,7 +16,7 @@ Each graph has three inputs and one output, all with a dynamic batch ``B`` and n
     mask      bool    [B, k]      True = a valid neighbour (pass all True for "no mask")
     out       float32 [B, D]      = reco_ref.fusion.fusion_forward(params, query, retrieved, mask)
 
-Only the query token's output row is read out (spec §2), so the graph computes, with
+Only the query token's output row is read out (docs/reco.md §2), so the graph computes, with
 :math:`a_0 = \mathrm{LN}_1(X)_{:,0}` and every head :math:`j`,
 
 .. math::
@@ -33,7 +33,7 @@ the MLP never reach row 0). The query token is always valid, so a row whose neig
 attends to itself alone. Masked neighbour slots are replaced by 0 inside the graph before anything
 reads them, so NaN/inf there has no effect (the NumPy front door does the same).
 
-**Relevance bias** (spec §2 "Relevance bias" [ours]). A module holding ``rel_beta, rel_gamma`` [h]
+**Relevance bias** (docs/reco.md §2 "Relevance bias" [ours]). A module holding ``rel_beta, rel_gamma`` [h]
 (``params.config.relevance``) gets a fourth input, after ``mask``::
 
     scores    float32 [B, k]      the score *features* f = (cos − center)/width, as the front door
@@ -67,13 +67,15 @@ from ..fusion import onnx_backend
 from ..fusion.onnx_backend import FORMAT, MANIFEST, params_digest
 from ..fusion.params import PARAM_NAMES, RELEVANCE_NAMES, FusionParams, load_param_set, relevance_of
 from ..io import atomic_write_bytes, atomic_write_json, sha256_file
+from ..train.weights import META_KEY
+from ..paths import check_output_dir
 
 __all__ = ["MANIFEST", "FORMAT", "OPSET", "params_digest", "fusion_model_bytes", "export_fusion", "attach_in_memory"]
 
 FORMAT_VERSION = 1
 #: Opset 17: LayerNormalization is a standard op from 17 on; ONNX Runtime ≥ 1.17 (our floor) runs it.
 OPSET = 17
-LN_EPS = 1e-5  # the reference's LN_EPS (spec §2)
+LN_EPS = 1e-5  # the reference's LN_EPS (docs/reco.md §2)
 #: What the ``scores`` input of a relevance graph holds (metadata ``scores``, manifest ``scores``).
 SCORES_DOC = "feature (cos - rel_center) / rel_width, float32 [B,k]; masked slots ignored"
 #: ... and for a module whose map comes from the searched memory (``FusionConfig.rel_source == "memory"``).
@@ -150,7 +152,7 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
 
     N = helper.make_node
     rel_nodes, s_biased = [], "S_scaled"
-    if rel is not None:  # spec §2 "Relevance bias": +gamma_h toward token 0, +beta_h * f_j toward neighbour j
+    if rel is not None:  # docs/reco.md §2 "Relevance bias": +gamma_h toward token 0, +beta_h * f_j toward neighbour j
         const("c_shape_h4", [1, h, 1, 1], np.int64)
         rel_nodes = [
             N("Where", ["mask", "scores", "c_zero"], ["f_clean"]),                # [B,k] masked slots -> 0
@@ -241,48 +243,84 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
     return model.SerializeToString()
 
 
-def export_fusion(weights: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+def weights_meta(weights: str | os.PathLike, raw: np.ndarray) -> dict:
+    """The JSON object a RECO weights file stores in its ``meta_utf8`` extra, checked as
+    :func:`~reco_ref.train.weights.load_reco_weights` checks it (:func:`~reco_ref.train.weights.decode_meta`)."""
+    from ..train.weights import decode_meta
+
+    return decode_meta(weights, raw)
+
+
+def export_fusion(weights: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                  modules: tuple[str, ...] | list[str] | None = None) -> dict:
     """Write every module of a fusion parameter set as an ONNX graph, plus the manifest.
 
     Parameters
     ----------
     weights : path of a set saved by :func:`reco_ref.fusion.save_param_set` (``image.*``, ``text.*``,
-        optional ``logit_scale``)
-    out_dir : output folder (created; files written atomically)
+        optional scalar extras such as ``logit_scale``), including RECO weights written by
+        :func:`reco_ref.train.weights.save_reco_weights` (``reco-ref train``'s ``best.npz`` / ``last.npz``, the shipped
+        ``fusion.npz``): their ``tau`` goes into ``extras``, their ``meta_utf8`` description into ``meta``
+    out_dir : output folder (created; files written atomically, only after every check has passed); never
+        inside a memory
+    overwrite : replace existing ``phi_*.onnx`` / ``fusion_onnx.json`` there (default: refuse, naming them)
+    modules : the modules to export, e.g. ``("image",)`` for φ_I alone (an edge device that ranks classes with
+        precomputed class text needs no φ_T); default every module of the set. The manifest lists only these,
+        so :func:`~reco_ref.fusion.onnx_backend.attach` pairs it with weights holding the same modules (φ_I alone:
+        :func:`reco_ref.eval.edge.save_image_weights`).
 
     Returns
     -------
     dict
-        The manifest written to ``out_dir/fusion_onnx.json``.
+        The manifest written to ``out_dir/fusion_onnx.json`` (with ``meta``, the weights' JSON description, when
+        they carry one).
 
     Raises
     ------
     ParamsFormatError
-        A bad weights file (named entry), a float64 set, or extras that are not scalars.
+        A bad weights file (named entry), a float64 set, extras that are not scalars (other than a valid
+        ``meta_utf8``); raised before anything is written.
     BackendUnavailableError
         ``onnx`` is not installed.
+    RecoError
+        ``out_dir`` lies inside a memory, or holds one of the outputs and ``overwrite`` is False.
     """
     _onnx()  # fail before reading anything when the tool itself is missing
-    modules, extras = load_param_set(weights)
+    wanted = None if modules is None else list(dict.fromkeys(modules))
+    if wanted is not None and not wanted:
+        raise ParamsFormatError("modules: expected at least one module name (e.g. image)")
+    loaded, extras = load_param_set(weights)
+    missing = [m for m in wanted or () if m not in loaded]
+    if missing:
+        raise ParamsFormatError(f"{weights}: no module {missing[0]!r} to export; it holds {sorted(loaded)}")
+    modules = loaded if wanted is None else {m: loaded[m] for m in wanted}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # every output checked and every graph built before the first write: a refusal or a bad weights file leaves
+    # DIR as it was (a user's own phi_image.onnx is replaced only with overwrite=True / --overwrite)
+    check_output_dir(out, [f"phi_{prefix}.onnx" for prefix in modules] + [MANIFEST], overwrite=overwrite)
+    blobs: dict[str, bytes] = {}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "opset": OPSET,
                 "source": os.path.basename(os.fspath(weights)), "source_sha256": sha256_file(weights),
                 "modules": {}, "extras": {}}  # fmt: skip
     for prefix, params in modules.items():
         fname = f"phi_{prefix}.onnx"
-        blob = fusion_model_bytes(params, name=f"phi_{prefix}")
-        atomic_write_bytes(out / fname, blob)
+        blobs[fname] = fusion_model_bytes(params, name=f"phi_{prefix}")
         entry = dict(params.config.to_json(), file=fname, params_sha256=params_digest(params))
         if params.config.relevance:  # the config's "relevance" holds {center, width}; say what the graph takes
             entry.update(inputs=["query", "retrieved", "mask", "scores"],
                          scores=SCORES_DOC_MEMORY if params.config.rel_source == "memory" else SCORES_DOC)
         manifest["modules"][prefix] = entry
     for name, a in extras.items():
+        if name == META_KEY:  # RECO weights (train's best.npz, the shipped set): the run's description, as JSON
+            manifest["meta"] = weights_meta(weights, a)
+            continue
         if a.size != 1:
             raise ParamsFormatError(f"{weights}: extra {name!r} has shape {a.shape}, expected a scalar for the manifest")
         manifest["extras"][name] = float(a.reshape(()))
-    atomic_write_json(out / MANIFEST, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    for fname, blob in blobs.items():
+        atomic_write_bytes(out / fname, blob)
+    atomic_write_json(out / MANIFEST, manifest)  # last: its presence says the export is complete
     return manifest
 
 

@@ -1,4 +1,4 @@
-"""The RECO fusion layer φ (spec §2): one pre-LN transformer encoder layer read out at the query token.
+"""The RECO fusion layer φ (docs/reco.md §2): one pre-LN transformer encoder layer read out at the query token.
 
 Front door. Validates inputs once, then dispatches to a backend module by name, found in the
 shared registry :mod:`reco_ref.backends` (the training losses use the same one):
@@ -31,8 +31,8 @@ Heads are config, not an array. :func:`init_params` and :func:`load_params` retu
 ``fusion_forward(params, q, r, mask)`` needs nothing else. ``heads=`` (keyword-only) overrides
 it; a plain dict without ``.heads`` must be given ``heads=``, else :class:`~reco_ref.errors.ShapeError`.
 
-Backend contract (``reference.py``, ``numba_cpu.py``, ``cuda/__init__.py`` are identical)
--------------------------------------------------------------------------------------------
+Backend contract (``reference.py``, ``numba_cpu/__init__.py``, ``cuda/__init__.py`` are identical)
+--------------------------------------------------------------------------------------------------
 ``fusion_forward(params, query, retrieved, mask=None, *, heads: int) -> (out, cache: dict)``
     ``heads`` arrives resolved (an int dividing D); ``mask`` is ``None`` (all valid) or bool
     ``[B, k]``; inputs are already validated (dtype = params dtype, finite, C-contiguous).
@@ -166,8 +166,8 @@ def score_features(params, scores, mask=None, *, dtype=None, score_map=None):
 
     Masked slots (``mask`` False) may hold anything (non-finite included) and become 0. Returns ``None`` for a
     module without the relevance bias. The map's centre and width come from the module's config
-    (:class:`FusionConfig`; see spec §2 "Relevance bias"), or from ``score_map = (center, width)`` — the searched
-    memory's map, which a module with ``config.rel_source == "memory"`` requires
+    (:class:`FusionConfig`; see docs/reco.md §2 "Relevance bias"), or from ``score_map = (center, width)`` — the
+    searched memory's map, which a module with ``config.rel_source == "memory"`` requires
     (:func:`reco_ref.memory.score_map.memory_score_map`)."""
     rel = relevance_of(params)
     if rel is None:
@@ -253,7 +253,7 @@ def resolve_score_map(params, score_map=None) -> tuple[float, float]:
 
 def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="numpy", scores=None,
                    score_map=None):
-    """Refine ``query`` with its retrieved neighbours (spec §2); validates, then dispatches.
+    """Refine ``query`` with its retrieved neighbours (docs/reco.md §2); validates, then dispatches.
 
     Parameters
     ----------
@@ -341,7 +341,7 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads=None, backend="
 
 
 def fusion_backward(params, cache, dout, *, backend=None, return_input_grads=False):
-    """Gradients of ``sum(dout * out)`` with respect to every parameter (spec §2 "Backward").
+    """Gradients of ``sum(dout * out)`` with respect to every parameter (docs/reco.md §2 "Backward").
 
     Parameters
     ----------

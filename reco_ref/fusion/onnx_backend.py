@@ -1,7 +1,7 @@
 r"""Fusion backend ``"onnx"``: φ's forward on ONNX Runtime (inference only; needs onnxruntime + numpy).
 
 The graph is the one :mod:`reco_ref.export.fusion` writes (``reco-ref export-fusion``): same inputs,
-``out = normalize(Y[:, 0])`` of spec §2, float32. This module only *runs* graphs (the fusion room imports
+``out = normalize(Y[:, 0])`` of docs/reco.md §2, float32. This module only *runs* graphs (the fusion room imports
 no build tool); a session is attached to a :class:`FusionParams` object in one of two ways:
 
 * **edge (no ``onnx`` package):** export once on a build machine, then at run time
@@ -18,7 +18,7 @@ Before each run the backend compares a cheap checksum of the 18 arrays (XOR of t
 integer pass) with the one taken when the session was attached, so editing the arrays in place afterwards
 (an optimiser step) is an error, never a stale answer.
 
-A module with the relevance bias (spec §2 "Relevance bias"; arrays ``rel_beta, rel_gamma`` [h]) has them in the
+A module with the relevance bias (docs/reco.md §2 "Relevance bias"; arrays ``rel_beta, rel_gamma`` [h]) has them in the
 digest and the checksum too (20 arrays), and its graph takes a fourth input ``scores`` float32 [B,k]: the score
 *features* ``(cos − center)/width`` that the front door (:func:`reco_ref.fusion.fusion_forward` with raw
 ``scores=``) makes and passes here. Called without ``scores``, such a module is refused by name.
@@ -80,7 +80,7 @@ def params_digest(params) -> str:
 
 
 def _checksum(params) -> tuple:
-    """XOR of every array's float32 bit patterns (one integer pass over the weights, ~0.5 ms for D=768).
+    """XOR of every array's float32 bit patterns (one integer pass over the weights).
 
     Any in-place edit changes it unless it flips the same bits twice (a swap of two equal-bit-pattern
     differences); every optimiser step, scaling or re-load changes it.
@@ -226,7 +226,7 @@ def clear_cache() -> None:
 def fusion_forward(params, query, retrieved, mask=None, *, heads, scores=None):
     r"""Forward of φ on ONNX Runtime; same contract as :func:`reco_ref.fusion.reference.fusion_forward`.
 
-    .. math:: \bar x = \mathrm{normalize}(Y_{:,0}) \quad \text{(spec §2; graph: reco_ref.export.fusion)}
+    .. math:: \bar x = \mathrm{normalize}(Y_{:,0}) \quad \text{(docs/reco.md §2; graph: reco_ref.export.fusion)}
 
     Parameters
     ----------

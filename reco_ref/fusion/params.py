@@ -38,7 +38,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import ParamsFormatError, RecoError
-from ..io import atomic_save_npz, load_npz
+from ..io import ArraySpec, EntryError, atomic_save_npz, load_npz
 
 __all__ = [
     "PARAM_NAMES",
@@ -70,7 +70,7 @@ PARAM_NAMES = (
     "e_query", "e_neighbor",
 )  # fmt: skip
 
-#: The optional relevance-bias parameters (spec §2 "Relevance bias" [ours]): per head, ``β [h]`` scales the
+#: The optional relevance-bias parameters (docs/reco.md §2 "Relevance bias" [ours]): per head, ``β [h]`` scales the
 #: search score of each neighbour in the attention logits toward it, ``γ [h]`` is the logit toward the query's own
 #: token. A module has them exactly when its config says ``relevance=True``; ``β = γ = 0`` is the paper's layer.
 RELEVANCE_NAMES = ("rel_beta", "rel_gamma")
@@ -204,7 +204,7 @@ class FusionParams(dict):
     def _stamped(self):
         """``(D, dtype)`` when the arrays are still exactly the stamped ones, else ``None``.
 
-        18 identity and attribute comparisons (~10 µs); holding the stamped objects means an id
+        18 identity and attribute comparisons (docs/performance.md); holding the stamped objects means an id
         can never be reused by another array while the stamp lives.
         """
         st = self._stamp
@@ -303,7 +303,7 @@ def config_shapes(config: FusionConfig) -> dict[str, tuple[int, ...]]:
     return param_shapes(config.dim, config.mlp_ratio, config.heads if config.relevance else None)
 
 
-#: Initialisation per name (spec §2, identity at init): zero makes the layer return its query.
+#: Initialisation per name (docs/reco.md §2, identity at init): zero makes the layer return its query.
 _ZERO_INIT = frozenset({"w_o", "b_o", "w_2", "b_2", "e_query"})
 _NORMAL_INIT = frozenset({"w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_1", "b_1", "e_neighbor"})
 INIT_STD = 0.02
@@ -318,9 +318,9 @@ def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=n
                 alpha: float = COPY_ALPHA, k: int = 10, relevance: bool = False, rel_beta: float = 1.0,
                 rel_gamma: float = 0.0, rel_center: float = REL_CENTER, rel_width: float = REL_WIDTH,
                 rel_source: str = "fixed") -> FusionParams:
-    r"""Fresh parameters (spec §2): the identity init (default) or the copy init [ours].
+    r"""Fresh parameters (docs/reco.md §2): the identity init (default) or the copy init [ours].
 
-    ``init="identity"`` (spec §2, required default): ``w_o, b_o, w_2, b_2, e_query`` are zero, so
+    ``init="identity"`` (docs/reco.md §2, required default): ``w_o, b_o, w_2, b_2, e_query`` are zero, so
     ``Y[:, 0] = x`` and the output is ``normalize(x)``; LayerNorm ``gamma = 1, beta = 0``; every other array
     ~ N(0, 0.02). Draws are made in float64 in :data:`PARAM_NAMES` order and then cast, so float32 and
     float64 sets from one seed agree.
@@ -335,7 +335,7 @@ def init_params(dim: int, heads: int, mlp_ratio: int = 4, seed: int = 0, dtype=n
     ``k + 1`` tokens the query token outputs about ``x + α·mean_j(r_j)`` (plus ``α/k·x``): the untrained
     surrogate ``normalize(v + α·mean)``, which the identity init cannot represent at step 0.
 
-    ``relevance=True`` adds ``rel_beta`` and ``rel_gamma`` [h] (spec §2 "Relevance bias"), filled with the
+    ``relevance=True`` adds ``rel_beta`` and ``rel_gamma`` [h] (docs/reco.md §2 "Relevance bias"), filled with the
     given values. ``rel_beta = rel_gamma = 0`` is the paper's layer exactly; under the identity init the output
     is ``x`` whatever they are, and β gets no gradient until ``W_o`` moves, so β starts at 1 by default.
 
@@ -517,40 +517,47 @@ def _check_entry(where: str, name: str, a: np.ndarray, shape, dtype: np.dtype) -
         raise ParamsFormatError(f"{where}: entry {name!r} holds {bad} NaN/inf value(s), expected all finite")
 
 
-def _diagnose_unreadable(path, exc: Exception) -> ParamsFormatError:
-    """Name the entry that :func:`reco_ref.io.load_npz` could not read (it reports only the file).
+#: largest JSON header accepted (the shipped weights' is about 2 KB: names, shapes, a few numbers and notes)
+HEADER_MAX_BYTES = 16 << 20
 
-    This second look also never unpickles: it opens the archive with ``allow_pickle=False`` and reads
-    the entries one by one.
+
+def _diagnose_unreadable(path, exc: Exception) -> ParamsFormatError:
+    """Name the entry that :func:`reco_ref.io.load_npz` could not read, from its error alone.
+
+    ``load_npz`` checks every entry's ``.npy`` header before it reads any data, and its
+    :class:`~reco_ref.io.EntryError` names the entry. Nothing is decompressed here (this step used to load
+    every entry again, 1.6 GB for a 1.5 MB decompression bomb ``load_npz`` had just refused): only the zip
+    directory is opened, to tell a damaged archive from a refused one.
     """
+    if isinstance(exc, EntryError):
+        if exc.pickled:
+            return ParamsFormatError(f"{path}: entry {exc.entry!r} is a pickled object array, expected a plain "
+                                     f"numeric array (refused: loading it would need allow_pickle=True)")  # fmt: skip
+        return ParamsFormatError(f"{path}: entry {exc.entry!r} {exc.reason}")
     try:
-        z = np.load(path, allow_pickle=False)
+        with zipfile.ZipFile(path):
+            pass
     except Exception as exc2:  # truncated / not a zip: no entry can be named
         return ParamsFormatError(f"{path}: entry <archive> unreadable, expected a .npz (zip) file "
                                  f"({type(exc2).__name__}: {exc2})")  # fmt: skip
-    try:
-        for name in z.files:
-            try:
-                z[name]
-            except ValueError as exc3:
-                if "pickle" in str(exc3).lower():
-                    return ParamsFormatError(f"{path}: entry {name!r} is a pickled object array, expected a plain "
-                                             f"numeric array (refused: loading it would need allow_pickle=True)")  # fmt: skip
-                return ParamsFormatError(f"{path}: entry {name!r} unreadable ({exc3})")
-            except Exception as exc3:
-                return ParamsFormatError(f"{path}: entry {name!r} unreadable ({type(exc3).__name__}: {exc3})")
-    finally:
-        z.close()
-    return ParamsFormatError(f"{path}: unreadable ({exc})")
+    text = str(exc)
+    return ParamsFormatError(text if text.startswith(str(path)) else f"{path}: unreadable ({text})")
 
 
-def _read(path) -> tuple[dict, dict[str, np.ndarray]]:
+def _load_npz(path, **kw) -> dict[str, np.ndarray]:
+    """:func:`reco_ref.io.load_npz` with its errors as :class:`ParamsFormatError` naming the entry."""
     try:
-        raw = load_npz(path)
+        return load_npz(path, **kw)
     except FileNotFoundError:
         raise
     except (RecoError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise _diagnose_unreadable(path, exc) from exc
+
+
+def _read(path) -> dict:
+    """The checked JSON header, read alone: it says which arrays of which shapes the file must hold, so they
+    are read only after their headers matched it (:func:`_load_checked`)."""
+    raw = _load_npz(path, only=[HEADER_KEY], expect={HEADER_KEY: ArraySpec(max_bytes=HEADER_MAX_BYTES)})
     if HEADER_KEY not in raw:
         raise ParamsFormatError(f"{path}: entry {HEADER_KEY!r} missing, expected a JSON header (format {FORMAT})")
     blob = raw.pop(HEADER_KEY)
@@ -571,7 +578,7 @@ def _read(path) -> tuple[dict, dict[str, np.ndarray]]:
     for field, typ in (("modules", dict), ("extras", dict), ("names", list)):
         if not isinstance(header.get(field), typ):
             raise ParamsFormatError(f"{path}: header field {field!r} is {header.get(field)!r}, expected a JSON {typ.__name__}")
-    return header, raw
+    return header
 
 
 def _header_config(path, prefix: str, entry) -> FusionConfig:
@@ -620,7 +627,7 @@ def _expected_entries(path, header) -> dict[str, tuple[str, tuple[int, ...], np.
 
 
 def _load_checked(path, kind: str):
-    header, raw = _read(path)
+    header = _read(path)
     if header.get("kind") != kind:
         raise ParamsFormatError(f"{path}: header field 'kind' is {header.get('kind')!r}, expected {kind!r}"
                                 + (" (use load_param_set)" if header.get("kind") == "set" else "")
@@ -635,6 +642,11 @@ def _load_checked(path, kind: str):
         unexpected = [n for n in header["names"] if not (isinstance(n, str) and n in expected)]
         raise ParamsFormatError(f"{path}: header field 'names' lists {sorted(header['names'])}, expected {sorted(expected)} "
                                 f"(missing {missing}, unexpected {unexpected})")  # fmt: skip
+    # every entry's header must match the shape and dtype the header implies before any data is read, so an
+    # entry declaring a 1.2 GB array is refused from its header (it used to be read, then refused by shape)
+    spec = {name: ArraySpec(shape, dtype) for name, (_, shape, dtype) in expected.items()}
+    raw = _load_npz(path, expect={HEADER_KEY: ArraySpec(max_bytes=HEADER_MAX_BYTES), **spec})
+    raw.pop(HEADER_KEY, None)
     for name in expected:
         if name not in raw:
             raise ParamsFormatError(f"{path}: entry {name!r} missing, expected shape {expected[name][1]} {expected[name][2]}")

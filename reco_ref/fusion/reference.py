@@ -1,4 +1,4 @@
-r"""The readable truth: RECO's fusion layer as plain NumPy forward/backward pairs (spec §2).
+r"""The readable truth: RECO's fusion layer as plain NumPy forward/backward pairs (docs/reco.md §2).
 
 llm.c style, one convention for every step (checked by ``tests/fusion/test_fusion_convention.py``):
 
@@ -202,9 +202,9 @@ def attention_forward(q, k, v, valid, bias=None):
     A masked key gets probability exactly 0 (``exp(-inf) == 0``). In the fusion layer every row has
     a valid key (the query token, position 0, always is). Should a row have no valid key at all, its
     probabilities are all 0 and its output is 0 (not NaN), with zero gradient — the natural "no memory"
-    value for the cross-attention of spec §5.
+    value for the cross-attention of docs/reco.md §5.
 
-    Queries and keys may have different lengths (cross-attention, spec §5): ``q`` is ``[B, h, Tq, dh]``,
+    Queries and keys may have different lengths (cross-attention, docs/reco.md §5): ``q`` is ``[B, h, Tq, dh]``,
     ``k`` and ``v`` are ``[B, h, T, dh]``; in self-attention ``Tq == T``.
 
     Parameters
@@ -282,7 +282,7 @@ def _sum_to_shape(g, shape):
 
 
 # ----------------------------------------------------------------------------------------------
-# Relevance bias (spec §2 "Relevance bias" [ours])
+# Relevance bias (docs/reco.md §2 "Relevance bias" [ours])
 # ----------------------------------------------------------------------------------------------
 
 
@@ -471,7 +471,7 @@ def l2normalize_backward(cache, dout):
 
 
 def fusion_forward(params, query, retrieved, mask=None, *, heads, scores=None):
-    r"""Forward pass of the fusion layer φ (spec §2), output read at the query token.
+    r"""Forward pass of the fusion layer φ (docs/reco.md §2), output read at the query token.
 
     .. math::
 
@@ -491,7 +491,7 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads, scores=None):
     heads : int
         Number of attention heads; must divide D (checked by the front door).
     scores : ndarray, shape [B, k], or None
-        The neighbours' score features (spec §2 "Relevance bias"); required when ``params`` holds
+        The neighbours' score features (docs/reco.md §2 "Relevance bias"); required when ``params`` holds
         ``rel_beta, rel_gamma`` [h], ignored otherwise. The front door maps raw cosines to features.
 
     Returns
@@ -551,7 +551,7 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads, scores=None):
 
 
 def fusion_backward(params, cache, dout, *, return_input_grads=False):
-    r"""Backward pass of :func:`fusion_forward` (spec §2, "Backward").
+    r"""Backward pass of :func:`fusion_forward` (docs/reco.md §2, "Backward").
 
     .. math::
 

@@ -16,7 +16,9 @@ produces the same bytes as an uninterrupted one.  RAM is bounded by one chunk pl
 (the assembly streams chunk by chunk into the ``.npy`` files).
 
 ``add`` is the same pipeline with ``kind="add"``: new chunks are staged as *old rows + new rows*, the
-HNSW indexes are loaded, grown with ``resize_index`` and extended, and the commit replaces the files.
+HNSW indexes are loaded, grown with ``resize_index`` and extended with the new distinct vectors (an index
+written before groups existed, holding every copy of a repeated vector, is rebuilt once), and the commit
+replaces the files.
 Until the commit the existing memory stays valid and openable.
 """
 
@@ -35,14 +37,15 @@ import numpy as np
 
 from .. import __version__
 from ..errors import MemoryFormatError, RecoError, ShapeError
-from ..io import atomic_open, atomic_path, atomic_save_npz, atomic_write_json, atomic_write_text, load_npy, load_npz
+from ..io import (atomic_open, atomic_path, atomic_save_npy, atomic_save_npz, atomic_write_json, atomic_write_text,
+                  load_npy, load_npz)
 from ..failpoints import failpoint
 from . import format as fmt
 from .estimate import estimate_build, format_estimate
-from .index import hnsw_add, hnsw_build, hnsw_load
+from .index import hnsw_add, hnsw_build, hnsw_load, row_groups
 from .limits import check_option
 from .producers import DEFAULT_BATCH, NORM_TOL, ArrayProducer, EncoderProducer
-from .sources import items_digest
+from .sources import check_item_labels, items_digest
 from .score_map import space_score_map
 from .store import Memory
 
@@ -93,6 +96,24 @@ _CHUNK_KEYS = ("item", "image", "text", "image_keys", "failed_item", "failed_err
 
 def _chunk_path(build: Path, c: int) -> Path:
     return build / "chunks" / f"chunk_{c:06d}.npz"
+
+
+def _load_chunk(build: Path, c: int, plan: dict) -> dict[str, np.ndarray]:
+    """Chunk ``c`` of a build, its item ids checked against the plan before they index the item list.
+
+    A chunk file is read back from disk (possibly by a ``--resume`` long after it was written): an id outside
+    the chunk's own items would silently give a row another item's caption and source (a negative one wraps).
+    """
+    z = load_npz(_chunk_path(build, c), names=_CHUNK_KEYS)
+    lo = plan["item_offset"] + c * plan["chunk_size"]
+    hi = min(lo + plan["chunk_size"], plan["item_offset"] + plan["n_items"])
+    for key in ("item", "failed_item"):
+        ids = z.get(key)
+        if (ids is None or ids.ndim != 1 or ids.dtype.kind not in "iu"
+                or (ids.size and (ids.min() < lo or ids.max() >= hi))):
+            raise MemoryFormatError(f"{_chunk_path(build, c)}: entry {key!r} must hold this chunk's item ids in "
+                                    f"[{lo}, {hi}); delete {build} to start over")
+    return z
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,7 +220,7 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
     new_rows: list[np.ndarray] = []
     failures: list[str] = []
     for c in range(n_chunks):
-        z = load_npz(_chunk_path(build, c), names=_CHUNK_KEYS)
+        z = _load_chunk(build, c, plan)
         new_rows.append(z["item"])
         for i, msg in zip(z["failed_item"].tolist(), z["failed_error"].tolist()):
             it = items[i - first_item]
@@ -240,8 +261,8 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
     if failures:
         log(f"{len(failures)} item(s) could not be encoded; listed in {root / fmt.FAILURES}")
 
-    # HNSW indexes (labels = row ids), built on the staged memmaps
-    hnsw_meta, score_maps = {}, {}
+    # HNSW indexes (labels = row ids), built on the staged memmaps; one element per distinct vector
+    hnsw_meta, score_maps, group_files = {}, {}, []
     for modality, fname, dim in (("image", fmt.IMAGE_KEYS if Dk else fmt.IMAGE, Dk or D), ("text", fmt.TEXT, D)):
         vecs = load_npy(staged / fname)
         # the memory's own score scale, for fusion modules that read search scores relative to the searched memory
@@ -253,20 +274,35 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
             score_maps[modality] = None
         log(f"{modality} score map: {score_maps[modality]} in {time.perf_counter() - t0:.1f}s")
         t0 = time.perf_counter()
-        if base:
-            index = hnsw_load(base["root"] / f"{modality}.hnsw", dim, expect_count=n_old, expect_M=M,
-                              expect_ef_construction=efc, max_elements=n, vectors=vecs[:n_old])
-            hnsw_add(index, vecs[n_old:], n_old, num_threads=num_threads)
+        # Identical rows (template captions: ~60 per caption) share one index element (index.row_groups): exact
+        # for duplicates where HNSW over the copies loses most same-caption neighbours, and a smaller index.
+        # The map is a pure function of the bytes, so an add keeps every old row's representative.
+        groups = row_groups(vecs)  # [n] row -> representative
+        reps = np.flatnonzero(groups == np.arange(n))  # [c] the rows indexed
+        old_reps = int(np.searchsorted(reps, n_old))  # representatives among the base rows
+        if base and base["manifest"]["hnsw"][modality]["count"] == old_reps:
+            # the base index holds exactly those (checked at load): extend it with the new distinct vectors
+            index = hnsw_load(base["root"] / f"{modality}.hnsw", dim, expect_count=old_reps, expect_M=M,
+                              expect_ef_construction=efc, max_elements=reps.size, vectors=vecs[:n_old],
+                              groups=groups[:n_old] if old_reps < n_old else None)
+            hnsw_add(index, vecs, 0, num_threads=num_threads, rows=reps[old_reps:])
         else:
-            index = hnsw_build(vecs, M=M, ef_construction=efc, num_threads=num_threads, seed=seed)
-        log(f"{modality}.hnsw: {n} vectors indexed in {time.perf_counter() - t0:.1f}s")
+            if base:  # written before the groups (one element per row, identical rows included): re-index once
+                log(f"{modality}.hnsw: the memory's index holds every row of its {n_old - old_reps} repeated "
+                    "vectors; rebuilding it over the distinct vectors")
+            index = hnsw_build(vecs, M=M, ef_construction=efc, num_threads=num_threads, seed=seed, rows=reps)
+        log(f"{modality}.hnsw: {reps.size} distinct of {n} vectors indexed in {time.perf_counter() - t0:.1f}s")
         with atomic_path(staged / f"{modality}.hnsw") as tmp:
             index.save_index(str(tmp))
         del index, vecs
-        hnsw_meta[modality] = {"M": M, "ef_construction": efc, "seed": seed, "space": "ip", "dim": dim, "count": n,
-                               "vectors": fname}
+        hnsw_meta[modality] = {"M": M, "ef_construction": efc, "seed": seed, "space": "ip", "dim": dim,
+                               "count": int(reps.size), "vectors": fname}
+        if reps.size < n:  # no file when every row is distinct: such a memory keeps the format it always had
+            atomic_save_npy(staged / fmt.GROUPS[modality], groups)
+            hnsw_meta[modality]["groups"] = fmt.GROUPS[modality]
+            group_files.append(fmt.GROUPS[modality])
 
-    files = [a[0] for a in arrays] + [fmt.META, fmt.FAILURES, fmt.IMAGE_INDEX, fmt.TEXT_INDEX]
+    files = [a[0] for a in arrays] + [fmt.META, fmt.FAILURES, fmt.IMAGE_INDEX, fmt.TEXT_INDEX] + group_files
     n_failed = len(failures) + (base["manifest"]["counts"]["failed"] if base else 0)
     n_items = plan["n_items"] + (base["manifest"]["counts"]["items"] if base else 0)
     history = list(base["manifest"].get("history", [])) if base else []
@@ -282,6 +318,9 @@ def _stage(root: Path, plan: dict, items: list[dict], *, base: dict | None, num_
         "files": {f: fmt.file_record(staged / f) for f in files},
         "hnsw": hnsw_meta,
         "score_map": score_maps,
+        # sampled-row digests that the fast open checks; an add keeps the memory's id (format.binding_record)
+        "binding": fmt.binding_record(staged, Dk, ((base["manifest"].get("binding") or {}).get("memory_id")
+                                                   if base else None), groups=group_files),
         "created_by": f"reco_ref {__version__}",
         "history": history,
     }
@@ -305,7 +344,8 @@ def _exclusive(root: Path) -> Iterator[None]:
         yield
         return
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a crafted .lock linking elsewhere must not make the build create or open a file outside the memory
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -340,6 +380,20 @@ def check_out_dir(out: str | Path, *, resume: bool = False) -> None:
                                 "new or empty folder")
 
 
+def check_captions(items: list[dict], where: str = "items") -> None:
+    """Refuse pairs of which no caption can be embedded (every one missing, empty or whitespace).
+
+    Such items all become failures and the memory would have no row; say so at the door, naming the cause,
+    instead of building an empty memory. (Some blank captions are fine: those items are listed in
+    ``failures.jsonl``.)
+    """
+    if items and not any(isinstance(it.get("caption"), str) and it["caption"].strip() for it in items):
+        raise MemoryFormatError(
+            f"{where}: no caption could be embedded: all {len(items)} captions are blank (missing, empty or "
+            "whitespace); give each image a caption (the caption column, sidecar .txt files, or "
+            "--caption-template for a dataset manifest)")
+
+
 def _same_input_added(mem: Memory, items: list[dict], digest: str) -> None:
     """Refuse an add whose exact input (items digest) the memory's history already holds."""
     for h in mem.manifest.get("history", []):
@@ -356,7 +410,7 @@ def _duplicate_candidates(mem: Memory, items: list[dict]) -> dict[tuple, list[in
     sources = sorted({src for src, _ in wanted})
     found: dict[tuple, list[int]] = {}
     try:
-        con = sqlite3.connect(f"file:{mem.root / fmt.META}?mode=ro", uri=True)
+        con = fmt.open_meta(mem.root / fmt.META)  # a percent-encoded URI: folder names may hold '#' or '?'
         try:
             for lo in range(0, len(sources), 900):  # SQLite's bound-parameter limit
                 part = sources[lo:lo + 900]
@@ -380,7 +434,7 @@ def _refuse_duplicates(build: Path, plan: dict, items: list[dict], mem: Memory, 
     """
     first, dups = plan["item_offset"], []
     for c in range(plan["n_chunks"]):
-        z = load_npz(_chunk_path(build, c), names=_CHUNK_KEYS)
+        z = _load_chunk(build, c, plan)
         for j, i in enumerate(z["item"].tolist()):
             it = items[i - first]
             for r in cand.get((it["source"], it["caption"]), ()):
@@ -398,6 +452,7 @@ def _refuse_duplicates(build: Path, plan: dict, items: list[dict], mem: Memory, 
 
 def _run(root: Path, kind: str, items: list[dict], producer: Any, **kw: Any) -> dict:
     root = Path(root)
+    check_item_labels(items)  # before anything is written: a label SQLite cannot store failed at the commit
     if kind == "build":
         check_out_dir(root, resume=kw.get("resume", False))
     elif not root.is_dir():
@@ -419,6 +474,10 @@ def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resu
         num_threads = check_option("threads", num_threads)
     root = Path(root)
     build = root / fmt.BUILD_DIR
+    for d in (build, build / "chunks", build / "staged"):  # the build writes and deletes there: its own folders
+        if d.is_symlink():
+            raise MemoryFormatError(f"{d}: is a symbolic link to {os.path.realpath(d)}; a build writes only inside "
+                                    "the memory folder: remove the link")
     for trash in root.glob(".trash-build*"):
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -479,18 +538,27 @@ def _run_locked(root: Path, kind: str, items: list[dict], producer: Any, *, resu
         log(f"{root}: discarded an earlier attempt that had not encoded anything yet")
     if plan_path.is_file():
         if not resume:
+            failed = fmt.build_failure(build)
             raise MemoryFormatError(fmt.describe_partial(root) if kind == "build" else
-                                    f"{root}: an interrupted add is pending; re-run it with --resume (resume=True)")
-        _check_plan(json.loads(plan_path.read_text()), plan, plan_path)
+                                    f"{root}: an add that {f'failed ({failed})' if failed else 'was interrupted'} is "
+                                    "pending; re-run it with --resume (resume=True), or delete "
+                                    f"{build} to drop it (the memory itself is intact)")
+        _check_plan(fmt.read_build_json(plan_path), plan, plan_path)
     else:
         if build.is_dir():  # killed before the plan was written: nothing worth keeping
             shutil.rmtree(build)
         atomic_write_json(plan_path, plan)
 
-    _encode_chunks(build, plan, items, producer, progress, log)
-    if dup_candidates:
-        _refuse_duplicates(build, plan, items, mem, dup_candidates)
-    manifest, files = _stage(root, plan, items, base=base, num_threads=num_threads, log=log)
+    (build / fmt.BUILD_FAILED).unlink(missing_ok=True)  # this attempt supersedes an earlier failure
+    try:
+        _encode_chunks(build, plan, items, producer, progress, log)
+        if dup_candidates:
+            _refuse_duplicates(build, plan, items, mem, dup_candidates)
+        manifest, files = _stage(root, plan, items, base=base, num_threads=num_threads, log=log)
+    except Exception as exc:
+        # the chunks stay for a resume; the note makes the next run say "failed (why)", not "interrupted"
+        fmt.record_build_failure(build, exc)
+        raise
     if base is not None:
         del base  # release the memmaps of the files about to be replaced
     failpoint("memory.staged")

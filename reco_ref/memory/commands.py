@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import MemoryFormatError, SearchError, ShapeError
 from ..io import load_npy
-from .build import add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays, check_out_dir
+from ..paths import file_problem, memory_containing, printable
+from .build import (add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays, check_captions,
+                    check_out_dir)
 from .estimate import estimate_build, format_estimate
 from .opener import open_memory
 from .producers import load_encoder
@@ -23,7 +26,8 @@ from .sources import read_pairs
 
 
 def _err(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    # the lines name the user's folders and the memory's files: a control character in a name is shown escaped
+    print(printable(msg), file=sys.stderr)
 
 
 def estimate_for_items(items: list[dict], encoder: Any, *, sample: int = 32, dtype: str = "float32", M: int = 16,
@@ -81,6 +85,11 @@ def _array_inputs(image_embeddings: str | None, text_embeddings: str | None, ima
     return image, text, keys, items, encoder_name or "unknown", encoder_fingerprint
 
 
+def _no_pairs(pairs: str, split: str | None, what: str) -> MemoryFormatError:
+    """The error for a pairs source that yields no rows (with ``--split``: none of that split)."""
+    return MemoryFormatError(f"{pairs}: no pairs to {what}" + (f" in split {split!r} (check --split)" if split else ""))
+
+
 def _check_overlap(overlap: bool, arrays: Any, sharded: Any) -> None:
     """--overlap-captions changes how captions are encoded: refuse it where nothing is encoded here."""
     if overlap and arrays:
@@ -101,6 +110,9 @@ def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resum
     """``reco-ref build-memory``: from pairs (CSV / manifest / JSONL / caption folder) or from arrays."""
     _check_overlap(overlap_captions, image_embeddings or text_embeddings, shards > 1 or scheduler)
     check_out_dir(out, resume=resume)
+    inside = memory_containing(Path(out).absolute().parent)
+    if inside is not None:  # its files would sit among another memory's (a shard's place is the builder's to choose)
+        raise MemoryFormatError(f"--out {out}: lies inside the memory {inside}; build a memory outside any other")
     common = dict(dtype=dtype, M=M, ef_construction=ef_construction, num_threads=threads, progress=progress,
                   resume_hint=resume_hint, log=log, resume=resume)
     if image_embeddings or text_embeddings:
@@ -120,7 +132,8 @@ def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resum
         raise MemoryFormatError("build-memory needs --pairs (or --image-embeddings and --text-embeddings)")
     items = read_pairs(pairs, split=split, caption_template=caption_template, allow_outside=allow_outside_paths)
     if not items:
-        raise MemoryFormatError(f"{pairs}: no pairs to build from")
+        raise _no_pairs(pairs, split, "build from")
+    check_captions(items, pairs)
     encoder = load_encoder(model, max_pixels=max_pixels)
     est = estimate_for_items(items, encoder, dtype=dtype, M=M, ef_construction=ef_construction)
     log(format_estimate(est))
@@ -140,6 +153,9 @@ def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resum
         info = {"rows": m["counts"]["rows"], "failed": m["counts"]["failed"]}
     log(f"{out}: {info['rows']} rows, {info['failed']} failed (see failures.jsonl) in "
         f"{time.perf_counter() - t0:.1f}s")
+    if info["rows"] == 0 and info["failed"]:  # issue 20: exit 0 here let a script go on to a query that must fail
+        raise MemoryFormatError(f"{out}: every item failed to encode ({info['failed']} listed in {out}/failures.jsonl)"
+                                "; the memory was written but holds 0 rows, so nothing can search it")
     return 0
 
 
@@ -164,6 +180,9 @@ def add(*, memory: str, pairs: str | None = None, model: str = "reco-mini", resu
         if not pairs:
             raise MemoryFormatError("memory-add needs --pairs (or --image-embeddings and --text-embeddings)")
         items = read_pairs(pairs, split=split, caption_template=caption_template, allow_outside=allow_outside_paths)
+        if not items:  # an add of nothing (a mistyped --split) exited 0 as if it had added the file's pairs
+            raise _no_pairs(pairs, split, "add")
+        check_captions(items, pairs)
         m = add_to_memory(memory, items, load_encoder(model, max_pixels=max_pixels), resume=resume,
                           chunk_size=chunk_size or 1024, batch_size=batch_size, num_threads=threads, progress=progress,
                           resume_hint=resume_hint, log=log, allow_duplicates=allow_duplicates,
@@ -185,6 +204,10 @@ def search(*, memory: str, text: list[str] | None = None, image: list[str] | Non
     """``reco-ref memory-search``: embed text or image queries with ``model`` and list the neighbours."""
     if text and image:
         raise SearchError("memory-search takes --text or --image queries, not both")
+    for path in image or ():  # before any encoder reads it: a named pipe blocks the read, a device never ends it
+        problem = file_problem(path)
+        if problem:
+            raise SearchError(f"--image {path}: {problem}")
     enc = load_encoder(model, max_pixels=max_pixels)
     mem = open_memory(memory, encoder=enc, verify={"sha256": True}.get(verify, verify),
                       allow_fingerprint_mismatch=allow_fingerprint_mismatch)
@@ -218,9 +241,12 @@ def dumps(obj: Any) -> str:
 
 
 def resume_hint_from_argv(argv: list[str]) -> str:
-    """The command line to resume this run: the same arguments plus ``--resume``."""
+    """The command line to resume this run: the same arguments plus ``--resume``, quoted for a POSIX shell
+    (a path with a space stays one argument when the line is pasted back)."""
+    import shlex
+
     args = [a for a in argv if a != "--resume"]
-    return " ".join(["reco-ref", *args, "--resume"])
+    return shlex.join(["reco-ref", *args, "--resume"])
 
 
 __all__ = ["build", "add", "info", "search", "estimate_for_items", "resume_hint_from_argv", "dumps"]

@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import MemoryFormatError
+from ..paths import file_problem
 from . import format as fmt
 from .shards import ShardedMemory
 from .store import Memory
@@ -27,6 +29,10 @@ def memory_kind(root: str | Path) -> str:
 
 def open_memory(root: str | Path, **kwargs: Any) -> Memory | ShardedMemory:
     """Open and validate the memory at ``root``, whatever its kind; ``kwargs`` as :meth:`Memory.open`."""
+    for name in (fmt.SHARDS, fmt.MANIFEST):  # a device or a pipe in their place is named, not called "missing"
+        path = Path(root) / name
+        if (path.exists() or path.is_symlink()) and file_problem(path):
+            raise MemoryFormatError(f"{path}: {file_problem(path)}; a memory's {name} is a regular file")
     if memory_kind(root) == "sharded":
         return ShardedMemory.open(root, **kwargs)
     return Memory.open(root, **kwargs)

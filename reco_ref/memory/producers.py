@@ -143,7 +143,9 @@ class EncoderProducer:
             if paths:
                 img, keys, ok, errs = self._images(paths)
             else:
-                img, keys, ok, errs = np.zeros((0, D), np.float32), None, [], []
+                # every caption of the chunk blank: no image to encode, and keys of [0, Dk] (not None)
+                img, ok, errs = np.zeros((0, D), np.float32), [], []
+                keys = np.zeros((0, Dk), np.float32) if Dk else None
             failed += [(with_caption[p], msg) for p, msg in errs]
             rows = [with_caption[p] for p in ok]  # positions in `items` of the encoded rows, ascending
             if img.shape != (len(rows), D):
@@ -201,16 +203,24 @@ class ArrayProducer:
         self.normalize = bool(normalize)
         self.info = {"name": str(name), "fingerprint": str(fingerprint), "dim": int(image.shape[1]),
                      "key_dim": None if keys is None else int(keys.shape[1])}
-        h = hashlib.sha256()  # the plan must pin the array contents, streamed so RAM stays bounded
-        for a in (image, text) + ((keys,) if keys is not None else ()):
+        # the plan must pin the array contents, streamed so RAM stays bounded; the same pass checks every row
+        # (finite; unit-norm unless normalize), so a bad row is refused before the build writes anything (it
+        # used to surface at its chunk, after the output folder and its .build/ state had been created)
+        h = hashlib.sha256()
+        for nm, a in (("image", image), ("text", text)) + ((("image_keys", keys),) if keys is not None else ()):
             for lo in range(0, a.shape[0], 65536):
-                h.update(np.ascontiguousarray(a[lo:lo + 65536]).tobytes())
+                chunk = np.ascontiguousarray(a[lo:lo + 65536])
+                h.update(chunk.tobytes())
+                self._prep(nm, chunk, lo)
         self.digest_extra = h.hexdigest()
 
     def _prep(self, name: str, a: np.ndarray, first: int) -> np.ndarray:
         a = np.asarray(a, np.float32)
-        if not np.isfinite(a).all():
-            raise ShapeError(f"embedding array {name}: rows {first}..{first + len(a) - 1} hold NaN/inf")
+        finite = np.isfinite(a).all(axis=1) if a.size else np.ones(len(a), bool)
+        if not finite.all():
+            j = int(np.argmin(finite))
+            raise ShapeError(f"embedding array {name}: row {first + j} holds NaN/inf "
+                             f"({int((~finite).sum())} such row(s) among rows {first}..{first + len(a) - 1})")
         norms = np.linalg.norm(a, axis=1)
         if self.normalize:
             if (norms == 0).any():

@@ -1,6 +1,6 @@
 r"""A memory's own score scale: where a typical nearest neighbour sits in a search space, and how much that varies.
 
-The relevance bias of the fusion layer (spec §2 "Relevance bias") reads each neighbour's search score ``s`` as
+The relevance bias of the fusion layer (docs/reco.md §2 "Relevance bias") reads each neighbour's search score ``s`` as
 the feature ``f = (s − center)/width``. With ``center, width`` fixed at training time the feature depends on the
 *training* memory's spread: a memory whose rows are all close to each other (a photo memory seen by a query
 drawing) gives every neighbour a high raw cosine, and the layer trusts it. The memory-relative map [ours] measures

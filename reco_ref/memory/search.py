@@ -1,4 +1,4 @@
-"""Search with exclusions and masks, and the retrieval step RECO trains and evaluates with (spec §1).
+"""Search with exclusions and masks, and the retrieval step RECO trains and evaluates with (docs/reco.md §1).
 
 Two functions:
 
@@ -19,7 +19,7 @@ import numpy as np
 from ..checks import check_array
 from ..errors import SearchError
 
-DEFAULT_DUP_THRESHOLD = 0.98  # spec §1 [ours]: neighbours with cosine >= this count as near-duplicates
+DEFAULT_DUP_THRESHOLD = 0.98  # docs/reco.md §1 [ours]: neighbours with cosine >= this count as near-duplicates
 MODALITIES = ("image", "text")
 QUERY_NORM_TOL = 1e-2  # |‖q‖ - 1| allowed: float16 round-off passes, an unnormalised vector does not
 MAX_EF = 100_000
@@ -162,7 +162,7 @@ def retrieve(memory: Any, queries: np.ndarray, query_modality: str, search: str 
              k: int = 10, exclude: Any = None, *, dup_threshold: Any = None, exact: bool = False,
              ef: int | None = None, num_threads: int | None = None, with_scores: bool = False
              ) -> tuple[np.ndarray, ...]:
-    """Neighbours for the fusion module (spec §1): search one modality, return another's embeddings.
+    """Neighbours for the fusion module (docs/reco.md §1): search one modality, return another's embeddings.
 
     Parameters
     ----------

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import MemoryFormatError, SearchError
 from ..io import atomic_write_json
+from ..paths import plain_name
 from . import format as fmt
 from .search import check_queries, normalize_exclude
 from .store import Memory
@@ -37,7 +38,7 @@ def write_shards_manifest(root: str | Path, shard_dirs: list[str]) -> dict:
     root = Path(root)
     shards, offset, items, failed, first = [], 0, 0, 0, None
     for d in shard_dirs:
-        m = fmt.read_manifest(root / d)
+        m = fmt.read_manifest(root / plain_name(d, f"shard folder {d!r}"))  # a plain name: open() confines it
         if first is None:
             first = m
         for key in ("embed_dim", "key_dim", "dtype", "encoder"):
@@ -80,7 +81,10 @@ class ShardedMemory:
             raise MemoryFormatError(f"{path}: format_version {spec.get('format_version')!r} / shards list not supported")
         shards, offset = [], 0
         for i, s in enumerate(spec["shards"]):
-            m = Memory.open(root / s["dir"], verify=verify, **kwargs)
+            if not isinstance(s, dict):
+                raise MemoryFormatError(f"{path}: shards[{i}] must be an object {{dir, rows, offset}}")
+            # a name read from the file: confined to the sharded memory's folder (never ../elsewhere)
+            m = Memory.open(root / plain_name(s.get("dir"), f"{path}: shards[{i}].dir"), verify=verify, **kwargs)
             if len(m) != s["rows"] or s["offset"] != offset:
                 raise MemoryFormatError(f"{path}: shard {i} ({s['dir']}) has {len(m)} rows at offset {s['offset']}, "
                                         f"expected {s['rows']} rows at offset {offset}")

@@ -17,12 +17,12 @@ import csv
 import hashlib
 import json
 import os
-import string
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import MemoryFormatError
-from ..io import list_files
+from ..io import list_files, require_file
+from ..template_fmt import Pieces, fill_template, parse_template
 
 MANIFEST_COLUMNS = ("file", "label", "class_name", "split")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -48,15 +48,36 @@ def _image_path(base: Path, image: Any, where: str, allow_outside: bool) -> Path
     return full
 
 
+LABEL_MIN, LABEL_MAX = -2**63, 2**63 - 1  # SQLite's INTEGER: a label outside overflows at the commit
+
+
 def _label(value: Any, where: str) -> int | None:
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise MemoryFormatError(f"{where}: field 'label' must be an integer, found {value!r}")
+        raise MemoryFormatError(f"{where}: field 'label' must be an integer, found {value!r:.80}")
     try:
-        return int(value)
+        label = int(value)
     except ValueError:
-        raise MemoryFormatError(f"{where}: field 'label' must be an integer, found {value!r}") from None
+        raise MemoryFormatError(f"{where}: field 'label' must be an integer, found {value!r:.80}") from None
+    check_label(label, where)
+    return label
+
+
+def check_label(label: Any, where: str) -> None:
+    """Refuse an integer label outside [-2**63, 2**63 - 1] (the metadata database stores 64-bit integers)."""
+    if isinstance(label, int) and not isinstance(label, bool) and not LABEL_MIN <= label <= LABEL_MAX:
+        shown = str(label) if len(str(label)) <= 40 else f"{str(label)[:20]}…({len(str(label))} digits)"
+        raise MemoryFormatError(f"{where}: label {shown} is outside the integer range [-2**63, 2**63 - 1] "
+                                "that the metadata database stores")
+
+
+def check_item_labels(items: list[dict]) -> None:
+    """The labels of items handed to a build by a Python caller (the readers check their own with :func:`_label`);
+    run before anything is written, so a bad label leaves no half build behind."""
+    for i, it in enumerate(items):
+        label = it.get("label") if isinstance(it, dict) else None
+        check_label(label, f"item {i} ({str(it.get('source'))!r:.200})" if isinstance(it, dict) else f"item {i}")
 
 
 def _text(value: Any, field: str, where: str) -> str | None:
@@ -92,17 +113,21 @@ def _read_utf8(path: Path) -> str:
             f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); re-save it as UTF-8") from None
 
 
-def check_template(template: str, columns: Iterable[str], where: str) -> None:
-    """Refuse a caption template that is malformed or names a field the file does not have."""
+def check_template(template: str, columns: Iterable[str], where: str) -> Pieces:
+    """Parse a caption template whose fields must be plain column names of the file (:mod:`reco_ref.template_fmt`):
+    a malformed one, a positional ``{}``, a format spec (``{class_name:>900000000}`` built 3.7 GB per row), a
+    conversion, attribute or index access, or a column the file does not have is refused, naming the field."""
     cols = list(columns)
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise MemoryFormatError(f"caption template {template!r}: {exc} (use {{{{ and }}}} for literal braces)") from None
-    for f in fields:
-        if f not in cols:  # also refuses positional "{}" and attribute/index access "{x.y}", "{x[0]}"
-            raise MemoryFormatError(f"caption template {template!r} names field {f!r} that {where} does not have "
-                                    f"(columns: {', '.join(cols)})")
+    return parse_template(template, cols, what="caption template", error=MemoryFormatError,
+                          expected=f"a column of {where} ({', '.join(cols)})")
+
+
+def require_pairs_file(path: Path) -> None:
+    """A pairs file must be a regular file: missing -> "pairs file not found"; a link to ``/dev/zero``, a pipe
+    or a device -> "not a regular file" (:func:`reco_ref.io.require_file`)."""
+    if not path.exists() and not path.is_symlink():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    require_file(path)
 
 
 def read_pairs_csv(path: str | Path, *, split: str | None = None, caption_template: str | None = None,
@@ -116,20 +141,29 @@ def read_pairs_csv(path: str | Path, *, split: str | None = None, caption_templa
     must be integers; empty or whitespace captions become ``None`` (reported as failures by the build).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file not found: {path}")
+    require_pairs_file(path)
     base = path.parent.resolve()
     text = _read_utf8(path)
     old_limit = csv.field_size_limit()
     try:
         csv.field_size_limit(MAX_FIELD)
-        reader = csv.DictReader(text.splitlines(keepends=True))
-        cols = tuple(reader.fieldnames or ())
-        rows = list(reader)
+        reader = csv.reader(text.splitlines(keepends=True))
+        cols = tuple(next(reader, ()))
+        # (line where the row ends, fields); blank lines skipped as csv.DictReader does
+        raw = [(reader.line_num, r) for r in reader if r]
     except csv.Error as exc:
         raise MemoryFormatError(f"{path}: not a readable CSV (line {reader.line_num}: {exc})") from None
     finally:
         csv.field_size_limit(old_limit)
+    if ("image" in cols and "caption" in cols) or all(c in cols for c in MANIFEST_COLUMNS):
+        for line, r in raw:
+            # csv would zip a short row with None and put extra fields under None: an unquoted comma in a
+            # caption silently cut it and an extra column silently vanished
+            if len(r) != len(cols):
+                raise MemoryFormatError(
+                    f"{path}: line {line}: {len(r)} fields, but the header has {len(cols)} {list(cols)!r:.300}; "
+                    'a field holding a comma must be quoted (e.g. "a dog, running")')
+    rows = [dict(zip(cols, r)) for _, r in raw]
 
     def where(i: int) -> str:
         return f"{path}: row {i + 2}"
@@ -144,17 +178,12 @@ def read_pairs_csv(path: str | Path, *, split: str | None = None, caption_templa
         return items
     if all(c in cols for c in MANIFEST_COLUMNS):
         template = caption_template or "a photo of a {class_name}."
-        check_template(template, cols, str(path))
+        pieces = check_template(template, cols, str(path))
         items = []
         for i, r in enumerate(rows):
             if split is not None and r["split"] != split:
                 continue
-            if any(r.get(c) is None for c in cols):
-                raise MemoryFormatError(f"{where(i)}: has fewer fields than the header ({len(cols)})")
-            try:
-                caption = template.format(**r)
-            except (ValueError, TypeError) as exc:  # e.g. "{label:d}": every field is text
-                raise MemoryFormatError(f"caption template {template!r} on {where(i)}: {exc} (fields are text)") from None
+            caption = fill_template(pieces, r)  # plain fields only: the caption is the template's text plus the row's
             items.append(_item(_image_path(base, r["file"], where(i), allow_outside), _caption(caption, where(i)),
                                r["file"], _label(r["label"], where(i)), r["split"]))
         if split is not None and not items:
@@ -170,8 +199,7 @@ def read_pairs_csv(path: str | Path, *, split: str | None = None, caption_templa
 def read_pairs_jsonl(path: str | Path, *, split: str | None = None, allow_outside: bool = False) -> list[dict]:
     """Read JSON lines ``{"image": ..., "caption": ..., ["label", "split", "tags"]}`` (paths relative to the file)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file not found: {path}")
+    require_pairs_file(path)
     base = path.parent.resolve()
     items = []
     for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):

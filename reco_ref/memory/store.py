@@ -2,9 +2,17 @@
 
 :meth:`Memory.open` checks, in order: no interrupted build/commit (else a message saying how to resume),
 the manifest's fields and versions, every listed file's size and sha256 (``verify=``), the arrays'
-shapes and dtypes against the manifest, the SQLite row ids, and the encoder in use (fingerprint and
-dim; ``allow_fingerprint_mismatch=True`` overrides).  HNSW indexes are loaded on first use and checked
+shapes and dtypes against the manifest, the SQLite row ids, the binding (sampled rows of every array
+and of the metadata against the manifest's digests, and the indexes' stored vectors at those rows
+against the arrays; any ``verify`` but False), and the encoder in use (fingerprint and dim;
+``allow_fingerprint_mismatch=True`` overrides).  HNSW indexes are loaded on first use and checked
 against the recorded build parameters (count, M, ef_construction).
+
+Identical rows (a memory captioned from class templates): the manifest names a groups file per index
+(``text.groups.npy``: each row's representative row), the index holds one element per distinct vector,
+and a search expands each element found to all its rows (:class:`~reco_ref.memory.index.HnswIndex`).  The
+map is loaded and checked at open (structure always; its sampled rows against the vectors with the
+binding), and in full when the index is loaded.
 
 Readers during a writer: :meth:`Memory.open` runs under the shared commit lock (:func:`.format.commit_lock`),
 so it never pairs an old manifest with new files, and it keeps descriptors of every file it will read
@@ -25,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MemoryFormatError, SearchError
+from ..errors import MemoryFormatError, RecoError, SearchError
 from ..io import load_npy
 from . import format as fmt
-from .index import ExactIndex, HnswIndex, check_hnsw_header, hnsw_load
+from .index import ExactIndex, HnswIndex, check_groups, check_hnsw_header, check_hnsw_sample, hnsw_load
 from .search import MODALITIES, search_index
 
 
@@ -39,7 +47,8 @@ class Memory:
 
     def __init__(self, root: Path, manifest: dict, image: np.ndarray, text: np.ndarray,
                  image_keys: np.ndarray | None, num_threads: int | None = None, fds: dict | None = None,
-                 meta_con: sqlite3.Connection | None = None, stamp: tuple | None = None):
+                 meta_con: sqlite3.Connection | None = None, stamp: tuple | None = None,
+                 groups: dict[str, np.ndarray] | None = None):
         self.root = root
         self.manifest = manifest
         self.image = image  # [n, D] memmap
@@ -47,10 +56,12 @@ class Memory:
         self.image_keys = image_keys  # [n, Dk] memmap or None
         self.num_threads = num_threads
         self._hnsw: dict[str, HnswIndex] = {}
+        self._exact: dict[str, ExactIndex] = {}  # exact indexes over groups of identical rows (kept: see index())
         self._lock = threading.Lock()
         self._fds = fds or {}  # {"image.hnsw": fd, "text.hnsw": fd}: the files of the opened manifest
         self._meta_con = meta_con  # read-only SQLite connection to the opened meta.sqlite
         self._stamp = stamp  # manifest.json identity at open (inode, mtime, size)
+        self.groups = groups or {}  # {modality: int64 [n] row -> representative} where the index dedups rows
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
@@ -105,6 +116,18 @@ class Memory:
             if verify in (True, "sha256"):
                 fmt.check_finite(root / name, a)
             arrays[name] = a
+        indexed = {"image": arrays.get(fmt.IMAGE_KEYS, arrays[fmt.IMAGE]), "text": arrays[fmt.TEXT]}
+        groups = {}
+        for modality in ("image", "text"):
+            h = m["hnsw"][modality]
+            if "groups" in h:  # read whole (8 B a row), never unpickled; its structure is cheap to check
+                path = root / h["groups"]
+                try:
+                    g = load_npy(path, mmap=False, expect=((rows,), np.int64))
+                except RecoError as exc:
+                    raise MemoryFormatError(" ".join(str(exc).split())) from None
+                check_groups(g, count=h["count"], name=str(path))
+                arrays[h["groups"]] = groups[modality] = g
         con = fmt.open_meta(root / fmt.META)
         fds = {}
         try:
@@ -113,6 +136,20 @@ class Memory:
                 h = m["hnsw"][modality]
                 check_hnsw_header(root / f"{modality}.hnsw", dim=h["dim"], count=h["count"], M=h["M"],
                                   ef_construction=h["ef_construction"])
+            if verify is not False:
+                # the binding (a few sampled rows per file, whatever the mode): a file copied from another
+                # memory, or rows reordered with a rebuilt index, keep every size but not these digests
+                fmt.check_binding(root, m, arrays, con)
+                b = m.get("binding") or {}
+                sample = {"sample": b.get("sample", fmt.BINDING_SAMPLE), "edge": b.get("edge", fmt.BINDING_EDGE)}
+                for modality, vecs in indexed.items():
+                    # elements sampled over the index (fewer than the rows when identical rows share one)
+                    elements = fmt.binding_rows(m["hnsw"][modality]["count"], **sample)
+                    check_hnsw_sample(root / f"{modality}.hnsw", vecs, elements, groups=groups.get(modality))
+                    if modality in groups:  # sampled rows really are copies of their representative
+                        check_groups(groups[modality], count=m["hnsw"][modality]["count"],
+                                     name=str(root / m["hnsw"][modality]["groups"]), vectors=vecs,
+                                     rows=fmt.binding_rows(rows, **sample))
             fmt.check_fingerprint(root, m, encoder=encoder, fingerprint=fingerprint, embed_dim=embed_dim,
                                   allow_mismatch=allow_fingerprint_mismatch)
             for f in (fmt.IMAGE_INDEX, fmt.TEXT_INDEX):
@@ -125,7 +162,7 @@ class Memory:
         if _stamp(root / fmt.MANIFEST) != stamp:  # no lock file (older memory) and a commit ran meanwhile
             raise MemoryFormatError(f"{root}: being modified (its manifest changed while it was opened); try again")
         return cls(root, m, arrays[fmt.IMAGE], arrays[fmt.TEXT], arrays.get(fmt.IMAGE_KEYS), num_threads,
-                   fds=fds, meta_con=con, stamp=stamp)
+                   fds=fds, meta_con=con, stamp=stamp, groups=groups)
 
     def verify(self) -> None:
         """Full sha256 check of every file and finiteness of every array (what ``open(verify=True)`` does)."""
@@ -177,8 +214,18 @@ class Memory:
     def index(self, modality: str, exact: bool = False) -> HnswIndex | ExactIndex:
         """The HNSW index of ``modality`` (loaded once, checked against the manifest), or the exact one."""
         modality = _check_modality(modality)
-        if exact:
+        if exact and modality not in self.groups:
             return ExactIndex(self.vectors(modality))
+        if exact:
+            with self._lock:  # built once: the group table sorts every row id
+                if modality not in self._exact:
+                    g = self.groups[modality]
+                    # the audit trusts no unchecked map: every row against its representative (one read)
+                    check_groups(g, count=self.manifest["hnsw"][modality]["count"],
+                                 name=str(self.root / self.manifest["hnsw"][modality]["groups"]),
+                                 vectors=self.vectors(modality), rows="all")
+                    self._exact[modality] = ExactIndex(self.vectors(modality), groups=g)
+                return self._exact[modality]
         with self._lock:
             if modality not in self._hnsw:
                 h = self.manifest["hnsw"][modality]
@@ -187,10 +234,11 @@ class Memory:
                 if source is None and _stamp(self.root / fmt.MANIFEST) != self._stamp:
                     raise MemoryFormatError(f"{self.root}: changed since it was opened (a build or memory-add "
                                             "committed); open it again")
+                groups = self.groups.get(modality)  # None: one element per row (no identical rows, older memory)
                 idx = hnsw_load(self.root / name, h["dim"], expect_count=h["count"], expect_M=h["M"],
                                 expect_ef_construction=h["ef_construction"], vectors=self.vectors(modality),
-                                source=source)
-                self._hnsw[modality] = HnswIndex(idx, self.vectors(modality))
+                                source=source, groups=groups)
+                self._hnsw[modality] = HnswIndex(idx, self.vectors(modality), groups=groups)
             return self._hnsw[modality]
 
     def search(self, queries: np.ndarray, modality: str = "image", k: int = 10, exact: bool = False,
@@ -209,7 +257,7 @@ class Memory:
         exclude : row ids to drop per query: int [N] (self-exclusion, -1 = none), int [N,E], or a list of
             N arrays
         ef : HNSW beam width for this call (default max(k, 50)); larger = higher recall, slower
-        dup_threshold : None (off), True (= 0.98, spec §1) or a cosine: drop rows scoring >= it
+        dup_threshold : None (off), True (= 0.98, docs/reco.md §1) or a cosine: drop rows scoring >= it
         num_threads : hnswlib threads for this call
 
         Returns

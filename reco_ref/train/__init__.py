@@ -1,4 +1,4 @@
-"""Training RECO's fusion modules on precomputed (frozen-encoder) embeddings (spec §3).
+"""Training RECO's fusion modules on precomputed (frozen-encoder) embeddings (docs/reco.md §3).
 
 * :mod:`reco_ref.train.losses` — symmetric InfoNCE with a learnable, clamped temperature
   (``infonce_forward / infonce_backward``) and the three-term RECO loss

@@ -15,20 +15,77 @@ last checkpoint; the rename in :func:`reco_ref.io.atomic_save_npz` means the fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from ..errors import CheckpointError, RecoError
-from ..io import atomic_save_npz, load_npz
+from ..io import ArraySpec, atomic_save_npz, load_npz
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint"]
+__all__ = ["FORMAT", "LOCK", "save_checkpoint", "load_checkpoint", "run_lock"]
 
 FORMAT = "reco_ref.train.checkpoint"
 VERSION = 1
 STATE_KEY = "__state__"
+STATE_MAX_BYTES = 64 << 20  # the JSON state: run identity, position, validation history (KBs)
+#: held exclusively by the run writing a run folder (its pid inside); dies with the process, kill -9 included
+LOCK = ".train.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold ``out/.train.lock`` exclusively for a training run, so two runs never write one folder.
+
+    Two runs on one folder used to both exit 0 with their checkpoints, logs and weights interleaved (both
+    start before either has written ``checkpoint.npz``; two ``--resume`` runs both continue from it). The
+    second run now stops at once with one line naming the folder and the holder's pid. The lock is an advisory
+    ``flock``: the kernel drops it when its holder exits, however it exits, so it never needs cleaning up; the
+    file stays (as a memory's ``.commit.lock`` does). A folder this call created is removed again when the run
+    fails before writing anything into it.
+
+    Raises
+    ------
+    CheckpointError
+        Another process holds the lock, or ``out`` is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: is a file; --out must name a folder for the run")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no protection against a second run
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    failed = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            who = f"pid {holder}" if holder.isdigit() else "pid unknown"
+            raise CheckpointError(f"{out}: another train run ({who}) is writing this folder right now (it holds "
+                                  f"{LOCK}); wait for it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+    finally:
+        os.close(fd)
+        if failed and created and [p.name for p in out.iterdir()] == [LOCK]:
+            with contextlib.suppress(OSError):  # nothing of the run was written: leave no empty folder behind
+                path.unlink()
+                out.rmdir()
 
 
 def save_checkpoint(path: str | os.PathLike, params: dict[str, np.ndarray], opt: dict[str, np.ndarray],
@@ -52,8 +109,12 @@ def load_checkpoint(path: str | os.PathLike, params: dict[str, np.ndarray], opt:
         (``config_hash``), a missing / unexpected / mis-shaped array.
     """
     path = Path(path)
+    # Read the state alone first (its run identity decides before any array does), then the arrays, each header
+    # checked against the array it restores before any data is read: a checkpoint cannot make the reader
+    # allocate more than this run's own parameters and optimiser state.
+    state_spec = {STATE_KEY: ArraySpec((None,), np.uint8, max_bytes=STATE_MAX_BYTES)}
     try:
-        raw = load_npz(path)
+        raw = load_npz(path, only=[STATE_KEY], expect=state_spec)
     except (RecoError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc}); delete it to start over") from exc
     if STATE_KEY not in raw:
@@ -69,6 +130,12 @@ def load_checkpoint(path: str | os.PathLike, params: dict[str, np.ndarray], opt:
                               f"{str(state.get('config_hash'))[:12]}…, this run {config_hash[:12]}…); use the same "
                               f"arguments, or another --out, or delete the checkpoint")
     want = {f"p.{k}": v for k, v in params.items()} | {f"o.{k}": v for k, v in opt.items()}
+    expect = state_spec | {key: ArraySpec(np.shape(v), np.asarray(v).dtype) for key, v in want.items()}
+    try:
+        raw = load_npz(path, expect=expect)
+    except (RecoError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc}); delete it to start over") from exc
+    raw.pop(STATE_KEY)
     missing = sorted(set(want) - set(raw))
     extra = sorted(set(raw) - set(want))
     if missing or extra:

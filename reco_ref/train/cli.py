@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..checks import float_option, int_option
 from ..checks import positive_int as _positive
+
+# The numbers a recipe can mean: nan, inf and negatives reached the internals (or ended a run at save time).
+_nonneg = float_option(0.0)  # --lr, --min-lr, --weight-decay
+_positive_float = float_option(0.0, lo_open=True)  # --alpha, --weight
+_finite = float_option()  # --rel-beta, --rel-gamma
+_fraction = float_option(0.0, 1.0, hi_open=True)  # --irrelevant-fraction
+SEED = int_option(0, 2**32 - 1)  # numpy seeds are non-negative; the range of commands.SEED_MAX
 
 
 def _cosine_or_off(text: str) -> float | None:
@@ -43,30 +51,36 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=_positive, default=d.epochs, help=f"epochs (default {d.epochs})")
     g.add_argument("--steps-per-epoch", type=_positive, default=None,
                    help="cap on batches per epoch, a seeded subset of the shuffled epoch (default: a full pass)")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    g.add_argument("--min-lr", type=float, default=d.min_lr, help="final learning rate of the cosine (default 0)")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"linear warm-up (default {d.warmup_steps})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on matrices (default 0.2)")
+    g.add_argument("--lr", type=_nonneg, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--min-lr", type=_nonneg, default=d.min_lr, help="final learning rate of the cosine (default 0)")
+    g.add_argument("--warmup-steps", type=int_option(0), default=d.warmup_steps,
+                   help=f"linear warm-up (default {d.warmup_steps})")
+    g.add_argument("--weight-decay", type=_nonneg, default=d.weight_decay, help="AdamW decay on matrices (default 0.2)")
     g.add_argument("--heads", type=_positive, default=d.heads, help=f"attention heads (default {d.heads})")
-    g.add_argument("--seed", type=int, default=d.seed, help="init and data-order seed (default 0)")
+    g.add_argument("--seed", type=SEED, default=d.seed, help="init and data-order seed, 0 … 2³²−1 (default 0)")
     g.add_argument("--backend", choices=("numpy", "numba", "cuda"), default=d.backend, help="fusion/InfoNCE backend")
     g.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every,
                    help=f"steps between checkpoints (default {d.checkpoint_every})")
     g.add_argument("--init", choices=("identity", "copy"), default=d.init,
                    help="fusion init: identity (spec: x̄ = x at step 0) or copy [ours]: x + α·mean of the neighbours")
-    g.add_argument("--alpha", type=float, default=d.alpha, help=f"gain α of the copy init (default {d.alpha})")
+    g.add_argument("--alpha", type=_positive_float, default=d.alpha,
+                   help=f"gain α of the copy init, > 0 (default {d.alpha})")
     g.add_argument("--relevance", action="store_true",
                    help="[ours] the layer reads each neighbour's search score: β·s_j toward neighbour j, γ toward the "
                         "query (score map: z-score against unrelated pairs of the first training memory)")
-    g.add_argument("--rel-beta", type=float, default=d.rel_beta, help=f"initial β per head (default {d.rel_beta})")
-    g.add_argument("--rel-gamma", type=float, default=d.rel_gamma, help=f"initial γ per head (default {d.rel_gamma})")
+    g.add_argument("--rel-beta", type=_finite, default=d.rel_beta, help=f"initial β per head (default {d.rel_beta})")
+    g.add_argument("--rel-gamma", type=_finite, default=d.rel_gamma,
+                   help=f"initial γ per head (default {d.rel_gamma})")
     g.add_argument("--rel-map", choices=("unrelated", "neighbour", "memory"), default=d.rel_map,
                    help="score map of the relevance bias: z-score against unrelated pairs (default) or centred at the "
                         "typical nearest-neighbour cosine of the training memory (both fixed in the weights), or "
                         "'memory': measured on whichever memory is searched, in training and at use time")
     g.add_argument("--train-groups", choices=("all", "relevance"), default=d.train_groups,
                    help="what trains: every array (default) or only β, γ and τ ('relevance')")
-    g.add_argument("--irrelevant-fraction", type=float, default=d.irrelevant_fraction,
+    g.add_argument("--hold-threshold", action="store_true",
+                   help="[ours] with --train-groups relevance: γ tied to β so each head's gate threshold (γ − ln k)/β "
+                        "stays where it starts (only the gate's sharpness trains)")
+    g.add_argument("--irrelevant-fraction", type=_fraction, default=d.irrelevant_fraction,
                    help="[ours] share of irrelevant-memory batches: each query's own class excluded from its search "
                         "(needs labelled memories; default 0 = off)")
     g.add_argument("--select-on", choices=("top1", "loss"), default=d.select_on,
@@ -81,8 +95,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "--pairs MANIFEST --split train --caption-template ...)")
     g.add_argument("--retrieval", action="append", metavar="DIR",
                    help="memory the matching --memory retrieves from ('same' = itself, the default; repeat in order)")
-    g.add_argument("--weight", action="append", type=float, metavar="W",
-                   help="share of batches of the matching --memory (default: its number of rows)")
+    g.add_argument("--weight", action="append", type=_positive_float, metavar="W",
+                   help="share of batches of the matching --memory, a number > 0 (default: its number of rows)")
     g.add_argument("--val-memory", action="append", metavar="DIR",
                    help="held-out validation pairs (never a test split); labels from its metadata")
     g.add_argument("--val-retrieval", action="append", metavar="DIR",
@@ -95,8 +109,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(a: argparse.Namespace) -> int:
+    from ..paths import check_output_dir
     from .commands import train_command
 
+    check_output_dir(a.out, ("config.json", "best.npz", "last.npz", "log.jsonl"), overwrite=a.overwrite,
+                     resume_from="checkpoint.npz")
     train_command(a)
     return 0
 
@@ -113,6 +130,7 @@ def register(sub) -> None:
                    help="what is trained: the fusion layer (default) or the equal-size MLP control")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz (bit-identical)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a finished run in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 

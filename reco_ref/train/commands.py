@@ -9,10 +9,16 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_float, check_int, memory_rows
 from ..errors import RecoError
+from ..template_fmt import check_templates
 from ..memory import Memory, read_pairs
+from .checkpoint import run_lock
 from .loop import TrainConfig, TrainResult, ValSet, class_text_embeddings, train
 from .pairs import labels_of
+
+#: seeds seed numpy's generators (any integer >= 0 would do); the range keeps them plain 32-bit values
+SEED_MAX = 2**32 - 1
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -37,12 +43,54 @@ def _aligned(values: list | None, n: int, flag: str, of: str) -> list:
 
 
 def open_memory(path: str) -> Memory:
-    return Memory.open(path, verify="size")
+    """Open a training, retrieval or validation memory; one of 0 rows is refused (nothing to train on or retrieve)."""
+    mem = Memory.open(path, verify="size")
+    memory_rows(mem)
+    return mem
+
+
+def check_backend(backend: str) -> None:
+    """Refuse an unknown or uninstalled fusion backend, or ``cuda`` without a device, before any work.
+
+    ``get_backend("cuda")`` imports without a GPU (numba's CUDA module is importable anywhere); the first kernel
+    launch then failed deep in a run (``CudaSupportError``, after the run folder was written).
+    """
+    from ..fusion import get_backend
+
+    get_backend(backend)  # BackendUnavailableError is a RecoError (one-line CLI error)
+    if backend == "cuda":
+        from numba import cuda
+
+        if not cuda.is_available():  # True under NUMBA_ENABLE_CUDASIM=1 (the simulator) as well
+            raise RecoError("fusion backend 'cuda': no usable CUDA device/driver (numba.cuda.is_available() is "
+                            "False); use --backend numpy or numba")
+
+
+def check_config(cfg: TrainConfig, dim: int | None = None) -> TrainConfig:
+    """``cfg.check()`` plus what it does not check: the seed, and (given the embedding width ``dim``) that the
+    fusion layer's heads divide it. One :class:`RecoError` naming the option.
+
+    ``--seed -1`` reached numpy ("expected non-negative integer") and ``--heads 7`` on 32-d embeddings the fusion
+    config ("heads=7 does not divide dim=32"), both as unexpected errors; ``--backend cuda`` without a device
+    failed at the first step (:func:`check_backend`).
+    """
+    cfg.check()
+    check_int("--seed", cfg.seed, 0, SEED_MAX, error=RecoError)
+    for backend in {cfg.backend, cfg.loss_backend}:
+        check_backend(backend)
+    if dim is not None and cfg.model == "reco" and int(dim) % int(cfg.heads):
+        divisors = [h for h in (1, 2, 4, 8, 12, 16) if int(dim) % h == 0]
+        raise RecoError(f"--heads {cfg.heads} does not divide the memories' embedding dim {int(dim)} (each head gets "
+                        f"dim / heads channels); choose a divisor such as {', '.join(map(str, divisors))}")
+    return cfg
 
 
 def sources_from_args(a: argparse.Namespace) -> list[dict]:
     retr = _aligned(a.retrieval, len(a.memory), "--retrieval", "--memory")
     weights = _aligned(a.weight, len(a.memory), "--weight", "--memory")
+    for w in weights:  # a share of batches: 0 or less collapsed the epoch to one step, NaN failed at save time
+        if w is not None:
+            check_float("--weight", w, 0.0, lo_open=True, error=RecoError)
     out = []
     for mem, r, w in zip(a.memory, retr, weights):
         pairs = open_memory(mem)
@@ -58,6 +106,8 @@ def val_sets_from_args(a: argparse.Namespace, encoder: Any = None) -> list[ValSe
                 raise RecoError(f"--{flag.replace('_', '-')} needs --val-memory")
         return []
     n = len(a.val_memory)
+    # plain '{}' / '{class_name}' only: train.loop fills them with str.format (a width '{:>900000000}' = 3.7 GB)
+    templates = list(check_templates(a.template or list(DEFAULT_TEMPLATES), "--template"))
     retr = _aligned(a.val_retrieval, n, "--val-retrieval", "--val-memory")
     classes = _aligned(a.val_classes, n, "--val-classes", "--val-memory")
     if any(c is None for c in classes):
@@ -68,7 +118,6 @@ def val_sets_from_args(a: argparse.Namespace, encoder: Any = None) -> list[ValSe
         from ..memory.producers import load_encoder
 
         encoder = load_encoder(a.model)
-    templates = a.template or list(DEFAULT_TEMPLATES)
     out = []
     for mem, r, c in zip(a.val_memory, retr, classes):
         pairs = open_memory(mem)
@@ -88,36 +137,38 @@ def config_from_args(a: argparse.Namespace, **override) -> TrainConfig:
               warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, heads=a.heads, seed=a.seed,
               backend=a.backend, checkpoint_every=a.checkpoint_every, select_on=a.select_on,
               init=a.init, alpha=a.alpha, relevance=a.relevance, rel_beta=a.rel_beta, rel_gamma=a.rel_gamma, rel_map=a.rel_map,
-              train_groups=a.train_groups, irrelevant_fraction=a.irrelevant_fraction)
+              train_groups=a.train_groups, irrelevant_fraction=a.irrelevant_fraction,
+              hold_threshold=a.hold_threshold)
     kw.update(override)
     return TrainConfig(**kw)
 
 
 def train_command(a: argparse.Namespace) -> TrainResult:
-    cfg: TrainConfig = config_from_args(a, model=a.control)
-    cfg.check()
+    cfg: TrainConfig = check_config(config_from_args(a, model=a.control))
     sources = sources_from_args(a)
+    check_config(cfg, dim=int(sources[0]["pairs"].dim))
     vals = val_sets_from_args(a)
     meta = {"command": "reco-ref " + " ".join(sys.argv[1:]),
             "trained_on": [{"memory": str(s["pairs"].root), "rows": len(s["pairs"]),
                             "retrieval": str(s["retrieval"].root) if s["retrieval"] is not None else "same"}
                            for s in sources],
             "validation": [{"memory": str(v.pairs.root), "retrieval": str(v.retrieval.root)} for v in vals]}
-    if cfg.model == "reco":  # the disk a run takes, said before it starts (issue 21)
-        from ..fusion.params import param_shapes
+    with run_lock(a.out):  # one run per folder: a second one stops here, naming this run's pid
+        if cfg.model == "reco":  # the disk a run takes, said before it starts
+            from ..fusion.params import param_shapes
 
-        D = int(sources[0]["pairs"].dim)
-        n = 2 * sum(int(np.prod(s)) for s in param_shapes(D, cfg.mlp_ratio, cfg.heads if cfg.relevance else None)
-                    .values())
-        w = 4 * n  # bytes: float32, both modules
+            D = int(sources[0]["pairs"].dim)
+            shapes = param_shapes(D, cfg.mlp_ratio, cfg.heads if cfg.relevance else None)
+            n = 2 * sum(int(np.prod(s)) for s in shapes.values())
+            w = 4 * n  # bytes: float32, both modules
 
-        def size(b: float) -> str:
-            return f"{b / 1e6:.0f} MB" if b >= 1e6 else f"{b / 1e3:.0f} kB"
+            def size(b: float) -> str:
+                return f"{b / 1e6:.0f} MB" if b >= 1e6 else f"{b / 1e3:.0f} kB"
 
-        print(f"this run writes about {size(5 * w)} to {a.out}: best.npz and last.npz ({size(w)} each) and "
-              f"checkpoint.npz ({size(3 * w)}: the parameters and AdamW's two moments, for --resume; delete it once "
-              "the run is done)", flush=True)
-    res = train(sources, a.out, cfg, val=vals, meta=meta, resume=a.resume, progress=not a.no_progress)
+            print(f"this run writes about {size(5 * w)} to {a.out}: best.npz and last.npz ({size(w)} each) and "
+                  f"checkpoint.npz ({size(3 * w)}: the parameters and AdamW's two moments, for --resume; delete it "
+                  "once the run is done)", flush=True)
+        res = train(sources, a.out, cfg, val=vals, meta=meta, resume=a.resume, progress=not a.no_progress)
     best = res.best_record or {}
     print(f"trained {res.steps} steps; kept epoch {best.get('epoch', cfg.epochs)} "
           f"(validation top1 {best.get('top1', float('nan')):.4f}, loss {best.get('loss', float('nan')):.4f}) "

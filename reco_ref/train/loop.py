@@ -1,4 +1,4 @@
-r"""The RECO training loop: φ_I, φ_T and τ on precomputed embeddings, encoders frozen (spec §3).
+r"""The RECO training loop: φ_I, φ_T and τ on precomputed embeddings, encoders frozen (docs/reco.md §3).
 
 One step, for a batch of pairs ``(v, t)`` [B,D] of one source with neighbours resolved once
 (:mod:`reco_ref.train.pairs`)::
@@ -38,6 +38,7 @@ import numpy as np
 from ..errors import CheckpointError, RecoError
 from ..fusion import RELEVANCE_NAMES, fusion_backward, fusion_forward, gated_scores, relevance_gate, score_features
 from ..io import atomic_save_npz, atomic_write_json, atomic_write_text, load_npz
+from ..template_fmt import fill_class, parse_class_template
 from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import DEFAULT_TAU, reco_loss_backward, reco_loss_forward
 from .mlp import mlp_backward, mlp_forward, mlp_hidden_for, mlp_init
@@ -62,7 +63,7 @@ class TrainConfig:
         captions of other rows are the signal; self-exclusion by row id removes the pair's own row)
     unique_captions : each caption at most once per batch [ours]
     exact_search : brute-force retrieval instead of HNSW
-    batch_size, epochs, lr, min_lr, warmup_steps, weight_decay : AdamW + warm-up/cosine (spec §3)
+    batch_size, epochs, lr, min_lr, warmup_steps, weight_decay : AdamW + warm-up/cosine (docs/reco.md §3)
     loss_weights : the three RECO loss terms (equal [ours])
     heads, mlp_ratio : fusion layer shape (8, 4 [ours])
     model : "reco" (the fusion layer) | "mlp" (the equal-size MLP control)
@@ -74,9 +75,9 @@ class TrainConfig:
         takes a seeded subset of its batches — for short recipes on a slow machine
     checkpoint_every : steps between checkpoints (also one at every epoch end)
     select_on : "top1" (mean zero-shot top-1 over validation sets; ties keep the earlier) | "loss"
-    init : "identity" (spec §2: x̄ = x at step 0) | "copy" [ours]: starts at x + α·mean(r) (``init_params``)
+    init : "identity" (docs/reco.md §2: x̄ = x at step 0) | "copy" [ours]: starts at x + α·mean(r) (``init_params``)
     alpha : the copy init's gain α
-    relevance : the layer reads each neighbour's search score (spec §2 "Relevance bias" [ours]); the score map
+    relevance : the layer reads each neighbour's search score (docs/reco.md §2 "Relevance bias" [ours]); the score map
         ``(s − center)/width`` is set from the first source's retrieval memory (``rel_map``)
     rel_map : "unrelated" [ours, default]: centre and width = mean and std of the cosine between random rows;
         "neighbour": centre = median cosine of a row to its nearest other row, width = the unrelated std (both
@@ -88,6 +89,10 @@ class TrainConfig:
         the layer cannot memorise the training classes' names — docs/training.md "Why training lost transfer")
     guard_tolerance : [ours] how far (top-1) a guard validation set (``ValSet.guard``) may fall below its epoch-0
         value in a keepable epoch
+    hold_threshold : [ours] train each head's β and γ with its gate threshold held: γ is tied to β by
+        ``γ = β·f* + ln k``, ``f* = (γ₀ − ln k)/β₀`` (the init's threshold, in memory widths), so a step changes how
+        sharply a head switches between query and neighbours but not *where* (docs/training.md "Threshold held").
+        The gradient of the tied parameter is ``∂L/∂β + f*·∂L/∂γ``; needs ``train_groups="relevance"`` and β₀ > 0
     irrelevant_fraction : [ours] add, beside each source, an irrelevant-memory source of its pairs whose search
         excludes every row of the query's own class, weighted ``fraction / (1 − fraction)`` of the source (needs
         labelled memories); 0 = off
@@ -125,6 +130,7 @@ class TrainConfig:
     train_groups: str = "all"
     irrelevant_fraction: float = 0.0
     guard_tolerance: float = 0.01
+    hold_threshold: bool = False
 
     def check(self) -> None:
         """One-line :class:`RecoError` for a bad field."""
@@ -134,6 +140,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise RecoError(f"{name}: expected a positive integer, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**32:
+            raise RecoError(f"seed: expected an integer in [0, 2**32 - 1], got {self.seed!r}")
         if self.batch_size < 2:
             raise RecoError(f"batch_size: expected at least 2 (InfoNCE needs negatives), got {self.batch_size}")
         for name, allowed in (("search", ("uni", "cross")), ("fuse", ("cross", "uni")), ("model", ("reco", "mlp")),
@@ -158,6 +166,9 @@ class TrainConfig:
             raise RecoError(f"irrelevant_fraction: expected a number in [0, 1), got {self.irrelevant_fraction}")
         if self.train_groups == "relevance" and not self.relevance:
             raise RecoError("train_groups: 'relevance' needs relevance=True (the layer has no relevance arrays)")
+        if self.hold_threshold and (self.train_groups != "relevance" or not float(self.rel_beta) > 0):
+            raise RecoError("hold_threshold: needs train_groups='relevance' and rel_beta > 0 (the threshold "
+                            f"(γ − ln k)/β is undefined at β = {self.rel_beta})")
         if self.model == "mlp" and (self.relevance or self.init != "identity"):
             raise RecoError("model 'mlp': init/relevance apply to the fusion layer only")
         if self.min_lr > self.lr:
@@ -212,11 +223,13 @@ class TrainResult:
 
 
 def class_text_embeddings(encoder: Any, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    r"""``t_c = normalize(mean_j normalize(f_T(template_j(c))))`` — float32 [C, D] (spec §4).
+    r"""``t_c = normalize(mean_j normalize(f_T(template_j(c))))`` — float32 [C, D] (docs/reco.md §4).
 
     Templates hold ``{}`` or ``{class_name}`` where the class name goes.
     """
-    texts = [tpl.replace("{class_name}", "{}").format(c) for c in class_names for tpl in templates]
+    # plain {}/{class_name} fields only: a format spec such as {:>900000000} would allocate without bound
+    parsed = [parse_class_template(tpl) for tpl in templates]
+    texts = [fill_class(p, c) for c in class_names for p in parsed]
     e = np.asarray(encoder.encode_texts(texts), np.float64).reshape(len(class_names), len(templates), -1)
     e /= np.linalg.norm(e, axis=-1, keepdims=True)
     m = e.mean(1)
@@ -278,9 +291,22 @@ class _Model:
             g = fusion_backward(phi, cache, dout)
             if self.cfg.train_groups == "relevance":  # the rest stays at its init (frozen: no gradient given)
                 g = {n: a for n, a in g.items() if n in RELEVANCE_NAMES}
+            if self.cfg.hold_threshold:  # γ(β) = β·f* + ln k: chain rule onto β, γ follows in hold()
+                g = {"rel_beta": g["rel_beta"] + self.threshold() * g["rel_gamma"],
+                     "rel_gamma": np.zeros_like(g["rel_gamma"])}
         else:
             g = mlp_backward(phi, cache, dout)
         return {f"{modality}.{n}": a for n, a in g.items()}
+
+    def threshold(self) -> float:
+        """f* = (γ₀ − ln k)/β₀: the init's gate threshold in memory widths (every head starts at the same β₀, γ₀)."""
+        return (float(self.cfg.rel_gamma) - math.log(self.cfg.k)) / float(self.cfg.rel_beta)
+
+    def hold(self) -> None:
+        """Put γ back on its tie after an optimizer step (``hold_threshold``): ``γ = β·f* + ln k`` in place."""
+        if self.cfg.hold_threshold:
+            for phi in self.modules.values():
+                phi["rel_gamma"][...] = phi["rel_beta"] * self.threshold() + math.log(self.cfg.k)
 
     def snapshot(self, meta: dict) -> Any:
         if self.cfg.model == "reco":
@@ -489,6 +515,8 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
     if len(dims) != 1:
         raise RecoError(f"sources: embedding dims differ {sorted(dims)}; all sources must come from one encoder")
     dim = dims.pop()
+    if cfg.model == "reco" and dim % cfg.heads:
+        raise RecoError(f"heads: {cfg.heads} does not divide the sources' embedding dim {dim}; choose a divisor of {dim}")
     vals = [_prepare_val(v, cfg) for v in val]
     if vals and all(p.guard for p in vals):
         raise RecoError("val: every validation set is a guard; at least one selection set is needed to choose an "
@@ -566,6 +594,7 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
                 lr = lr_at(state["step"], base_lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, total),
                            total_steps=total, min_lr=cfg.min_lr)
                 adamw_step(model.flat, grads, opt, lr, weight_decay=cfg.weight_decay)
+                model.hold()
                 state["step"] += 1
                 state["pos"] += 1
                 state["run_loss"] += float(loss)

@@ -1,4 +1,4 @@
-r"""RECO's training objective (spec §3): symmetric InfoNCE with a learnable temperature, and the
+r"""RECO's training objective (docs/reco.md §3): symmetric InfoNCE with a learnable temperature, and the
 three-term RECO loss.
 
 Symmetric InfoNCE between two batches ``a, b`` of shape ``[N, D]`` (row ``i`` of ``a`` matches row
@@ -40,7 +40,7 @@ __all__ = [
     "reco_loss_backward",
 ]
 
-#: τ at initialisation: log(1/0.07), as CLIP (spec §3).
+#: τ at initialisation: log(1/0.07), as CLIP (docs/reco.md §3).
 DEFAULT_TAU = math.log(1.0 / 0.07)
 
 
@@ -176,7 +176,7 @@ def infonce_backward(cache, dloss=1.0, *, backend=None):
 
 
 def reco_loss_forward(v_bar, t_bar, v, t, tau, *, weights=(1.0, 1.0, 1.0), max_scale=MAX_SCALE, backend="numpy"):
-    r"""The RECO loss (spec §3): refined↔refined plus refined↔original, both directions.
+    r"""The RECO loss (docs/reco.md §3): refined↔refined plus refined↔original, both directions.
 
     .. math::
 

@@ -1,4 +1,4 @@
-r"""AdamW with decoupled weight decay on matrices only, and a linear warm-up + cosine schedule (spec §3).
+r"""AdamW with decoupled weight decay on matrices only, and a linear warm-up + cosine schedule (docs/reco.md §3).
 
 The optimiser state is a flat ``dict`` of NumPy arrays — ``"step"`` (0-d int64), ``"m.<name>"`` and
 ``"v.<name>"`` (first / second moments, same shape and dtype as the parameter) — so it saves and
@@ -77,7 +77,7 @@ def adamw_step(
     lr : float
         Learning rate η for this step (e.g. from :func:`lr_at`).
     betas, eps, weight_decay :
-        Spec §3 defaults (0.9, 0.98), 1e-6, 0.2.
+        docs/reco.md §3 defaults (0.9, 0.98), 1e-6, 0.2.
     decay : see :func:`adamw_decays`.
 
     Raises

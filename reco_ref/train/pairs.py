@@ -29,6 +29,7 @@ Choices [ours], each an option of :class:`SourceOptions` / the training config:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -151,7 +152,7 @@ def nearest_score_median(vectors: np.ndarray, *, queries: int = 2000, seed: int 
 
 def score_map(src: "PreparedSource", rel_map: str = "unrelated") -> dict[str, tuple[float, float]]:
     """Each module's relevance score map ``{"image": (center, width), "text": (center, width)}`` from the spaces
-    ``src``'s queries search (spec §2 "Relevance bias" [ours]).
+    ``src``'s queries search (docs/reco.md §2 "Relevance bias" [ours]).
 
     ``"unrelated"``: centre and width = mean and std of the cosine between random rows
     (:func:`unrelated_score_stats`); ``"neighbour"``: centre = the median nearest-other-row cosine
@@ -263,7 +264,7 @@ def prepare_source(pairs: Any, retrieval: Any = None, *, name: str | None = None
     ----------
     pairs : Memory — its rows (or ``rows`` of them) are the training pairs
     retrieval : Memory, optional — searched for neighbours (default ``pairs``: own row excluded by id)
-    k, search, fuse : retrieval settings (spec §1)
+    k, search, fuse : retrieval settings (docs/reco.md §1)
     dup_threshold_image / dup_threshold_text : near-duplicate filter of image- / text-index searches
     exact : brute-force search instead of HNSW
     weight : share of batches (default: the number of pairs)
@@ -271,6 +272,8 @@ def prepare_source(pairs: Any, retrieval: Any = None, *, name: str | None = None
         excluded from its search too, so the neighbours are what a memory lacking that class returns (the best
         wrong rows, with their true scores) — teaching the relevance bias when to fall back to the query
     """
+    if weight is not None and not (math.isfinite(float(weight)) and float(weight) > 0):
+        raise RecoError(f"weight: a source's share of batches must be a finite number > 0, got {weight!r}")
     retrieval = pairs if retrieval is None else retrieval
     if retrieval.dim != pairs.dim:
         raise RecoError(f"{retrieval.root}: embedding dim {retrieval.dim} differs from the pairs memory "

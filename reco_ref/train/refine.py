@@ -1,4 +1,4 @@
-r"""Retrieval-enhance a batch of embeddings with a memory and a fusion module (spec §1–§2, inference).
+r"""Retrieval-enhance a batch of embeddings with a memory and a fusion module (docs/reco.md §1–§2, inference).
 
 .. math::
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import check_array
+from ..checks import cap_k, check_array
 from ..errors import SearchError, ShapeError
 from ..fusion import fusion_forward, get_backend, relevance_gate, relevance_of, score_features
 from ..memory import retrieve, search_index
@@ -88,8 +88,9 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
     query_modality : "image" | "text"
     search_queries : [N, Dk], optional — image search keys for uni-modal image search on a memory with
         ``key_dim`` (default: ``queries``)
-    k : neighbours per query
-    search, fuse : "uni" | "cross" (spec §1; default uni-modal search, cross-modal fusion)
+    k : neighbours per query, capped at the memory's rows (:func:`reco_ref.checks.cap_k`; a memory of 0 rows is
+        refused)
+    search, fuse : "uni" | "cross" (docs/reco.md §1; default uni-modal search, cross-modal fusion)
     exclude : int64 [N] own memory rows (−1 none), or [N, E] / list — dropped from the neighbours
     dup_threshold : None (off), True (0.98) or a cosine — near-duplicates dropped
     backend : "numpy" | "numba" | "cuda" (fusion)
@@ -108,8 +109,8 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
     Returns
     -------
     refined : float32 [N, D] — unit rows
-    rows : int64 [N, k] — retrieved memory rows (−1 where invalid)
-    valid : bool [N, k]
+    rows : int64 [N, k'] — retrieved memory rows (−1 where invalid), ``k' = min(k, len(memory))``
+    valid : bool [N, k']
     gate : float64 [N] — only with ``with_gate``: 1 = the bias keeps the query, 0 = it uses the memory (all 0
         for a module without the relevance bias)
     """
@@ -130,6 +131,9 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
         excl = np.asarray(exclude) if not isinstance(exclude, list) else exclude
         if len(excl) != n:
             raise ShapeError(f"exclude: {len(excl)} entries, queries has {n}")
+    # a memory of n rows gives at most n neighbours: the search returns min(k, n) columns, so the arrays are
+    # sized with that k (sized with the k asked for, they met fewer columns and failed to broadcast)
+    k = cap_k(k, memory)
     dtype = phi["ln1_gamma"].dtype
     relevance = relevance_of(phi) is not None  # the layer reads each neighbour's search score
     smap = searched_score_map(phi, memory, query_modality, search)

@@ -1,4 +1,4 @@
-r"""RECO's trained state as one value: φ_I, φ_T, τ and a JSON-able description (spec §2–§3).
+r"""RECO's trained state as one value: φ_I, φ_T, τ and a JSON-able description (docs/reco.md §2–§3).
 
 :class:`RecoWeights` is what training produces and what evaluation, the demo and ``query`` consume::
 
@@ -12,7 +12,7 @@ File format
 One ``.npz`` written by :func:`reco_ref.fusion.save_param_set` (atomic, never pickled) holding the modules
 ``image`` (φ_I) and ``text`` (φ_T) and two extras:
 
-* ``tau`` — float64 0-d: τ, the log of the logit scale ``s = min(exp τ, 100)`` (spec §3);
+* ``tau`` — float64 0-d: τ, the log of the logit scale ``s = min(exp τ, 100)`` (docs/reco.md §3);
 * ``meta_utf8`` — float32 ``[n]``: the UTF-8 bytes of the ``meta`` JSON object, one byte per element
   (values 0..255). The param-set format admits only finite float arrays as extras; storing the bytes
   this way keeps the file a plain numeric archive (no object arrays, no pickle) that every existing
@@ -56,7 +56,7 @@ class RecoWeights:
     ----------
     image : FusionParams — φ_I, refines image queries (fed text neighbours by default)
     text : FusionParams — φ_T, refines text queries (fed image neighbours by default)
-    tau : float — log of the logit scale (spec §3); ``exp(tau)`` is clamped at 100 in the loss
+    tau : float — log of the logit scale (docs/reco.md §3); ``exp(tau)`` is clamped at 100 in the loss
     meta : dict — JSON-able: encoder_name, encoder_fingerprint, dim, heads, k, search, fuse, dup_threshold,
         trained_on, recipe, seed, ... (free-form; :func:`check_weights_match` reads ``encoder_fingerprint``)
     """
@@ -85,7 +85,7 @@ class RecoWeights:
 
 def init_reco_weights(dim: int, *, heads: int = 8, mlp_ratio: int = 4, seed: int = 0, meta: dict | None = None,
                       dtype=np.float32, maps: dict | None = None, **init_kw) -> RecoWeights:
-    """Untrained RECO weights: both modules the identity on their query (spec §2), τ = log(1/0.07).
+    """Untrained RECO weights: both modules the identity on their query (docs/reco.md §2), τ = log(1/0.07).
 
     φ_I is drawn from ``seed`` and φ_T from ``seed + 1`` so the two modules start different (their zeroed
     arrays make both the identity regardless). ``init_kw`` goes to :func:`~reco_ref.fusion.init_params`
@@ -144,9 +144,14 @@ def load_reco_weights(path: str | os.PathLike) -> RecoWeights:
     ParamsFormatError  naming the file and the entry: not a param set, modules other than image/text, dims that
                        differ, a missing/non-scalar ``tau``, a ``meta_utf8`` that is not UTF-8 JSON bytes
     """
+    from ..paths import file_problem
+
     path = Path(path)
-    if not path.is_file():
+    problem = file_problem(path)  # a device never ends a read, a pipe blocks it: named before anything opens it
+    if problem == "no such file":
         raise FileNotFoundError(f"fusion weights not found: {path}")
+    if problem:
+        raise ParamsFormatError(f"{path}: {problem}; expected fusion weights (.npz)")
     modules, extras = load_param_set(path)
     if sorted(modules) != sorted(MODULES):
         raise ParamsFormatError(f"{path}: modules {sorted(modules)}, expected {list(MODULES)} (φ_I and φ_T)")
@@ -158,7 +163,18 @@ def load_reco_weights(path: str | os.PathLike) -> RecoWeights:
     tau = extras[TAU_KEY]
     if tau.shape != ():
         raise ParamsFormatError(f"{path}: entry {TAU_KEY!r} has shape {tau.shape}, expected a scalar ()")
-    raw = extras[META_KEY]
+    return RecoWeights(image=modules["image"], text=modules["text"], tau=float(tau),
+                       meta=decode_meta(path, extras[META_KEY]))
+
+
+def decode_meta(path: str | os.PathLike, raw: np.ndarray) -> dict:
+    """The JSON object stored in a weights file's ``meta_utf8`` extra (its UTF-8 bytes, one per float element).
+
+    Raises
+    ------
+    ParamsFormatError
+        Not a 1-D array of byte values, not UTF-8 JSON, or not a JSON object.
+    """
     if raw.ndim != 1 or ((raw < 0) | (raw > 255) | (raw != np.round(raw))).any():
         raise ParamsFormatError(f"{path}: entry {META_KEY!r} is not a 1-D array of byte values 0..255")
     try:
@@ -167,7 +183,7 @@ def load_reco_weights(path: str | os.PathLike) -> RecoWeights:
         raise ParamsFormatError(f"{path}: entry {META_KEY!r} is not UTF-8 JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise ParamsFormatError(f"{path}: entry {META_KEY!r} holds {type(meta).__name__}, expected a JSON object")
-    return RecoWeights(image=modules["image"], text=modules["text"], tau=float(tau), meta=meta)
+    return meta
 
 
 def default_weights_path(encoder_name: str = "reco-mini") -> Path:

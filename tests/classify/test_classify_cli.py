@@ -197,3 +197,28 @@ def test_the_probe_chooses_its_l2_on_the_classifiers_own_validation_split(tmp_pa
                      "--memory", str(tmp_path / "mem"), "--json", str(js), "--model", ENC, "--quiet",
                      "--no-progress"]) == 0
         assert want in json.loads(js.read_text())["baselines"]["logistic_probe"]["fit"]
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_head_init_prompts_cli(setup, memory):
+    """--head-init prompts: W_c starts at the unit class-prompt embeddings ("a photo of a {}."), b_c at 0 (lr 0 keeps
+    the start: epoch 0); recorded in the weights' config; eval's logits are s·cos(query, prompt)."""
+    from reco_ref.classify.train import _logits
+
+    tmp, manifest = setup
+    out = tmp / f"prinit-{memory}.npz"
+    assert _train(tmp, manifest, out, "--head-init", "prompts", "--lr", "0",
+                  *(() if memory else ("--no-memory",))) == 0
+    params, meta = load_classifier(out)
+    assert meta["config"]["head_init"] == "prompts" and meta["best_epoch"] == 0
+    assert meta["history"][0]["epoch"] == 0
+    T = make_encoder().encode_texts([f"a photo of a class{c}." for c in range(3)])
+    T = T / np.linalg.norm(T, axis=1, keepdims=True)
+    assert np.allclose(params["w_c"], T.T, atol=1e-6) and not params["b_c"].any()
+    from reco_ref.classify.commands import open_memory
+    from reco_ref.eval.data import read_split
+
+    img, keys = make_encoder().encode_images(read_split(manifest, "test").files, with_keys=True)
+    mem = open_memory(tmp / "mem", make_encoder()) if memory else None  # the module starts at z = q (W_o = 0)
+    logits = _logits(params, ClassifyConfig(**meta["config"]), mem, img, keys, None)
+    assert np.allclose(logits, 32.0 * img @ T.T, atol=1e-4)

@@ -116,3 +116,27 @@ def test_head_init_probe_starts_at_the_probe_and_epoch_0_is_a_candidate():
                                     head=(W, b))
     assert info["history"][0]["epoch"] == 0 and info["best_epoch"] == 0
     assert np.allclose(4.0 * x @ params["w_c"] + params["b_c"], x @ W + b, atol=1e-5)
+
+
+def test_head_init_prompts_starts_as_the_zero_shot_cosine_classifier():
+    """prompt_head: at step 0 (lr 0: nothing moves, epoch 0 kept) the logits are s·cos(q, t_c) — with memory too,
+    whose module starts at z = q — and the prompts' norms do not matter."""
+    from reco_ref.classify.train import prompt_head, train_classifier, _logits
+
+    rng = np.random.default_rng(5)
+    C, D, s = 4, 8, 16.0
+    T = rng.standard_normal((C, D)) * rng.uniform(0.5, 3.0, (C, 1))  # prompts of assorted norms
+    y = rng.integers(0, C, 60)
+    x = T[y] / np.linalg.norm(T[y], axis=1, keepdims=True) + 0.3 * rng.standard_normal((60, D))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # unit queries, as the encoders give
+    cos = x @ (T / np.linalg.norm(T, axis=1, keepdims=True)).T
+    cfg = ClassifyConfig(memory=False, epochs=2, lr=0.0, logit_scale=s, batch_size=32, head_init="prompts")
+    params, info = train_classifier(x, None, y, C, None, cfg, val=(x[:20], None, y[:20], None), progress=False,
+                                    head=prompt_head(T, s))
+    assert info["history"][0]["epoch"] == 0 and info["best_epoch"] == 0
+    assert np.allclose(_logits(params, cfg, None, x, None, None), s * cos, atol=1e-5)
+    assert np.array_equal(params["b_c"], np.zeros(C, np.float32))
+    with pytest.raises(ShapeError, match="zero or not finite"):
+        prompt_head(np.zeros((2, D)), s)
+    with pytest.raises(ShapeError, match="head_init"):
+        ClassifyConfig(head_init="prompt").check()

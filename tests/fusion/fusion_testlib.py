@@ -33,7 +33,7 @@ def random_params(D: int, heads: int, rng: np.random.Generator, mlp_ratio: int =
 
 def random_rel_params(D: int, heads: int, rng: np.random.Generator, mlp_ratio: int = 4, dtype=np.float64,
                       rel_center: float = 1.0, rel_width: float = 0.02) -> FusionParams:  # fmt: skip
-    """:func:`random_params` plus the relevance pair (spec §2 "Relevance bias"), config ``relevance=True``.
+    """:func:`random_params` plus the relevance pair (docs/reco.md §2 "Relevance bias"), config ``relevance=True``.
 
     ``rel_beta, rel_gamma [h]`` are drawn N(0, 1) per head (both signs, order 1, different per head), so
     the bias moves attention by O(1) logits, like the score-product term it is added to.

@@ -140,7 +140,7 @@ def test_residual_layernorm_and_backward(dtype):
 
 # ------------------------------------------------------------------------------------------------
 # Attention: v1 (all rows) and v2 (query row, fused layout), forward and backward, with masks;
-# v2 also with the relevance bias (spec §2) and its dβ, dγ reduction
+# v2 also with the relevance bias (docs/reco.md §2) and its dβ, dγ reduction
 # ------------------------------------------------------------------------------------------------
 
 

@@ -76,7 +76,7 @@ SCRIPT = textwrap.dedent(r'''
         valid = np.ones((B, T), np.bool_)
         out, cache = fusion_forward_device(p, q, r, valid, heads=H, cfg=cfg)
         g = fusion_backward_device(p, cache, np.ones((B, D), dt), return_input_grads=True, cfg=cfg)
-        # the relevance-bias specialisations (spec §2 "Relevance bias", issue 18) beside the paper layer's
+        # the relevance-bias specialisations (docs/reco.md §2 "Relevance bias", issue 18) beside the paper layer's
         pr = dict(init_params(D, H, dtype=dt, relevance=True))
         _, cache_r = fusion_forward_device(pr, q, r, valid, heads=H, scores=np.zeros((B, k), dt), cfg=cfg)
         fusion_backward_device(pr, cache_r, np.ones((B, D), dt), cfg=cfg)

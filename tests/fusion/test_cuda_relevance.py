@@ -1,4 +1,4 @@
-"""The CUDA fusion layer with the relevance bias (spec §2 "Relevance bias" [ours]) against the NumPy reference.
+"""The CUDA fusion layer with the relevance bias (docs/reco.md §2 "Relevance bias" [ours]) against the NumPy reference.
 
 Through the public front doors (``fusion_forward(..., backend="cuda", scores=raw_cosines)`` vs
 ``backend="numpy"``): the output and every gradient, ``rel_beta`` / ``rel_gamma`` included, plus the input

@@ -2,7 +2,7 @@
 copy to the host inside the loop, and the same parameters as the NumPy pipeline after the same steps
 (float64, ≤ 1e-10).  Tiny shapes: under the CUDA simulator every GPU thread is a Python thread.
 
-Also with the relevance bias (spec §2 "Relevance bias"): ``rel_beta, rel_gamma`` get their gradients from
+Also with the relevance bias (docs/reco.md §2 "Relevance bias"): ``rel_beta, rel_gamma`` get their gradients from
 the backward and are updated by the device AdamW like every other parameter."""
 
 from __future__ import annotations

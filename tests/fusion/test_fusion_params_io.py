@@ -1,6 +1,6 @@
 """Parameters as data: .npz + JSON header roundtrip, and every corruption refused with the entry named.
 
-Also the optional relevance pair ``rel_beta, rel_gamma [h]`` (spec §2 "Relevance bias"): round trips through
+Also the optional relevance pair ``rel_beta, rel_gamma [h]`` (docs/reco.md §2 "Relevance bias"): round trips through
 save_params and save_param_set, the header field ``"relevance": {"center", "width"}``, header and entries
 disagreeing either way, and old files (no such field) loading as before."""
 
@@ -238,7 +238,7 @@ def test_header_bytes_are_plain_json(saved):
 
 
 # ----------------------------------------------------------------------------------------------
-# relevance bias (spec §2 [ours]): rel_beta, rel_gamma [h] and the header field "relevance"
+# relevance bias (docs/reco.md §2 [ours]): rel_beta, rel_gamma [h] and the header field "relevance"
 # ----------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Properties of the fusion layer through the front door: identity at init, parameter count,
 permutation invariance, masking, k = 0, float32, and clear errors on bad input.
 
-Relevance bias (spec §2 [ours]) and the copy init: β = γ = 0 is the paper's layer bit for bit (output and
+Relevance bias (docs/reco.md §2 [ours]) and the copy init: β = γ = 0 is the paper's layer bit for bit (output and
 the 18 shared gradients, any scores); the identity init with the bias (any β, γ) returns normalize(query)
 exactly; the copy init's arrays and its untrained output ``normalize(x + α·mean(r) + (α/k)·x)`` within a
 derived bound; the score map ``(s − center)/width`` and why the centre is 1; masked-slot scores; errors."""
@@ -52,7 +52,7 @@ def test_param_names_shapes_and_count_at_clip_b32():
     assert isinstance(p, FusionParams) and isinstance(p, dict)
     assert list(p) == list(PARAM_NAMES)
     assert p.heads == 8 and p.mlp_ratio == 4 and p.dim == 512 and p.dtype == np.float32
-    assert count_params(p) == 3_153_408  # spec §2: 12·D² + 9·D + 4·D + 2·D at D = 512
+    assert count_params(p) == 3_153_408  # docs/reco.md §2: 12·D² + 9·D + 4·D + 2·D at D = 512
     assert p["w_1"].shape == (512, 2048) and p["w_2"].shape == (2048, 512) and p["w_q"].shape == (512, 512)
     for name in ("w_o", "b_o", "w_2", "b_2", "e_query", "ln1_beta", "ln2_beta"):
         assert not p[name].any(), name
@@ -333,7 +333,7 @@ def test_unknown_backend_and_missing_module(setup32, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Relevance bias (spec §2 "Relevance bias" [ours]) and the copy init
+# Relevance bias (docs/reco.md §2 "Relevance bias" [ours]) and the copy init
 # ----------------------------------------------------------------------------------------------
 
 
@@ -402,7 +402,7 @@ def test_relevance_bias_changes_the_output(rng):
 @pytest.mark.parametrize("beta, gamma", [(1.0, 0.0), (0.0, 0.0), (-50.0, 30.0), (1e3, -1e3), ("random", "random")])
 def test_identity_init_with_relevance_is_exact(dtype, k, beta, gamma, rng):
     """Identity init (W_o = 0) with the relevance bias, any β and γ (per head): the output is normalize(query)
-    bit for bit, and β, γ get exactly zero gradient (dS = 0 while W_o = 0; spec §2)."""
+    bit for bit, and β, γ get exactly zero gradient (dS = 0 while W_o = 0; docs/reco.md §2)."""
     B, D, h = 5, 32, 4
     if beta == "random":
         p = init_params(D, h, seed=7, dtype=dtype, relevance=True)

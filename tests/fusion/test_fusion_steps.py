@@ -2,7 +2,7 @@
 
 Checking the steps separately localises a failure (the whole-layer check only says *something* is off)
 and covers uses outside the fusion layer: cross-attention with one query token over a different number
-of keys (spec §5), and a row with no valid key at all (output 0, no NaN).
+of keys (docs/reco.md §5), and a row with no valid key at all (output 0, no NaN).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_linear(seed):
 def test_attention_self_and_cross(seed):
     rng = np.random.default_rng(seed)
     B, h, T, dh = (int(v) for v in (rng.integers(1, 4), rng.integers(1, 4), rng.integers(1, 9), rng.integers(1, 6)))
-    Tq = T if seed % 2 == 0 else 1  # odd seeds: one query token over T keys (spec §5)
+    Tq = T if seed % 2 == 0 else 1  # odd seeds: one query token over T keys (docs/reco.md §5)
     q = rng.standard_normal((B, h, Tq, dh)) * 1.5
     k = rng.standard_normal((B, h, T, dh)) * 1.5
     v = rng.standard_normal((B, h, T, dh))

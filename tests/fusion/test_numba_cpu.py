@@ -1,5 +1,7 @@
 """Numba CPU backend: the fused kernels one by one against the reference step functions, the dead-work
 skipping, float32/float64, and the on-disk kernel cache (the second process must not recompile).
+The first-generation kernels that the layer no longer runs live in ``kernels_v1.py`` beside this file and are
+held to the same reference here.
 
 Layer-level equivalence (every output and gradient, many shapes) is in test_backends.py.
 """
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import kernels_v1
 import numpy as np
 import pytest
 from fusion_testlib import assert_matches_reference, random_inputs, random_params
@@ -19,6 +22,7 @@ from reco_ref.errors import ShapeError
 from reco_ref.fusion import RELEVANCE_NAMES, FusionParams, fusion_backward, fusion_forward, init_params
 from reco_ref.fusion import numba_cpu as nb
 from reco_ref.fusion import reference as ref
+from reco_ref.fusion.numba_cpu import layer as nb_layer
 from reco_ref.fusion.constants import LN_EPS
 
 DTYPES = [np.float64, np.float32]
@@ -60,7 +64,7 @@ def test_embed_layernorm_and_backward_kernels(dtype):
     dx_want[:, 0] += dh
     dx = np.empty((B, T, D), dtype)
     part = np.empty((nb._nblk(B * T), 4, D), dtype)
-    nb._layernorm1_backward(da1, dq_proj, dh, xhat, rstd, gamma, dx, part)
+    kernels_v1._layernorm1_backward(da1, dq_proj, dh, xhat, rstd, gamma, dx, part)
     _check_ln1_backward(dx, part, dx_want, dg_want, db_want, dtype)
 
 
@@ -262,7 +266,7 @@ def test_small_problems_run_single_threaded_and_restore_settings(monkeypatch):
 
     seen = []
     real = nb._layernorm1_backward_v2
-    monkeypatch.setattr(nb, "_layernorm1_backward_v2", lambda *a: (seen.append(numba.get_num_threads()), real(*a))[1])
+    monkeypatch.setattr(nb_layer, "_layernorm1_backward_v2", lambda *a: (seen.append(numba.get_num_threads()), real(*a))[1])
     before = numba.get_num_threads()
     rng = np.random.default_rng(6)
     params = random_params(8, 2, rng)
@@ -283,7 +287,7 @@ def test_batch1_gemv_kernels(dtype):
     D = H * dh
     w = rng.standard_normal((Din, D)).astype(dtype)
     x = rng.standard_normal((1, Din)).astype(dtype)
-    for kern in (nb._gemv_v1, nb._gemv_v2):
+    for kern in (kernels_v1._gemv_v1, nb._gemv_v2):
         y = np.empty((1, D), dtype)
         kern(x, w, y)
         _close(y, x @ w, dtype, kern.__name__)
@@ -316,7 +320,7 @@ def test_large_steps_pin_blas_threads_and_keep_numba_threads(monkeypatch):
         seen.append((numba.get_num_threads(), numpy_blas()))
         return real(*a)
 
-    monkeypatch.setattr(nb, "_layernorm1_backward_v2", spy)
+    monkeypatch.setattr(nb_layer, "_layernorm1_backward_v2", spy)
     before_numba = numba.get_num_threads()
     before_blas = numpy_blas()
     rng = np.random.default_rng(7)
@@ -332,8 +336,20 @@ def test_large_steps_pin_blas_threads_and_keep_numba_threads(monkeypatch):
     assert numpy_blas() == before_blas
 
 
+def test_thread_knobs_set_on_the_package_reach_the_step(monkeypatch):
+    """``numba_cpu.STEP_BLAS_THREADS = ...`` (docs/performance.md) and ``SMALL_WORK`` are set on the package but
+    read by the step in ``numba_cpu.threads``: the package forwards reads and writes there."""
+    monkeypatch.setattr(nb, "STEP_BLAS_THREADS", None)
+    monkeypatch.setattr(nb, "SMALL_WORK", 7)
+    assert nb.threads.STEP_BLAS_THREADS is None and nb.threads.SMALL_WORK == 7
+    assert nb.STEP_BLAS_THREADS is None and nb.SMALL_WORK == 7
+    assert "STEP_BLAS_THREADS" not in vars(nb)  # one place holds the value
+    monkeypatch.undo()
+    assert nb.threads.STEP_BLAS_THREADS == 1 and nb.threads.SMALL_WORK == 1 << 16
+
+
 # --------------------------------------------------------------------------------------------
-# relevance bias (spec §2 "Relevance bias"): query-row logits + γ_h (token 0), + β_h·s_j (neighbour j)
+# relevance bias (docs/reco.md §2 "Relevance bias"): query-row logits + γ_h (token 0), + β_h·s_j (neighbour j)
 # --------------------------------------------------------------------------------------------
 
 

@@ -95,7 +95,7 @@ def test_onnx_identity_at_init():
 
 
 # ----------------------------------------------------------------------------------------------
-# Relevance bias (spec §2 "Relevance bias"): graph input `scores` = features, front door maps raw cosines
+# Relevance bias (docs/reco.md §2 "Relevance bias"): graph input `scores` = features, front door maps raw cosines
 # ----------------------------------------------------------------------------------------------
 
 

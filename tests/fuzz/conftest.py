@@ -20,7 +20,9 @@ def pytest_sessionfinish(session, exitstatus):
         by_class: dict = {}
         for (cls, outcome), n in sorted(fuzz_lib.COUNTS.items()):
             by_class.setdefault(cls, {})[outcome] = n
-        Path(path).write_text(json.dumps({"exit": int(exitstatus), "classes": by_class}, indent=2) + "\n")
+        peaks = {cls: round(n / 2**20) for cls, n in sorted(fuzz_lib.PEAKS.items())}
+        Path(path).write_text(json.dumps({"exit": int(exitstatus), "classes": by_class, "max_peak_rss_mib": peaks},
+                                         indent=2) + "\n")
 
 
 @pytest.fixture(scope="session")

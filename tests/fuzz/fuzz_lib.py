@@ -18,6 +18,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -30,10 +31,13 @@ from reco_ref.errors import RecoError  # noqa: E402
 
 AS_LIMIT = 1 << 30  # address-space cap of a CLI subprocess with the fake encoder (its own need: ~0.5 GiB)
 COUNTS: collections.Counter = collections.Counter()  # (class, outcome) -> cases
+PEAKS: dict[str, int] = {}  # class -> the largest peak RSS (bytes) of its measured subprocess cases
 
 
-def record(cls: str, outcome: str) -> str:
+def record(cls: str, outcome: str, peak: int | None = None) -> str:
     COUNTS[(cls, outcome)] += 1
+    if peak is not None:
+        PEAKS[cls] = max(PEAKS.get(cls, 0), peak)
     return outcome
 
 
@@ -60,6 +64,44 @@ def run_cli(*args, limit: int = AS_LIMIT, timeout: float = 180, **extra_env: str
 def run_py(code: str, *args, limit: int = AS_LIMIT, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env(), capture_output=True, text=True,
                           timeout=timeout, preexec_fn=_limit(limit))
+
+
+# A child's ru_maxrss starts from its parent's resident size at fork (Linux copies the page tables, and exec keeps
+# the high-water mark of the image it replaces), so a measured case is started by this small launcher, not by
+# pytest (whose own size grows with what the tests build in-process): the launcher forks the case under the cap
+# and writes the case's own peak (os.wait4) to the file named first.
+LAUNCH = """
+import os, resource, signal, sys
+peak_file, limit, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    signal.alarm(timeout)  # kept across exec: the case is killed (SIGALRM) if it runs longer
+    os.execv(sys.argv[4], sys.argv[4:])
+_, status, usage = os.wait4(pid, 0)
+open(peak_file, "w").write(str(usage.ru_maxrss * 1024))
+rc = os.waitstatus_to_exitcode(status)
+sys.exit(rc if rc >= 0 else 128 - rc)
+"""
+
+
+def measured(argv: list, *, limit: int, timeout: int = 300, **extra_env: str
+             ) -> tuple[subprocess.CompletedProcess, int]:
+    """Run ``argv`` under an address-space cap of ``limit`` bytes; -> (the finished process, its peak resident
+    bytes). A case killed by a signal comes back with the negative return code ``check_cli`` reports.
+
+    ``argv`` items may be bytes (a file name that is not UTF-8); the output is decoded as UTF-8 with undecodable
+    bytes shown as ``\\xNN`` (a verb printing raw bytes then fails the escaping checks, not the harness).
+    """
+    with tempfile.TemporaryDirectory() as d:
+        peak_file = Path(d) / "peak"
+        args = [a if isinstance(a, bytes) else str(a) for a in argv]
+        p = subprocess.run([sys.executable, "-c", LAUNCH, str(peak_file), str(limit), str(timeout), *args],
+                           env=env(**extra_env), capture_output=True, encoding="utf-8", errors="backslashreplace",
+                           timeout=timeout + 60)
+        if p.returncode > 128:
+            p.returncode = 128 - p.returncode  # the case's signal, as subprocess reports one
+        return p, int(peak_file.read_text())
 
 
 def check_cli(p: subprocess.CompletedProcess, cls: str, *, must_fail: bool = False) -> str:

@@ -108,7 +108,8 @@ CLI_CASES = {
     "absolute.csv": b"image,caption\n/etc/hostname,x\n",
     "nul.csv": b"image,caption\nimg/00000.jpg,a\x00b\n",
     "bom.csv": b"\xef\xbb\xbfimage,caption\nimg/00000.jpg,a bom caption\n",
-    "empty_captions.csv": b"image,caption\nimg/00000.jpg,   \nimg/00001.jpg,\n",
+    # two blank captions beside one real one (every caption blank is refused at the door: test_fuzz_messages.py)
+    "empty_captions.csv": b"image,caption\nimg/00000.jpg,   \nimg/00001.jpg,\nimg/00002.jpg,a cat\n",
     "cols.csv": b"a,b\n1,2\n",
     "bad.jsonl": b'{"image": "img/00000.jpg", "caption": 5}\n',
     "deep.jsonl": b"[" * 100000 + b"]" * 100000 + b"\n",

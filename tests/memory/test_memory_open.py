@@ -59,8 +59,10 @@ def test_flipped_byte_is_caught(mem_copy, name):
     p.write_bytes(bytes(data))
     with pytest.raises(MemoryFormatError, match=f"{name}: sha256"):
         Memory.open(mem_copy)
-    if name == "meta.sqlite":  # SQLite itself notices a flipped page
-        with pytest.raises(MemoryFormatError, match="meta.sqlite"):
+    if name != "failures.jsonl":
+        # SQLite itself notices a flipped page; the binding samples every row of a 40-row memory, and the
+        # middle byte of an index lies in a stored vector, compared with the array's row at open
+        with pytest.raises(MemoryFormatError, match=name):
             Memory.open(mem_copy, verify="size")
         return
     mem = Memory.open(mem_copy, verify="size")  # sizes alone cannot see it (documented) ...

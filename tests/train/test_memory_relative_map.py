@@ -113,9 +113,10 @@ def test_memory_map_reads_the_search_space_and_is_cached(data, tmp_path):
     assert memory_score_map(mem, "text") == space_score_map(np.asarray(mem.text))
     assert memory_score_map(mem, "image") is got  # computed once per opened memory
     # a sharded memory: the same map as one memory of the same rows
-    a = build(tmp_path / "s0", data["image"][:150], data["text"][:150], data["keys"][:150])
-    b = build(tmp_path / "s1", data["image"][150:320], data["text"][150:320], data["keys"][150:320])
-    write_shards_manifest(tmp_path / "sharded", [str(a.root), str(b.root)])
+    # (shard folders lie inside the sharded memory's folder: shards.json names them, confined to it)
+    build(tmp_path / "sharded" / "s0", data["image"][:150], data["text"][:150], data["keys"][:150])
+    build(tmp_path / "sharded" / "s1", data["image"][150:320], data["text"][150:320], data["keys"][150:320])
+    write_shards_manifest(tmp_path / "sharded", ["s0", "s1"])
     sh = ShardedMemory.open(tmp_path / "sharded")
     assert memory_score_map(sh, "image") == space_score_map(np.asarray(data["keys"][:320]))
     with pytest.raises(RecoError, match="modality"):

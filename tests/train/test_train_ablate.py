@@ -51,9 +51,10 @@ def test_ablate_cli_all_arms(tmp_path):
     assert res["rows"][4]["top1"] == res["rows"][4]["frozen_top1"]
     md = (tmp_path / "abl" / "ablations.md").read_text()
     assert md.count("\n| ") == 9 + 1 and "equal-size MLP control" in md
-    # the same command again resumes every arm from its finished checkpoint: same table
+    # the same command again resumes every arm from its finished checkpoint: same table (replacing the finished
+    # tables takes --overwrite: no verb replaces its outputs untold)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(args) == 0
+        assert main(args + ["--overwrite"]) == 0
     assert json.loads((tmp_path / "abl" / "ablations.json").read_text())["rows"] == res["rows"]
 
 

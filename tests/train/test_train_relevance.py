@@ -1,4 +1,4 @@
-"""Training and inference with the relevance bias (spec §2 "Relevance bias" [ours], issue 18).
+"""Training and inference with the relevance bias (docs/reco.md §2 "Relevance bias" [ours], issue 18).
 
 Scores travel from the search into the layer in training (``PreparedSource.scores_*``), validation and
 ``refine``; ``train_groups="relevance"`` trains only β, γ and τ; ``irrelevant_fraction`` adds sources whose
@@ -127,3 +127,82 @@ def test_irrelevant_episodes_skip_unlabelled_memories(data, tmp_path):
     names = [s["name"] for s in load_reco_weights(tmp_path / "c" / "last.npz").meta["sources"]]
     assert names == ["source0", "source0:irrelevant", "source1"]
     assert r.steps > 0
+
+
+def _batch_loss(model, src, idx):
+    """Loss of one batch, its caches and the gradients ``_Model.backward`` hands to AdamW."""
+    from reco_ref.train.losses import reco_loss_backward, reco_loss_forward
+
+    v, t, nb_i, m_i, nb_t, m_t = src.batch(idx)
+    s_i, s_t = src.batch_scores(idx)
+    dt = model.modules["image"]["rel_beta"].dtype  # the float64 check casts the batch with the params
+    v, t, nb_i, nb_t = (np.asarray(a, dt) for a in (v, t, nb_i, nb_t))
+    s_i, s_t = np.asarray(s_i, dt), np.asarray(s_t, dt)
+    vb, ci = model.forward("image", v, nb_i, m_i, s_i, src)
+    tb, ct = model.forward("text", t, nb_t, m_t, s_t, src)
+    loss, lc = reco_loss_forward(vb, tb, v, t, float(model.tau))
+    dvb, dtb, _ = reco_loss_backward(lc)
+    return float(loss), model.backward("image", ci, dvb) | model.backward("text", ct, dtb)
+
+
+def test_hold_threshold_gradient_is_the_tied_derivative(data):
+    """``hold_threshold``: the gradient given for β is dL/dβ along the tie γ = β·f* + ln k (central difference,
+    float64 front door on the NumPy reference), and γ gets none of its own."""
+    from reco_ref.train.loop import _Model
+
+    cfg = TrainConfig(**dict(CFG, backend="numpy"), rel_map="memory", rel_beta=2.0, rel_gamma=-4.0,
+                      hold_threshold=True)
+    cfg.check()
+    src = prepare_source(data["train"], k=5, exact=True)
+    model = _Model(cfg, data["train"].dim, score_map(src, "memory"))
+    for phi in model.modules.values():  # float64 so the difference quotient resolves the derivative
+        for n in phi:
+            phi[n] = np.asarray(phi[n], np.float64)
+    idx = np.arange(16)
+    _, g = _batch_loss(model, src, idx)
+    fstar = (-4.0 - np.log(5)) / 2.0
+    assert model.threshold() == pytest.approx(fstar)
+    for m in ("image", "text"):
+        assert not g[f"{m}.rel_gamma"].any()
+        phi = model.modules[m]
+        for h in (0, 3):
+            eps = 1e-5
+            b0, g0 = phi["rel_beta"][h], phi["rel_gamma"][h]
+            phi["rel_beta"][h], phi["rel_gamma"][h] = b0 + eps, g0 + fstar * eps
+            lp, _ = _batch_loss(model, src, idx)
+            phi["rel_beta"][h], phi["rel_gamma"][h] = b0 - eps, g0 - fstar * eps
+            lm, _ = _batch_loss(model, src, idx)
+            phi["rel_beta"][h], phi["rel_gamma"][h] = b0, g0
+            fd = (lp - lm) / (2 * eps)
+            assert abs(fd - g[f"{m}.rel_beta"][h]) <= 1e-6 + 1e-5 * abs(fd), (m, h, fd, g[f"{m}.rel_beta"][h])
+
+
+def test_hold_threshold_keeps_every_heads_threshold_while_beta_trains(data, tmp_path):
+    cfg = TrainConfig(**CFG, rel_map="memory", rel_beta=2.0, rel_gamma=-4.0, hold_threshold=True)
+    train([{"pairs": data["train"]}], tmp_path / "h", cfg, progress=False)
+    w = load_reco_weights(tmp_path / "h" / "last.npz")
+    fstar = (-4.0 - np.log(5)) / 2.0
+    for m in ("image", "text"):
+        phi = getattr(w, m)
+        assert not np.allclose(phi["rel_beta"], 2.0), f"{m}: β did not train"
+        got = (np.asarray(phi["rel_gamma"], np.float64) - np.log(5)) / np.asarray(phi["rel_beta"], np.float64)
+        assert np.allclose(got, fstar, rtol=1e-5), (m, got)
+    import json
+
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["config"]["hold_threshold"] is True
+    with pytest.raises(RecoError, match="hold_threshold"):
+        TrainConfig(relevance=True, hold_threshold=True).check()  # train_groups "all"
+    with pytest.raises(RecoError, match="hold_threshold"):
+        TrainConfig(**dict(CFG, rel_beta=0.0), hold_threshold=True).check()
+
+
+def test_library_train_refuses_a_bad_seed_heads_or_source_weight(data, tmp_path):
+    """A Python caller of ``train`` gets the CLI's checks: seed range, heads dividing the width, source weight."""
+    for bad in (-1, 2**32, True):
+        with pytest.raises(RecoError, match="seed"):
+            TrainConfig(seed=bad).check()
+    with pytest.raises(RecoError, match="does not divide"):
+        train([{"pairs": data["train"]}], tmp_path / "h7", TrainConfig(**dict(CFG, heads=7)), progress=False)
+    for w in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(RecoError, match="weight"):
+            prepare_source(data["train"], k=5, exact=True, weight=w)

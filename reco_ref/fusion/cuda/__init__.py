@@ -67,7 +67,7 @@ def fusion_forward(params, query, retrieved, mask=None, *, heads: int, scores=No
     host and a cache holding the device buffers (``backend="cuda"``).
 
     ``scores [B,k]`` are the neighbours' score features (the front door maps raw cosines); required
-    when ``params`` has ``rel_beta, rel_gamma`` (relevance bias, spec §2), ignored otherwise."""
+    when ``params`` has ``rel_beta, rel_gamma`` (relevance bias, docs/reco.md §2), ignored otherwise."""
     dt = params["w_q"].dtype
     B, D = query.shape
     k = retrieved.shape[1]

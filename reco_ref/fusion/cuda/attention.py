@@ -7,11 +7,11 @@ Two versions, each checked against :func:`reco_ref.fusion.reference.attention_fo
   ``T`` query rows, layout ``q, k, v [B,h,T,dh]``, probabilities ``p [B,h,T,T]``.  K and V of the
   head live in shared memory; each thread owns query rows ``tid, tid+threads, …``.
 * v2 ``attention_row0_forward`` / ``attention_row0_backward`` — what the fusion layer needs: only
-  the query token's row (rows ``1..T-1`` of the output are never read, spec §2 read-out), in the
+  the query token's row (rows ``1..T-1`` of the output are never read, docs/reco.md §2 read-out), in the
   layer's fused layout ``q0 [B,D]``, ``kv [B,T,2D]`` (K in columns ``:D``, V in ``D:``), with the
   projection biases added on the fly (and written back, the backward needs biased Q, K, V).
   The head's K (then V, reusing the buffer) is staged in shared memory with coalesced loads.
-  Optionally with the relevance bias (spec §2 "Relevance bias" [ours]) added to the logits — see
+  Optionally with the relevance bias (docs/reco.md §2 "Relevance bias" [ours]) added to the logits — see
   below; built as a separate specialisation, so the layer without it runs the same code as before.
 
 Relevance bias (row-0 kernels, ``scores``/``rel_beta``/``rel_gamma`` given; the reference's
@@ -444,7 +444,7 @@ def relevance_bias_backward(ds, scores, valid, dbeta, dgamma, *, cfg: KernelConf
         d\beta_h = \sum_{b,\ t \ge 1} dS_{b,h,t}\, s_{b,t-1}, \qquad d\gamma_h = \sum_b dS_{b,h,0}
 
     ds [B,h,T] (from :func:`attention_row0_backward`), scores [B,k] (k = T−1; masked slots skipped),
-    valid [B,T] bool -> dbeta, dgamma [h] (overwritten).  The scores get no gradient (spec §2).
+    valid [B,T] bool -> dbeta, dgamma [h] (overwritten).  The scores get no gradient (docs/reco.md §2).
     """
     cfg = cfg or get_config()
     B, H, T = ds.shape

@@ -1,4 +1,4 @@
-"""Symmetric InfoNCE on the GPU (spec §3), everything on device including the temperature.
+"""Symmetric InfoNCE on the GPU (docs/reco.md §3), everything on device including the temperature.
 
     G = a bᵀ                                  [N,N]  (GEMM, NT)
     s = min(exp τ, max_scale),  Z = s G

@@ -1,4 +1,4 @@
-"""The fusion layer on the GPU from the step kernels, device-resident (spec §2).
+"""The fusion layer on the GPU from the step kernels, device-resident (docs/reco.md §2).
 
 :func:`fusion_forward_device` / :func:`fusion_backward_device` take and return numba device
 arrays, so a training step (forward → loss → backward → AdamW) never copies to the host.  The
@@ -20,7 +20,7 @@ the MLP for the query token only.  Kernel sequence (shapes; ``F = mlp_ratio·D``
     gemm NN  Y0 = U W_2                 [B,D]           gemm NT (+acc)        dA1 = dK W_kᵀ + dV W_vᵀ (+ dQ0 W_qᵀ on token 0)
     bias_residual_l2norm_forward  out   [B,D]           layernorm_backward    dX; add_ dH0 on token 0; colsum dγ1 dβ1 de_q de_r
 
-With the relevance bias (spec §2 "Relevance bias" [ours]: ``rel_beta, rel_gamma [h]`` in the
+With the relevance bias (docs/reco.md §2 "Relevance bias" [ours]: ``rel_beta, rel_gamma [h]`` in the
 parameters, score features ``s [B,k]`` given to the forward), ``attention_row0_forward`` adds
 ``γ_h`` to the query row's logit toward token 0 and ``β_h·s[b,j-1]`` toward neighbour ``j`` before
 the mask; ``attention_row0_backward`` also writes that row's ``dS [B,h,T]`` and
@@ -95,7 +95,7 @@ def fusion_forward_device(dparams, query, retrieved, valid, *, heads: int, score
     scores : device array [B,k], or None
         The neighbours' score features ``(cosine − center)/width`` (same dtype as the parameters;
         masked slots are never read). Required when ``dparams`` holds ``rel_beta, rel_gamma`` [h]
-        (the relevance bias, spec §2), ignored otherwise.
+        (the relevance bias, docs/reco.md §2), ignored otherwise.
 
     Returns
     -------
