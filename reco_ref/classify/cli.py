@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..checks import float_option, int_option
-from ..paths import add_overwrite_option, check_output_files
+from ..paths import add_overwrite_option, check_output_dir, check_output_files
 
 _count = int_option(1)
 _nonneg = float_option(0.0)
@@ -29,10 +29,17 @@ def _run_train(a: argparse.Namespace) -> int:
                          readout_template=a.readout_template, head_init=a.head_init)
     check_config(cfg)
     check_output_files([a.out], overwrite=a.overwrite)
+    _check_cache_dir(a.cache_dir)
     train_from_manifest(a.dataset, a.split, a.memory, a.out, cfg, encoder=_encoder(a), cache_dir=a.cache_dir,
                         val_split=a.val_split, label_noise=a.label_noise, resume=a.resume,
                         progress=not a.no_progress, quiet=a.quiet)
     return 0
+
+
+def _check_cache_dir(cache_dir) -> None:
+    """``--cache-dir`` is written to (embedding caches): never a file's place, never inside a memory."""
+    if cache_dir is not None and str(cache_dir).strip().lower() not in ("", "off", "0"):
+        check_output_dir(cache_dir, (), what="--cache-dir")
 
 
 def _run_eval(a: argparse.Namespace) -> int:
@@ -41,6 +48,7 @@ def _run_eval(a: argparse.Namespace) -> int:
     stem = str(a.json)[:-5] if str(a.json).endswith(".json") else str(a.json)
     check_output_files([a.json, a.markdown or stem + ".md", a.png or stem + ".png"], overwrite=a.overwrite,
                        what="--json/--markdown/--png")
+    _check_cache_dir(a.cache_dir)
     eval_from_manifest(a.weights, a.dataset, a.split, a.memory, a.json, encoder=_encoder(a), cache_dir=a.cache_dir,
                        backend=a.backend, markdown=a.markdown or stem + ".md", png=a.png or stem + ".png",
                        progress=not a.no_progress, quiet=a.quiet, baselines=not a.no_baselines)

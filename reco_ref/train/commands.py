@@ -165,9 +165,11 @@ def train_command(a: argparse.Namespace) -> TrainResult:
             def size(b: float) -> str:
                 return f"{b / 1e6:.0f} MB" if b >= 1e6 else f"{b / 1e3:.0f} kB"
 
-            print(f"this run writes about {size(5 * w)} to {a.out}: best.npz and last.npz ({size(w)} each) and "
-                  f"checkpoint.npz ({size(3 * w)}: the parameters and AdamW's two moments, for --resume; delete it "
-                  "once the run is done)", flush=True)
+            # a relevance-only run checkpoints only what trains: β, γ per head per module, τ, and their moments
+            ck = 3 * 4 * (4 * cfg.heads + 1) if cfg.train_groups == "relevance" else 3 * w
+            print(f"this run writes about {size(2 * w + ck)} to {a.out}: best.npz and last.npz ({size(w)} each) and "
+                  f"checkpoint.npz ({size(ck)}: the trained parameters and AdamW's two moments, for --resume; "
+                  "delete it once the run is done)", flush=True)
         res = train(sources, a.out, cfg, val=vals, meta=meta, resume=a.resume, progress=not a.no_progress)
     best = res.best_record or {}
     print(f"trained {res.steps} steps; kept epoch {best.get('epoch', cfg.epochs)} "

@@ -316,6 +316,20 @@ class _Model:
                 "text": {k: v.copy() for k, v in self.modules["text"].items()}, "tau": float(self.tau), "meta": meta}
 
 
+def _checkpointed(model: _Model, opt: dict) -> tuple[dict, dict]:
+    """The parameters and AdamW state a checkpoint must hold to resume: those that train. With
+    ``train_groups="relevance"`` every other array stays at its seeded init (no gradient, no decay), which the
+    resumed run rebuilds from the same config, so the checkpoint keeps β, γ, τ and their moments (kilobytes)
+    instead of every array of both modules and two moments each (3 × 57 MB for reco-mini). Built at each save:
+    AdamW replaces ``opt["step"]`` by a new array every step."""
+    if model.cfg.model != "reco" or model.cfg.train_groups != "relevance":
+        return model.flat, opt
+    names = [n for n in model.flat if n == "tau" or n.split(".", 1)[1] in RELEVANCE_NAMES]
+    params = {n: model.flat[n] for n in names}
+    state = {k: v for k, v in opt.items() if k == "step" or k.split(".", 1)[1] in names}
+    return params, state
+
+
 def save_mlp_weights(path: str | os.PathLike, w: dict) -> None:
     """Write the MLP control's weights (``{"image": {...}, "text": {...}, "tau", "meta"}``) as one atomic ``.npz``."""
     arrays = {f"{m}.{n}": a for m in ("image", "text") for n, a in w[m].items()}
@@ -543,7 +557,7 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
     state = {"config_hash": config_hash, "step": 0, "epoch": 0, "pos": 0, "best": None, "history": [],
              "validated_init": False, "run_loss": 0.0, "run_n": 0}  # run_*: this epoch's mean train loss so far
     if resume and ckpt.exists():
-        state = load_checkpoint(ckpt, model.flat, opt, config_hash)
+        state = load_checkpoint(ckpt, *_checkpointed(model, opt), config_hash)
     else:
         atomic_write_json(out / "config.json", {"config": cfg.to_json(), "config_hash": config_hash,
                                                 "total_steps": total, "meta": meta})
@@ -569,7 +583,7 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
     if not state["validated_init"]:
         end_epoch(0, None)  # the untrained modules are the identity: epoch 0 = the frozen encoder
         state["validated_init"] = True
-        save_checkpoint(ckpt, model.flat, opt, state)
+        save_checkpoint(ckpt, *_checkpointed(model, opt), state)
 
     bar = None
     if progress:
@@ -601,7 +615,7 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
                 state["run_n"] += 1
                 pairs_done += len(idx)
                 if state["step"] % cfg.checkpoint_every == 0:
-                    save_checkpoint(ckpt, model.flat, opt, state)
+                    save_checkpoint(ckpt, *_checkpointed(model, opt), state)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", tau=f"{float(model.tau):.3f}",
@@ -611,7 +625,7 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
             state["pos"] = 0
             end_epoch(state["epoch"], state["run_loss"] / state["run_n"] if state["run_n"] else None)
             state["run_loss"], state["run_n"] = 0.0, 0
-            save_checkpoint(ckpt, model.flat, opt, state)
+            save_checkpoint(ckpt, *_checkpointed(model, opt), state)
     finally:
         if bar is not None:
             bar.close()

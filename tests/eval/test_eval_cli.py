@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
     _write_manifest(manifest, rows)
     enc = load("reco-mini")
     items = read_pairs_csv(manifest, split="train", caption_template="a drawing of a {class_name}.",
-                           allow_outside=True)  # absolute paths into weights/demo (docs/bad_inputs.md, §5)
+                           allow_outside=True)  # absolute paths into weights/demo (docs/bad_inputs.md, §3)
     # memory from the cached split embeddings: the train-split evaluation below then decodes no image again
     img, keys = embed_split(read_split(manifest, "train"), enc, cache_dir=root / "cache")
     build_memory_from_arrays(root / "mem", img, enc.encode_texts([it["caption"] for it in items]), keys=keys,

@@ -22,6 +22,8 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 MEMLIB = ROOT / "tests" / "memory"
 if str(MEMLIB) not in sys.path:
@@ -165,3 +167,25 @@ def flip_bit(data: bytes, bit: int) -> bytes:
     b = bytearray(data)
     b[bit // 8] ^= 1 << (bit % 8)
     return bytes(b)
+
+
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    """Rows of ``a`` scaled to unit L2 norm, float32."""
+    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+
+
+def arrays_memory(out: Path, n: int, dim: int, name: str, fingerprint: str, key_dim: int | None = None,
+                  seed: int = 0) -> Path:
+    """A memory of ``n`` rows of random unit vectors (captions "a photo of a c{i % 3}.", labels 0..2); ``n`` may be 0."""
+    from reco_ref.memory import build_memory_from_arrays
+
+    rng = np.random.default_rng(seed)
+
+    def rows(d):
+        return unit_rows(rng.standard_normal((n, d))) if n else np.zeros((0, d), np.float32)
+
+    items = [{"image": "", "caption": f"a photo of a c{i % 3}.", "source": f"array:{i}", "label": i % 3,
+              "split": "train", "tags": None} for i in range(n)]
+    build_memory_from_arrays(out, rows(dim), rows(dim), keys=rows(key_dim) if key_dim else None, items=items,
+                             name=name, fingerprint=fingerprint, progress=False)
+    return out

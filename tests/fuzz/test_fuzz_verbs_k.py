@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fuzz_lib import check_cli, record, run_cli
+from fuzz_lib import arrays_memory, check_cli, record, run_cli, unit_rows as _unit
 
 from reco_ref.paths import weights_dir
 
@@ -33,26 +33,6 @@ EMPTY = "verbs: 0-row memory"
 TRAIN = Path(__file__).resolve().parents[1] / "train"
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _memory(out: Path, n: int, dim: int, key_dim: int | None, name: str, fingerprint: str, seed: int = 0):
-    """A memory of ``n`` rows (captions "a photo of a c{i % 3}.", labels 0..2), from random unit vectors."""
-    from reco_ref.memory import build_memory_from_arrays
-
-    rng = np.random.default_rng(seed)
-
-    def rows(d):
-        return _unit(rng.standard_normal((n, d))) if n else np.zeros((0, d), np.float32)
-
-    items = [{"image": "", "caption": f"a photo of a c{i % 3}.", "source": f"array:{i}", "label": i % 3,
-              "split": "train", "tags": None} for i in range(n)]
-    build_memory_from_arrays(out, rows(dim), rows(dim), keys=rows(key_dim) if key_dim else None, items=items,
-                             name=name, fingerprint=fingerprint, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
     """reco-mini-compatible memories of 0, 3 and 12 rows, and a 4-image dataset folder of shipped demo images."""
@@ -62,7 +42,7 @@ def mini(tmp_path_factory):
 
     enc = load("reco-mini")
     root = tmp_path_factory.mktemp("verbs_k")
-    mems = {n: _memory(root / f"mem{n}", n, enc.dim, enc.key_dim, enc.name, enc.fingerprint, seed=n)
+    mems = {n: arrays_memory(root / f"mem{n}", n, enc.dim, enc.name, enc.fingerprint, key_dim=enc.key_dim, seed=n)
             for n in (0, 3, 12)}
     data = root / "data"
     (data / "img").mkdir(parents=True)
