@@ -78,7 +78,7 @@ def _run_add(a: argparse.Namespace) -> int:
 def _run_info(a: argparse.Namespace) -> int:
     from . import commands
 
-    print(commands.dumps(commands.info(memory=a.memory, verify=a.verify)))
+    print(commands.dumps(commands.info(memory=a.memory, verify=a.verify, scheduler=a.scheduler)))
     return 0
 
 
@@ -87,9 +87,15 @@ def _run_search(a: argparse.Namespace) -> int:
 
     res = commands.search(memory=a.memory, text=a.text, image=a.image, modality=a.modality, k=a.k, exact=a.exact,
                           ef=a.ef, model=a.model, allow_fingerprint_mismatch=a.allow_fingerprint_mismatch,
-                          max_pixels=a.max_pixels, verify=a.verify)
+                          max_pixels=a.max_pixels, verify=a.verify, scheduler=a.scheduler)
     print(commands.dumps(res))
     return 0
+
+
+def _scheduler_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="Dask scheduler (tcp://host:8786): open each shard on that cluster's workers and search "
+                        "there (the folder must be readable by every worker; needs the dask extra)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -106,6 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("memory", help="memory directory")
     p.add_argument("--verify", default="sha256", choices=("sha256", "size", "none"),
                    help="file check: full sha256 (default), sizes only, or existence only")
+    _scheduler_arg(p)
     p.set_defaults(func=_run_info)
 
     p = sub.add_parser("memory-search", help="search a memory with text or image queries (JSON)")
@@ -122,4 +129,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", default="size", choices=("sha256", "size"),
                    help="file check before searching: sizes + index structure (default; see docs/bad_inputs.md "
                         "for what it skips) or full sha256 of every file")
+    _scheduler_arg(p)
     p.set_defaults(func=_run_search)

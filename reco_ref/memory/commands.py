@@ -20,7 +20,7 @@ from ..paths import file_problem, memory_containing, printable
 from .build import (add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays, check_captions,
                     check_out_dir)
 from .estimate import estimate_build, format_estimate
-from .opener import open_memory
+from .opener import opened_memory
 from .producers import load_encoder
 from .sources import read_pairs
 
@@ -191,17 +191,22 @@ def add(*, memory: str, pairs: str | None = None, model: str = "reco-mini", resu
     return 0
 
 
-def info(*, memory: str, verify: str = "sha256") -> dict:
-    """``reco-ref memory-info``: validate and summarise a memory."""
+def info(*, memory: str, verify: str = "sha256", scheduler: str | None = None) -> dict:
+    """``reco-ref memory-info``: validate and summarise a memory (with ``scheduler``: on that cluster's workers)."""
     v: bool | str = {"sha256": True, "size": "size", "none": False}[verify]
-    return open_memory(memory, verify=v, allow_fingerprint_mismatch=True).info()
+    with opened_memory(memory, scheduler, verify=v, allow_fingerprint_mismatch=True) as mem:
+        return mem.info()
 
 
 def search(*, memory: str, text: list[str] | None = None, image: list[str] | None = None, modality: str | None = None,
            k: int = 5, exact: bool = False, ef: int | None = None, model: str = "reco-mini",
            allow_fingerprint_mismatch: bool = False, max_pixels: int | None = None,
-           verify: str = "size") -> list[list[dict]]:
-    """``reco-ref memory-search``: embed text or image queries with ``model`` and list the neighbours."""
+           verify: str = "size", scheduler: str | None = None) -> list[list[dict]]:
+    """``reco-ref memory-search``: embed text or image queries with ``model`` and list the neighbours.
+
+    With ``scheduler`` (a Dask scheduler address) the memory is searched on that cluster's workers; the
+    queries are encoded here and the answer is the same.
+    """
     if text and image:
         raise SearchError("memory-search takes --text or --image queries, not both")
     for path in image or ():  # before any encoder reads it: a named pipe blocks the read, a device never ends it
@@ -209,8 +214,13 @@ def search(*, memory: str, text: list[str] | None = None, image: list[str] | Non
         if problem:
             raise SearchError(f"--image {path}: {problem}")
     enc = load_encoder(model, max_pixels=max_pixels)
-    mem = open_memory(memory, encoder=enc, verify={"sha256": True}.get(verify, verify),
-                      allow_fingerprint_mismatch=allow_fingerprint_mismatch)
+    with opened_memory(memory, scheduler, encoder=enc, verify={"sha256": True}.get(verify, verify),
+                       allow_fingerprint_mismatch=allow_fingerprint_mismatch) as mem:
+        return _search_open(mem, memory, enc, text, image, modality, k, exact, ef)
+
+
+def _search_open(mem: Any, memory: str, enc: Any, text: list[str] | None, image: list[str] | None,
+                 modality: str | None, k: int, exact: bool, ef: int | None) -> list[list[dict]]:
     if text:
         if modality == "image" and mem.key_dim:
             raise SearchError(
@@ -229,11 +239,8 @@ def search(*, memory: str, text: list[str] | None = None, image: list[str] | Non
     else:
         raise MemoryFormatError("memory-search needs --text or --image queries")
     rows, scores, valid = mem.search(q, modality=modality, k=k, exact=exact, ef=ef)
-    out = []
-    for r, s, v in zip(rows, scores, valid):
-        metas = mem.metadata(r[v])
-        out.append([dict(meta or {}, score=float(sc)) for meta, sc in zip(metas, s[v])])
-    return out
+    metas = iter(mem.metadata(rows[valid]))  # one look-up for every query (one round trip when served)
+    return [[dict(next(metas) or {}, score=float(sc)) for sc in s[v]] for s, v in zip(scores, valid)]
 
 
 def dumps(obj: Any) -> str:

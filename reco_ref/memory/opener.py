@@ -6,18 +6,23 @@ Kinds (decided from the files, nothing else):
 * otherwise               -> :class:`~reco_ref.memory.store.Memory` (``manifest.json``; an incomplete
   or foreign directory gets :class:`~reco_ref.errors.MemoryFormatError` saying what it holds)
 
-Both kinds share the search API (``search``, ``embeddings``, ``metadata``, ``info``), so callers that
+With ``client=`` (a ``dask.distributed.Client``) either kind is served by the cluster instead:
+:class:`~reco_ref.memory.served.ServedMemory`, each shard resident on a worker (:mod:`.served`).
+
+All share the search API (``search``, ``embeddings``, ``metadata``, ``info``), so callers that
 only read (the CLI, retrieval, evaluation) use :func:`open_memory` and never ask which kind they got.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import MemoryFormatError
 from ..paths import file_problem
 from . import format as fmt
+from .served import ServedMemory, connect
 from .shards import ShardedMemory
 from .store import Memory
 
@@ -27,12 +32,49 @@ def memory_kind(root: str | Path) -> str:
     return "sharded" if (Path(root) / fmt.SHARDS).is_file() else "single"
 
 
-def open_memory(root: str | Path, **kwargs: Any) -> Memory | ShardedMemory:
-    """Open and validate the memory at ``root``, whatever its kind; ``kwargs`` as :meth:`Memory.open`."""
+def open_memory(root: str | Path, client: Any = None, **kwargs: Any) -> Any:
+    """Open and validate the memory at ``root``, whatever its kind; ``kwargs`` as :meth:`Memory.open`.
+
+    Parameters
+    ----------
+    client : None (open here, in this process) or a ``dask.distributed.Client``: each shard is then
+        opened on a worker and stays there (:class:`~reco_ref.memory.served.ServedMemory`; ``retries=``
+        and ``poll_s=`` are its options).  ``distributed`` is imported only in that case.
+
+    Returns
+    -------
+    Memory | ShardedMemory | ServedMemory
+    """
     for name in (fmt.SHARDS, fmt.MANIFEST):  # a device or a pipe in their place is named, not called "missing"
         path = Path(root) / name
         if (path.exists() or path.is_symlink()) and file_problem(path):
             raise MemoryFormatError(f"{path}: {file_problem(path)}; a memory's {name} is a regular file")
+    if client is not None:
+
+        return ServedMemory.open(root, client, **kwargs)
     if memory_kind(root) == "sharded":
         return ShardedMemory.open(root, **kwargs)
     return Memory.open(root, **kwargs)
+
+
+@contextmanager
+def opened_memory(root: str | Path, scheduler: str | None = None, **kwargs: Any) -> Iterator[Any]:
+    """What a verb with ``--scheduler`` opens: the memory here, or served by the Dask scheduler at ``scheduler``.
+
+    With a scheduler, a client is connected (a bad address is a one-line error within
+    :data:`~reco_ref.memory.served.CONNECT_TIMEOUT_S`), the memory opened on its workers, and both are
+    released on exit (the cluster keeps running; the shards this call opened leave the workers).
+    """
+    if not scheduler:
+        yield open_memory(root, **kwargs)
+        return
+
+    client = connect(scheduler)
+    try:
+        mem = open_memory(root, client=client, **kwargs)
+        try:
+            yield mem
+        finally:
+            mem.close()
+    finally:
+        client.close()

@@ -57,48 +57,76 @@ def write_shards_manifest(root: str | Path, shard_dirs: list[str]) -> dict:
     return spec
 
 
-class ShardedMemory:
-    """N :class:`Memory` shards with global row ids and the same search API as one memory."""
+def read_shards_spec(root: Path) -> dict:
+    """``root/shards.json`` parsed and its structure checked (each entry an object); no shard opened."""
+    path = root / fmt.SHARDS
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MemoryFormatError(f"{path}: unreadable ({exc})") from exc
+    if spec.get("format_version") != SHARDS_VERSION or not isinstance(spec.get("shards"), list):
+        raise MemoryFormatError(f"{path}: format_version {spec.get('format_version')!r} / shards list not supported")
+    for i, s in enumerate(spec["shards"]):
+        if not isinstance(s, dict):
+            raise MemoryFormatError(f"{path}: shards[{i}] must be an object {{dir, rows, offset}}")
+    return spec
 
-    def __init__(self, root: Path, spec: dict, shards: list[Memory]):
-        self.root = root
-        self.spec = spec
-        self.shards = shards
-        self.offsets = np.array([s["offset"] for s in spec["shards"]], np.int64)  # [S]
-        self.sizes = np.array([len(m) for m in shards], np.int64)  # [S]
-        self.manifest = {k: spec[k] for k in ("embed_dim", "key_dim", "dtype", "encoder", "counts")}
 
-    @classmethod
-    def open(cls, root: str | Path, *, verify: bool | str = True, **kwargs: Any) -> "ShardedMemory":
-        """Open every shard (each fully validated like :meth:`Memory.open`) and check they fit together."""
-        root = Path(root)
-        path = root / fmt.SHARDS
-        try:
-            spec = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise MemoryFormatError(f"{path}: unreadable ({exc})") from exc
-        if spec.get("format_version") != SHARDS_VERSION or not isinstance(spec.get("shards"), list):
-            raise MemoryFormatError(f"{path}: format_version {spec.get('format_version')!r} / shards list not supported")
-        shards, offset = [], 0
-        for i, s in enumerate(spec["shards"]):
-            if not isinstance(s, dict):
-                raise MemoryFormatError(f"{path}: shards[{i}] must be an object {{dir, rows, offset}}")
-            # a name read from the file: confined to the sharded memory's folder (never ../elsewhere)
-            m = Memory.open(root / plain_name(s.get("dir"), f"{path}: shards[{i}].dir"), verify=verify, **kwargs)
-            if len(m) != s["rows"] or s["offset"] != offset:
-                raise MemoryFormatError(f"{path}: shard {i} ({s['dir']}) has {len(m)} rows at offset {s['offset']}, "
-                                        f"expected {s['rows']} rows at offset {offset}")
-            if m.manifest["encoder"] != spec["encoder"] or m.dim != spec["embed_dim"]:
-                raise MemoryFormatError(f"{root / s['dir']}: encoder/dim differ from {path}")
-            offset += len(m)
-            shards.append(m)
-        return cls(root, spec, shards)
+def shard_path(root: Path, spec: dict, i: int) -> Path:
+    """Folder of shard ``i``: a name read from the file, confined to the sharded memory's folder (never ../)."""
+    return root / plain_name(spec["shards"][i].get("dir"), f"{root / fmt.SHARDS}: shards[{i}].dir")
 
-    def __len__(self) -> int:
-        return int(self.sizes.sum())
 
-    def __repr__(self) -> str:
-        return f"ShardedMemory({str(self.root)!r}, shards={len(self.shards)}, rows={len(self)}, dim={self.dim})"
+def check_shard_fits(root: Path, spec: dict, i: int, rows: int, manifest: dict) -> None:
+    """Refuse shard ``i`` (opened: ``rows`` rows, its ``manifest``) unless it sits where ``shards.json`` says.
+
+    Shards must be contiguous in order (offsets 0, n0, n0+n1, ...) and share the encoder and dim.
+    """
+    s = spec["shards"][i]
+    offset = sum(int(t["rows"]) for t in spec["shards"][:i])
+    if rows != s["rows"] or s["offset"] != offset:
+        raise MemoryFormatError(f"{root / fmt.SHARDS}: shard {i} ({s['dir']}) has {rows} rows at offset {s['offset']}, "
+                                f"expected {s['rows']} rows at offset {offset}")
+    if manifest["encoder"] != spec["encoder"] or int(manifest["embed_dim"]) != spec["embed_dim"]:
+        raise MemoryFormatError(f"{root / s['dir']}: encoder/dim differ from {root / fmt.SHARDS}")
+
+
+def local_exclude(excl: np.ndarray, offset: int, n: int) -> np.ndarray:
+    """Global exclusions int64 [N, E] -> a shard's local ones (rows outside ``[offset, offset+n)`` become -1)."""
+    return np.where((excl >= offset) & (excl < offset + n), excl - offset, -1)
+
+
+def merge_topk(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], offsets: Any, k: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact merge of shards' answers: the k best of the union, ties by the smaller global row.
+
+    Parameters
+    ----------
+    answers : per shard, in shard order, ``(rows int64 [N, k_s], scores float32 [N, k_s], valid bool [N, k_s])``
+        with local row ids (what :meth:`Memory.search` returns)
+    offsets : int [S] — each shard's first global row
+    k : columns wanted
+
+    Returns
+    -------
+    rows int64 [N, k'], scores float32 [N, k'], valid bool [N, k'] with ``k' = min(k, sum k_s)``; invalid slots
+    (row -1, score -inf) last.  Used by in-process and cluster-served search alike, so both give the same bits.
+    """
+    cand_r = [np.where(v, r + off, -1) for (r, _, v), off in zip(answers, offsets)]
+    cand_s = [np.where(v, s, -np.inf).astype(np.float32) for (_, s, v) in answers]
+    r = np.concatenate(cand_r, axis=1)  # [N, S*k]
+    s = np.concatenate(cand_s, axis=1)
+    big = np.iinfo(np.int64).max  # invalid slots sort last
+    order = np.lexsort((np.where(r >= 0, r, big), -s), axis=1)[:, :k]
+    rows = np.take_along_axis(r, order, 1)
+    scores = np.take_along_axis(s, order, 1)
+    return rows, scores, rows >= 0
+
+
+class SpecProperties:
+    """The memory-wide facts a sharded memory reads from its ``shards.json`` spec (``self.spec``)."""
+
+    spec: dict
 
     @property
     def dim(self) -> int:
@@ -116,6 +144,36 @@ class ShardedMemory:
     def fingerprint(self) -> str:
         return self.spec["encoder"]["fingerprint"]
 
+
+class ShardedMemory(SpecProperties):
+    """N :class:`Memory` shards with global row ids and the same search API as one memory."""
+
+    def __init__(self, root: Path, spec: dict, shards: list[Memory]):
+        self.root = root
+        self.spec = spec
+        self.shards = shards
+        self.offsets = np.array([s["offset"] for s in spec["shards"]], np.int64)  # [S]
+        self.sizes = np.array([len(m) for m in shards], np.int64)  # [S]
+        self.manifest = {k: spec[k] for k in ("embed_dim", "key_dim", "dtype", "encoder", "counts")}
+
+    @classmethod
+    def open(cls, root: str | Path, *, verify: bool | str = True, **kwargs: Any) -> "ShardedMemory":
+        """Open every shard (each fully validated like :meth:`Memory.open`) and check they fit together."""
+        root = Path(root)
+        spec = read_shards_spec(root)
+        shards = []
+        for i, s in enumerate(spec["shards"]):
+            m = Memory.open(shard_path(root, spec, i), verify=verify, **kwargs)
+            check_shard_fits(root, spec, i, len(m), m.manifest)
+            shards.append(m)
+        return cls(root, spec, shards)
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    def __repr__(self) -> str:
+        return f"ShardedMemory({str(self.root)!r}, shards={len(self.shards)}, rows={len(self)}, dim={self.dim})"
+
     def search_dim(self, modality: str) -> int:
         return self.shards[0].search_dim(modality)
 
@@ -131,21 +189,10 @@ class ShardedMemory:
         q = check_queries(queries, self.search_dim(modality), f"{modality} index of {self.root}")
         nq = q.shape[0]
         excl = normalize_exclude(exclude, nq)  # [N, E] global ids
-        cand_r, cand_s = [], []
-        for m, off in zip(self.shards, self.offsets):
-            local = np.where((excl >= off) & (excl < off + len(m)), excl - off, -1)
-            r, s, v = m.search(q, modality=modality, k=k, exact=exact, exclude=local, ef=ef,
-                               dup_threshold=dup_threshold, num_threads=num_threads)
-            cand_r.append(np.where(v, r + off, -1))
-            cand_s.append(np.where(v, s, -np.inf).astype(np.float32))
-        r = np.concatenate(cand_r, axis=1)  # [N, S*k]
-        s = np.concatenate(cand_s, axis=1)
-        big = np.iinfo(np.int64).max  # invalid slots sort last
-        order = np.lexsort((np.where(r >= 0, r, big), -s), axis=1)[:, :k]
-        rows = np.take_along_axis(r, order, 1)
-        scores = np.take_along_axis(s, order, 1)
-        valid = rows >= 0
-        return rows, scores, valid
+        answers = [m.search(q, modality=modality, k=k, exact=exact, exclude=local_exclude(excl, off, len(m)), ef=ef,
+                            dup_threshold=dup_threshold, num_threads=num_threads)
+                   for m, off in zip(self.shards, self.offsets)]
+        return merge_topk(answers, self.offsets, k)
 
     def embeddings(self, modality: str, rows: np.ndarray) -> np.ndarray:
         """Like :meth:`Memory.embeddings` with global rows."""
