@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parents[1] / "reco_ref"
 
 #: top-level modules that are shared helpers (import no room) — ARCHITECTURE.md "shared helpers"
 SHARED = {"reco_ref", "reco_ref.errors", "reco_ref.io", "reco_ref.checks", "reco_ref.paths", "reco_ref.backends",
-          "reco_ref.failpoints", "reco_ref.template_fmt"}
+          "reco_ref.failpoints", "reco_ref.template_fmt", "reco_ref.options"}
 
 #: room → the rooms it may import (besides itself and the shared helpers)
 MAY_IMPORT = {

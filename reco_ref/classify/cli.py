@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..checks import float_option, int_option
+from ..options import add_backend, add_cache_dir, add_k, add_memory, add_resume, add_weights
 from ..paths import add_overwrite_option, check_output_dir, check_output_files
 
 _count = int_option(1)
 _nonneg = float_option(0.0)
+#: the registered backends the classifier has no kernels for (its own dispatch: classify/model.py)
+_BACKEND_EXCLUDE = {"cuda": "the classifier has no CUDA kernels", "onnx": "the classifier has no ONNX graph"}
 
 
 def _encoder(a: argparse.Namespace):
@@ -57,10 +60,10 @@ def _run_eval(a: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset manifest (file,label,class_name,split) or its folder")
-    p.add_argument("--memory", help="memory directory (reco-ref build-memory)")
+    add_memory(p, required=False, help="memory directory (reco-ref build-memory)")
     p.add_argument("--model", default="reco-mini", help="encoder of the memory (name, folder, or module:factory)")
-    p.add_argument("--cache-dir", help="embedding cache folder (default $RECO_REF_CACHE, else ~/.cache/reco_ref/"
-                                       "embeddings; 'off' = no cache)")
+    add_cache_dir(p, help="embedding cache folder (default $RECO_REF_CACHE, else ~/.cache/reco_ref/embeddings; "
+                          "'off' = no cache)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -80,7 +83,7 @@ def register(subparsers) -> None:
     t.add_argument("--no-memory", action="store_true", help="the same classifier without memory (m = 0)")
     t.add_argument("--val-split", help="validation split for the epoch kept (default: valid/val if present, "
                                        "else 10%% of each class's train rows)")
-    t.add_argument("-k", type=_count, default=10, help="memory items per query (default 10)")
+    add_k(t, type=_count, default=10, help="memory items per query (default 10)")
     t.add_argument("--values", default="text", choices=("text", "image", "both"), help="item values (default text)")
     t.add_argument("--attention", default="softmax", choices=("softmax", "uniform", "none"),
                    help="softmax (default) or uniform average of the items (the attention-removed baseline); 'none' "
@@ -108,18 +111,18 @@ def register(subparsers) -> None:
                    help="symmetric label noise rate in [0, 1) (experiments)")
     t.add_argument("--seed", type=int_option(0, 2**32 - 1), default=0,
                    help="seed of init, batches, hold-out and noise, 0 … 2³²−1")
-    t.add_argument("--backend", default="numpy", choices=("numpy", "numba"), help="compute backend")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT.ckpt.npz)")
+    add_backend(t, exclude=_BACKEND_EXCLUDE, help="compute backend")
+    add_resume(t, help="continue an interrupted run (OUT.ckpt.npz)")
     add_overwrite_option(t, what="an existing OUT")
     t.set_defaults(func=_run_train)
     e = sub.add_parser("eval", help="evaluate WEIGHTS.npz on a split; write the JSON (+ .md, .png)")
     _common(e)
-    e.add_argument("--weights", required=True, help="weights from `reco-ref classify train`")
+    add_weights(e, dest="weights", required=True, help="classifier weights from `reco-ref classify train`")
     e.add_argument("--split", default="test", help="split to evaluate (default test)")
     e.add_argument("--json", required=True, help="result JSON to write")
     e.add_argument("--markdown", help="Markdown table (default: JSON path with .md)")
     e.add_argument("--png", help="bar chart (default: JSON path with .png)")
-    e.add_argument("--backend", default=None, choices=("numpy", "numba"), help="compute backend (default: training's)")
+    add_backend(e, exclude=_BACKEND_EXCLUDE, default=None, help="compute backend (default: training's)")
     e.add_argument("--no-baselines", action="store_true",
                    help="skip the logistic-regression probe and the k-NN vote reported beside the classifier")
     add_overwrite_option(e, what="the JSON, Markdown and PNG files")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..checks import int_option
+from ..options import add_restart, add_threads
 from ..paths import add_overwrite_option
 
 
@@ -25,11 +26,11 @@ def register(sub) -> None:
     src.add_argument("--texts", metavar="FILE", help="UTF-8 text file, one text per line")
     p.add_argument("--model", default="reco-mini", help="shipped encoder name or folder with encoder.json (default reco-mini)")
     p.add_argument("--out", required=True, help="output .npy")
-    p.add_argument("--threads", type=int_option(1, 4096), default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    add_threads(p, type=int_option(1, 4096))
     p.add_argument("--batch-size", type=int_option(1, 65_536), default=None, help="graph batch (default 64 images / 256 texts)")
     p.add_argument("--chunk-size", type=int_option(1, 1 << 22), default=1024, help="items per resumable chunk file (default 1024)")
     p.add_argument("--max-pixels", type=int_option(1, 1 << 40), default=None, help="largest accepted image (width*height); default from encoder.json (89,478,485)")
-    p.add_argument("--restart", action="store_true", help="discard the finished chunks of an interrupted run")
+    add_restart(p, what="the finished chunks of an interrupted run")
     add_overwrite_option(p, what="OUT and its sidecars")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_encode)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
-from ..checks import int_option
+from ..checks import float_option, int_option
 from ..checks import positive_int as _positive
+from ..options import (ONNX_NOT_ATTACHED, add_backend, add_cache_dir, add_k, add_memory, add_threads,
+                       add_weights)
 from ..paths import add_overwrite_option, check_output_dir, check_output_files
 
 #: the files ``demo`` and ``ablate`` write at the top of their output folder (checked before any work)
@@ -16,22 +17,11 @@ DEMO_FILES = ("results.json", "neighbours.png", "comparison.png")
 ABLATE_FILES = ("ablations.json", "ablations.md")
 
 
-def _number_in(lo: float, hi: float, lo_open: bool, what: str):
-    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` when ``lo_open``), else a usage error."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_nonnegative_float = _number_in(0.0, math.inf, False, "a finite number >= 0")
-_cosine = _number_in(-1.0, 1.0, True, "a cosine in (-1, 1]")
+_nonnegative_float = float_option(0.0)  # --alpha
+_cosine = float_option(-1.0, 1.0, lo_open=True)  # --dup-threshold: a cosine in (-1, 1]
+#: the fusion backends these verbs offer: every registered one that runs without an attached graph
+_BACKEND_EXCLUDE = {"onnx": ONNX_NOT_ATTACHED}
+_THREADS_HELP = "ONNX Runtime / decode threads of the encoders (default all)"
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -52,7 +42,7 @@ def _eval_command(a: argparse.Namespace) -> str:
     import shlex
 
     parts = ["reco-ref", "eval", "--memory", a.memory, "--dataset", a.dataset, "--split", a.split]
-    for opt, value, default in (("--fusion", a.fusion, None), ("--mode", a.mode, "both"), ("--k", a.k, 10),
+    for opt, value, default in (("--weights", a.fusion, None), ("--mode", a.mode, "both"), ("--k", a.k, 10),
                                 ("--alpha", a.alpha, 1.0), ("--search", a.search, "uni"), ("--fuse", a.fuse, "cross"),
                                 ("--dup-threshold", a.dup_threshold, None), ("--templates", a.templates, None),
                                 ("--model", a.model, "reco-mini")):
@@ -76,13 +66,14 @@ def _run_eval(a: argparse.Namespace) -> int:
                         "(image-text retrieval)")
     check_output_files([p for p in (a.json, a.markdown, a.png) if p], overwrite=a.overwrite,
                        what="--json/--markdown/--png")
-    if a.cache not in (None, "", "off", "0"):  # the cache folder is written too: never inside a memory
-        check_output_dir(a.cache, (), what="--cache")
+    if a.cache_dir not in (None, "", "off", "0"):  # the cache folder is written too: never inside a memory
+        check_output_dir(a.cache_dir, (), what="--cache-dir")
     if a.pairs is not None:
         return _run_retrieval(a, say)
     result = evaluate_dataset(a.memory, a.dataset, a.split, fusion=a.fusion, mode=a.mode, k=a.k, alpha=a.alpha,
                               templates=a.templates, model=a.model, backend=a.backend,
-                              cache_dir=a.cache if a.cache is not None else default_cache_dir(), search=a.search,
+                              cache_dir=a.cache_dir if a.cache_dir is not None else default_cache_dir(),
+                              search=a.search,
                               fuse=a.fuse, dup_threshold=a.dup_threshold, exact=a.exact, batch_size=a.batch_size,
                               threads=a.threads, progress=not (a.quiet or a.no_progress), say=say)
     result["command"] = _eval_command(a)
@@ -100,7 +91,7 @@ def _run_retrieval(a: argparse.Namespace, say) -> int:
 
     split = None if a.split in ("", "all") else a.split
     r = evaluate_pairs(a.memory, a.pairs, split, fusion=a.fusion, k=a.k, alpha=a.alpha, model=a.model,
-                       backend=a.backend, cache_dir=a.cache if a.cache is not None else default_cache_dir(),
+                       backend=a.backend, cache_dir=a.cache_dir if a.cache_dir is not None else default_cache_dir(),
                        search=a.search, fuse=a.fuse, exact=a.exact, batch_size=a.batch_size, threads=a.threads,
                        progress=not (a.quiet or a.no_progress), say=say)
     write_retrieval_report(r, json_path=a.json, markdown_path=a.markdown, png_path=a.png)
@@ -162,14 +153,14 @@ def register(subparsers) -> None:
                                                                  "(class-balanced; default 100)")
     p.add_argument("--memory-limit", type=_positive, default=None,
                    help="--data: memory rows from the train split (class-balanced; default all)")
-    p.add_argument("-k", type=_positive, default=10, help="neighbours per query (default 10)")
-    p.add_argument("--backend", default="numpy", choices=("numpy", "numba", "cuda"), help="fusion backend")
+    add_k(p, default=10, help="neighbours per query (default 10)")
+    add_backend(p, exclude=_BACKEND_EXCLUDE)
     p.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
     p.add_argument("--seed", type=int_option(0, 2**32 - 1), default=0,
                    help="seed of the fusion init and the --data subsets, 0 … 2³²−1")
-    p.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
-    p.add_argument("--fusion", help="trained RECO weights .npz shown beside the untrained layers (default: the "
-                                    "shipped weights when present; 'none': untrained only)")
+    add_threads(p, help=_THREADS_HELP)
+    add_weights(p, help="trained RECO weights .npz shown beside the untrained layers (default: the shipped weights "
+                        "when present; 'none': untrained only)")
     p.add_argument("--no-compare", action="store_true",
                    help="skip step 6 (the flag memory weights/demo-entities and the frozen / RECO / surrogate / "
                         "1-NN / k-NN comparison on flags and clip-art, comparison.png)")
@@ -185,16 +176,16 @@ def register(subparsers) -> None:
                     "the neighbours' fed embeddings) and the k-NN label vote over the memory: top1, top5, "
                     "mean_per_class_recall. Images that are memory rows themselves are excluded from their own "
                     "retrieval.")
-    e.add_argument("--memory", required=True, help="memory directory (reco-ref build-memory)")
+    add_memory(e, help="memory directory (reco-ref build-memory)")
     e.add_argument("--dataset", help="dataset manifest CSV (or its folder): zero-shot classification")
     e.add_argument("--pairs", help="instead of --dataset: a pairs CSV (image,caption[,split]) for image↔text "
                                    "retrieval, Recall@1/5/10 both directions")
     e.add_argument("--split", default="test", help="split to evaluate (default test; with --pairs 'all' = every row)")
-    e.add_argument("--fusion", help="RECO weights .npz (default: the shipped weights of --model; 'none': no RECO row, "
-                                    "only the frozen encoder and the training-free references)")
+    add_weights(e, help="RECO weights .npz (default: the shipped weights of --model; 'none': no RECO row, only the "
+                        "frozen encoder and the training-free references)")
     e.add_argument("--mode", default="both", choices=("none", "image", "text", "both"),
                    help="sides RECO and the surrogate enhance (default both; by_mode in the JSON has all four)")
-    e.add_argument("--k", "-k", type=_positive, default=10, help="neighbours per query, every method (default 10)")
+    add_k(e, default=10, help="neighbours per query, every method (default 10)")
     e.add_argument("--alpha", type=_nonnegative_float, default=1.0, help="surrogate weight α (default 1.0)")
     e.add_argument("--search", default="uni", choices=("uni", "cross"), help="RECO/surrogate search (default uni)")
     e.add_argument("--fuse", default="cross", choices=("uni", "cross"), help="RECO/surrogate fusion (default cross)")
@@ -206,12 +197,13 @@ def register(subparsers) -> None:
     e.add_argument("--json", help="write the result JSON here")
     e.add_argument("--markdown", help="write a Markdown table here")
     e.add_argument("--png", help="write a PNG bar chart here")
-    e.add_argument("--backend", default="numpy", choices=("numpy", "numba", "cuda"), help="fusion backend")
-    e.add_argument("--cache", default=None, help="embedding cache folder (default $RECO_REF_CACHE; unset = none)")
+    add_backend(e, exclude=_BACKEND_EXCLUDE)
+    add_cache_dir(e, alias=True, help="embedding cache folder (default $RECO_REF_CACHE; unset = none; old spelling "
+                                      "--cache)")
     e.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
     e.add_argument("--exact", action="store_true", help="brute-force search instead of HNSW")
     e.add_argument("--batch-size", type=_positive, default=1024, help="queries per retrieval+fusion batch")
-    e.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
+    add_threads(e, help=_THREADS_HELP)
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--quiet", action="store_true", help="print nothing (files are still written)")
     add_overwrite_option(e, what="the --json/--markdown/--png files")
@@ -224,23 +216,22 @@ def register(subparsers) -> None:
                     "RECO-refined top classes.")
     q.add_argument("image", nargs="?", help="query image file (or use --text)")
     q.add_argument("--text", help="query text instead of an image")
-    q.add_argument("--memory", required=True, help="memory directory")
-    q.add_argument("--fusion", help="RECO weights .npz (default: the shipped weights of --model; 'none': no refining)")
+    add_memory(q)
+    add_weights(q, help="RECO weights .npz (default: the shipped weights of --model; 'none': no refining)")
     q.add_argument("--classes", help="dataset manifest whose class names to rank")
     q.add_argument("--class-names", help="text file, one class name per line")
     q.add_argument("--templates", default=None, help="template set or file for the class embeddings (default: the set "
                    "eval uses for the --classes dataset, else generic)")
     q.add_argument("--class-text", metavar="FILE",
-                   help="precomputed class text (reco-ref class-text): its classes are ranked, and --fusion may hold "
+                   help="precomputed class text (reco-ref class-text): its classes are ranked, and --weights may hold "
                         "φ_I alone (reco-ref export-image-weights); refused when made for other weights, encoder, "
                         "memory or k")
-    q.add_argument("-k", "--k", type=_positive, default=None, help="neighbours (default 10, or the --class-text "
-                                                                   "file's)")
+    add_k(q, default=None, help="neighbours (default 10, or the --class-text file's)")
     q.add_argument("--top", type=_positive, default=5, help="classes listed (default 5)")
     q.add_argument("--json", help="write the result JSON here ('-' : JSON to stdout only)")
-    q.add_argument("--backend", default="numpy", choices=("numpy", "numba", "cuda"), help="fusion backend")
+    add_backend(q, exclude=_BACKEND_EXCLUDE)
     q.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
-    q.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime / decode threads (default all)")
+    add_threads(q, help=_THREADS_HELP)
     q.add_argument("--profile", action="store_true",
                    help="time the photo's trip step by step (decode, preprocess, image graph, search, fusion, scoring) at "
                         "batch 1 and per image at batch 64")

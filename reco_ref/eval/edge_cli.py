@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..checks import positive_int
+from ..options import ONNX_NOT_ATTACHED, add_backend, add_k, add_memory, add_threads, add_weights
 from ..paths import add_overwrite_option, check_output_files, printable
 
 
@@ -21,9 +21,9 @@ def register(sub) -> None:
         description="Read RECO weights (image.*, text.*, tau, meta; the shipped fusion.npz or reco-ref train's) and "
         "write OUT with the image module φ_I, tau and the meta only, plus the digests of the source's φ_I and φ_T "
         "(a class-text file made with the full weights is checked against them). On the device: reco-ref query "
-        "PHOTO --memory M --fusion OUT --class-text CLASSES.npz. Needs numpy only.",
+        "PHOTO --memory M --weights OUT --class-text CLASSES.npz. Needs numpy only.",
     )
-    w.add_argument("--fusion", required=True, metavar="WEIGHTS", help="RECO weights (.npz) holding φ_I and φ_T")
+    add_weights(w, required=True, help="RECO weights (.npz) holding φ_I and φ_T")
     w.add_argument("--out", required=True, metavar="FILE", help="output .npz (φ_I alone)")
     add_overwrite_option(w, what="FILE")
     w.set_defaults(func=_export_image_weights)
@@ -36,19 +36,19 @@ def register(sub) -> None:
         "query would use, the frozen class embeddings t_c and their refinement t̄_c = φ_T(t_c, memory neighbours) "
         "against MEMORY with k neighbours, and write them to OUT (float32 [C,D] each, a JSON header binding them "
         "to the class names, templates, k, the encoder, the weights' φ_I/φ_T digests and the memory's content). "
-        "Then reco-ref query PHOTO --memory MEMORY --fusion PHI_IMAGE.npz --class-text OUT gives the same classes "
+        "Then reco-ref query PHOTO --memory MEMORY --weights PHI_IMAGE.npz --class-text OUT gives the same classes "
         "and scores as query with the full weights.",
     )
-    c.add_argument("--memory", required=True, help="the memory the device will search (same content)")
+    add_memory(c, help="the memory the device will search (same content)")
     c.add_argument("--classes", help="dataset manifest whose class names to rank")
     c.add_argument("--class-names", help="text file, one class name per line")
     c.add_argument("--templates", default=None, help="template set or file (default: the set eval uses for the "
                                                      "--classes dataset, else generic), as query picks it")
-    c.add_argument("-k", "--k", type=positive_int, default=10, help="neighbours, as query -k (default 10)")
-    c.add_argument("--fusion", help="full RECO weights .npz (default: the shipped weights of --model)")
+    add_k(c, default=10, help="neighbours, as query -k (default 10)")
+    add_weights(c, help="full RECO weights .npz (default: the shipped weights of --model)")
     c.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
-    c.add_argument("--backend", default="numpy", choices=("numpy", "numba", "cuda"), help="fusion backend")
-    c.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default all)")
+    add_backend(c, exclude={"onnx": ONNX_NOT_ATTACHED})
+    add_threads(c, help="ONNX Runtime threads of the encoders (default all)")
     c.add_argument("--out", required=True, metavar="FILE", help="output .npz")
     add_overwrite_option(c, what="FILE")
     c.set_defaults(func=_class_text)

@@ -41,7 +41,7 @@ def load_weights(fusion: str | os.PathLike | None, encoder: Any, *, allow_image_
         path = default_weights_path(encoder.name)
         if not path.is_file():
             raise ParamsFormatError(f"no shipped fusion weights for encoder {encoder.name!r} at {path} (not trained "
-                                    "and shipped yet); pass --fusion WEIGHTS.npz (written by reco-ref train)")
+                                    "and shipped yet); pass --weights WEIGHTS.npz (written by reco-ref train)")
     else:
         path = Path(fusion)
     if path.exists() or path.is_symlink():  # a device or a pipe is refused before any reader opens it
@@ -52,7 +52,7 @@ def load_weights(fusion: str | os.PathLike | None, encoder: Any, *, allow_image_
         w = load_fusion_weights(path)
     else:
         w = load_reco_weights(path)
-    check_weights_match(w, encoder_fingerprint=encoder.fingerprint, dim=encoder.dim, where=f"--fusion {path}")
+    check_weights_match(w, encoder_fingerprint=encoder.fingerprint, dim=encoder.dim, where=f"--weights {path}")
     return w, str(path)
 
 
@@ -230,7 +230,7 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
     ct = None
     if class_text is not None:  # read and checked against the arguments before any model is loaded
         if fusion is not None and str(fusion) == "none":
-            raise RecoError("--class-text holds RECO's refined class text: give fusion weights, not --fusion none")
+            raise RecoError("--class-text holds RECO's refined class text: give fusion weights, not --weights none")
         ct = load_class_text(class_text)
         if class_names:
             check_class_text(ct, class_names=class_names)
@@ -254,7 +254,7 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
         raise RecoError(f"query image {image}: {problem}")
     if profile and (image is None or not class_names or fusion == "none"):
         raise RecoError("--profile times an image's whole trip: give an image, --classes or --class-names (the "
-                        "scoring step) and fusion weights (not --fusion none)")
+                        "scoring step) and fusion weights (not --weights none)")
     check_backend(backend)  # cuda without a device too, before any work
     from ..fusion import gated_scores, relevance_of
 
@@ -263,7 +263,7 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
     k_requested, k = k, cap_k(k, mem, note=say)
     weights, wpath = load_weights(fusion, enc, allow_image_only=True)
     if weights is not None and weights.text is None and (text is not None or (class_names and ct is None)):
-        raise RecoError(f"--fusion {wpath} holds φ_I alone: " + ("a text query needs φ_T (use the full weights)"
+        raise RecoError(f"--weights {wpath} holds φ_I alone: " + ("a text query needs φ_T (use the full weights)"
                         if text is not None else "rank classes with --class-text FILE (made by reco-ref class-text "
                         "with the full weights), or use the full weights"))
     if ct is not None:
@@ -395,7 +395,7 @@ def make_class_text(memory: str | os.PathLike, class_names: list[str], *, templa
     k_used = cap_k(k, mem, note=say)
     weights, wpath = load_weights(fusion, enc, allow_image_only=True)
     if weights is None:
-        raise RecoError("class-text: refined class text needs fusion weights (not --fusion none)")
+        raise RecoError("class-text: refined class text needs fusion weights (not --weights none)")
     frozen, refined = class_text_arrays(enc, weights, mem, list(class_names), tlist, k=k_used, backend=backend)
     header = {"format": CLASS_TEXT_FORMAT, "format_version": CLASS_TEXT_VERSION,
               "created_by": f"reco_ref {__version__}", "class_names": list(class_names), "templates": tname,

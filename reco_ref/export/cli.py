@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..checks import int_option
+from ..options import add_weights
 from ..paths import add_overwrite_option, check_output_dir, printable
 
 
@@ -41,7 +42,7 @@ def register(sub) -> None:
         "metadata; output out [B,D]; B and k dynamic, k = 0 allowed) plus OUT/fusion_onnx.json (configs, weight hashes, logit_scale). "
         "Run them with fusion backend 'onnx' (reco_ref.fusion.onnx_backend.attach(OUT, modules)): onnxruntime + numpy only.",
     )
-    p.add_argument("--fusion", required=True, metavar="WEIGHTS", help="fusion parameter set (.npz)")
+    add_weights(p, required=True, help="fusion parameter set (.npz)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--modules", type=_module_list, default=None, metavar="LIST",
                    help="comma list of the modules to export, e.g. 'image' for φ_I alone (default: all of the file's)")

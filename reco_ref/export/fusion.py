@@ -1,6 +1,6 @@
 r"""Export the fusion layer φ (docs/reco.md §2) to ONNX: one graph per module (φ_I, φ_T), inference only.
 
-``reco-ref export-fusion --fusion WEIGHTS --out DIR`` writes
+``reco-ref export-fusion --weights WEIGHTS --out DIR`` writes
 
 * ``DIR/phi_<prefix>.onnx`` for every module of the set (``phi_image.onnx``, ``phi_text.onnx``), and
 * ``DIR/fusion_onnx.json``, the manifest: format, opset, each module's config, graph file and the

@@ -212,7 +212,7 @@ def session_for(params: FusionParams):
     raise BackendUnavailableError(
         "fusion backend 'onnx': no graph is attached for these params; attach the exported graphs with "
         "reco_ref.fusion.onnx_backend.attach(DIR, load_param_set(WEIGHTS)[0]) (DIR from `reco-ref export-fusion "
-        "--fusion WEIGHTS --out DIR`), or, where the onnx package is installed, "
+        "--weights WEIGHTS --out DIR`), or, where the onnx package is installed, "
         "reco_ref.export.fusion.attach_in_memory(params)"
     )
 

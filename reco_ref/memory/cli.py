@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..checks import int_option
+from ..options import add_index_threads, add_k, add_memory_positional, add_resume, memory_dir
 from .limits import LIMITS
 
 
@@ -18,12 +19,12 @@ def _build_args(p: argparse.ArgumentParser, *, add: bool = False) -> None:
     p.add_argument("--pairs", help="pairs CSV (image,caption), dataset manifest (file,label,class_name,split), "
                                    ".jsonl, or a folder of images with sidecar .txt captions")
     p.add_argument("--model", default="reco-mini", help="encoder name, folder, or module:factory (default reco-mini)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    add_resume(p)
     p.add_argument("--split", help="keep only rows of this split")
     p.add_argument("--caption-template", help='captions for a dataset manifest, e.g. "a photo of a {class_name}."')
     p.add_argument("--chunk-size", type=_int("chunk_size"), help="items per atomic chunk (default 1024; 65536 for arrays)")
     p.add_argument("--batch-size", type=_int("batch_size"), default=64, help="encoder batch size")
-    p.add_argument("--threads", type=_int("threads"), help="hnswlib threads (default all cores)")
+    add_index_threads(p, type=_int("threads"))
     p.add_argument("--image-embeddings", help="precomputed image embeddings .npy [n,D] (instead of encoding)")
     p.add_argument("--text-embeddings", help="precomputed text embeddings .npy [n,D]")
     p.add_argument("--image-keys", help="precomputed image search keys .npy [n,Dk] (optional)")
@@ -72,20 +73,20 @@ def _run_build(a: argparse.Namespace) -> int:
 def _run_add(a: argparse.Namespace) -> int:
     from . import commands
 
-    return commands.add(memory=a.memory, allow_duplicates=a.allow_duplicates, **_common(a))
+    return commands.add(memory=memory_dir(a), allow_duplicates=a.allow_duplicates, **_common(a))
 
 
 def _run_info(a: argparse.Namespace) -> int:
     from . import commands
 
-    print(commands.dumps(commands.info(memory=a.memory, verify=a.verify, scheduler=a.scheduler)))
+    print(commands.dumps(commands.info(memory=memory_dir(a), verify=a.verify, scheduler=a.scheduler)))
     return 0
 
 
 def _run_search(a: argparse.Namespace) -> int:
     from . import commands
 
-    res = commands.search(memory=a.memory, text=a.text, image=a.image, modality=a.modality, k=a.k, exact=a.exact,
+    res = commands.search(memory=memory_dir(a), text=a.text, image=a.image, modality=a.modality, k=a.k, exact=a.exact,
                           ef=a.ef, model=a.model, allow_fingerprint_mismatch=a.allow_fingerprint_mismatch,
                           max_pixels=a.max_pixels, verify=a.verify, scheduler=a.scheduler)
     print(commands.dumps(res))
@@ -104,23 +105,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_build)
 
     p = sub.add_parser("memory-add", help="append pairs to an existing memory (resumable, atomic)")
-    p.add_argument("memory", help="memory directory")
+    add_memory_positional(p)
     _build_args(p, add=True)
     p.set_defaults(func=_run_add)
 
     p = sub.add_parser("memory-info", help="validate a memory and print its summary (JSON)")
-    p.add_argument("memory", help="memory directory")
+    add_memory_positional(p)
     p.add_argument("--verify", default="sha256", choices=("sha256", "size", "none"),
                    help="file check: full sha256 (default), sizes only, or existence only")
     _scheduler_arg(p)
     p.set_defaults(func=_run_info)
 
     p = sub.add_parser("memory-search", help="search a memory with text or image queries (JSON)")
-    p.add_argument("memory", help="memory directory")
+    add_memory_positional(p)
     p.add_argument("--text", nargs="+", help="text queries")
     p.add_argument("--image", nargs="+", help="image files as queries")
     p.add_argument("--modality", choices=("image", "text"), help="index searched (default: the query's)")
-    p.add_argument("-k", type=_int("k"), default=5, help="neighbours per query")
+    add_k(p, type=_int("k"), default=5, help="neighbours per query (default 5)")
     p.add_argument("--exact", action="store_true", help="brute force instead of HNSW")
     p.add_argument("--ef", type=_int("ef"), help="HNSW beam width")
     p.add_argument("--model", default="reco-mini", help="encoder (must match the memory's fingerprint)")

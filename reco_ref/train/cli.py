@@ -9,6 +9,7 @@ import argparse
 
 from ..checks import float_option, int_option
 from ..checks import positive_int as _positive
+from ..options import ONNX_NO_BACKWARD, add_backend, add_k, add_memory, add_resume
 
 # The numbers a recipe can mean: nan, inf and negatives reached the internals (or ended a run at save time).
 _nonneg = float_option(0.0)  # --lr, --min-lr, --weight-decay
@@ -36,7 +37,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     g = p.add_argument_group("recipe")
-    g.add_argument("-k", type=_positive, default=d.k, help=f"neighbours per query (default {d.k})")
+    add_k(g, default=d.k, help=f"neighbours per query (default {d.k})")
     g.add_argument("--search", choices=("uni", "cross"), default=d.search, help="index searched (default uni)")
     g.add_argument("--fuse", choices=("cross", "uni"), default=d.fuse, help="modality fed to φ (default cross)")
     g.add_argument("--dup-threshold-image", type=_cosine_or_off, default=d.dup_threshold_image,
@@ -58,7 +59,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=_nonneg, default=d.weight_decay, help="AdamW decay on matrices (default 0.2)")
     g.add_argument("--heads", type=_positive, default=d.heads, help=f"attention heads (default {d.heads})")
     g.add_argument("--seed", type=SEED, default=d.seed, help="init and data-order seed, 0 … 2³²−1 (default 0)")
-    g.add_argument("--backend", choices=("numpy", "numba", "cuda"), default=d.backend, help="fusion/InfoNCE backend")
+    add_backend(g, default=d.backend, help="fusion/InfoNCE backend", exclude={"onnx": ONNX_NO_BACKWARD})
     g.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every,
                    help=f"steps between checkpoints (default {d.checkpoint_every})")
     g.add_argument("--init", choices=("identity", "copy"), default=d.init,
@@ -90,9 +91,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """Training sources and validation sets (shared by ``train`` and ``ablate``)."""
     g = p.add_argument_group("data")
-    g.add_argument("--memory", action="append", required=True, metavar="DIR",
-                   help="training pairs = this memory's rows (repeat for several sources; built with build-memory "
-                        "--pairs MANIFEST --split train --caption-template ...)")
+    add_memory(g, action="append",
+               help="training pairs = this memory's rows (repeat for several sources; built with build-memory "
+                    "--pairs MANIFEST --split train --caption-template ...)")
     g.add_argument("--retrieval", action="append", metavar="DIR",
                    help="memory the matching --memory retrieves from ('same' = itself, the default; repeat in order)")
     g.add_argument("--weight", action="append", type=_positive_float, metavar="W",
@@ -129,7 +130,7 @@ def register(sub) -> None:
     p.add_argument("--control", choices=("reco", "mlp"), default="reco",
                    help="what is trained: the fusion layer (default) or the equal-size MLP control")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz (bit-identical)")
+    add_resume(p, help="continue from OUT/checkpoint.npz (bit-identical)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a finished run in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)

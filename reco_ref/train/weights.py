@@ -5,7 +5,7 @@ r"""RECO's trained state as one value: φ_I, φ_T, τ and a JSON-able descriptio
     w = init_reco_weights(768, heads=8, seed=0, meta={"encoder_name": "reco-mini"})   # identity: x̄ = x
     save_reco_weights("fusion.npz", w)
     w = load_reco_weights("fusion.npz")          # validated; ParamsFormatError naming the file otherwise
-    check_weights_match(w, encoder_fingerprint=enc.fingerprint, dim=enc.dim, where="--fusion")
+    check_weights_match(w, encoder_fingerprint=enc.fingerprint, dim=enc.dim, where="--weights")
 
 File format
 -----------

@@ -122,7 +122,7 @@ def test_eval_without_shipped_weights_says_how_to_pass_fusion(setup, tmp_path, c
 
     monkeypatch.setattr(weights, "default_weights_path", lambda name="reco-mini": tmp_path / "none" / "fusion.npz")
     err = _one_line_error(capsys, _eval(setup, "--json", str(tmp_path / "x.json")), "eval")
-    assert "no shipped fusion weights" in err and "--fusion" in err
+    assert "no shipped fusion weights" in err and "--weights" in err
     assert not (tmp_path / "x.json").exists()
 
 

@@ -104,7 +104,7 @@ def test_mismatches_are_refused_in_one_line(edge, tmp_path):
         (dict(fusion=edge.phi["shipped"], memory=edge.mem2), "made against another memory"),
         (dict(fusion=edge.phi["shipped"], class_names=NAMES[:3]), "holds 6 class names, the query gives 3"),
         (dict(fusion=edge.phi["shipped"], templates="flowers"), "made with templates 'generic'"),
-        (dict(fusion="none"), "not --fusion none"),
+        (dict(fusion="none"), "not --weights none"),
     ]
     for kw, msg in cases:
         kw = dict(dict(memory=edge.mem, image=img, class_text=ct, model=edge.enc), **kw)
