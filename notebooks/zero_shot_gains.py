@@ -25,7 +25,8 @@
 #
 # Part 1 computes all four **live** with `reco_ref.eval.evaluate_zero_shot` on the two small shipped sets
 # (flags and clip-art, `weights/demo-entities` and `weights/demo`) with the shipped RECO weights
-# (`weights/reco-mini-fusion`, trained on Flowers-102 + CUB-100 photos: they saw no flag and no drawing).
+# (`weights/reco-mini-fusion`, run on Flowers-102 + CUB-100 photos, where selection kept the layer's untrained
+# start: they saw no flag and no drawing).
 # Part 2 plots the numbers measured on the real datasets, read from the shipped files.
 
 # %%

@@ -12,7 +12,8 @@ variable is unset (every normal run) a fail point costs one dictionary look-up.
     reco-ref build-memory --pairs p.csv --out mem --resume                             # finishes it
 
 The points that exist (grep ``failpoint(`` for the list in the code) are documented in
-``docs/failpoints.md``.  Where ``os.kill``/SIGKILL do not exist (Windows), ``os._exit(137)`` stands in.
+``docs/failpoints.md``.  One older spelling is kept as an alias: ``RECO_REF_TRAIN_KILL_AT_STEP=N`` arms
+``train.step:N`` (the training loop's kill hook before it became a fail point).  Where ``os.kill``/SIGKILL do not exist (Windows), ``os._exit(137)`` stands in.
 """
 
 from __future__ import annotations
@@ -20,16 +21,23 @@ from __future__ import annotations
 import os
 
 ENV = "RECO_REF_FAILPOINT"
+#: older environment variables, each arming one counted point: ``VAR=N`` arms ``point:N``
+ALIASES = {"RECO_REF_TRAIN_KILL_AT_STEP": "train.step"}
 
 
 def armed() -> set[str]:
-    """The fail points named by ``$RECO_REF_FAILPOINT`` (empty set when unset)."""
-    return {p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip()}
+    """The fail points named by ``$RECO_REF_FAILPOINT`` and its aliases (empty set when all are unset)."""
+    points = {p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip()}
+    for var, point in ALIASES.items():
+        count = os.environ.get(var, "").strip()
+        if count:
+            points.add(f"{point}:{count}")
+    return points
 
 
 def failpoint(name: str, count: int | None = None) -> None:
-    """Kill this process (SIGKILL) if ``$RECO_REF_FAILPOINT`` names ``name`` (or ``name:count``)."""
-    if not os.environ.get(ENV):
+    """Kill this process (SIGKILL) if ``$RECO_REF_FAILPOINT`` (or an alias) names ``name`` (or ``name:count``)."""
+    if not os.environ.get(ENV) and not any(os.environ.get(var) for var in ALIASES):
         return
     here = name if count is None else f"{name}:{count}"
     if here in armed():

@@ -30,6 +30,7 @@ import numpy as np
 from ..backends import blas_threads
 from ..errors import CheckpointError, ParamsFormatError, SearchError, ShapeError
 from ..io import ArraySpec, atomic_save_npz, load_npz
+from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.optim import adamw_init, adamw_step, lr_at
 from .model import ATTENTION_MODES, BACKENDS, VALUE_MODES, classify_backward, classify_forward, cross_entropy_backward, \
     cross_entropy_forward, init_params, param_shapes, predict_logits
@@ -217,14 +218,10 @@ def _logits(params, cfg, memory, image, search, exclude, batch_size=1024) -> np.
     return np.concatenate(out) if out else np.zeros((0, params["b_c"].shape[0]), dt)
 
 
-def _ckpt_arrays(params, best, state, epoch, best_epoch, best_acc, history, cfg) -> dict:
-    arrays = {f"param.{n}": a for n, a in params.items()}
-    arrays.update({f"best.{n}": a for n, a in best.items()})
-    arrays.update({f"opt.{n}": a for n, a in state.items()})
-    info = {"config": cfg.fingerprint(), "epoch": epoch, "best_epoch": best_epoch, "best_acc": best_acc,
-            "history": history}
-    arrays["info"] = np.frombuffer(json.dumps(info).encode(), np.uint8)
-    return arrays
+def _ckpt_params(params: dict, best: dict) -> dict:
+    """What a checkpoint holds besides the AdamW state: the current parameters and the kept epoch's (``best.<n>``).
+    The arrays are the caller's own, so :func:`load_checkpoint` restores both dicts in place."""
+    return params | {f"best.{n}": a for n, a in best.items()}
 
 
 def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.ndarray, classes: int,
@@ -240,8 +237,12 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
     exclude : int64 [N] — memory row of each training image itself (self-exclusion), -1 for none
     val : ``(image, search, labels, exclude)`` validation rows; the epoch with the best top-1 there is kept.
         None: the last epoch is kept.
-    checkpoint : path of an atomic per-epoch checkpoint; with ``resume=True`` an existing one of the same
-        configuration is continued (another configuration's raises :class:`CheckpointError`).
+    checkpoint : path of an atomic per-epoch checkpoint, in the training loop's format
+        (:mod:`reco_ref.train.checkpoint`: the parameters, ``best.<name>`` the kept epoch's, the AdamW state, and
+        the epoch, best epoch and history as JSON under the config fingerprint); with ``resume=True`` an existing
+        one of the same configuration is continued (another configuration's raises :class:`CheckpointError`). A
+        checkpoint of the older inline format (an ``info`` entry, before the formats were merged) is refused with
+        a one-line :class:`CheckpointError` naming the file: delete it to start over.
     class_text : [C, Dt] — the class prompts' text embeddings (needed by the score readout, ``cfg.readout``)
     head : ``(W [D, C], b [C])`` — a linear head in logit units (logits ``= q W + b`` at ``z = q``) to start
         ``W_c, b_c`` from instead of the random init (:func:`prompt_head`, the logistic probe); with ``val`` the
@@ -278,23 +279,9 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
     if ckpt is not None and ckpt.exists():
         if not resume:
             raise CheckpointError(f"{ckpt}: a checkpoint exists; pass resume (--resume) to continue it, or remove it")
-        # the run identity first, then only the arrays this run restores, each header checked before its data
-        z = load_npz(ckpt, only=["info"], expect={"info": _JSON_ENTRY})
-        try:
-            info = json.loads(bytes(z["info"]).decode())
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{ckpt}: not a classify checkpoint ({exc})") from None
-        if info.get("config") != cfg.fingerprint():
-            raise CheckpointError(f"{ckpt}: written by another configuration (config {info.get('config')}, this run "
-                                  f"{cfg.fingerprint()}); remove it or use the same options")
-        z = load_npz(ckpt, expect={"info": _JSON_ENTRY, **{f"{pre}{n}": ArraySpec(a.shape, a.dtype) for pre, arrays in
-                                   (("param.", params), ("best.", params), ("opt.", state)) for n, a in arrays.items()}})
-        for n in params:
-            for pre, dst in (("param.", params), ("best.", best)):
-                if z.get(pre + n) is None or z[pre + n].shape != params[n].shape:
-                    raise CheckpointError(f"{ckpt}: entry {pre + n} missing or of the wrong shape")
-                dst[n] = z[pre + n].copy()
-        state = {n[4:]: z[n].copy() for n in z if n.startswith("opt.")}
+        # train/checkpoint.py: the run identity (config fingerprint) first, then each array's header against the
+        # array it restores before its data; a checkpoint of the older inline format is refused in one line
+        info = load_checkpoint(ckpt, _ckpt_params(params, best), state, cfg.fingerprint())
         start, best_epoch, best_acc, history = info["epoch"], info["best_epoch"], info["best_acc"], info["history"]
         best_loss = min((h["val_loss"] for h in history if h["epoch"] == best_epoch and "val_loss" in h),
                         default=np.inf)
@@ -359,7 +346,9 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                 log(f"epoch {epoch + 1}/{cfg.epochs}: {took:.1f} s"
                     + (f"; about {took * (cfg.epochs - epoch - 1):.0f} s to go" if epoch + 1 < cfg.epochs else ""))
             if ckpt is not None:
-                atomic_save_npz(ckpt, _ckpt_arrays(params, best, state, epoch + 1, best_epoch, best_acc, history, cfg))
+                save_checkpoint(ckpt, _ckpt_params(params, best), state,
+                                {"config_hash": cfg.fingerprint(), "epoch": epoch + 1, "best_epoch": best_epoch,
+                                 "best_acc": best_acc, "history": history})
     if bar is not None:
         bar.close()
     return best, {"epochs_run": cfg.epochs, "best_epoch": best_epoch,
@@ -406,7 +395,7 @@ def evaluate_classifier(params: dict, meta: dict, image: np.ndarray, search: np.
 # ----------------------------------------------------------------------------------------------
 
 
-_JSON_ENTRY = ArraySpec((None,), np.uint8, max_bytes=64 << 20)  # a JSON blob (meta / info): KBs in practice
+_JSON_ENTRY = ArraySpec((None,), np.uint8, max_bytes=64 << 20)  # the weights file's JSON meta: KBs in practice
 
 
 def save_classifier(path: str | os.PathLike, params: dict, meta: dict) -> None:

@@ -118,7 +118,8 @@ def load_checkpoint(path: str | os.PathLike, params: dict[str, np.ndarray], opt:
     except (RecoError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc}); delete it to start over") from exc
     if STATE_KEY not in raw:
-        raise CheckpointError(f"{path}: entry {STATE_KEY!r} missing, expected a {FORMAT} file")
+        raise CheckpointError(f"{path}: entry {STATE_KEY!r} missing: not a {FORMAT} file (an older format?); "
+                              "delete it to start over")
     try:
         state = json.loads(raw.pop(STATE_KEY).tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, RecoError
+from ..failpoints import failpoint
 from ..fusion import RELEVANCE_NAMES, fusion_backward, fusion_forward, gated_scores, relevance_gate, score_features
 from ..io import atomic_save_npz, atomic_write_json, atomic_write_text, load_npz
 from ..template_fmt import fill_class, parse_class_template
@@ -437,12 +437,6 @@ def _digest(sources: Sequence[PreparedSource], vals: Sequence[_PreparedVal]) -> 
     return h.hexdigest()
 
 
-def _kill_hook(step: int) -> None:
-    """SIGKILL this process after ``step`` when ``$RECO_REF_TRAIN_KILL_AT_STEP`` equals it (test-only)."""
-    if os.environ.get("RECO_REF_TRAIN_KILL_AT_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _better(rec: dict, best: dict | None, select_on: str) -> bool:
     if best is None:
         return True
@@ -620,7 +614,7 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", tau=f"{float(model.tau):.3f}",
                                     pairs_s=f"{pairs_done / max(1e-9, time.perf_counter() - t0):.0f}")
-                _kill_hook(state["step"])
+                failpoint("train.step", state["step"])  # docs/failpoints.md
             state["epoch"] += 1
             state["pos"] = 0
             end_epoch(state["epoch"], state["run_loss"] / state["run_n"] if state["run_n"] else None)

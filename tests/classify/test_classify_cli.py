@@ -96,21 +96,21 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
         pass
 
     import reco_ref.classify.train as tr
-    real = tr.atomic_save_npz
+    real = tr.save_checkpoint  # the training loop's checkpoint format (reco_ref.train.checkpoint)
     calls = {"n": 0}
 
-    def save_then_stop(path, arrays):
-        real(path, arrays)
+    def save_then_stop(*args):
+        real(*args)
         calls["n"] += 1
         if calls["n"] == 2:
             raise Stop
 
-    tr.atomic_save_npz = save_then_stop
+    tr.save_checkpoint = save_then_stop
     try:
         with pytest.raises(Stop):
             train_classifier(img, None, y, 3, None, two, progress=False, checkpoint=ck)
     finally:
-        tr.atomic_save_npz = real
+        tr.save_checkpoint = real
     with pytest.raises(CheckpointError, match="resume"):
         train_classifier(img, None, y, 3, None, two, progress=False, checkpoint=ck)
     with pytest.raises(CheckpointError, match="another configuration"):
@@ -121,6 +121,25 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     for n in full:
         np.testing.assert_array_equal(resumed[n], full[n])
 
+
+
+def test_old_inline_checkpoint_refused_in_one_line(tmp_path):
+    """A checkpoint of classify's older inline format (``param.*``/``opt.*`` + ``info``) is refused with one line
+    naming the file and saying to delete it; nothing of it is read into the run."""
+    from reco_ref.io import atomic_save_npz
+
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((40, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+    cfg = ClassifyConfig(memory=False, epochs=2, batch_size=16)
+    ck = tmp_path / "old.ckpt.npz"
+    info = {"config": cfg.fingerprint(), "epoch": 1, "best_epoch": 1, "best_acc": -1.0, "history": []}
+    atomic_save_npz(ck, {"param.w_c": np.zeros((6, 3), np.float32),
+                         "info": np.frombuffer(json.dumps(info).encode(), np.uint8)})
+    with pytest.raises(CheckpointError) as exc:
+        train_classifier(img, None, y, 3, None, cfg, progress=False, checkpoint=ck, resume=True)
+    msg = str(exc.value)
+    assert str(ck) in msg and "delete it to start over" in msg and "\n" not in msg
 
 def test_train_caches_embeddings_by_default_and_off_disables_it(setup, tmp_path, monkeypatch, capsys):
     """Without --cache-dir and $RECO_REF_CACHE, the embeddings land in $XDG_CACHE_HOME/reco_ref/embeddings and the

@@ -69,3 +69,25 @@ def test_failpoint_is_inert_unless_armed_and_kills_when_armed(monkeypatch):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == -9 and "survived" not in p.stdout
+
+
+def test_failpoint_alias_and_every_point_documented(monkeypatch):
+    """``RECO_REF_TRAIN_KILL_AT_STEP=N`` (the training loop's old kill hook) arms ``train.step:N``, and every
+    point the runtime marks is a row of docs/failpoints.md."""
+    import re
+
+    from reco_ref import failpoints
+
+    monkeypatch.delenv(failpoints.ENV, raising=False)
+    monkeypatch.setenv("RECO_REF_TRAIN_KILL_AT_STEP", "27")
+    assert failpoints.armed() == {"train.step:27"}
+    failpoints.failpoint("train.step", 26)  # not this one
+    code = "from reco_ref.failpoints import failpoint\nfailpoint('train.step', 27)\nprint('survived')"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == -9 and "survived" not in p.stdout
+    points = {m for f in (ROOT / "reco_ref").rglob("*.py")
+              for m in re.findall(r"""\bfailpoint\(["']([\w.-]+)["']""", f.read_text(encoding="utf-8"))}
+    assert {"memory.chunk", "memory.commit", "train.step"} <= points
+    doc = (ROOT / "docs" / "failpoints.md").read_text(encoding="utf-8")
+    assert not [pt for pt in points if f"| `{pt}" not in doc], "fail points missing from docs/failpoints.md"
