@@ -18,6 +18,7 @@ from ..checks import check_float, check_int, memory_rows
 from ..errors import DatasetError, RecoError
 from ..eval.data import Split, embed_split, own_rows, read_manifest_rows, read_split, user_cache_dir
 from ..eval.report import fmt
+from ..template_fmt import Pieces, fill_template, parse_template, template_fields
 from .report import write_json, write_markdown, write_png
 from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, prompt_head, save_classifier, \
     search_vectors, symmetric_label_noise, train_classifier
@@ -36,23 +37,14 @@ def _say(quiet: bool) -> Callable[[str], Any]:
 SEED_MAX = 2**32 - 1
 
 
-def check_readout_template(template: str) -> str:
-    """A class prompt with one or more plain ``{}`` fields, else a :class:`RecoError` naming it.
-
-    ``str.format`` is run on it with each class name: a named field (``{x}``) raised a KeyError, and a format
-    width (``{:>900000000}``) builds a string of that many characters.
-    """
-    import string
-
-    where = f"readout_template {template!r}"
-    try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
-    except ValueError as exc:  # a lone brace
-        raise RecoError(f"{where}: {exc} (use {{{{ and }}}} for literal braces)") from None
-    if not fields or any(f != ("", "", None) for f in fields):
-        raise RecoError(f"{where}: expected plain '{{}}' fields for the class name (no names, indexes, conversions "
-                        "or format specs)")
-    return template
+def check_readout_template(template: str) -> Pieces:
+    """The class prompt parsed by the one template formatter (:mod:`reco_ref.template_fmt`): one or more plain
+    ``{}`` fields for the class name, else a :class:`RecoError` naming it (a named field, a conversion or a format
+    width such as ``{:>900000000}`` is refused before any prompt is built)."""
+    pieces = parse_template(template, ("",), what="readout_template", expected="{} (where the class name goes)")
+    if not template_fields(pieces):
+        raise RecoError(f"readout_template {template!r:.200}: expected plain '{{}}' fields for the class name")
+    return pieces
 
 
 def check_config(cfg: ClassifyConfig) -> ClassifyConfig:
@@ -160,7 +152,8 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     class_text = None
     if cfg.readout or cfg.head_init == "prompts":  # [ours] the class prompts: what the score readout reads the
         # items' captions against, and the zero-shot head's rows — one encoding for both
-        class_text = np.asarray(encoder.encode_texts([cfg.readout_template.format(c) for c in ds.class_names]),
+        pieces = check_readout_template(cfg.readout_template)
+        class_text = np.asarray(encoder.encode_texts([fill_template(pieces, {"": c}) for c in ds.class_names]),
                                 np.float32)  # [C, Dt]
         uses = " and ".join(u for u, on in (("the score readout", cfg.readout),
                                             ("the head's start", cfg.head_init == "prompts")) if on)

@@ -67,7 +67,7 @@ from ..fusion import onnx_backend
 from ..fusion.onnx_backend import FORMAT, MANIFEST, params_digest
 from ..fusion.params import PARAM_NAMES, RELEVANCE_NAMES, FusionParams, load_param_set, relevance_of
 from ..io import atomic_write_bytes, atomic_write_json, sha256_file
-from ..train.weights import META_KEY
+from ..train.weights import META_KEY, decode_meta
 from ..paths import check_output_dir
 
 __all__ = ["MANIFEST", "FORMAT", "OPSET", "params_digest", "fusion_model_bytes", "export_fusion", "attach_in_memory"]
@@ -243,14 +243,6 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
     return model.SerializeToString()
 
 
-def weights_meta(weights: str | os.PathLike, raw: np.ndarray) -> dict:
-    """The JSON object a RECO weights file stores in its ``meta_utf8`` extra, checked as
-    :func:`~reco_ref.train.weights.load_reco_weights` checks it (:func:`~reco_ref.train.weights.decode_meta`)."""
-    from ..train.weights import decode_meta
-
-    return decode_meta(weights, raw)
-
-
 def export_fusion(weights: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
                   modules: tuple[str, ...] | list[str] | None = None) -> dict:
     """Write every module of a fusion parameter set as an ONNX graph, plus the manifest.
@@ -312,7 +304,7 @@ def export_fusion(weights: str | os.PathLike, out_dir: str | os.PathLike, *, ove
         manifest["modules"][prefix] = entry
     for name, a in extras.items():
         if name == META_KEY:  # RECO weights (train's best.npz, the shipped set): the run's description, as JSON
-            manifest["meta"] = weights_meta(weights, a)
+            manifest["meta"] = decode_meta(weights, a)  # checked as load_reco_weights checks it
             continue
         if a.size != 1:
             raise ParamsFormatError(f"{weights}: extra {name!r} has shape {a.shape}, expected a scalar for the manifest")
