@@ -78,8 +78,8 @@ def query_latency(mem, image, keys, backend: str = "numba", batch: int = 1, repe
 
     ``relevance``: the shipped kind of layer (copy init + relevance bias: the search scores travel into the
     layer), else the paper's layer."""
-    from reco_ref.train.refine import refine
-    from reco_ref.train.weights import init_reco_weights
+    from reco_ref.reco.refine import refine
+    from reco_ref.reco.weights import init_reco_weights
 
     w = init_reco_weights(D, heads=8, **(SHIPPED_KIND if relevance else {}))
     rng = np.random.default_rng(1)
@@ -100,8 +100,8 @@ def query_latency(mem, image, keys, backend: str = "numba", batch: int = 1, repe
 def paired_latency(mem, image, keys, repeats: int = 200) -> dict:
     """Median seconds of one batch-1 enhanced query with the paper layer and with the relevance bias, the two
     interleaved call by call so both see the same machine load (a ratio from separate blocks drifts 1.5x here)."""
-    from reco_ref.train.refine import refine
-    from reco_ref.train.weights import init_reco_weights
+    from reco_ref.reco.refine import refine
+    from reco_ref.reco.weights import init_reco_weights
 
     rng = np.random.default_rng(1)
     ws = {"paper": init_reco_weights(D, heads=8), "relevance": init_reco_weights(D, heads=8, **SHIPPED_KIND)}
@@ -133,8 +133,8 @@ def test_train_throughput(benchmark, memory, backend, tmp_path):
 @pytest.mark.parametrize("batch", [1, 256])
 def test_enhanced_query(benchmark, memory, batch, relevance):
     mem, image, keys = memory
-    from reco_ref.train.refine import refine
-    from reco_ref.train.weights import init_reco_weights
+    from reco_ref.reco.refine import refine
+    from reco_ref.reco.weights import init_reco_weights
 
     w = init_reco_weights(D, heads=8, **(SHIPPED_KIND if relevance else {}))
     refine(w.image, mem, image[:batch], "image", search_queries=keys[:batch], k=K, backend="numba")
@@ -156,8 +156,8 @@ def _median_ms(fn, repeats: int = 50) -> float:
 def components(mem, image, keys) -> dict:
     """Median ms of the parts of one batch-1 enhanced query: HNSW search, gather, the numba layer alone."""
     from reco_ref.fusion import get_backend
-    from reco_ref.train.refine import retrieve_for
-    from reco_ref.train.weights import init_reco_weights
+    from reco_ref.reco.refine import retrieve_for
+    from reco_ref.reco.weights import init_reco_weights
 
     w = init_reco_weights(D, heads=8)
     q, sq = image[:1], keys[:1]

@@ -48,7 +48,7 @@ from reco_ref.memory import Memory, build_memory_from_arrays, retrieve
 from reco_ref.train.losses import DEFAULT_TAU, reco_loss_backward, reco_loss_forward
 from reco_ref.train.optim import adamw_init, adamw_step, lr_at
 from reco_ref.train.pairs import epoch_batches, prepare_source
-from reco_ref.train.weights import init_reco_weights
+from reco_ref.reco.weights import init_reco_weights
 
 from _show import show_figure  # plt.show() in Jupyter; a PNG in notebooks/figures/ when run as a script with no display
 
@@ -192,7 +192,7 @@ print("attention on the query token itself: before", np.round(att["before (init)
 # for a few flags. Zero-shot top-1 on the 128 query drawings is printed below (in-domain: see the top).
 
 # %%
-from reco_ref.train.refine import refine
+from reco_ref.reco.refine import refine
 
 v_bar = refine(w.image, mem, q_img, "image", search_queries=q_keys, k=K)[0]   # [n, D]
 t_bar = refine(w.text, mem, prompts, "text", k=K)[0]                           # [n, D]

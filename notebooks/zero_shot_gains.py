@@ -43,7 +43,7 @@ from reco_ref.eval.demo_compare import entities_data
 from reco_ref.eval.zeroshot import evaluate_zero_shot
 from reco_ref.memory import Memory, build_memory_from_arrays
 from reco_ref.paths import weights_file
-from reco_ref.train.weights import load_reco_weights
+from reco_ref.reco.weights import load_reco_weights
 
 from _show import show_figure  # plt.show() in Jupyter; a PNG in notebooks/figures/ when run as a script with no display
 

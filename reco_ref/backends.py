@@ -1,10 +1,13 @@
-"""The compute-backend registry: one name → one module, shared by fusion and training.
+"""The compute-backend registry: one name → its modules, shared by fusion, training and the classifier.
 
 A *backend* is a module implementing the kernels behind the front doors
 :func:`reco_ref.fusion.fusion_forward` / ``fusion_backward`` and
 :func:`reco_ref.train.losses.infonce_forward` / ``infonce_backward``, with the signatures of the
-NumPy reference (:mod:`reco_ref.fusion.reference`). Both front doors find backends here, so a name
-means the same module everywhere and a missing install gives the same one-line error.
+NumPy reference (:mod:`reco_ref.fusion.reference`), and, where the backend has them, a second module with the
+memory-attention classifier's kernels behind :func:`reco_ref.classify.classify_forward` / ``classify_backward``
+(signatures of :mod:`reco_ref.classify.reference`). Every front door finds backends here, so a name means the same
+backend everywhere and a missing install gives the same one-line error. The *families* (:data:`FAMILIES`) say
+which field of a :class:`Backend` names a family's module and what that module must define.
 
 Registering a backend is one line in :data:`BACKENDS` (or one :func:`register_backend` call for a
 backend that lives outside this package). Modules are named, never imported here: this is a shared
@@ -15,6 +18,8 @@ Example
 >>> from reco_ref.backends import get_backend
 >>> get_backend("numpy").__name__
 'reco_ref.fusion.reference'
+>>> get_backend("numba", family="classify").__name__
+'reco_ref.classify.numba_cpu'
 """
 
 from __future__ import annotations
@@ -26,21 +31,24 @@ from typing import Callable, NamedTuple
 
 from .errors import BackendUnavailableError, RecoError
 
-__all__ = ["Backend", "BACKENDS", "register_backend", "get_backend", "backend_function", "backend_of_cache",
-           "blas_threads"]
+__all__ = ["Backend", "BACKENDS", "FAMILIES", "register_backend", "backend_names", "get_backend", "backend_function",
+           "backend_of_cache", "blas_threads"]
 
 
 class Backend(NamedTuple):
     """Where a backend lives and what to install when importing it fails."""
 
-    module: str  # dotted module path, imported on first use
+    module: str  # dotted module path of the fusion layer's (and InfoNCE's) kernels, imported on first use
     install: str  # the install hint printed in the error
+    classify: str | None = None  # dotted module path of the classifier's kernels; None: this backend has none
 
 
 #: backend name → :class:`Backend`; one line per backend.
 BACKENDS: dict[str, Backend] = {
-    "numpy": Backend("reco_ref.fusion.reference", "nothing (NumPy and SciPy are runtime dependencies)"),
-    "numba": Backend("reco_ref.fusion.numba_cpu", "numba (a runtime dependency: python3 -m pip install -e .)"),
+    "numpy": Backend("reco_ref.fusion.reference", "nothing (NumPy and SciPy are runtime dependencies)",
+                     classify="reco_ref.classify.reference"),
+    "numba": Backend("reco_ref.fusion.numba_cpu", "numba (a runtime dependency: python3 -m pip install -e .)",
+                     classify="reco_ref.classify.numba_cpu"),
     "cuda": Backend("reco_ref.fusion.cuda", 'the cuda extra: python3 -m pip install -e ".[cuda]" (numba-cuda) and a CUDA GPU/driver'),
     "onnx": Backend("reco_ref.fusion.onnx_backend", "onnxruntime (a runtime dependency); forward only; graphs from reco-ref export-fusion or, with the export extra, built in memory"),
 }
@@ -48,40 +56,63 @@ BACKENDS: dict[str, Backend] = {
 #: what every backend module must define (the fusion layer); other functions are asked for by name
 REQUIRED = ("fusion_forward", "fusion_backward")
 
+#: family → (the :class:`Backend` field naming its module, the functions that module must define)
+FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fusion": ("module", REQUIRED),
+    "classify": ("classify", ("classify_forward", "classify_backward")),
+}
 
-def register_backend(name: str, module: str, install: str) -> None:
-    """Add (or replace) the backend ``name`` implemented by the module path ``module``."""
+
+def register_backend(name: str, module: str, install: str, *, classify: str | None = None) -> None:
+    """Add (or replace) the backend ``name`` implemented by the module path ``module`` (and, given ``classify``,
+    the classifier's kernels in that module path)."""
     if not name or not isinstance(name, str):
         raise RecoError(f"backend name: expected a non-empty str, got {name!r}")
-    BACKENDS[name] = Backend(module, install)
+    BACKENDS[name] = Backend(module, install, classify)
 
 
-def get_backend(name: str, needs: tuple[str, ...] = REQUIRED) -> ModuleType:
-    """Import and return the backend module called ``name`` (see :data:`BACKENDS`).
+def backend_names(family: str = "fusion") -> tuple[str, ...]:
+    """The registered backends that implement ``family`` (a key of :data:`FAMILIES`), in registry order."""
+    field = FAMILIES[family][0]
+    return tuple(name for name, b in BACKENDS.items() if getattr(b, field) is not None)
+
+
+def get_backend(name: str, needs: tuple[str, ...] | None = None, *, family: str = "fusion") -> ModuleType:
+    """Import and return the module of backend ``name`` (see :data:`BACKENDS`) for ``family``.
 
     Parameters
     ----------
     name : str
         A key of :data:`BACKENDS`.
-    needs : tuple of str
-        Functions the module must define (default: the fusion layer's forward and backward).
+    needs : tuple of str, optional
+        Functions the module must define (default: the family's, :data:`FAMILIES`).
+    family : str
+        ``"fusion"`` (the fusion layer and InfoNCE) or ``"classify"`` (the memory-attention classifier).
 
     Raises
     ------
     BackendUnavailableError
-        Unknown name, the module (or a package it needs) not installed, or a function in
-        ``needs`` missing; the message names the backend and what to install.
+        Unknown name, a backend without this family's kernels, the module (or a package it needs) not
+        installed, or a function in ``needs`` missing; the message names the backend and what to install.
     """
+    field, required = FAMILIES[family]
+    needs = required if needs is None else needs
     if name not in BACKENDS:
-        raise BackendUnavailableError(f"fusion backend {name!r} unknown; expected one of {sorted(BACKENDS)}")
-    module, install = BACKENDS[name]
+        raise BackendUnavailableError(f"{family} backend {name!r} unknown; expected one of "
+                                      f"{sorted(backend_names(family))}")
+    module, install = getattr(BACKENDS[name], field), BACKENDS[name].install
+    if module is None:
+        raise BackendUnavailableError(f"{family} backend {name!r} unavailable: the {name} backend has no {family} "
+                                      f"kernels; expected one of {sorted(backend_names(family))}")
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        raise BackendUnavailableError(f"fusion backend {name!r} unavailable: importing {module} failed ({exc}); install {install}") from exc
+        raise BackendUnavailableError(f"{family} backend {name!r} unavailable: importing {module} failed ({exc}); "
+                                      f"install {install}") from exc
     missing = [f for f in needs if not callable(getattr(mod, f, None))]
     if missing:
-        raise BackendUnavailableError(f"fusion backend {name!r} unavailable: {module} does not define {missing} (incomplete install?); install {install}")
+        raise BackendUnavailableError(f"{family} backend {name!r} unavailable: {module} does not define {missing} "
+                                      f"(incomplete install?); install {install}")
     return mod
 
 

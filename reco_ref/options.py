@@ -15,6 +15,10 @@ hnswlib threads (index build)   ``--index-threads N``      ``build-memory``/``me
 embedding cache folder          ``--cache-dir DIR``        ``eval``: ``--cache``
 trained weights file            ``--weights FILE``         RECO weights: ``--fusion``
 fusion backend                  ``--backend NAME``         choices read from :data:`reco_ref.backends.BACKENDS`
+the encoder                     ``--model NAME``           (every verb that encodes)
+the layer ``train`` trains      ``--layer reco|mlp``       ``--control``
+a memory served by Dask         ``--scheduler ADDRESS``    (verbs that open a memory; ``build-memory``'s
+                                                           ``--scheduler`` builds its shards there instead)
 ==============================  =========================  ===============================================
 
 Numbers are parsed by :func:`reco_ref.checks.int_option`, :func:`~reco_ref.checks.float_option` and
@@ -34,6 +38,7 @@ from .errors import RecoError
 
 __all__ = ["add_memory", "add_memory_positional", "memory_dir", "add_k", "add_resume", "add_restart",
            "add_threads", "add_index_threads", "add_cache_dir", "add_weights", "add_backend", "backend_choices",
+           "add_scheduler",
            "BACKEND_EXCLUDED", "ONNX_NO_BACKWARD", "ONNX_NOT_ATTACHED"]
 
 #: the attribute :func:`add_backend` leaves on its action: backend name → why the verb does not offer it
@@ -131,6 +136,15 @@ def add_weights(p, *, help: str, dest: str = "fusion", **kwargs) -> argparse.Act
     """
     kwargs.setdefault("metavar", "WEIGHTS")
     return p.add_argument("--weights", "--fusion", dest=dest, help=help, **kwargs)
+
+
+def add_scheduler(p, *, what: str = "search it there") -> argparse.Action:
+    """``--scheduler ADDRESS``: open the memory on a Dask cluster's workers, each shard resident on one
+    (:mod:`reco_ref.memory.served`); ``what`` says what the verb then does through it. Default: open it here."""
+    return p.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                          help=f"Dask scheduler (tcp://host:8786): open each shard of the memory on that cluster's "
+                               f"workers and {what} (the folder must be readable by every worker; needs the dask "
+                               "extra; default: open it in this process)")
 
 
 def backend_choices(exclude: Mapping[str, str] = {}) -> tuple[str, ...]:

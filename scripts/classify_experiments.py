@@ -147,11 +147,19 @@ SETTINGS = [("cub100", 50), ("cub100", 10), ("flowers102", 50), ("flowers102", 1
 ROW_ORDER = ["no-memory", "no-memory-pinit", "no-memory-prinit", "mem-a", "mem-b", "mem-b-pinit", "mem-b-prinit",
              "mem-c", "mem-d", "uniform-b", "uniform-d", "readout-b", "readout-b-prinit", "readonly-b",
              "readonly-b-pinit", "readonly-b-prinit",
+             "no-memory-pinit-bv", "no-memory-pinit-la-bv", "mem-b-pinit-bv", "mem-b-pinit-la-bv",
+             "readout-b-pinit-bv", "readout-b-pinit-la-bv", "readonly-b-pinit-bv", "readonly-b-pinit-la-bv",
              "knn-a", "knn-b", "knn-d", "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]
 
 
 def _run(d: str, ratio: int, row: str) -> dict:
     r = dict(id=f"{d}-r{ratio}/{row}", d=d, ratio=ratio, row=row, mem=None)
+    if row.endswith("-bv"):  # [ours] balanced validation: tail-covering held-out rows, class-mean top-1
+        r["validation"] = "balanced"
+        row = row[:-3]
+    if row.endswith("-la"):  # [ours] logit-adjusted loss, tau = 1
+        r["logit_adjust"] = 1.0
+        row = row[:-3]
     for suffix, init in (("-pinit", "probe"), ("-prinit", "prompts")):  # [ours] where the linear head starts
         if row.endswith(suffix):
             r["head_init"] = init
@@ -176,7 +184,9 @@ def run_plan() -> list[dict]:
     """Every run, most important first (the whole matrix takes longer than one sitting on a shared machine)."""
     tiers = [["no-memory", "mem-b", "knn-b", "uniform-b", "mem-d", "uniform-d", "knn-d", "mem-c", "readout-b",
               "readonly-b", "no-memory-pinit", "mem-b-pinit", "readonly-b-pinit", "no-memory-prinit", "mem-b-prinit",
-              "readout-b-prinit", "readonly-b-prinit"],
+              "readout-b-prinit", "readonly-b-prinit", "no-memory-pinit-bv", "no-memory-pinit-la-bv",
+              "mem-b-pinit-bv", "mem-b-pinit-la-bv", "readout-b-pinit-bv", "readout-b-pinit-la-bv",
+              "readonly-b-pinit-bv", "readonly-b-pinit-la-bv"],
              ["mem-a", "knn-a", "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]]
     cub = [_run(d, r, row) for tier in tiers for d, r in SETTINGS if d == "cub100" for row in tier]
     return cub + [_run(d, r, row) for tier in tiers for d, r in SETTINGS if d != "cub100" for row in tier]
@@ -204,6 +214,10 @@ def cli_commands(run: dict, lt: Path, work: Path, cfg: ClassifyConfig) -> str:
         opts += f" --head-init {run['head_init']}"
     if run.get("noise"):
         opts += f" --label-noise {run['noise']}"
+    if run.get("logit_adjust"):
+        opts += f" --logit-adjust {run['logit_adjust']:g}"
+    if run.get("validation"):
+        opts += f" --validation {run['validation']}"
     return (f"reco-ref classify train --dataset {m} --split train --memory {mem} --out {w}{opts} && "
             f"reco-ref classify eval --weights {w} --dataset {m} --split test --memory {mem} --json "
             f"{w.with_suffix('.json')}")
@@ -258,7 +272,8 @@ def main(argv=None) -> int:
             continue
         cfg = ClassifyConfig(memory=run["mem"] is not None, attention=run.get("attention", "softmax"),
                              epochs=a.epochs or EPOCHS[run["d"]], width=a.width, lr=a.lr, k=a.k, backend=a.backend,
-                             seed=a.seed, readout=bool(run.get("readout")), head_init=run.get("head_init", "random"))
+                             seed=a.seed, readout=bool(run.get("readout")), head_init=run.get("head_init", "random"),
+                             logit_adjust=run.get("logit_adjust", 0.0), validation=run.get("validation", "top1"))
         m = lt / f"{run['d']}-lt-r{run['ratio']}" / "manifest.csv"
         w = work / "runs" / (run["id"].replace("/", "_") + ".npz")
         t0 = time.time()
@@ -282,6 +297,8 @@ def main(argv=None) -> int:
             r["best_epoch"], r["val_top1"], r["validation"] = meta["best_epoch"], meta["val_top1"], meta["validation"]
             # every epoch's validation top-1 (epoch 0: the start of a --head-init run), what a variant is chosen on
             r["val_by_epoch"] = {h["epoch"]: h["val_top1"] for h in meta["history"] if "val_top1" in h}
+            if "readout_scale_start" in meta:  # [ours] the readout's start scale and what validation saw of each
+                r["readout_scale_start"], r["readout_scale_val"] = meta["readout_scale_start"], meta["readout_scale_val"]
             cmd = cli_commands(run, lt, work, cfg)
         r["seconds"] = round(time.time() - t0, 1)
         r["command"] = cmd

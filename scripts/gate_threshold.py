@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     from reco_ref.encoders import load
     from reco_ref.memory.score_map import memory_score_map
     from reco_ref.train.loop import TrainConfig, step0_weights
-    from reco_ref.train.refine import refine
-    from reco_ref.train.weights import load_reco_weights
+    from reco_ref.reco.refine import refine
+    from reco_ref.reco.weights import load_reco_weights
 
     enc = load("reco-mini")
     work = Path(a.work)

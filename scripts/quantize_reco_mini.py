@@ -112,7 +112,7 @@ def proxy_pixels(enc, seed: int) -> tuple[np.ndarray, int, dict]:
 
 def run_image_graph(path: Path, pixels: np.ndarray, threads: int = 2, batch: int = 64):
     """image.onnx on preprocessed pixels -> (image_embeds [N,768], image_keys [N,1024], seconds in session.run)."""
-    from reco_ref.encoders.onnx_pair import make_session
+    from reco_ref.encoders.graphs import make_session
 
     sess = make_session(path, threads, ["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name  # the image graph has one input

@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     from reco_ref.encoders import load
     from reco_ref.eval.templates import class_embeddings, resolve_templates
     from reco_ref.train.loop import TrainConfig, ValSet, train
-    from reco_ref.train.weights import save_reco_weights
+    from reco_ref.reco.weights import save_reco_weights
 
     command = "python3 scripts/train_reco_mini_fusion.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     inputs = check_inputs(Path(a.data), Path(a.cache))
@@ -538,7 +538,7 @@ def main(argv=None) -> int:
                      list(cm["flowers102"][2:]) + list(cm["cub100"][2:]), f"Flowers-102 train + CUB-100 train ({what})"),
         }
     if a.eval_val:  # validation-only comparison of given weights (or the frozen encoder: 'none'), no test split
-        from reco_ref.train.weights import load_reco_weights
+        from reco_ref.reco.weights import load_reco_weights
 
         w = None if a.eval_val == "none" else load_reco_weights(a.eval_val)
         # only the sets these weights were validated on: a set of another dataset may be the one they are
@@ -552,7 +552,7 @@ def main(argv=None) -> int:
         return 0
     eval_mem = {"flowers102": mems["flowers-train"], "cub100": mems["cub-train"]}
     if a.eval_weights:
-        from reco_ref.train.weights import load_reco_weights
+        from reco_ref.reco.weights import load_reco_weights
 
         w = load_reco_weights(a.eval_weights)
         entry = evaluate_run(Path(a.eval_weights).parent.name, w, str(w.meta.get("trained_on")), ds, eval_mem, work,
@@ -567,7 +567,7 @@ def main(argv=None) -> int:
                       irrelevant_fraction=a.irrelevant_fraction, exact_search=True, guard_tolerance=a.guard_tolerance,
                       hold_threshold=a.hold_threshold)
     report = {"command": command, "inputs": inputs, "recipe": cfg.to_json(), "runs": {}}
-    from reco_ref.train.weights import load_reco_weights
+    from reco_ref.reco.weights import load_reco_weights
 
     previous = work / "metrics.json"
     if previous.is_file():  # keep the numbers of runs not repeated now

@@ -6,6 +6,7 @@ one that speaks another dialect fails, naming the verb and the option:
 
 * ``-k`` and ``--k`` come together; the cache folder is ``--cache-dir`` (``--cache`` only as its alias); the
   weights file is ``--weights`` with the ``--fusion`` alias (both ways round);
+* the trained layer is ``--layer`` (``--control`` only as its alias: ``--model`` names the encoder everywhere);
 * ``--threads`` says whose threads (ONNX Runtime or hnswlib), and hnswlib threads are ``--index-threads`` first;
 * a verb with ``--restart`` (resumes by default) also accepts ``--resume``; the ``memory-*`` verbs' positional
   memory also comes as ``--memory``;
@@ -32,8 +33,8 @@ TYPE_ALLOWED = {
     "reco_ref.export.cli._module_list": "a comma list of fusion module names, not a number",
 }
 
-#: verbs whose --backend is not the fusion registry's whole list for a reason beyond add_backend's exclusions:
-#: the classifier dispatches on its own list (classify/model.py; issue 22 item 2 merges the two registries)
+#: verbs whose --backend must equal a registry family's list: the classifier's backends are the registered ones
+#: that carry classifier kernels (backends.backend_names("classify"), exported as classify.model.BACKENDS)
 OWN_BACKENDS = {"classify train": "reco_ref.classify.model", "classify eval": "reco_ref.classify.model"}
 
 
@@ -71,6 +72,9 @@ def dialects(verb: str, parser: argparse.ArgumentParser) -> list[str]:
                 bad.append(f"{verb}: {name}: help must say whose threads (ONNX Runtime or hnswlib)")
             if "hnswlib" in said and s[0] != "--index-threads":
                 bad.append(f"{verb}: {name}: hnswlib threads are --index-threads (options.add_index_threads)")
+        if "--control" in s and s[0] != "--layer":
+            bad.append(f"{verb}: {name}: the trained layer is --layer (--control only as its alias; --model is the "
+                       "encoder)")
         if not s and a.dest == "memory" and "--memory" not in flags:
             bad.append(f"{verb}: positional memory without --memory (options.add_memory_positional)")
         if "--backend" in s:
@@ -149,6 +153,8 @@ def test_old_spellings_still_parse():
     for argv in (["memory-info", "M"], ["memory-info", "--memory", "M"], ["memory-info", "--verify", "size", "M"]):
         assert options.memory_dir(p.parse_args(argv)) == "M"
     assert p.parse_args(["encode", "--texts", "t", "--out", "o.npy", "--resume"]).restart is False
+    for flag in ("--control", "--layer"):
+        assert p.parse_args(["train", "--memory", "M", "--out", "O", flag, "mlp"]).control == "mlp"
     with pytest.raises(SystemExit):  # resume and restart contradict each other
         p.parse_args(["encode", "--texts", "t", "--out", "o.npy", "--resume", "--restart"])
 
@@ -173,12 +179,13 @@ def test_the_walk_fails_on_each_dialect():
     p.add_argument("--backend", choices=("numpy", "numba", "cuda"))
     p.add_argument("--restart", action="store_true")
     p.add_argument("memory")
+    p.add_argument("--control")
     p.add_argument("--width", default=64)
     p.add_argument("--alpha", type=lambda t: float(t))
     found = "\n".join(dialects("fake", p))
     for needle in ("-k/--k", "--cache-dir", "--weights with the alias --fusion", "whose threads",
                    "written by hand", "--restart without --resume", "positional memory", "type=int",
-                   "a number default", "<lambda>"):
+                   "a number default", "<lambda>", "the trained layer is --layer"):
         assert needle in found, needle
     ok = argparse.ArgumentParser()
     options.add_backend(ok, exclude={})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..checks import float_option, int_option
-from ..options import add_backend, add_cache_dir, add_k, add_memory, add_resume, add_weights
+from ..options import add_backend, add_cache_dir, add_k, add_memory, add_resume, add_scheduler, add_weights
 from ..paths import add_overwrite_option, check_output_dir, check_output_files
 
 _count = int_option(1)
@@ -29,13 +29,17 @@ def _run_train(a: argparse.Namespace) -> int:
     cfg = ClassifyConfig(memory=not a.no_memory, k=a.k, values=a.values, attention=a.attention, width=a.width,
                          heads=a.heads, logit_scale=a.logit_scale, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                          weight_decay=a.weight_decay, seed=a.seed, backend=a.backend, readout=a.readout,
-                         readout_template=a.readout_template, head_init=a.head_init)
+                         readout_template=a.readout_template, head_init=a.head_init,
+                         logit_adjust=a.logit_adjust, validation=a.validation, readout_scale=a.readout_scale)
     check_config(cfg)
     check_output_files([a.out], overwrite=a.overwrite)
     _check_cache_dir(a.cache_dir)
-    train_from_manifest(a.dataset, a.split, a.memory, a.out, cfg, encoder=_encoder(a), cache_dir=a.cache_dir,
-                        val_split=a.val_split, label_noise=a.label_noise, resume=a.resume,
-                        progress=not a.no_progress, quiet=a.quiet)
+    from ..memory import scheduler_client
+
+    with scheduler_client(a.scheduler) as client:  # --scheduler: the memory is served by that Dask cluster
+        train_from_manifest(a.dataset, a.split, a.memory, a.out, cfg, encoder=_encoder(a), cache_dir=a.cache_dir,
+                            val_split=a.val_split, label_noise=a.label_noise, resume=a.resume,
+                            progress=not a.no_progress, quiet=a.quiet, client=client)
     return 0
 
 
@@ -52,15 +56,20 @@ def _run_eval(a: argparse.Namespace) -> int:
     check_output_files([a.json, a.markdown or stem + ".md", a.png or stem + ".png"], overwrite=a.overwrite,
                        what="--json/--markdown/--png")
     _check_cache_dir(a.cache_dir)
-    eval_from_manifest(a.weights, a.dataset, a.split, a.memory, a.json, encoder=_encoder(a), cache_dir=a.cache_dir,
-                       backend=a.backend, markdown=a.markdown or stem + ".md", png=a.png or stem + ".png",
-                       progress=not a.no_progress, quiet=a.quiet, baselines=not a.no_baselines)
+    from ..memory import scheduler_client
+
+    with scheduler_client(a.scheduler) as client:  # --scheduler: the memory is served by that Dask cluster
+        eval_from_manifest(a.weights, a.dataset, a.split, a.memory, a.json, encoder=_encoder(a),
+                           cache_dir=a.cache_dir, backend=a.backend, markdown=a.markdown or stem + ".md",
+                           png=a.png or stem + ".png", progress=not a.no_progress, quiet=a.quiet,
+                           baselines=not a.no_baselines, client=client)
     return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset manifest (file,label,class_name,split) or its folder")
     add_memory(p, required=False, help="memory directory (reco-ref build-memory)")
+    add_scheduler(p, what="retrieve from it there (same results)")
     p.add_argument("--model", default="reco-mini", help="encoder of the memory (name, folder, or module:factory)")
     add_cache_dir(p, help="embedding cache folder (default $RECO_REF_CACHE, else ~/.cache/reco_ref/embeddings; "
                           "'off' = no cache)")
@@ -73,7 +82,7 @@ def register(subparsers) -> None:
                               description="Image classifier whose query attends over its retrieved memory items "
                                           "(docs/reco.md §5), trained on a dataset manifest's split.")
     sub = p.add_subparsers(dest="classify_verb", metavar="train|eval", required=True)
-    from .train import HEAD_INITS, ClassifyConfig
+    from .train import HEAD_INITS, VALIDATIONS, ClassifyConfig
 
     d = ClassifyConfig()
     t = sub.add_parser("train", help="train on a split; write WEIGHTS.npz")
@@ -96,6 +105,16 @@ def register(subparsers) -> None:
                         "rows, L2 chosen on the validation rows); 'prompts': at the class prompts' text embeddings "
                         "(--readout-template; a zero-shot cosine classifier); either way epoch 0 is a candidate "
                         "(default random)")
+    t.add_argument("--readout-scale", type=_nonneg, default=d.readout_scale, metavar="S",
+                   help="[ours] the score readout's scale at the start; 0 (default): chosen on the validation rows "
+                        "among 16, 32, 64, 128, 256 (16 without validation rows)")
+    t.add_argument("--logit-adjust", type=float_option(0.0, 10.0), default=d.logit_adjust, metavar="TAU",
+                   help="[ours] logit-adjusted loss for a long-tailed training split: train on logits + TAU·log(class "
+                        "frequency), predict with the plain logits (1 = the consistent choice for a class-balanced "
+                        "test; with --head-init probe the probe's bias is adjusted the same way; default 0, off)")
+    t.add_argument("--validation", default=d.validation, choices=VALIDATIONS,
+                   help="how the epoch kept is chosen: 'top1' on the validation rows (default), or [ours] 'balanced': "
+                        "held-out rows include one of every class with >= 2 rows and the class-mean top-1 decides")
     t.add_argument("--readout-template", default=d.readout_template,
                    help="class prompt of the readout and of --head-init prompts (the memory's caption template; "
                         f"default {d.readout_template!r})")

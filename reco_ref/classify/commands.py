@@ -20,7 +20,7 @@ from ..eval.data import Split, embed_split, own_rows, read_manifest_rows, read_s
 from ..eval.report import fmt
 from ..template_fmt import Pieces, fill_template, parse_template, template_fields
 from .report import write_json, write_markdown, write_png
-from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, prompt_head, save_classifier, \
+from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, log_prior, prompt_head, save_classifier, \
     search_vectors, symmetric_label_noise, train_classifier
 
 __all__ = ["VAL_SPLITS", "SEED_MAX", "check_config", "open_memory", "train_from_manifest", "eval_from_manifest"]
@@ -67,11 +67,12 @@ def check_config(cfg: ClassifyConfig) -> ClassifyConfig:
     return cfg
 
 
-def open_memory(path: str | os.PathLike, encoder: Any) -> Any:
-    """Open the memory the classifier retrieves from; one of 0 rows is refused (nothing to retrieve)."""
-    from ..memory import Memory
+def open_memory(path: str | os.PathLike, encoder: Any, client: Any = None) -> Any:
+    """Open the memory the classifier retrieves from (any kind; ``client``: served by that Dask cluster); one of 0
+    rows is refused (nothing to retrieve)."""
+    from ..memory import open_memory as open_any
 
-    mem = Memory.open(path, encoder=encoder, verify="size")
+    mem = open_any(path, client=client, encoder=encoder, verify="size")
     memory_rows(mem)
     return mem
 
@@ -100,7 +101,7 @@ def _embed(ds: Split, encoder: Any, cache_dir, progress: bool) -> tuple[np.ndarr
 def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str | os.PathLike | None,
                         out: str | os.PathLike, cfg: ClassifyConfig, *, encoder: Any, cache_dir=None,
                         val_split: str | None = None, label_noise: float = 0.0, resume: bool = False,
-                        progress: bool = True, quiet: bool = False) -> dict:
+                        progress: bool = True, quiet: bool = False, client: Any = None) -> dict:
     """Train on ``split`` of ``dataset`` and write the weights to ``out``; returns the training info.
 
     Validation (for the epoch kept): ``val_split`` if given, else a split named valid/val/validation when the
@@ -115,7 +116,7 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     ds = read_split(dataset, split)
     C = ds.n_classes
     say(f"embeddings cache: {cache_dir if cache_dir is not None else 'off'} (--cache-dir off to disable)")
-    memory = open_memory(memory_dir, encoder) if cfg.memory else None
+    memory = open_memory(memory_dir, encoder, client) if cfg.memory else None
     img, keys = _embed(ds, encoder, cache_dir, progress)
     search = search_vectors(memory, img, keys) if memory is not None else None
     excl = own_rows(memory, search) if memory is not None else None
@@ -137,12 +138,15 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         train_rows = np.arange(len(ds))
         val_desc = f"split {val_split!r} ({len(vds)} rows)"
     else:
-        held = holdout_rows(labels, 0.1, seed=cfg.seed)
+        held = holdout_rows(labels, 0.1, seed=cfg.seed, tail=cfg.validation == "balanced")
         train_rows = np.flatnonzero(~held)
         sel = np.flatnonzero(held)
         val = (img[sel], None if search is None else search[sel], labels[sel],
                None if excl is None else excl[sel]) if sel.size else None
-        val_desc = f"{sel.size} held-out train rows"
+        val_desc = f"{sel.size} held-out train rows" + (" (every class with >= 2 rows gives one)"
+                                                         if cfg.validation == "balanced" else "")
+    if cfg.validation == "balanced":
+        val_desc += "; epoch kept by class-mean top-1"
     say(f"training on {len(train_rows)} rows of {ds.manifest} split {split!r} ({C} classes), validation: {val_desc}")
     ckpt = Path(str(out) + ".ckpt.npz")
     steps = -(-len(train_rows) // cfg.batch_size)
@@ -172,7 +176,10 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         pv = None if val is None else (val[0], val[2])
         probe = fit_logistic_probe(img[train_rows], labels[train_rows], C, val=pv, refit_with_val=False)
         head = (probe["W"], probe["b"])
-        say(f"head initialised from the logistic probe (L2 {probe['l2']:g}, chosen on the validation rows)")
+        if cfg.logit_adjust:  # the probe's post-hoc logit adjustment: its b estimates log pi_c + ..., remove tau of it
+            head = (probe["W"], probe["b"] - cfg.logit_adjust * log_prior(labels[train_rows], C))
+        say(f"head initialised from the logistic probe (L2 {probe['l2']:g}, chosen on the validation rows"
+            + (f"; bias less {cfg.logit_adjust:g}·log prior" if cfg.logit_adjust else "") + ")")
     try:
         params, info = train_classifier(
             img[train_rows], None if search is None else search[train_rows], labels[train_rows], C, memory, cfg,
@@ -208,7 +215,7 @@ def eval_from_manifest(weights: str | os.PathLike, dataset: str | os.PathLike, s
                        memory_dir: str | os.PathLike | None, json_out: str | os.PathLike, *, encoder: Any,
                        cache_dir=None, backend: str | None = None, markdown: str | os.PathLike | None = None,
                        png: str | os.PathLike | None = None, progress: bool = True, quiet: bool = False,
-                       baselines: bool = True) -> dict:
+                       baselines: bool = True, client: Any = None) -> dict:
     """Evaluate ``weights`` on ``split``; write the JSON (and Markdown / PNG reports when asked).
 
     ``baselines`` (default): also the logistic-regression probe on the same image embeddings, fitted on the
@@ -228,7 +235,7 @@ def eval_from_manifest(weights: str | os.PathLike, dataset: str | os.PathLike, s
     with_memory = meta["config"]["memory"]
     if with_memory and memory_dir is None:
         raise DatasetError(f"{weights} is a memory classifier: pass --memory")
-    memory = open_memory(memory_dir, encoder) if with_memory else None
+    memory = open_memory(memory_dir, encoder, client) if with_memory else None
     if memory is not None and int(memory.key_dim or memory.dim) != meta["dims"]["key_dim"]:
         raise DatasetError(f"memory {memory_dir}: key dim {memory.key_dim or memory.dim}, the weights expect "
                            f"{meta['dims']['key_dim']}")
@@ -241,7 +248,7 @@ def eval_from_manifest(weights: str | os.PathLike, dataset: str | os.PathLike, s
     if baselines:
         vote_memory = memory
         if vote_memory is None and memory_dir is not None:
-            vote_memory = open_memory(memory_dir, encoder)  # a no-memory classifier: the memory serves the vote
+            vote_memory = open_memory(memory_dir, encoder, client)  # a no-memory classifier: the memory serves the vote
         result["baselines"] = _baselines(meta, dataset, ds, img, keys, vote_memory, encoder, cache_dir, progress, say)
     write_json(json_out, result)
     name = Path(weights).stem
@@ -284,7 +291,8 @@ def _baselines(meta: dict, dataset, ds: Split, img: np.ndarray, keys, memory: An
             vds = read_split(dataset, vname)
             fit_x, fit_y, val = t_img, labels, (_embed(vds, encoder, cache_dir, progress)[0], vds.labels)
         else:
-            held = holdout_rows(labels, 0.1, seed=meta["config"]["seed"])
+            held = holdout_rows(labels, 0.1, seed=meta["config"]["seed"],
+                                tail=meta["config"].get("validation") == "balanced")
             fit_x, fit_y, val = t_img[~held], labels[~held], (t_img[held], labels[held])
         say(f"logistic probe: fitting on {len(fit_y)} training rows, L2 chosen on {len(val[1])} held-out rows")
         # the rows the classifier trained on, no more: the validation rows only choose λ (as they choose its epoch)

@@ -7,21 +7,25 @@
     loss, ce = cross_entropy_forward(logits, labels)
     grads = classify_backward(params, cache, cross_entropy_backward(ce))
 
-The math is in :mod:`reco_ref.classify.reference`; :mod:`reco_ref.classify.numba_cpu` is the fast twin.
+The math is in :mod:`reco_ref.classify.reference`; :mod:`reco_ref.classify.numba_cpu` is the fast twin. Both are
+registered, beside the fusion layer's modules of the same backend, in the one registry :mod:`reco_ref.backends`
+(family ``"classify"``), which this front door dispatches through.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ShapeError
+from ..backends import backend_names, backend_of_cache, get_backend
+from ..errors import ShapeError
 from . import reference
 from .reference import ATTENTION_MODES, cross_entropy_backward, cross_entropy_forward
 
 __all__ = ["BACKENDS", "VALUE_MODES", "init_params", "param_shapes", "check_inputs", "classify_forward",
            "classify_backward", "cross_entropy_forward", "cross_entropy_backward", "predict_logits"]
 
-BACKENDS = ("numpy", "numba")
+#: the registered backends with the classifier's kernels (:func:`reco_ref.backends.backend_names`, read at import)
+BACKENDS = backend_names("classify")
 #: what a memory item's value is: its paired text embedding (default, the paper's), its image embedding, or both
 #: concatenated ([text, image], width 2D)
 VALUE_MODES = ("text", "image", "both")
@@ -121,15 +125,8 @@ def check_inputs(params, query, keys, values, valid, heads) -> None:
 
 
 def _impl(backend: str):
-    if backend == "numpy":
-        return reference
-    if backend == "numba":
-        try:
-            from . import numba_cpu
-        except ImportError as exc:  # pragma: no cover - numba is a runtime dependency
-            raise BackendUnavailableError(f"classify backend 'numba' unavailable: {exc}") from exc
-        return numba_cpu
-    raise BackendUnavailableError(f"classify backend {backend!r}: expected one of {BACKENDS}")
+    """The classifier's kernels on ``backend``; BackendUnavailableError (a one-line RecoError) naming it otherwise."""
+    return get_backend(backend, family="classify")
 
 
 def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=4, attention="softmax",
@@ -174,7 +171,8 @@ def _check_readout(params, keys, values, valid, scores) -> None:
 
 def classify_backward(params, cache, dlogits, *, return_input_grads=False):
     """Backward on the backend that made ``cache`` (+ the score readout's, when the forward had one)."""
-    grads = _impl(cache["backend"]).classify_backward(params, cache, dlogits, return_input_grads=return_input_grads)
+    made_by = backend_of_cache(cache, None, "classify_forward")
+    grads = _impl(made_by).classify_backward(params, cache, dlogits, return_input_grads=return_input_grads)
     if "readout" in cache:
         dscores, dvalues_text, dbeta, dlog_sv = reference.score_readout_backward(cache["readout"], dlogits)
         grads["ro_beta"] = np.reshape(dbeta, (1,)).astype(params["ro_beta"].dtype)

@@ -32,12 +32,12 @@ from ..errors import CheckpointError, ParamsFormatError, SearchError, ShapeError
 from ..io import ArraySpec, atomic_save_npz, load_npz
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.optim import adamw_init, adamw_step, lr_at
-from .model import ATTENTION_MODES, BACKENDS, VALUE_MODES, classify_backward, classify_forward, cross_entropy_backward, \
+from .model import ATTENTION_MODES, BACKENDS, READOUT_SV0, VALUE_MODES, classify_backward, classify_forward, cross_entropy_backward, \
     cross_entropy_forward, init_params, param_shapes, predict_logits
 
 __all__ = ["ClassifyConfig", "SHOT_GROUPS", "HEAD_INITS", "retrieve_items", "search_vectors", "train_classifier",
            "prompt_head", "evaluate_classifier", "shot_groups", "save_classifier", "load_classifier", "holdout_rows",
-           "symmetric_label_noise", "FORMAT"]
+           "symmetric_label_noise", "FORMAT", "VALIDATIONS", "log_prior", "balanced_top1"]
 
 FORMAT = "reco_ref.classify/1"
 #: ImageNet-LT convention on the training split's class counts: many > 20, medium 5..20, few < 5
@@ -45,6 +45,10 @@ SHOT_GROUPS = ("many", "medium", "few")
 #: how the linear head W_c, b_c starts: random (the paper's), at the logistic probe [ours], or at the class prompts'
 #: text embeddings [ours] (a zero-shot cosine classifier at step 0)
 HEAD_INITS = ("random", "probe", "prompts")
+#: the score readout's start scales tried on the validation rows (``ClassifyConfig.readout_scale = 0``)
+READOUT_SCALES = (16.0, 32.0, 64.0, 128.0, 256.0)
+#: how the epoch kept is chosen (``ClassifyConfig.validation``)
+VALIDATIONS = ("top1", "balanced")
 
 
 @dataclass
@@ -70,6 +74,15 @@ class ClassifyConfig:
     # "probe" [ours]: W_c, b_c start at the logistic probe's solution; "prompts" [ours]: at the class prompts' text
     # embeddings (zero-shot). Either way epoch 0, the start, is a candidate for the epoch kept
     head_init: str = "random"
+    # [ours] logit-adjusted loss (Menon et al., ICLR 2021): train on logits + tau·log(pi) (pi: the training split's
+    # class frequencies), predict with the plain logits — for a class-balanced test, tau = 1 is the consistent choice
+    logit_adjust: float = 0.0
+    # how the epoch kept is chosen: "top1" on the validation rows (the paper's), or [ours] "balanced": held-out rows
+    # that cover the tail (at least one of every class with >= 2 rows) and the class-mean top-1 on them
+    validation: str = "top1"
+    # [ours] the score readout's scale s_v at the start: > 0 fixed; 0 = chosen on the validation rows among
+    # READOUT_SCALES (the readout is added to the head's logits, so its useful scale depends on the head's)
+    readout_scale: float = 0.0
 
     def check(self) -> "ClassifyConfig":
         if self.values not in VALUE_MODES:
@@ -89,6 +102,13 @@ class ClassifyConfig:
             raise ShapeError("attention 'none' (no attention module) only goes with the score readout (--readout)")
         if self.head_init not in HEAD_INITS:
             raise ShapeError(f"head_init: expected one of {HEAD_INITS}, got {self.head_init!r}")
+        if not (np.isfinite(self.logit_adjust) and 0 <= self.logit_adjust <= 10):
+            raise ShapeError(f"logit_adjust: expected a finite tau in [0, 10], got {self.logit_adjust!r}")
+        if not (np.isfinite(self.readout_scale) and self.readout_scale >= 0):
+            raise ShapeError(f"readout_scale: expected 0 (choose on validation) or a positive scale, "
+                             f"got {self.readout_scale!r}")
+        if self.validation not in VALIDATIONS:
+            raise ShapeError(f"validation: expected one of {VALIDATIONS}, got {self.validation!r}")
         if (self.readout or self.head_init == "prompts") and "{}" not in self.readout_template:
             raise ShapeError(f"readout_template: expected a '{{}}' for the class name, got {self.readout_template!r}")
         return self
@@ -96,6 +116,11 @@ class ClassifyConfig:
     def fingerprint(self) -> str:
         d = dataclasses.asdict(self)
         d.pop("backend")  # numpy and numba runs are the same run (equal up to rounding)
+        for name, off in (("logit_adjust", 0.0), ("validation", "top1")):  # added later: a run without them keeps
+            if d[name] == off:                                                # the fingerprint it had
+                d.pop(name)
+        if not d["readout"]:  # the readout's start scale means nothing without the readout
+            d.pop("readout_scale")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -145,16 +170,35 @@ def _dims(memory: Any, values: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def holdout_rows(labels: np.ndarray, frac: float = 0.1, seed: int = 0) -> np.ndarray:
+def holdout_rows(labels: np.ndarray, frac: float = 0.1, seed: int = 0, tail: bool = False) -> np.ndarray:
     """Bool mask of held-out rows: ``floor(frac·n_c)`` of each class (seeded), so classes with < 1/frac rows
-    (the few-shot tail) lose nothing."""
+    (the few-shot tail) lose nothing. ``tail=True``: at least one row of every class that has two or more, so the
+    validation rows see the tail (a class with one row keeps it: it would otherwise not be trained at all)."""
     held = np.zeros(len(labels), bool)
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         n = int(np.floor(frac * len(idx)))
+        if tail and len(idx) >= 2:
+            n = max(n, 1)
         if n:
             held[idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))[:n]]] = True
     return held
+
+
+def log_prior(labels: np.ndarray, classes: int) -> np.ndarray:
+    r"""Log class frequencies of the training labels, :math:`\log \pi_c = \log (n_c / N)`, float64 ``[C]``.
+
+    A class with no training row counts as one (a finite prior: its logit adjustment stays finite)."""
+    counts = np.maximum(np.bincount(np.asarray(labels, np.int64), minlength=classes)[:classes], 1).astype(np.float64)
+    return np.log(counts / counts.sum())
+
+
+def balanced_top1(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Class-mean top-1: the top-1 of each class present in ``labels``, averaged over those classes (what a
+    class-balanced test measures, read on long-tailed validation rows)."""
+    labels = np.asarray(labels)
+    hit = np.asarray(pred) == labels
+    return float(np.mean([hit[labels == c].mean() for c in np.unique(labels)])) if len(labels) else float("nan")
 
 
 def symmetric_label_noise(labels: np.ndarray, rate: float, classes: int, seed: int = 0) -> np.ndarray:
@@ -270,8 +314,12 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                              f"{params['b_c'].shape}")
         params["w_c"] = (np.asarray(W, np.float64) / cfg.logit_scale).astype(params["w_c"].dtype)
         params["b_c"] = np.asarray(b, params["b_c"].dtype)
+    # [ours] logit adjustment: the loss reads logits + tau·log(pi); d(loss)/d(logits) keeps its form
+    # softmax(logits + tau·log pi) − onehot, so the module's backward is unchanged
+    adjust = (cfg.logit_adjust * log_prior(labels, classes)).astype(params["b_c"].dtype) if cfg.logit_adjust else None
     state = adamw_init(params)
     best = {n: a.copy() for n, a in params.items()}
+    readout_choice = {}
     start, best_epoch, best_acc, best_loss, history = 0, -1, -1.0, np.inf, []
     steps_per_epoch = -(-N // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -283,6 +331,7 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
         # array it restores before its data; a checkpoint of the older inline format is refused in one line
         info = load_checkpoint(ckpt, _ckpt_params(params, best), state, cfg.fingerprint())
         start, best_epoch, best_acc, history = info["epoch"], info["best_epoch"], info["best_acc"], info["history"]
+        readout_choice = info.get("readout_choice", {})
         best_loss = min((h["val_loss"] for h in history if h["epoch"] == best_epoch and "val_loss" in h),
                         default=np.inf)
         if log:
@@ -296,8 +345,25 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
     def validate() -> tuple[float, float]:  # (top-1, loss) of the current params on the validation rows
         v_img, v_search, v_lab, v_excl = val
         v_logits = _logits(params, cfg, memory, v_img, v_search, v_excl)
-        return float((v_logits.argmax(1) == v_lab).mean()), cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
+        pred = v_logits.argmax(1)
+        acc = balanced_top1(pred, v_lab) if cfg.validation == "balanced" else float((pred == v_lab).mean())
+        return acc, cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
 
+    if cfg.readout and start == 0:  # [ours] the readout's start scale: fixed, or the validation rows' pick
+        scale, by_scale = (cfg.readout_scale or READOUT_SV0), {}
+        if not cfg.readout_scale and val is not None:
+            with blas_threads(1):
+                for sv in READOUT_SCALES:
+                    params["ro_log_sv"][:] = np.log(sv)
+                    by_scale[sv] = validate()
+            scale = max(READOUT_SCALES, key=lambda sv: (by_scale[sv][0], -by_scale[sv][1]))
+            if log:
+                log("readout scale at the start: " + ", ".join(f"{sv:g} → {a:.3f}" for sv, (a, _) in by_scale.items())
+                    + f" (validation); kept {scale:g}")
+        params["ro_log_sv"][:] = np.log(scale)
+        best = {n: a.copy() for n, a in params.items()}
+        readout_choice = {"readout_scale_start": scale,
+                          "readout_scale_val": {f"{sv:g}": [a, l] for sv, (a, l) in by_scale.items()}}
     if head is not None and val is not None and start == 0:  # the start is a candidate: never end below it
         with blas_threads(1):
             best_acc, best_loss = validate()
@@ -320,7 +386,7 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                                                      logit_scale=cfg.logit_scale, backend=cfg.backend, scores=sc)
                 else:
                     logits, cache = classify_forward(params, q, logit_scale=cfg.logit_scale, backend=cfg.backend)
-                loss, ce = cross_entropy_forward(logits, labels[idx])
+                loss, ce = cross_entropy_forward(logits if adjust is None else logits + adjust, labels[idx])
                 grads = classify_backward(params, cache, cross_entropy_backward(ce))
                 step = epoch * steps_per_epoch + s_i
                 lr = lr_at(step, base_lr=cfg.lr, warmup_steps=min(total, cfg.warmup_epochs * steps_per_epoch),
@@ -348,11 +414,11 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
             if ckpt is not None:
                 save_checkpoint(ckpt, _ckpt_params(params, best), state,
                                 {"config_hash": cfg.fingerprint(), "epoch": epoch + 1, "best_epoch": best_epoch,
-                                 "best_acc": best_acc, "history": history})
+                                 "best_acc": best_acc, "history": history, "readout_choice": readout_choice})
     if bar is not None:
         bar.close()
     return best, {"epochs_run": cfg.epochs, "best_epoch": best_epoch,
-                  "val_top1": best_acc if val is not None else None, "history": history}
+                  "val_top1": best_acc if val is not None else None, "history": history, **readout_choice}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ Public API::
     emb, ok_index, errors = enc.encode_images(paths, on_error="skip")
 
 Modules: ``config`` (encoder.json schema + validation), ``images`` (safe decoding), ``preprocess`` (CLIP-exact
-resize/crop/normalise), ``onnx_pair`` (sessions, checks, batching, pooling), ``hf_layout`` (configs for
+resize/crop/normalise), ``onnx_pair`` (the pair: load, encode texts and images, pooling, L2 norm), ``graphs``
+(providers, sessions, graph checks against the config, fixed batch sizes), ``image_schedule`` (how image decoding
+and the image graph share the cores), ``hf_layout`` (configs for
 Hugging Face ONNX CLIP exports), ``stream`` (chunked, resumable encoding to .npy), ``cli`` (``reco-ref encode`` /
 ``reco-ref hf-clip-config``). Only what runs at run time lives here: exporting a CLIP model to an ONNX pair is
 :mod:`reco_ref.export.clip` (needs torch), converting a TF GraphDef is ``scripts/tools/graphdef_to_onnx.py``.

@@ -69,7 +69,7 @@ def _edge(value, key: str, path: Path) -> int:
 
 def _session(onnx_path: Path):
     """A CPU session of a graph, or one named error (a damaged or foreign file is not a bug)."""
-    from .onnx_pair import make_session
+    from .graphs import make_session
 
     return make_session(onnx_path, None, ["CPUExecutionProvider"])
 

@@ -13,6 +13,8 @@ Files written for ``--out emb.npy`` (every write atomic, through :mod:`reco_ref.
 Resuming: a re-run with the same model, items and chunk size finds ``emb.parts/`` and encodes only the
 chunks that are missing (each chunk file appears atomically, so a killed run leaves no half chunk).  A
 ``plan.json`` that does not match (other model / items / chunk size) is an error, never a silent mix.
+The plan, the chunk files and the resume check are the shared primitive of :mod:`reco_ref.chunks` (the memory
+builds use it too); the policy (resume by default, ``--restart`` discards) is this module's.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ..chunks import PLAN, chunk_path, missing_chunks, plan_differences, read_state_json, write_chunks
 from ..errors import RecoError
-from ..io import atomic_save_npy, atomic_save_npz, atomic_write_json, atomic_write_text, load_npz
+from ..io import atomic_save_npy, atomic_write_json, atomic_write_text, load_npz
 from ..paths import printable
 from .images import ImageError, list_images
 
@@ -100,16 +103,16 @@ def _items_digest(items: Sequence[str]) -> str:
 
 
 def _open_parts(parts: Path, plan: dict, resume: bool) -> None:
-    plan_path = parts / "plan.json"
+    plan_path = parts / PLAN
     if parts.exists() and not resume:
         shutil.rmtree(parts)
     if plan_path.is_file():
-        found = json.loads(plan_path.read_text(encoding="utf-8"))
-        if found != plan:
-            diff = sorted(k for k in set(plan) | set(found) if plan.get(k) != found.get(k))
+        remedy = "re-run with --restart to discard it"
+        diff = plan_differences(read_state_json(plan_path, remedy=remedy), plan)
+        if diff:
             raise RecoError(
                 f"{plan_path}: an interrupted run with different settings ({', '.join(diff)} differ); "
-                "re-run with --restart to discard it, or with the same model, items and chunk size to resume"
+                f"{remedy}, or with the same model, items and chunk size to resume"
             )
     else:
         parts.mkdir(parents=True, exist_ok=True)
@@ -136,14 +139,15 @@ def encode_to_file(enc, items: Sequence, out: str | Path, *, kind: str, chunk_si
     parts = sidecar(out, ".parts")
     _open_parts(parts, plan, resume)
     n_chunks = (len(names) + chunk_size - 1) // chunk_size
-    todo = [c for c in range(n_chunks) if not (parts / f"chunk_{c:06d}.npz").is_file()]
+    todo = missing_chunks(parts, n_chunks)
     bar = None
     if progress:
         from tqdm import tqdm
 
         remaining = sum(len(names[c * chunk_size : (c + 1) * chunk_size]) for c in todo)
         bar = tqdm(total=len(names), initial=len(names) - remaining, unit=kind[:-1], desc=f"{enc.name} {kind}")
-    for c in todo:
+
+    def produce(c: int) -> dict[str, np.ndarray]:
         chunk = list(items[c * chunk_size : (c + 1) * chunk_size])
         arrays: dict[str, np.ndarray] = {}
         if kind == "texts":
@@ -158,15 +162,21 @@ def encode_to_file(enc, items: Sequence, out: str | Path, *, kind: str, chunk_si
                 arrays["keys"] = res.keys
             errors = [[e.index + c * chunk_size, e.item, e.message] for e in res.errors]
         arrays["errors_json"] = np.array(json.dumps(errors))  # a 0-d unicode array: no pickle needed
-        atomic_save_npz(parts / f"chunk_{c:06d}.npz", arrays)
+        return arrays
+
+    def written(c: int, _k: int) -> None:
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.update(len(names[c * chunk_size : (c + 1) * chunk_size]))
+
+    try:
+        write_chunks(parts, todo, produce, after=written)
+    finally:
+        if bar is not None:
+            bar.close()
 
     embs, keys, oks, errors = [], [], [], []
     for c in range(n_chunks):
-        z = load_npz(parts / f"chunk_{c:06d}.npz")
+        z = load_npz(chunk_path(parts, c))
         embs.append(z["emb"])
         oks.append(z["ok_index"])
         if with_keys:

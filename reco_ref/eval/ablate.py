@@ -36,9 +36,9 @@ COMBOS = (("uni", "cross"), ("cross", "cross"), ("uni", "uni"), ("cross", "uni")
 
 def mlp_refine(w: dict, memory: Any, queries: np.ndarray, modality: str, *, search_queries=None, k: int = 10,
                search: str = "uni", fuse: str = "cross", batch_size: int = 1024) -> np.ndarray:
-    """The MLP control's refined embeddings: same retrieval as :func:`reco_ref.train.refine.refine`."""
+    """The MLP control's refined embeddings: same retrieval as :func:`reco_ref.reco.refine.refine`."""
     from ..train.mlp import mlp_forward
-    from ..train.refine import retrieve_for
+    from ..reco.refine import retrieve_for
 
     out = np.empty(queries.shape, np.float32)
     for lo in range(0, len(queries), batch_size):

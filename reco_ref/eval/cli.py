@@ -8,8 +8,8 @@ import sys
 
 from ..checks import float_option, int_option
 from ..checks import positive_int as _positive
-from ..options import (ONNX_NOT_ATTACHED, add_backend, add_cache_dir, add_k, add_memory, add_threads,
-                       add_weights)
+from ..options import (ONNX_NOT_ATTACHED, add_backend, add_cache_dir, add_k, add_memory, add_scheduler,
+                       add_threads, add_weights)
 from ..paths import add_overwrite_option, check_output_dir, check_output_files
 
 #: the files ``demo`` and ``ablate`` write at the top of their output folder (checked before any work)
@@ -54,6 +54,7 @@ def _eval_command(a: argparse.Namespace) -> str:
 
 
 def _run_eval(a: argparse.Namespace) -> int:
+    from ..memory import scheduler_client
     from .data import default_cache_dir
     from .evaluate import evaluate_dataset
     from .report import markdown_table, method_rows, write_report
@@ -70,12 +71,13 @@ def _run_eval(a: argparse.Namespace) -> int:
         check_output_dir(a.cache_dir, (), what="--cache-dir")
     if a.pairs is not None:
         return _run_retrieval(a, say)
-    result = evaluate_dataset(a.memory, a.dataset, a.split, fusion=a.fusion, mode=a.mode, k=a.k, alpha=a.alpha,
-                              templates=a.templates, model=a.model, backend=a.backend,
-                              cache_dir=a.cache_dir if a.cache_dir is not None else default_cache_dir(),
-                              search=a.search,
-                              fuse=a.fuse, dup_threshold=a.dup_threshold, exact=a.exact, batch_size=a.batch_size,
-                              threads=a.threads, progress=not (a.quiet or a.no_progress), say=say)
+    with scheduler_client(a.scheduler) as client:  # None without --scheduler: the memory opens here
+        result = evaluate_dataset(a.memory, a.dataset, a.split, fusion=a.fusion, mode=a.mode, k=a.k, alpha=a.alpha,
+                                  templates=a.templates, model=a.model, backend=a.backend,
+                                  cache_dir=a.cache_dir if a.cache_dir is not None else default_cache_dir(),
+                                  search=a.search,
+                                  fuse=a.fuse, dup_threshold=a.dup_threshold, exact=a.exact, batch_size=a.batch_size,
+                                  threads=a.threads, progress=not (a.quiet or a.no_progress), say=say, client=client)
     result["command"] = _eval_command(a)
     write_report(result, json_path=a.json, markdown_path=a.markdown, png_path=a.png)
     if not a.quiet:
@@ -85,15 +87,17 @@ def _run_eval(a: argparse.Namespace) -> int:
 
 
 def _run_retrieval(a: argparse.Namespace, say) -> int:
+    from ..memory import scheduler_client
     from .data import default_cache_dir
     from .evaluate import evaluate_pairs
     from .report import RETRIEVAL_HEADER, markdown_table, retrieval_rows, write_retrieval_report
 
     split = None if a.split in ("", "all") else a.split
-    r = evaluate_pairs(a.memory, a.pairs, split, fusion=a.fusion, k=a.k, alpha=a.alpha, model=a.model,
-                       backend=a.backend, cache_dir=a.cache_dir if a.cache_dir is not None else default_cache_dir(),
-                       search=a.search, fuse=a.fuse, exact=a.exact, batch_size=a.batch_size, threads=a.threads,
-                       progress=not (a.quiet or a.no_progress), say=say)
+    with scheduler_client(a.scheduler) as client:
+        r = evaluate_pairs(a.memory, a.pairs, split, fusion=a.fusion, k=a.k, alpha=a.alpha, model=a.model,
+                           backend=a.backend, cache_dir=a.cache_dir if a.cache_dir is not None else default_cache_dir(),
+                           search=a.search, fuse=a.fuse, exact=a.exact, batch_size=a.batch_size, threads=a.threads,
+                           progress=not (a.quiet or a.no_progress), say=say, client=client)
     write_retrieval_report(r, json_path=a.json, markdown_path=a.markdown, png_path=a.png)
     if not a.quiet:
         print(markdown_table(RETRIEVAL_HEADER, retrieval_rows(r)), end="")
@@ -103,6 +107,7 @@ def _run_retrieval(a: argparse.Namespace, say) -> int:
 # --------------------------------------------------------------------------------------------- query
 def _run_query(a: argparse.Namespace) -> int:
     from ..io import atomic_write_json
+    from ..memory import scheduler_client
     from ..paths import printable
     from .evaluate import query, read_class_names
 
@@ -113,10 +118,11 @@ def _run_query(a: argparse.Namespace) -> int:
     if a.json and a.json != "-":
         check_output_files([a.json], overwrite=a.overwrite, what="--json")
     names = read_class_names(a.classes or a.class_names) if (a.classes or a.class_names) else None
-    r = query(a.memory, image=a.image, text=a.text, fusion=a.fusion, class_names=names, k=a.k, top=a.top,
-              templates=a.templates, model=a.model, backend=a.backend, threads=a.threads, profile=a.profile,
-              classes_manifest=a.classes, say=lambda s: print(s, file=sys.stderr, flush=True),
-              class_text=a.class_text)
+    with scheduler_client(a.scheduler) as client:
+        r = query(a.memory, image=a.image, text=a.text, fusion=a.fusion, class_names=names, k=a.k, top=a.top,
+                  templates=a.templates, model=a.model, backend=a.backend, threads=a.threads, profile=a.profile,
+                  classes_manifest=a.classes, say=lambda s: print(s, file=sys.stderr, flush=True),
+                  class_text=a.class_text, client=client)
     if a.json == "-":
         print(json.dumps(r, indent=1, ensure_ascii=False))
         return 0
@@ -141,6 +147,14 @@ def _run_query(a: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    """The verbs of this room, in the order ``reco-ref --help`` lists them: demo, eval, query, ablate."""
+    _register_demo(subparsers)
+    _register_eval(subparsers)
+    _register_query(subparsers)
+    register_ablate(subparsers)
+
+
+def _register_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="encode → memory → search → fuse → evaluate on shipped sample data (offline, about half a "
                 "minute)",
@@ -168,6 +182,8 @@ def register(subparsers) -> None:
     add_overwrite_option(p, what="OUT's results.json and pictures")
     p.set_defaults(func=_run_demo)
 
+
+def _register_eval(subparsers) -> None:
     e = subparsers.add_parser(
         "eval", help="zero-shot classification of a dataset split with a memory: frozen / RECO / k-NN vote / surrogate",
         description="Zero-shot classification of one split of a dataset manifest (file,label,class_name,split) with "
@@ -177,6 +193,7 @@ def register(subparsers) -> None:
                     "mean_per_class_recall. Images that are memory rows themselves are excluded from their own "
                     "retrieval.")
     add_memory(e, help="memory directory (reco-ref build-memory)")
+    add_scheduler(e, what="search and read it there (same results)")
     e.add_argument("--dataset", help="dataset manifest CSV (or its folder): zero-shot classification")
     e.add_argument("--pairs", help="instead of --dataset: a pairs CSV (image,caption[,split]) for image↔text "
                                    "retrieval, Recall@1/5/10 both directions")
@@ -209,6 +226,8 @@ def register(subparsers) -> None:
     add_overwrite_option(e, what="the --json/--markdown/--png files")
     e.set_defaults(func=_run_eval)
 
+
+def _register_query(subparsers) -> None:
     q = subparsers.add_parser(
         "query", help="one image or text against a memory: neighbours, frozen and refined top classes",
         description="Search a memory with one image file (image→image) or --text (text→text); print the "
@@ -217,6 +236,7 @@ def register(subparsers) -> None:
     q.add_argument("image", nargs="?", help="query image file (or use --text)")
     q.add_argument("--text", help="query text instead of an image")
     add_memory(q)
+    add_scheduler(q, what="search and read it there (same results)")
     add_weights(q, help="RECO weights .npz (default: the shipped weights of --model; 'none': no refining)")
     q.add_argument("--classes", help="dataset manifest whose class names to rank")
     q.add_argument("--class-names", help="text file, one class name per line")
@@ -237,7 +257,6 @@ def register(subparsers) -> None:
                         "batch 1 and per image at batch 64")
     add_overwrite_option(q, what="the --json file")
     q.set_defaults(func=_run_query)
-    register_ablate(subparsers)
 
 
 def _run_ablate(a: argparse.Namespace) -> int:

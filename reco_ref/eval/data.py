@@ -1,7 +1,8 @@
 """Labelled image datasets for evaluation and training: a manifest split, its embeddings, and overlap with a memory.
 
 A *dataset manifest* is the ``../shared/data`` format: a CSV with columns ``file,label,class_name,split``, files
-relative to the manifest's folder, labels ``0..C-1`` each naming one class. ::
+relative to the manifest's folder, labels ``0..C-1`` each naming one class. It is read by :mod:`reco_ref.datasets`
+(the one reader; ``read_split`` and ``Split`` are re-exported here). ::
 
     from reco_ref.eval.data import read_split, embed_split, own_rows
     ds = read_split("../shared/data/flowers102/manifest.csv", "test")   # Split(files, labels [N], class_names)
@@ -14,121 +15,21 @@ and modification times): a second evaluation of the same split with the same enc
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# the one manifest reader is a shared helper (memory, train, eval and classify read manifests); re-exported here
+from ..datasets import (MANIFEST_COLUMNS, Split, class_labels, labels_by_source,  # noqa: F401
+                        read_manifest_rows, read_split, read_table)
 from ..errors import DatasetError, RecoError
 from ..io import ArraySpec, atomic_save_npz, load_npz
-# overlap detection by exact self-match lives with the training pairs (train may not import eval); re-exported
-from ..train.pairs import SELF_MATCH_COSINE, own_rows  # noqa: F401
-
-MANIFEST_COLUMNS = ("file", "label", "class_name", "split")
-
-
-@dataclass(frozen=True)
-class Split:
-    """Rows of one split of a dataset manifest.
-
-    Attributes
-    ----------
-    manifest : Path — the manifest file
-    split : str | None — the split name (None = every row)
-    files : list[str] — absolute image paths, in manifest order
-    labels : int64 [N]
-    class_names : list[str] — every class of the manifest (all splits), indexed by label
-    """
-
-    manifest: Path
-    split: str | None
-    files: list[str]
-    labels: np.ndarray
-    class_names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
-
-def read_manifest_rows(path: str | os.PathLike) -> list[dict[str, str]]:
-    """All rows of a dataset manifest as dicts, after checking the file, its encoding and its columns."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "manifest.csv"
-    if not path.is_file():
-        from ..paths import file_problem
-
-        problem = file_problem(path)
-        if problem != "no such file":  # a device, a pipe, a broken link: named as such, not "not found"
-            raise DatasetError(f"{path}: {problem}; expected a dataset manifest CSV")
-        raise FileNotFoundError(f"dataset manifest not found: {path} (expected a CSV with columns "
-                                f"{','.join(MANIFEST_COLUMNS)})")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            cols = tuple(reader.fieldnames or ())
-            rows = list(reader)
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); re-save the manifest as UTF-8") from None
-    except csv.Error as exc:
-        raise DatasetError(f"{path}: not a readable CSV ({exc})") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in cols]
-    if missing:
-        raise DatasetError(f"{path}: columns {list(cols)}, missing {missing} (a dataset manifest has "
-                           f"{','.join(MANIFEST_COLUMNS)})")
-    return rows
-
-
-def read_split(path: str | os.PathLike, split: str | None = None) -> Split:
-    """Read one split of a dataset manifest (``split=None``: all rows).
-
-    Raises
-    ------
-    FileNotFoundError  no manifest at ``path`` (a manifest file, or a folder holding ``manifest.csv``)
-    DatasetError       not UTF-8, wrong columns, a non-integer label, labels not ``0..C-1``, a label naming two
-                       classes, an empty ``file``, or no row in ``split`` (the message lists the splits present)
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "manifest.csv"
-    rows = read_manifest_rows(path)
-    base = path.parent.resolve()
-    names: dict[int, str] = {}
-    labels = np.empty(len(rows), np.int64)
-    for i, r in enumerate(rows):
-        line = i + 2  # header is line 1
-        try:
-            label = int(str(r["label"]).strip())
-        except (TypeError, ValueError):
-            raise DatasetError(f"{path}:{line}: label {r['label']!r} is not an integer") from None
-        if label < 0:
-            raise DatasetError(f"{path}:{line}: label {label} is negative (labels are 0..C-1)")
-        name = (r["class_name"] or "").strip()
-        if not name:
-            raise DatasetError(f"{path}:{line}: empty class_name for label {label}")
-        if names.setdefault(label, name) != name:
-            raise DatasetError(f"{path}:{line}: label {label} names both {names[label]!r} and {name!r}")
-        if not (r["file"] or "").strip():
-            raise DatasetError(f"{path}:{line}: empty 'file'")
-        labels[i] = label
-    if sorted(names) != list(range(len(names))):
-        gaps = sorted(set(range(max(names, default=-1) + 1)) - set(names))
-        raise DatasetError(f"{path}: labels must be 0..C-1 without gaps; missing {gaps[:10]} ({len(names)} classes)")
-    keep = [i for i, r in enumerate(rows) if split is None or r["split"] == split]
-    if not keep:
-        present = sorted({r["split"] for r in rows})
-        raise DatasetError(f"{path}: no rows with split {split!r} (splits present: {present})")
-    return Split(manifest=path, split=split, files=[str(base / rows[i]["file"]) for i in keep],
-                 labels=labels[keep], class_names=[names[c] for c in range(len(names))])
+# overlap detection by exact self-match is the model's self-exclusion (reco/, used by train too); re-exported
+from ..reco.refine import SELF_MATCH_COSINE, own_rows  # noqa: F401
 
 
 def _cache_key(files: list[str], fingerprint: str) -> str:
@@ -225,30 +126,29 @@ def balanced_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.
     return np.sort(order[:n])
 
 
-def shipped_data() -> dict:
-    """The shipped sample (``weights/demo/pairs.csv``) as a demo dataset dict (keys: see :func:`manifest_data`)."""
+def pairs_data(pairs: str | os.PathLike, *, name: str, prompt: str) -> dict:
+    """A pairs CSV of ``image,caption,category,label,split`` (split ``memory`` or ``query``) as a demo dataset dict
+    (keys: see :func:`manifest_data`); ``category`` names the class of each ``label`` (``0..C-1``)."""
     from ..memory import read_pairs_csv
-    from ..paths import weights_file
 
-    pairs = weights_file("demo", "pairs.csv")
-    with open(pairs, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        cols = tuple(reader.fieldnames or ())
+    cols, rows = read_table(pairs)
     need = ("image", "caption", "category", "label", "split")
     if any(c not in cols for c in need):
         raise DatasetError(f"{pairs}: columns {list(cols)}, expected {', '.join(need)}")
-    names: dict[int, str] = {}
-    for r in rows:
-        if names.setdefault(int(r["label"]), r["category"]) != r["category"]:
-            raise DatasetError(f"{pairs}: label {r['label']} is both {names[int(r['label'])]!r} and "
-                               f"{r['category']!r}")
-    class_names = [names[i] for i in range(len(names))]
+    _, class_names = class_labels(rows, pairs, name="category")
     memory = read_pairs_csv(pairs, split="memory")
     queries = read_pairs_csv(pairs, split="query")
-    return {"name": "weights/demo (OpenClipart sample)", "memory": memory, "queries": queries,
+    return {"name": name, "memory": memory, "queries": queries,
             "query_labels": np.array([q["label"] for q in queries], np.int64), "class_names": class_names,
-            "prompt": SHIPPED_PROMPT}
+            "prompt": prompt}
+
+
+def shipped_data() -> dict:
+    """The shipped sample (``weights/demo/pairs.csv``) as a demo dataset dict (keys: see :func:`manifest_data`)."""
+    from ..paths import weights_file
+
+    return pairs_data(weights_file("demo", "pairs.csv"), name="weights/demo (OpenClipart sample)",
+                      prompt=SHIPPED_PROMPT)
 
 
 def _split_items(ds: Split, caption: str) -> list[dict]:
@@ -391,8 +291,3 @@ def memory_class_labels(memory: Any, rows: np.ndarray, class_names: list[str],
     lut[uniq] = chosen
     return np.where(rows >= 0, lut[np.maximum(rows, 0)], -1), how
 
-
-def labels_by_source(manifest: str | os.PathLike) -> dict[str, int]:
-    """A dataset manifest's ``file`` (as written: what ``build-memory`` stores as a row's source) → label, every split."""
-    ds = read_split(manifest)  # validates the labels
-    return {r["file"]: int(y) for r, y in zip(read_manifest_rows(ds.manifest), ds.labels)}

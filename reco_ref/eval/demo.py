@@ -113,14 +113,6 @@ def figure(path: Path, examples: list[dict], n_cols: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def check_backend(backend: str) -> None:
-    """Refuse an unknown / uninstalled fusion backend, or ``cuda`` without a device, before any work (the one
-    check ``train``, ``ablate``, ``eval`` and ``query`` use too: :func:`reco_ref.train.commands.check_backend`)."""
-    from ..train.commands import check_backend as check
-
-    check(backend)
-
-
 def _steps_of(say: Say, total: int) -> Say:
     """``say`` with the five core steps' headers ``[i/5]`` numbered out of ``total`` (the comparison adds one)."""
     def out(m: str) -> None:
@@ -283,8 +275,8 @@ def step_fuse(e: dict, s: dict, mem: Any, k: int, backend: str, seed: int, say: 
 def step_trained(e: dict, s: dict, mem: Any, k: int, backend: str, fusion: Any, say: Say, timing: dict) -> dict | None:
     """Step 4b: the trained fusion weights (``fusion`` path, or the shipped ones when present), refining the queries
     and the class prompts exactly as step 4 does with the untrained layers. None when there are no weights."""
-    from ..train.refine import refine
-    from ..train.weights import check_weights_match, default_weights_path, load_reco_weights
+    from ..reco.refine import refine
+    from ..reco.weights import check_weights_match, default_weights_path, load_reco_weights
 
     enc = e["enc"]
     if fusion is not None and str(fusion) == "none":
@@ -341,7 +333,7 @@ def step_evaluate(ds: dict, e: dict, s: dict, f: dict, k: int, say: Say, trained
 def step_compare(ds: dict, e: dict, mem: Any, out: Path, k: int, backend: str, threads: int | None,
                  trained: dict | None, say: Say, timing: dict) -> dict:
     """Step 6: the flag memory next to the clip-art; frozen / surrogate / 1-NN / k-NN vote / RECO query by query."""
-    from ..train.weights import load_reco_weights
+    from ..reco.weights import load_reco_weights
     from .demo_compare import comparison_figure, compare_methods, entities_data, report_lines
 
     t = time.perf_counter()
@@ -387,7 +379,7 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     n_show : queries whose neighbours are printed (one per category where possible)
     threads : ONNX Runtime / decode threads (None = all cores)
     fusion : trained RECO weights (.npz) to show beside the untrained layers; None = the shipped weights of the
-        encoder when present (:func:`reco_ref.train.weights.default_weights_path`), ``"none"`` = untrained only
+        encoder when present (:func:`reco_ref.reco.weights.default_weights_path`), ``"none"`` = untrained only
     compare : shipped data only: also build the flag memory (``weights/demo-entities``) and compare frozen, surrogate,
         1-NN, k-NN vote and RECO (the trained weights) query by query on the flags and on the clip-art
         (:mod:`reco_ref.eval.demo_compare`); writes ``comparison.png``
@@ -398,13 +390,15 @@ def run_demo(out_dir: str | Path | None = None, data: str | Path | None = None, 
     ``eval`` (accuracies in [0, 1]), ``examples``, ``out_dir``, ``files`` (``figure`` = neighbours.png and
     ``comparison`` only where drawn), with step 6 ``compare`` (per set: predictions, ``top1``, ``counts``).
     """
+    from ..reco.refine import check_backend
+
     say = printer(quiet)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise RecoError(f"k: expected a positive integer, got {k!r}")
     check_int("seed", seed, 0, 2**32 - 1, error=RecoError)  # numpy's generators refuse a negative seed, mid-demo
-    check_backend(backend)  # before any encoding
+    check_backend(backend)  # before any encoding (the check train, ablate, eval and query run too)
     if fusion is not None and str(fusion) != "none":
-        from ..train.weights import load_reco_weights
+        from ..reco.weights import load_reco_weights
 
         load_reco_weights(fusion)  # a missing or malformed file fails here, not after the encoding
     t_start = time.perf_counter()

@@ -23,7 +23,6 @@ the RECO weights are the shipped ones (trained on Flowers-102 + CUB-100 photos, 
 
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from ..checks import cap_k
-from ..errors import DatasetError
 from ..io import atomic_write_bytes
 from .metrics import knn_vote, zero_shot
 
@@ -41,20 +39,11 @@ METHODS = ("frozen", "surrogate", "1-NN", "k-NN vote", "RECO")
 
 def entities_data() -> dict:
     """The shipped flag memory (``weights/demo-entities/pairs.csv``) as a demo dataset dict (see ``shipped_data``)."""
-    from ..memory import read_pairs_csv
     from ..paths import weights_file
+    from .data import pairs_data
 
-    pairs = weights_file("demo-entities", "pairs.csv")
-    with open(pairs, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    names: dict[int, str] = {}
-    for r in rows:
-        if names.setdefault(int(r["label"]), r["category"]) != r["category"]:
-            raise DatasetError(f"{pairs}: label {r['label']} is both {names[int(r['label'])]!r} and {r['category']!r}")
-    queries = read_pairs_csv(pairs, split="query")
-    return {"name": "weights/demo-entities (flags)", "memory": read_pairs_csv(pairs, split="memory"),
-            "queries": queries, "query_labels": np.array([q["label"] for q in queries], np.int64),
-            "class_names": [names[i] for i in range(len(names))], "prompt": ENTITIES_PROMPT}
+    return pairs_data(weights_file("demo-entities", "pairs.csv"), name="weights/demo-entities (flags)",
+                      prompt=ENTITIES_PROMPT)
 
 
 def compare_methods(ds: dict, e: dict, mem: Any, k: int, weights: Any, backend: str = "numpy") -> dict:
@@ -68,7 +57,7 @@ def compare_methods(ds: dict, e: dict, mem: Any, k: int, weights: Any, backend: 
     weights : RecoWeights or None (then no RECO column)
     """
     from ..fusion import gated_scores
-    from ..train.refine import refine
+    from ..reco.refine import refine
     from .zeroshot import surrogate_refine
 
     y = ds["query_labels"]  # [Q]

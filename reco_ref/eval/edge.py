@@ -62,7 +62,7 @@ def save_image_weights(weights: str | os.PathLike, out: str | os.PathLike, *, ov
 
     Parameters
     ----------
-    weights : RECO weights (:func:`reco_ref.train.weights.save_reco_weights`; the shipped ``fusion.npz``)
+    weights : RECO weights (:func:`reco_ref.reco.weights.save_reco_weights`; the shipped ``fusion.npz``)
     out : the ``.npz`` to write (atomically); refused when it exists unless ``overwrite``, and inside a memory
     overwrite : replace an existing ``out``
 
@@ -75,7 +75,7 @@ def save_image_weights(weights: str | os.PathLike, out: str | os.PathLike, *, ov
     from ..fusion import save_param_set
     from ..fusion.onnx_backend import params_digest
     from ..paths import check_output_files
-    from ..train.weights import META_KEY, TAU_KEY, load_reco_weights
+    from ..reco.weights import META_KEY, TAU_KEY, load_reco_weights
 
     check_output_files([out], overwrite=overwrite)
     w = load_reco_weights(weights)
@@ -100,7 +100,7 @@ def is_image_only(path: str | os.PathLike) -> bool:
 
 
 def load_image_weights(path: str | os.PathLike) -> Any:
-    """Load an image-only weights file (:func:`save_image_weights`) as :class:`~reco_ref.train.weights.RecoWeights`
+    """Load an image-only weights file (:func:`save_image_weights`) as :class:`~reco_ref.reco.weights.RecoWeights`
     with ``text=None``.
 
     Raises
@@ -111,7 +111,7 @@ def load_image_weights(path: str | os.PathLike) -> Any:
     """
     from ..fusion import load_param_set
     from ..fusion.onnx_backend import params_digest
-    from ..train.weights import META_KEY, TAU_KEY, RecoWeights, decode_meta
+    from ..reco.weights import META_KEY, TAU_KEY, RecoWeights, decode_meta
 
     path = Path(path)
     if not path.is_file():
@@ -137,9 +137,9 @@ def load_image_weights(path: str | os.PathLike) -> Any:
 
 
 def load_fusion_weights(path: str | os.PathLike) -> Any:
-    """Full RECO weights (:func:`~reco_ref.train.weights.load_reco_weights`) or φ_I alone
+    """Full RECO weights (:func:`~reco_ref.reco.weights.load_reco_weights`) or φ_I alone
     (:func:`load_image_weights`, ``text=None``), whichever the file holds."""
-    from ..train.weights import load_reco_weights
+    from ..reco.weights import load_reco_weights
 
     return load_image_weights(path) if is_image_only(path) else load_reco_weights(path)
 
@@ -172,7 +172,7 @@ def class_text_arrays(encoder: Any, weights: Any, memory: Any, class_names: list
     """``(t_c, t̄_c)`` float32 [C, D]: the template class embeddings and, with full weights, φ_T's refinement of
     them against ``memory`` (``None`` without weights). ``query`` and :func:`reco_ref.eval.evaluate.make_class_text` both call this, so
     the file holds exactly what ``query`` computes."""
-    from ..train.refine import refine
+    from ..reco.refine import refine
     from .templates import class_embeddings
 
     cls = class_embeddings(encoder, class_names, templates)  # [C,D]

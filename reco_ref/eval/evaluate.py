@@ -9,7 +9,7 @@
 
 Both check, before any heavy work, that the memory, the encoder and the fusion weights belong together
 (fingerprint and dimension; one-line errors naming what differs), and use the shipped fusion weights
-(:func:`reco_ref.train.weights.default_weights_path`) when no ``fusion`` path is given.
+(:func:`reco_ref.reco.weights.default_weights_path`) when no ``fusion`` path is given.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def load_weights(fusion: str | os.PathLike | None, encoder: Any, *, allow_image_
     ``text`` is None), for ``query`` with precomputed class text.
     """
     from ..io import require_file
-    from ..train.weights import check_weights_match, default_weights_path, load_reco_weights
+    from ..reco.weights import check_weights_match, default_weights_path, load_reco_weights
 
     if fusion is not None and str(fusion) == "none":
         return None, None
@@ -72,13 +72,14 @@ def weights_saw(weights: Any, manifest: str | os.PathLike) -> str:
     return "in-domain" if any(isinstance(e, dict) and e.get("manifest_sha256") == digest for e in saw) else "never saw"
 
 
-def open_memory(memory: str | os.PathLike, encoder: Any) -> Any:
-    """Open (validate) a memory and refuse one built with another encoder (fingerprint / dim), or one of 0 rows
-    (nothing to retrieve: :func:`reco_ref.checks.memory_rows`)."""
+def open_memory(memory: str | os.PathLike, encoder: Any, client: Any = None) -> Any:
+    """Open (validate) a memory of any kind and refuse one built with another encoder (fingerprint / dim), or one
+    of 0 rows (nothing to retrieve: :func:`reco_ref.checks.memory_rows`). ``client``: a ``distributed.Client``
+    (``--scheduler``): the memory is served by its workers (:class:`reco_ref.memory.ServedMemory`)."""
     from ..checks import memory_rows
-    from ..memory import Memory
+    from ..memory import open_memory as open_any
 
-    mem = Memory.open(memory, encoder=encoder)
+    mem = open_any(memory, client=client, encoder=encoder)
     memory_rows(mem)
     return mem
 
@@ -89,8 +90,11 @@ def evaluate_dataset(memory: str | os.PathLike, dataset: str | os.PathLike, spli
                      backend: str = "numpy", cache_dir: str | os.PathLike | None = None, search: str = "uni",
                      fuse: str = "cross", dup_threshold: float | None = None, exact: bool = False,
                      batch_size: int = 1024, threads: int | None = None, progress: bool = False,
-                     say: Callable[[str], None] | None = None) -> dict:
+                     say: Callable[[str], None] | None = None, client: Any = None) -> dict:
     """Zero-shot evaluation of a dataset split against a memory: the issue-9 contract dict.
+
+    ``client``: a ``distributed.Client`` (``--scheduler``): the memory is searched and read on its workers; the
+    result is the same.
 
     Returns
     -------
@@ -101,7 +105,7 @@ def evaluate_dataset(memory: str | os.PathLike, dataset: str | os.PathLike, spli
     from ..checks import cap_k
     from ..encoders import load
     from .data import embed_split, labels_by_source, own_rows, read_split
-    from .demo import check_backend
+    from ..reco.refine import check_backend
     from .templates import class_embeddings, resolve_templates
 
     say = say or (lambda _s: None)
@@ -110,7 +114,7 @@ def evaluate_dataset(memory: str | os.PathLike, dataset: str | os.PathLike, spli
     ds = read_split(dataset, split)  # manifest errors before anything is loaded
     tname, tlist = resolve_templates(templates, ds.manifest)
     enc = load(model, threads=threads) if isinstance(model, (str, os.PathLike)) else model
-    mem = open_memory(memory, enc)
+    mem = open_memory(memory, enc, client)
     cap_k(k, mem, note=say)  # said once here; evaluate_zero_shot caps again and records k and k_requested
     weights, wpath = load_weights(fusion, enc)
     say(f"{len(ds)} images, {ds.n_classes} classes from {ds.manifest} [{split}]; memory {mem.root}: {len(mem)} rows; "
@@ -186,7 +190,8 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
           fusion: str | os.PathLike | None = None, class_names: list[str] | None = None, k: int | None = None,
           top: int = 5, templates: str | None = None, model: Any = "reco-mini", backend: str = "numpy",
           threads: int | None = None, profile: bool = False, classes_manifest: str | os.PathLike | None = None,
-          say: Callable[[str], None] | None = None, class_text: str | os.PathLike | None = None) -> dict:
+          say: Callable[[str], None] | None = None, class_text: str | os.PathLike | None = None,
+          client: Any = None) -> dict:
     """One query (an image file or a text) against a memory: its neighbours and, with classes, top classes.
 
     Templates: ``templates`` (a set name or a file) or, when None / "auto", the set ``eval`` uses for the dataset
@@ -221,8 +226,7 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
     from ..checks import cap_k
     from ..encoders import load
     from .edge import check_class_text, class_text_arrays, load_class_text
-    from ..train.refine import refine
-    from .demo import check_backend
+    from ..reco.refine import check_backend, refine
     from .templates import resolve_templates
 
     if (image is None) == (text is None):
@@ -259,7 +263,7 @@ def query(memory: str | os.PathLike, *, image: str | os.PathLike | None = None, 
     from ..fusion import gated_scores, relevance_of
 
     enc = load(model, threads=threads) if isinstance(model, (str, os.PathLike)) else model
-    mem = open_memory(memory, enc)
+    mem = open_memory(memory, enc, client)  # client: served by a Dask cluster (--scheduler)
     k_requested, k = k, cap_k(k, mem, note=say)
     weights, wpath = load_weights(fusion, enc, allow_image_only=True)
     if weights is not None and weights.text is None and (text is not None or (class_names and ct is None)):
@@ -322,7 +326,7 @@ def evaluate_pairs(memory: str | os.PathLike, pairs: str | os.PathLike, split: s
                    model: Any = "reco-mini", backend: str = "numpy", cache_dir: str | os.PathLike | None = None,
                    search: str = "uni", fuse: str = "cross", exact: bool = False, batch_size: int = 1024,
                    threads: int | None = None, progress: bool = False,
-                   say: Callable[[str], None] | None = None) -> dict:
+                   say: Callable[[str], None] | None = None, client: Any = None) -> dict:
     """Image↔text retrieval (Recall@1/5/10) on a pairs CSV (``image,caption[,split]``) against a memory.
 
     Returns :func:`reco_ref.eval.retrieval.evaluate_retrieval`'s result plus ``pairs``, ``split``, ``memory``,
@@ -332,7 +336,7 @@ def evaluate_pairs(memory: str | os.PathLike, pairs: str | os.PathLike, split: s
     from ..encoders import load
     from ..memory import read_pairs_csv
     from .data import Split, embed_split, own_rows
-    from .demo import check_backend
+    from ..reco.refine import check_backend
     from .retrieval import evaluate_retrieval
 
     say = say or (lambda _s: None)
@@ -342,7 +346,7 @@ def evaluate_pairs(memory: str | os.PathLike, pairs: str | os.PathLike, split: s
         raise RecoError(f"{pairs}: no image-caption pairs" + (f" in split {split!r}" if split else ""))
     captions = [it["caption"] or "" for it in items]
     enc = load(model, threads=threads) if isinstance(model, (str, os.PathLike)) else model
-    mem = open_memory(memory, enc)
+    mem = open_memory(memory, enc, client)  # client: served by a Dask cluster (--scheduler)
     cap_k(k, mem, note=say)  # said once here; evaluate_retrieval caps again and records k and k_requested
     weights, wpath = load_weights(fusion, enc)
     say(f"{len(items)} pairs from {pairs}" + (f" [{split}]" if split else "") + f"; memory {mem.root}: {len(mem)} rows; "
@@ -380,7 +384,7 @@ def make_class_text(memory: str | os.PathLike, class_names: list[str], *, templa
     from .. import __version__
     from ..checks import cap_k
     from ..encoders import load
-    from .demo import check_backend
+    from ..reco.refine import check_backend
     from .edge import CLASS_TEXT_FORMAT, CLASS_TEXT_VERSION, class_text_arrays, memory_digest, weights_digests
     from .templates import resolve_templates
 

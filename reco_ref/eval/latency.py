@@ -121,7 +121,7 @@ def profile_query(images: Sequence[Any], encoder, memory, phi_image, class_emb: 
     class_emb = np.asarray(class_emb, np.float32)
     if class_emb.ndim != 2 or class_emb.shape[1] != encoder.dim:
         raise RecoError(f"class_emb: shape {class_emb.shape}, expected [C, {encoder.dim}] (the encoder's dim)")
-    from ..train.refine import searched_score_map
+    from ..reco.refine import searched_score_map
 
     smap = searched_score_map(phi_image, memory, "image")  # a property of the memory (in its manifest): not timed
     if class_frozen is not None:

@@ -48,7 +48,7 @@ def evaluate_retrieval(memory: Any, image: np.ndarray, text: np.ndarray, caption
     ``reco`` as ``{mode: that}`` for mode in image | text | both, ``n``, ``k`` (used: at most the memory's rows),
     ``k_requested``, ``alpha``.
     """
-    from ..train.refine import refine
+    from ..reco.refine import refine
 
     image = check_array("image [N,D]", image, ndim=2)
     text = check_array("text [N,D]", text, ndim=2)

@@ -10,8 +10,8 @@ r"""Zero-shot classification with a memory, side by side (docs/reco.md §4): fro
 Every report holds four methods on the same queries, memory, prompts and neighbours:
 
 * ``frozen`` — the encoder alone (mode ``none``);
-* ``reco`` — the trained fusion modules (:class:`reco_ref.train.weights.RecoWeights`), through
-  :func:`reco_ref.train.refine.refine`, enhancing the sides the mode names;
+* ``reco`` — the trained fusion modules (:class:`reco_ref.reco.weights.RecoWeights`), through
+  :func:`reco_ref.reco.refine.refine`, enhancing the sides the mode names;
 * ``surrogate`` — training-free [ours]: the same retrieval, ``x̄ = normalize(x + α · mean_j r_j)`` over the valid
   fed neighbours ``r_j`` (for an image query: the text embeddings of its k image neighbours), α default 1.0;
 * ``knn_vote`` — the majority class of the k image→image neighbours (the memory's ceiling for a vote); the
@@ -68,13 +68,13 @@ def surrogate_refine(memory: Any, queries: np.ndarray, query_modality: str, *, a
         \bar x = \frac{x + \alpha\, m}{\lVert x + \alpha\, m \rVert}, \qquad
         m = \frac{1}{|J|} \sum_{j \in J} r_j \quad (J = \text{valid slots};\ m = 0 \text{ if } J = \emptyset)
 
-    Same retrieval as :func:`reco_ref.train.refine.refine` (its ``retrieve_for``), same arguments.
+    Same retrieval as :func:`reco_ref.reco.refine.refine` (its ``retrieve_for``), same arguments.
 
     Returns
     -------
     refined : float32 [N, D] unit rows ; rows : int64 [N, k'] ; valid : bool [N, k'] — ``k' = min(k, len(memory))``
     """
-    from ..train.refine import retrieve_for
+    from ..reco.refine import retrieve_for
 
     q = check_array("queries [N,D]", queries, ndim=2)
     alpha = float(alpha)
@@ -141,13 +141,50 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
     ``classes``, ``k``, ``k_requested``, ``mode``, ``alpha``, ``search``, ``fuse``, ``backend``, ``excluded_own_rows``,
     ``chance``.
     """
-    from ..fusion import gated_scores
-    from ..train.refine import refine
-
     check_mode(mode)
+    k_requested, k = _check_k(k, memory)  # every method retrieves min(k, rows) neighbours
+    image, class_emb, labels, search_q = _checked_inputs(memory, image, labels, class_emb, class_names, keys)
+    N, C = image.shape[0], class_emb.shape[0]
+    say = progress or (lambda _s: None)
+    common = dict(k=k, search=search, fuse=fuse, dup_threshold=dup_threshold, batch_size=batch_size, exact=exact)
+    img_kw = dict(common, search_queries=search_q if search == "uni" else None, exclude=exclude)
+    if weights is not None:
+        from ..reco.weights import check_weights_match
+
+        check_weights_match(weights, encoder_fingerprint=memory.fingerprint, dim=memory.dim, where="fusion weights")
+
+    out: dict = {"n": int(N), "classes": int(C), "k": int(k), "k_requested": k_requested, "mode": mode,
+                 "alpha": float(alpha), "search": search, "fuse": fuse, "backend": backend, "chance": 1.0 / C,
+                 "excluded_own_rows": 0 if exclude is None else int((np.asarray(exclude) >= 0).sum())}
+    out["frozen"] = classification_metrics(_scores(image, class_emb), labels, C)
+    sides, gates = _refined_sides(memory, image, class_emb, weights, alpha=alpha, backend=backend, img_kw=img_kw,
+                                  common=common, say=say)
+    by_mode = _metrics_by_mode(sides, gates, image, class_emb, labels)
+    out["surrogate"] = by_mode["surrogate"][mode]
+    out["reco"] = by_mode["reco"][mode] if "reco" in by_mode else None
+    out["by_mode"] = by_mode
+    if gates["reco"] is not None:  # how often the image module's bias kept the query (the memory judged irrelevant)
+        out["reco_gate"] = {"mean": float(gates["reco"].mean()), "median": float(np.median(gates["reco"])),
+                            "above_half": float((gates["reco"] > 0.5).mean())}
+
+    say("knn_vote")
+    out["knn_vote"], out["knn_vote_labels"] = _knn_vote(
+        memory, search_q, labels, class_names, k=k, exact=exact, exclude=exclude, dup_threshold=dup_threshold,
+        labels_by_source=labels_by_source)
+    return out
+
+
+def _check_k(k: Any, memory: Any) -> tuple[int, int]:
+    """``(k asked for, k used = min(k, the memory's rows))``; a one-line error for a k that is not a positive int."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise RecoError(f"k: expected a positive integer, got {k!r}")
-    k_requested, k = int(k), cap_k(k, memory)  # every method retrieves min(k, rows) neighbours
+    return int(k), cap_k(k, memory)
+
+
+def _checked_inputs(memory: Any, image: np.ndarray, labels: np.ndarray, class_emb: np.ndarray,
+                    class_names: list[str], keys: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """The inputs checked against each other and the memory -> (image [N,D], class_emb [C,D], labels int64 [N],
+    the image search vectors [N,D] or the keys [N,Dk] where the memory indexes images by key)."""
     image = check_array("image [N,D]", image, ndim=2)
     class_emb = check_array("class_emb [C,D]", class_emb, ndim=2)
     N, C = image.shape[0], class_emb.shape[0]
@@ -164,18 +201,14 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
     if search_q.shape[1] != memory.search_dim("image"):
         raise ShapeError(f"image search vectors: dim {search_q.shape[1]}, the memory's image index has dim "
                          f"{memory.search_dim('image')} (pass the images' search keys)")
-    say = progress or (lambda _s: None)
-    common = dict(k=k, search=search, fuse=fuse, dup_threshold=dup_threshold, batch_size=batch_size, exact=exact)
-    img_kw = dict(common, search_queries=search_q if search == "uni" else None, exclude=exclude)
-    if weights is not None:
-        from ..train.weights import check_weights_match
+    return image, class_emb, labels, search_q
 
-        check_weights_match(weights, encoder_fingerprint=memory.fingerprint, dim=memory.dim, where="fusion weights")
 
-    out: dict = {"n": int(N), "classes": int(C), "k": int(k), "k_requested": k_requested, "mode": mode,
-                 "alpha": float(alpha), "search": search, "fuse": fuse, "backend": backend, "chance": 1.0 / C,
-                 "excluded_own_rows": 0 if exclude is None else int((np.asarray(exclude) >= 0).sum())}
-    out["frozen"] = classification_metrics(_scores(image, class_emb), labels, C)
+def _refined_sides(memory: Any, image: np.ndarray, class_emb: np.ndarray, weights: Any, *, alpha: float,
+                   backend: str, img_kw: dict, common: dict, say: Any) -> tuple[dict, dict]:
+    """Both sides refined once by the surrogate and (with ``weights``) by RECO -> (``{method: {"image": [N,D],
+    "text": [C,D]}}``, ``{method: the image module's gate [N] or None}``); ``reco`` is empty without weights."""
+    from ..reco.refine import refine
 
     sides: dict[str, dict[str, np.ndarray]] = {"surrogate": {}, "reco": {}}
     gates: dict[str, np.ndarray | None] = {"surrogate": None, "reco": None}
@@ -188,6 +221,14 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
                                                     with_gate=True, **img_kw)
         gates["reco"] = gate if gate.any() else None
         sides["reco"]["text"] = refine(weights.text, memory, class_emb, "text", backend=backend, **common)[0]
+    return sides, gates
+
+
+def _metrics_by_mode(sides: dict, gates: dict, image: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> dict:
+    """Every mode of every refined method: the refined side where the mode names it, the frozen one elsewhere."""
+    from ..fusion import gated_scores
+
+    C = class_emb.shape[0]
     by_mode: dict[str, dict] = {}
     for method, got in sides.items():
         if not got:
@@ -198,25 +239,24 @@ def evaluate_zero_shot(memory: Any, image: np.ndarray, labels: np.ndarray, class
             t = got["text"] if m in ("text", "both") else class_emb
             g = gates[method] if m in ("text", "both") else None
             by_mode[method][m] = classification_metrics(gated_scores(v, t, class_emb, g), labels, C)
-    out["surrogate"] = by_mode["surrogate"][mode]
-    out["reco"] = by_mode["reco"][mode] if "reco" in by_mode else None
-    out["by_mode"] = by_mode
-    if gates["reco"] is not None:  # how often the image module's bias kept the query (the memory judged irrelevant)
-        out["reco_gate"] = {"mean": float(gates["reco"].mean()), "median": float(np.median(gates["reco"])),
-                            "above_half": float((gates["reco"] > 0.5).mean())}
+    return by_mode
 
-    say("knn_vote")
+
+def _knn_vote(memory: Any, search_q: np.ndarray, labels: np.ndarray, class_names: list[str], *, k: int, exact: bool,
+              exclude: np.ndarray | None, dup_threshold: Any, labels_by_source: dict[str, int] | None
+              ) -> tuple[dict | None, str]:
+    """The majority class of the k image→image neighbours -> (its metrics or None, how the classes were found
+    or why not)."""
+    C = len(class_names)
     rows, scores, valid = memory.search(search_q, modality="image", k=k, exact=exact, exclude=exclude,
                                         dup_threshold=dup_threshold)  # [N,k] each
     from .data import memory_class_labels
 
     nb_labels, how = memory_class_labels(memory, rows, class_names, labels_by_source)
     if nb_labels is None:
-        out["knn_vote"], out["knn_vote_labels"] = None, f"not computed: {how}"
-    else:
-        votes = knn_vote_scores(nb_labels, scores, valid, C)  # [N,C]
-        abstain = ~(valid & (nb_labels >= 0)).any(axis=1)
-        out["knn_vote"] = classification_metrics(votes, labels, C, abstain=abstain)
-        out["knn_vote"]["abstained"] = int(abstain.sum())
-        out["knn_vote_labels"] = how
-    return out
+        return None, f"not computed: {how}"
+    votes = knn_vote_scores(nb_labels, scores, valid, C)  # [N,C]
+    abstain = ~(valid & (nb_labels >= 0)).any(axis=1)
+    metrics = classification_metrics(votes, labels, C, abstain=abstain)
+    metrics["abstained"] = int(abstain.sum())
+    return metrics, how

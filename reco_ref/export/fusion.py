@@ -58,7 +58,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -67,8 +66,8 @@ from ..fusion import onnx_backend
 from ..fusion.onnx_backend import FORMAT, MANIFEST, params_digest
 from ..fusion.params import PARAM_NAMES, RELEVANCE_NAMES, FusionParams, load_param_set, relevance_of
 from ..io import atomic_write_bytes, atomic_write_json, sha256_file
-from ..train.weights import META_KEY, decode_meta
 from ..paths import check_output_dir
+from ..reco.weights import META_KEY, decode_meta
 
 __all__ = ["MANIFEST", "FORMAT", "OPSET", "params_digest", "fusion_model_bytes", "export_fusion", "attach_in_memory"]
 
@@ -123,50 +122,77 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
     onnx, TP, helper, numpy_helper = _onnx()
     _check_float32(params, name)
     D, h = params.dim, params.heads
-    dh = D // h
-    R = params["w_1"].shape[1]
     rel = relevance_of(params)  # (center, width) or None; also checks config.relevance against the arrays
     names = PARAM_NAMES + RELEVANCE_NAMES if rel is not None else PARAM_NAMES
-
     inits = [numpy_helper.from_array(np.ascontiguousarray(params[n]), name=n) for n in names]
-
-    def const(nm, value, dtype=np.float32):
-        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name=nm))
-        return nm
-
-    const("c_zero", 0.0)
-    const("c_neg_inf", -np.inf)
-    const("c_scale", 1.0 / math.sqrt(dh))
-    const("c_half", 0.5)
-    const("c_one", 1.0)
-    const("c_inv_sqrt2", 1.0 / math.sqrt(2.0))
-    const("c_idx0", 0, np.int64)  # scalar index: Gather drops the token axis
-    const("c_one_1d", [1], np.int64)
-    const("c_axis_last", [-1], np.int64)
-    const("c_axes_12", [1, 2], np.int64)
-    const("c_axis_1", [1], np.int64)
-    const("c_shape_q", [0, h, 1, dh], np.int64)  # [B,D] -> [B,h,1,dh]
-    const("c_shape_kv", [0, -1, h, dh], np.int64)  # [B,T,D] -> [B,T,h,dh]
-    const("c_shape_bd", [0, D], np.int64)  # [B,h,1,dh] -> [B,D] (heads concatenated, head j at j*dh)
-    const("c_slice0", [0], np.int64)
-
+    inits += _constants(numpy_helper, D, h, relevance=rel is not None)
     N = helper.make_node
-    rel_nodes, s_biased = [], "S_scaled"
     if rel is not None:  # docs/reco.md §2 "Relevance bias": +gamma_h toward token 0, +beta_h * f_j toward neighbour j
-        const("c_shape_h4", [1, h, 1, 1], np.int64)
-        rel_nodes = [
-            N("Where", ["mask", "scores", "c_zero"], ["f_clean"]),                # [B,k] masked slots -> 0
-            N("Unsqueeze", ["f_clean", "c_axes_12"], ["f4"]),                     # [B,1,1,k]
-            N("Reshape", ["rel_beta", "c_shape_h4"], ["beta4"]),                  # [1,h,1,1]
-            N("Reshape", ["rel_gamma", "c_shape_h4"], ["gamma4"]),                # [1,h,1,1]
-            N("Mul", ["f4", "beta4"], ["rel_n"]),                                 # [B,h,1,k]
-            N("Unsqueeze", ["bias_q", "c_axes_12"], ["zero4"]),                   # [B,1,1,1] zeros
-            N("Add", ["zero4", "gamma4"], ["rel_q"]),                             # [B,h,1,1]
-            N("Concat", ["rel_q", "rel_n"], ["rel_bias"], axis=3),                # [B,h,1,T]
-            N("Add", ["S_scaled", "rel_bias"], ["S_rel"]),                        # [B,h,1,T] bias before the mask
-        ]  # fmt: skip
-        s_biased = "S_rel"
-    nodes = [
+        nodes = _attention_nodes(N, helper, TP, _relevance_nodes(N), "S_rel")
+    else:
+        nodes = _attention_nodes(N, helper, TP, [], "S_scaled")
+    nodes += _mlp_nodes(N)
+    inputs = [
+        helper.make_tensor_value_info("query", TP.FLOAT, ["B", D]),
+        helper.make_tensor_value_info("retrieved", TP.FLOAT, ["B", "k", D]),
+        helper.make_tensor_value_info("mask", TP.BOOL, ["B", "k"]),
+    ]
+    if rel is not None:
+        inputs.append(helper.make_tensor_value_info("scores", TP.FLOAT, ["B", "k"]))
+    outputs = [helper.make_tensor_value_info("out", TP.FLOAT, ["B", D])]
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="reco_ref")
+    model.ir_version = min(model.ir_version, 8)  # readable by ONNX Runtime >= 1.17 (our floor)
+    helper.set_model_props(model, _model_props(params, name, rel))
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _constants(numpy_helper, D: int, h: int, *, relevance: bool) -> list:
+    """The graph's constant initializers (scalars, index lists, reshape targets), in a fixed order."""
+    dh = D // h
+    consts = [
+        ("c_zero", 0.0, np.float32),
+        ("c_neg_inf", -np.inf, np.float32),
+        ("c_scale", 1.0 / math.sqrt(dh), np.float32),
+        ("c_half", 0.5, np.float32),
+        ("c_one", 1.0, np.float32),
+        ("c_inv_sqrt2", 1.0 / math.sqrt(2.0), np.float32),
+        ("c_idx0", 0, np.int64),  # scalar index: Gather drops the token axis
+        ("c_one_1d", [1], np.int64),
+        ("c_axis_last", [-1], np.int64),
+        ("c_axes_12", [1, 2], np.int64),
+        ("c_axis_1", [1], np.int64),
+        ("c_shape_q", [0, h, 1, dh], np.int64),  # [B,D] -> [B,h,1,dh]
+        ("c_shape_kv", [0, -1, h, dh], np.int64),  # [B,T,D] -> [B,T,h,dh]
+        ("c_shape_bd", [0, D], np.int64),  # [B,h,1,dh] -> [B,D] (heads concatenated, head j at j*dh)
+        ("c_slice0", [0], np.int64),
+    ]
+    if relevance:
+        consts.append(("c_shape_h4", [1, h, 1, 1], np.int64))
+    return [numpy_helper.from_array(np.asarray(value, dtype=dtype), name=nm) for nm, value, dtype in consts]
+
+
+def _relevance_nodes(N) -> list:
+    """The relevance bias on the scaled logits ``S_scaled`` -> ``S_rel`` [B,h,1,T] (before the mask)."""
+    return [
+        N("Where", ["mask", "scores", "c_zero"], ["f_clean"]),                # [B,k] masked slots -> 0
+        N("Unsqueeze", ["f_clean", "c_axes_12"], ["f4"]),                     # [B,1,1,k]
+        N("Reshape", ["rel_beta", "c_shape_h4"], ["beta4"]),                  # [1,h,1,1]
+        N("Reshape", ["rel_gamma", "c_shape_h4"], ["gamma4"]),                # [1,h,1,1]
+        N("Mul", ["f4", "beta4"], ["rel_n"]),                                 # [B,h,1,k]
+        N("Unsqueeze", ["bias_q", "c_axes_12"], ["zero4"]),                   # [B,1,1,1] zeros
+        N("Add", ["zero4", "gamma4"], ["rel_q"]),                             # [B,h,1,1]
+        N("Concat", ["rel_q", "rel_n"], ["rel_bias"], axis=3),                # [B,h,1,T]
+        N("Add", ["S_scaled", "rel_bias"], ["S_rel"]),                        # [B,h,1,T] bias before the mask
+    ]  # fmt: skip
+
+
+def _attention_nodes(N, helper, TP, rel_nodes: list, s_biased: str) -> list:
+    """Tokens, LN1, keys/values on every token and the query on token 0, masked softmax, the output projection
+    and the residual -> ``H0`` [B,D]. ``rel_nodes`` (the relevance bias) run between scaling and masking and
+    leave the logits in ``s_biased``."""
+    return [
         # Masked slots -> 0 before anything reads them (NaN-safe, as the front door).
         N("Unsqueeze", ["mask", "c_axis_last"], ["mask3"]),                      # [B,k,1] bool
         N("Where", ["mask3", "retrieved", "c_zero"], ["r_clean"]),               # [B,k,D]
@@ -205,6 +231,12 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
         N("Reshape", ["PV", "c_shape_bd"], ["C0"]),                               # [B,D]
         N("MatMul", ["C0", "w_o"], ["o_mm"]), N("Add", ["o_mm", "b_o"], ["O0"]),     # [B,D]
         N("Add", ["x0", "O0"], ["H0"]),                                           # [B,D]
+    ]  # fmt: skip
+
+
+def _mlp_nodes(N) -> list:
+    """The MLP on the query token with its residual and the L2 normalisation: ``H0`` [B,D] -> ``out`` [B,D]."""
+    return [
         # MLP on the query token: exact GELU u * Φ(u) = 0.5 u (1 + erf(u / sqrt 2)).
         N("LayerNormalization", ["H0", "ln2_gamma", "ln2_beta"], ["A2"], axis=-1, epsilon=LN_EPS),  # [B,D]
         N("MatMul", ["A2", "w_1"], ["pre_mm"]), N("Add", ["pre_mm", "b_1"], ["pre"]),  # [B,R]
@@ -220,27 +252,18 @@ def fusion_model_bytes(params: FusionParams, name: str = "phi") -> bytes:
         N("Sqrt", ["sq"], ["norm"]),
         N("Div", ["Y0", "norm"], ["out"]),                                        # [B,D]
     ]  # fmt: skip
-    inputs = [
-        helper.make_tensor_value_info("query", TP.FLOAT, ["B", D]),
-        helper.make_tensor_value_info("retrieved", TP.FLOAT, ["B", "k", D]),
-        helper.make_tensor_value_info("mask", TP.BOOL, ["B", "k"]),
-    ]
-    if rel is not None:
-        inputs.append(helper.make_tensor_value_info("scores", TP.FLOAT, ["B", "k"]))
-    outputs = [helper.make_tensor_value_info("out", TP.FLOAT, ["B", D])]
-    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="reco_ref")
-    model.ir_version = min(model.ir_version, 8)  # readable by ONNX Runtime >= 1.17 (our floor)
-    props = {"reco_ref.format": FORMAT, "reco_ref.module": name, "dim": str(D), "heads": str(h),
-             "mlp_hidden": str(R), "params_sha256": params_digest(params)}  # fmt: skip
+
+
+def _model_props(params: FusionParams, name: str, rel: tuple[float, float] | None) -> dict[str, str]:
+    """The graph's metadata: format, module name, shape, the parameters' digest, and what a relevance graph takes."""
+    props = {"reco_ref.format": FORMAT, "reco_ref.module": name, "dim": str(params.dim), "heads": str(params.heads),
+             "mlp_hidden": str(params["w_1"].shape[1]), "params_sha256": params_digest(params)}  # fmt: skip
     if rel is not None:
         source = params.config.rel_source if isinstance(params, FusionParams) else "fixed"
         props.update({"relevance": "1", "inputs": "query,retrieved,mask,scores", "rel_source": source,
                       "scores": SCORES_DOC_MEMORY if source == "memory" else SCORES_DOC,
                       "rel_center": repr(rel[0]), "rel_width": repr(rel[1])})  # fmt: skip
-    helper.set_model_props(model, props)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return props
 
 
 def export_fusion(weights: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
@@ -251,7 +274,7 @@ def export_fusion(weights: str | os.PathLike, out_dir: str | os.PathLike, *, ove
     ----------
     weights : path of a set saved by :func:`reco_ref.fusion.save_param_set` (``image.*``, ``text.*``,
         optional scalar extras such as ``logit_scale``), including RECO weights written by
-        :func:`reco_ref.train.weights.save_reco_weights` (``reco-ref train``'s ``best.npz`` / ``last.npz``, the shipped
+        :func:`reco_ref.reco.weights.save_reco_weights` (``reco-ref train``'s ``best.npz`` / ``last.npz``, the shipped
         ``fusion.npz``): their ``tau`` goes into ``extras``, their ``meta_utf8`` description into ``meta``
     out_dir : output folder (created; files written atomically, only after every check has passed); never
         inside a memory

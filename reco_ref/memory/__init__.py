@@ -22,7 +22,7 @@ Modules: :mod:`.format` (files, manifest, commit), :mod:`.sources` (pair readers
 from .build import add_arrays_to_memory, add_to_memory, build_memory, build_memory_from_arrays
 from .estimate import estimate_build, format_estimate
 from .format import FORMAT_VERSION
-from .opener import memory_kind, open_memory, opened_memory
+from .opener import memory_kind, open_memory, opened_memory, scheduler_client
 from .search import DEFAULT_DUP_THRESHOLD, retrieve, search_index
 from .served import ServedMemory
 from .shards import ShardedMemory, write_shards_manifest
@@ -30,7 +30,7 @@ from .sources import read_caption_folder, read_pairs, read_pairs_csv, read_pairs
 from .store import Memory
 
 __all__ = [
-    "FORMAT_VERSION", "DEFAULT_DUP_THRESHOLD", "Memory", "memory_kind", "open_memory", "opened_memory", "ShardedMemory", "ServedMemory", "add_arrays_to_memory", "add_to_memory",
+    "FORMAT_VERSION", "DEFAULT_DUP_THRESHOLD", "Memory", "memory_kind", "open_memory", "opened_memory", "scheduler_client", "ShardedMemory", "ServedMemory", "add_arrays_to_memory", "add_to_memory",
     "build_memory", "build_memory_from_arrays", "estimate_build", "format_estimate", "read_caption_folder",
     "read_pairs", "read_pairs_csv", "read_pairs_jsonl", "retrieve", "search_index", "write_shards_manifest",
 ]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checks import int_option
-from ..options import add_index_threads, add_k, add_memory_positional, add_resume, memory_dir
+from ..checks import float_option, int_option
+from ..errors import RecoError
+from ..options import add_index_threads, add_k, add_memory_positional, add_resume, add_scheduler, memory_dir
 from .limits import LIMITS
 
 
@@ -42,14 +43,24 @@ def _build_args(p: argparse.ArgumentParser, *, add: bool = False) -> None:
         p.add_argument("--allow-duplicates", action="store_true",
                        help="add pairs even if the memory already holds rows with the same source and caption")
     if not add:
-        p.add_argument("--out", required=True, help="memory directory to create")
+        p.add_argument("--out", help="memory directory to create (required, except for a plan: --rows)")
         p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="embedding storage")
         p.add_argument("--M", type=_int("M"), default=16, help="HNSW M (default 16)")
         p.add_argument("--ef-construction", type=_int("ef_construction"), default=200, help="HNSW ef_construction (default 200)")
-        p.add_argument("--shards", type=_int("shards"), default=1, help="build N shards on Dask (default 1: no Dask)")
+        p.add_argument("--shards", type=_int("shards"), default=1,
+                       help="build N shards on Dask, each task reading its own rows of --pairs or of the arrays "
+                            "(default 1: no Dask)")
         p.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
         p.add_argument("--workers", type=_int("workers"), default=2, help="LocalCluster workers (default 2)")
         p.add_argument("--estimate-only", action="store_true", help="print the disk/RAM/time estimate and stop")
+        # the plan for a memory of N pairs (reco_ref/memory/plan.py, docs/scale.md): no input is read
+        p.add_argument("--rows", type=_int("rows"), help="with --estimate-only: plan a memory of N pairs in --shards "
+                       "shards from measured per-row figures (docs/scale.md); no --pairs or arrays needed")
+        p.add_argument("--dim", type=_int("dim"), help="plan: embedding dim (default: the measured 768)")
+        p.add_argument("--worker-ram", type=float_option(0, lo_open=True), default=64.0,
+                       help="plan: RAM of one worker machine in GiB (default 64)")
+        p.add_argument("--encode-rate", type=float_option(0, lo_open=True),
+                       help="plan: encoder pairs/s of one worker (default: reco-mini on the measuring CPU)")
 
 
 def _common(a: argparse.Namespace) -> dict:
@@ -63,8 +74,27 @@ def _common(a: argparse.Namespace) -> dict:
                 allow_outside_paths=a.allow_outside_paths, overlap_captions=a.overlap_captions)
 
 
+def _run_plan(a: argparse.Namespace) -> int:
+    from . import commands
+
+    if not a.estimate_only:
+        raise RecoError("--rows N plans a memory without building it: add --estimate-only")
+    given = [o for o, v in (("--pairs", a.pairs), ("--image-embeddings", a.image_embeddings),
+                            ("--text-embeddings", a.text_embeddings), ("--out", a.out)) if v]
+    if given:
+        raise RecoError(f"--rows N plans a memory of N pairs and reads no input: drop {', '.join(given)}")
+    print(commands.plan_text(a.rows, a.shards, dim=a.dim, dtype=a.dtype, M=a.M, worker_ram_gib=a.worker_ram,
+                             threads_per_worker=a.threads, encode_pairs_per_s=a.encode_rate))
+    return 0
+
+
 def _run_build(a: argparse.Namespace) -> int:
     from . import commands
+
+    if a.rows is not None:
+        return _run_plan(a)
+    if not a.out:
+        raise RecoError("build-memory: --out DIR is required (only a plan, --estimate-only --rows N, goes without)")
 
     return commands.build(out=a.out, dtype=a.dtype, M=a.M, ef_construction=a.ef_construction, shards=a.shards,
                           scheduler=a.scheduler, workers=a.workers, estimate_only=a.estimate_only, **_common(a))
@@ -93,12 +123,6 @@ def _run_search(a: argparse.Namespace) -> int:
     return 0
 
 
-def _scheduler_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="Dask scheduler (tcp://host:8786): open each shard on that cluster's workers and search "
-                        "there (the folder must be readable by every worker; needs the dask extra)")
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-memory", help="build an image-text memory (resumable; --shards N on Dask)")
     _build_args(p)
@@ -113,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_memory_positional(p)
     p.add_argument("--verify", default="sha256", choices=("sha256", "size", "none"),
                    help="file check: full sha256 (default), sizes only, or existence only")
-    _scheduler_arg(p)
+    add_scheduler(p, what="check and summarise it there")
     p.set_defaults(func=_run_info)
 
     p = sub.add_parser("memory-search", help="search a memory with text or image queries (JSON)")
@@ -130,5 +154,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", default="size", choices=("sha256", "size"),
                    help="file check before searching: sizes + index structure (default; see docs/bad_inputs.md "
                         "for what it skips) or full sha256 of every file")
-    _scheduler_arg(p)
+    add_scheduler(p)
     p.set_defaults(func=_run_search)

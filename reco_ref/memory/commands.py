@@ -21,8 +21,9 @@ from .build import (add_arrays_to_memory, add_to_memory, build_memory, build_mem
                     check_out_dir)
 from .estimate import estimate_build, format_estimate
 from .opener import opened_memory
+from .plan import format_plan, plan_for
 from .producers import load_encoder
-from .sources import read_pairs
+from .sources import read_pairs, scan_pairs
 
 
 def _err(msg: str) -> None:
@@ -31,8 +32,9 @@ def _err(msg: str) -> None:
 
 
 def estimate_for_items(items: list[dict], encoder: Any, *, sample: int = 32, dtype: str = "float32", M: int = 16,
-                       ef_construction: int = 200) -> dict:
-    """Estimate a build of ``items``: encode a sample to measure the rate, size the files from the formats."""
+                       ef_construction: int = 200, n_items: int | None = None) -> dict:
+    """Estimate a build of ``items``: encode a sample to measure the rate, size the files from the formats.
+    ``n_items``: the input's size when ``items`` is only its first part (a sharded build's scan)."""
     sample_items = [it for it in items[:sample] if it.get("caption") is not None]
     rate = None
     if sample_items:
@@ -42,9 +44,16 @@ def estimate_for_items(items: list[dict], encoder: Any, *, sample: int = 32, dty
         rate = len(sample_items) / max(time.perf_counter() - t0, 1e-9)
     cap = float(np.mean([len((it.get("caption") or "").encode()) for it in items[:1000]])) if items else 0.0
     src = float(np.mean([len(it["source"].encode()) for it in items[:1000]])) if items else 0.0
-    return estimate_build(len(items), int(encoder.dim), key_dim=getattr(encoder, "key_dim", None), dtype=dtype,
+    n = len(items) if n_items is None else n_items
+    return estimate_build(n, int(encoder.dim), key_dim=getattr(encoder, "key_dim", None), dtype=dtype,
                           M=M, ef_construction=ef_construction, caption_bytes=cap, source_bytes=src,
                           encode_items_per_s=rate)
+
+
+def plan_text(rows: int, shards: int, **kwargs: Any) -> str:
+    """``build-memory --estimate-only --rows N --shards S``: the plan for a memory of ``rows`` pairs
+    (:func:`.plan.plan_for`, ``kwargs`` as there), as printed."""
+    return format_plan(plan_for(rows, shards, **kwargs))
 
 
 def _metadata_items(pairs: str | None, n: int, split: str | None, template: str | None,
@@ -115,13 +124,25 @@ def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resum
         raise MemoryFormatError(f"--out {out}: lies inside the memory {inside}; build a memory outside any other")
     common = dict(dtype=dtype, M=M, ef_construction=ef_construction, num_threads=threads, progress=progress,
                   resume_hint=resume_hint, log=log, resume=resume)
+    sharded = shards > 1 or scheduler
+    source = dict(split=split, caption_template=caption_template, allow_outside=allow_outside_paths)
     if image_embeddings or text_embeddings:
         image, text, keys, items, encoder_name, encoder_fingerprint = _array_inputs(
-            image_embeddings, text_embeddings, image_keys, model, encoder_name, encoder_fingerprint, pairs, split,
-            caption_template, allow_outside_paths)
+            image_embeddings, text_embeddings, image_keys, model, encoder_name, encoder_fingerprint,
+            None if sharded else pairs, split, caption_template, allow_outside_paths)
         log(format_estimate(estimate_build(image.shape[0], image.shape[1], key_dim=None if keys is None else
                                            keys.shape[1], dtype=dtype, M=M, ef_construction=ef_construction)))
         if estimate_only:
+            return 0
+        if sharded:  # each task memory-maps the arrays and reads its own rows (and metadata range)
+            from .dask_build import build_sharded_arrays
+
+            mem = build_sharded_arrays(out, image_embeddings, text_embeddings, keys=image_keys, name=encoder_name,
+                                       fingerprint=encoder_fingerprint, pairs=pairs, normalize=normalize,
+                                       n_shards=shards, scheduler=scheduler, n_workers=workers, resume=resume,
+                                       chunk_size=chunk_size or 65536, dtype=dtype, M=M,
+                                       ef_construction=ef_construction, log=log, **source)
+            log(f"{out}: {mem.info()['rows']} rows")
             return 0
         m = build_memory_from_arrays(out, image, text, keys=keys, items=items, name=encoder_name,
                                      fingerprint=encoder_fingerprint, normalize=normalize,
@@ -130,22 +151,28 @@ def build(*, out: str, pairs: str | None = None, model: str = "reco-mini", resum
         return 0
     if not pairs:
         raise MemoryFormatError("build-memory needs --pairs (or --image-embeddings and --text-embeddings)")
-    items = read_pairs(pairs, split=split, caption_template=caption_template, allow_outside=allow_outside_paths)
-    if not items:
+    if sharded:  # one pass that keeps the first 1,000 items only: the tasks read their own ranges
+        n_items, any_caption, items = scan_pairs(pairs, **source)
+    else:
+        items = read_pairs(pairs, **source)
+        n_items, any_caption = len(items), None
+    if not n_items:
         raise _no_pairs(pairs, split, "build from")
-    check_captions(items, pairs)
+    if not any_caption:  # a scan that found a caption has nothing to refuse (its first items may all be blank)
+        check_captions(items, pairs, n=n_items)
     encoder = load_encoder(model, max_pixels=max_pixels)
-    est = estimate_for_items(items, encoder, dtype=dtype, M=M, ef_construction=ef_construction)
+    est = estimate_for_items(items, encoder, dtype=dtype, M=M, ef_construction=ef_construction, n_items=n_items)
     log(format_estimate(est))
     if estimate_only:
         return 0
     t0 = time.perf_counter()
-    if shards > 1 or scheduler:
-        from .dask_build import build_sharded
+    if sharded:
+        from .dask_build import build_sharded_pairs
 
-        mem = build_sharded(out, items, model, n_shards=shards, scheduler=scheduler, n_workers=workers,
-                            resume=resume, chunk_size=chunk_size or 1024, batch_size=batch_size, dtype=dtype, M=M,
-                            ef_construction=ef_construction, log=log)
+        mem = build_sharded_pairs(out, pairs, model, n_items=n_items, n_shards=shards, scheduler=scheduler,
+                                  n_workers=workers, resume=resume, chunk_size=chunk_size or 1024,
+                                  batch_size=batch_size, dtype=dtype, M=M, ef_construction=ef_construction, log=log,
+                                  **source)
         info = mem.info()
     else:
         m = build_memory(out, items, encoder, chunk_size=chunk_size or 1024, batch_size=batch_size,

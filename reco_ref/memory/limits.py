@@ -12,6 +12,7 @@ Why each bound:
 * ``chunk_size`` 1..4194304, ``batch_size`` 1..65536 — the RAM of one chunk / one encoder batch.
 * ``threads`` 1..4096, ``shards`` 1..1024, ``workers`` 1..256, ``seed`` 0..2**31-1.
 * ``max_pixels`` 1..2**40 — the image decoder's pixel budget.
+* ``rows`` 1..2**50, ``dim`` 1..65536 — a plan's size (``build-memory --estimate-only --rows N``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ LIMITS: dict[str, tuple[int, int | None]] = {
     "workers": (1, 256),
     "seed": (0, 2**31 - 1),
     "max_pixels": (1, 1 << 40),
+    "rows": (1, 1 << 50),  # a plan's pairs (build-memory --estimate-only --rows N)
+    "dim": (1, 1 << 16),  # a plan's embedding dim
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from ..errors import MemoryFormatError
 from ..paths import file_problem
 from . import format as fmt
-from .served import ServedMemory, connect
+from .served import ServedMemory, connect, release_opened
 from .shards import ShardedMemory
 from .store import Memory
 
@@ -58,23 +58,30 @@ def open_memory(root: str | Path, client: Any = None, **kwargs: Any) -> Any:
 
 
 @contextmanager
-def opened_memory(root: str | Path, scheduler: str | None = None, **kwargs: Any) -> Iterator[Any]:
-    """What a verb with ``--scheduler`` opens: the memory here, or served by the Dask scheduler at ``scheduler``.
+def scheduler_client(scheduler: str | None) -> Iterator[Any]:
+    """What a verb's ``--scheduler ADDRESS`` gives the functions it calls as ``client=``: None without an address
+    (memories open in this process), else a ``distributed.Client`` connected to it (a bad address is a one-line error
+    within :data:`~reco_ref.memory.served.CONNECT_TIMEOUT_S`).
 
-    With a scheduler, a client is connected (a bad address is a one-line error within
-    :data:`~reco_ref.memory.served.CONNECT_TIMEOUT_S`), the memory opened on its workers, and both are
-    released on exit (the cluster keeps running; the shards this call opened leave the workers).
+    On exit every memory opened through the client and still open is closed (its shards leave the workers:
+    :func:`~reco_ref.memory.served.release_opened`) and the client closed; the cluster keeps running.
     """
     if not scheduler:
-        yield open_memory(root, **kwargs)
+        yield None
         return
-
     client = connect(scheduler)
     try:
-        mem = open_memory(root, client=client, **kwargs)
-        try:
-            yield mem
-        finally:
-            mem.close()
+        yield client
     finally:
-        client.close()
+        try:
+            release_opened(client)
+        finally:
+            client.close()
+
+
+@contextmanager
+def opened_memory(root: str | Path, scheduler: str | None = None, **kwargs: Any) -> Iterator[Any]:
+    """What a verb with ``--scheduler`` opens: the memory here, or served by the Dask scheduler at ``scheduler``
+    (:func:`scheduler_client`: released on exit)."""
+    with scheduler_client(scheduler) as client:
+        yield open_memory(root, client=client, **kwargs)

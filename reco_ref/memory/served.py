@@ -4,10 +4,18 @@
 one worker (round robin over the workers present) and opened there by a task that keeps the opened
 :class:`~reco_ref.memory.store.Memory` in that worker's state (``get_worker()``, keyed by this handle's
 token), so its memory maps, SQLite connection and HNSW indexes stay resident between calls.  Every call
-(``search``, ``embeddings``, ``metadata``, ``failures``, ``verify``) is one task per shard involved,
+(``search``, ``embeddings``, ``metadata``, ``failures``, ``verify``, and the row reads of ``image``, ``text``,
+``image_keys`` and ``vectors(modality)``: :class:`~reco_ref.memory.shards.ShardedArray` views) is one task per shard
+involved,
 pinned to the shard's worker (``allow_other_workers=False``: a shard's index is never loaded twice by a
 worker that happens to be idle); the client merges with :func:`~reco_ref.memory.shards.merge_topk`, the
-function in-process sharded search uses, so the answers are the same bits.
+function in-process sharded search uses, so the answers are the same bits.  Row reads are gathered in global row
+order: the same bits as the shards' memory maps.  ``shards`` (one :class:`ServedShard` per shard: its manifest and
+rows) is what the readers that walk a sharded memory's shards use (the score map, the class-text digest), so they
+read the same parts as in process.
+
+Handles opened through a client are tracked per client: :func:`release_opened` (called by
+:func:`~reco_ref.memory.opener.scheduler_client` when a verb's ``--scheduler`` run ends) closes every one still open.
 
 Worker loss: while a call waits, the client checks every ``poll_s`` seconds that the workers it is waiting
 on are still in the cluster.  A shard whose worker left is reassigned to the surviving worker holding the
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +40,17 @@ import numpy as np
 from ..errors import MemoryFormatError, RecoError, SearchError
 from . import format as fmt
 from .search import check_queries, normalize_exclude
-from .shards import SpecProperties, check_shard_fits, local_exclude, merge_topk, read_shards_spec, shard_path
+from .shards import (RowArrays, ShardedArray, SpecProperties, check_shard_fits, local_exclude, merge_topk,
+                     read_shards_spec, shard_path)
 from .store import Memory
 
 CONNECT_TIMEOUT_S = 10.0  # a scheduler that does not answer within this is refused (CLI --scheduler)
 POLL_S = 0.5  # how often a waiting call checks that its shards' workers are still there
 _OPEN_LOCK = threading.Lock()  # two threads of one worker never open the same shard twice
+_ROWS = "row read"  # the fan-out of a ShardedArray read (not a Memory method: see _call_task)
+#: client -> {token: weak reference to its ServedMemory} for every memory opened through it and not yet closed;
+#: by token, so that a handle dropped without close() still has its shards released (release_opened)
+_OPENED: "weakref.WeakKeyDictionary[Any, dict[str, weakref.ref]]" = weakref.WeakKeyDictionary()
 
 
 def connect(address: str, timeout: float | None = None) -> Any:
@@ -103,7 +117,11 @@ def _open_task(token: str, path: str, open_kwargs: dict) -> dict:
 
 
 def _call_task(token: str, path: str, open_kwargs: dict, rows: int, method: str, args: tuple, kwargs: dict) -> Any:
-    return getattr(_resident(token, path, open_kwargs, rows), method)(*args, **kwargs)
+    m = _resident(token, path, open_kwargs, rows)
+    if method == _ROWS:  # args = (array name, slice | int64 [m] local rows): a plain ndarray in the stored dtype
+        name, idx = args
+        return np.array(getattr(m, name)[idx])
+    return getattr(m, method)(*args, **kwargs)
 
 
 def _release(token: str, dask_worker: Any = None) -> int:
@@ -117,7 +135,7 @@ def _release(token: str, dask_worker: Any = None) -> int:
 
 
 # ---- client side -----------------------------------------------------------------------------------------
-class ServedMemory(SpecProperties):
+class ServedMemory(SpecProperties, RowArrays):
     """A memory whose shards live on Dask workers; same read API as :class:`~reco_ref.memory.ShardedMemory`.
 
     State (why a class): the client, the shard → worker placement, which changes when a worker is lost,
@@ -139,6 +157,7 @@ class ServedMemory(SpecProperties):
         self.retries = retries
         self.poll_s = poll_s
         self._infos = [i["info"] for i in infos]
+        self._manifests = [i["manifest"] for i in infos]  # [S] each shard's manifest (files, score map)
         self._hnsw = infos[0]["manifest"]["hnsw"]
         self._token = token
         self._open_kwargs = open_kwargs
@@ -195,13 +214,16 @@ class ServedMemory(SpecProperties):
             except BaseException:
                 _release_all(client, token)
                 raise
-        return cls(root, client, spec, paths, infos, placement, token, kwargs, single=single, retries=retries,
-                   poll_s=poll_s)
+        mem = cls(root, client, spec, paths, infos, placement, token, kwargs, single=single, retries=retries,
+                  poll_s=poll_s)
+        _OPENED.setdefault(client, {})[token] = weakref.ref(mem)
+        return mem
 
     def close(self) -> None:
         """Release this handle's shards on the workers (the client itself stays open: it is the caller's)."""
         if self._token is not None:
             _release_all(self.client, self._token)
+            _OPENED.get(self.client, {}).pop(self._token, None)
             self._token = None
 
     def __enter__(self) -> "ServedMemory":
@@ -221,6 +243,25 @@ class ServedMemory(SpecProperties):
         if modality not in ("image", "text"):
             raise SearchError(f"modality: expected 'image' or 'text', got {modality!r}")
         return int(self._hnsw[modality]["dim"])
+
+    @property
+    def shards(self) -> list["ServedShard"] | None:
+        """One :class:`ServedShard` per shard (what :class:`~reco_ref.memory.ShardedMemory` has as ``shards``);
+        None for a single memory served whole (a :class:`~reco_ref.memory.Memory` has no shards either)."""
+        if self._single:
+            return None
+        return [ServedShard(self, i, m) for i, m in enumerate(self._manifests)]
+
+    def _array(self, name: str, shard: int | None = None) -> ShardedArray:
+        """``name`` ("image", "text", "image_keys") of every shard, or of ``shard`` alone, read on the workers."""
+        width = self.key_dim if name == "image_keys" else self.dim
+        which = list(range(len(self.paths))) if shard is None else [int(shard)]
+
+        def read(reqs: dict) -> dict:
+            res = self._fan_out(_ROWS, {which[j]: ((name, idx), {}) for j, idx in reqs.items()})
+            return {j: res[which[j]] for j in reqs}
+
+        return ShardedArray(read, self.sizes[which], width, self.dtype)
 
     # ---- fan-out ---------------------------------------------------------------------------------------
     def _fan_out(self, method: str, calls: dict[int, tuple[tuple, dict]]) -> dict[int, Any]:
@@ -246,7 +287,8 @@ class ServedMemory(SpecProperties):
             while True:
                 killed = None
                 try:
-                    wait(list(futures.values()), timeout=self.poll_s)
+                    with self.client.as_current():  # distributed.wait asks default_client(): ours, not another
+                        wait(list(futures.values()), timeout=self.poll_s)
                     out = dict(zip(futures, self.client.gather(list(futures.values()))))
                     done = True
                     return out
@@ -328,7 +370,8 @@ class ServedMemory(SpecProperties):
         ok = np.flatnonzero(flat >= 0)
         sh, local = self._locate(flat[ok])
         sel = {i: sh == i for i in np.unique(sh).tolist()}
-        res = self._fan_out("embeddings", {i: ((modality, local[m]), {}) for i, m in sel.items()})
+        # the workers send rows in the stored dtype (float16 memories: half the bytes); cast here, exactly
+        res = self._fan_out("embeddings", {i: ((modality, local[m]), {"stored": True}) for i, m in sel.items()})
         for i, m in sel.items():
             out[ok[m]] = res[i]
         return out.reshape(rows.shape + (dim,))
@@ -371,6 +414,38 @@ class ServedMemory(SpecProperties):
                 "shard_rows": [int(n) for n in self.sizes], "served": served}
 
 
+class ServedShard(RowArrays):
+    """Shard ``i`` of a :class:`ServedMemory` as the readers that walk a memory's shards see one
+    (:func:`~reco_ref.memory.score_map.memory_score_map`, :func:`reco_ref.eval.edge.memory_digest`): its ``root``,
+    ``manifest`` and rows (``image``, ``text``, ``image_keys``, ``vectors``), read from the worker holding it."""
+
+    def __init__(self, served: ServedMemory, i: int, manifest: dict):
+        self._served, self._i = served, i
+        self.root = Path(served.paths[i])
+        self.manifest = manifest
+        self.key_dim = served.key_dim
+
+    def __len__(self) -> int:
+        return int(self._served.sizes[self._i])
+
+    def _array(self, name: str) -> ShardedArray:
+        return self._served._array(name, shard=self._i)
+
+
+def release_opened(client: Any) -> int:
+    """Close every :class:`ServedMemory` opened through ``client`` and not closed, dropped ones included (their shards
+    leave the workers); returns how many.  What a verb's ``--scheduler`` run does on exit: the library functions it
+    calls open memories deep inside, and none of them stays resident on the cluster after the command."""
+    opened = _OPENED.pop(client, {})
+    for token, ref in opened.items():
+        mem = ref()
+        if mem is not None:
+            mem.close()  # marks the handle closed: a later call says so instead of re-opening shards
+        else:
+            _release_all(client, token)
+    return len(opened)
+
+
 def _alive(client: Any) -> list[str]:
     """Addresses of the workers in the cluster now (one scheduler round trip), sorted."""
     return sorted(client.nthreads())
@@ -383,4 +458,4 @@ def _release_all(client: Any, token: str) -> None:
         pass
 
 
-__all__ = ["ServedMemory", "connect", "CONNECT_TIMEOUT_S"]
+__all__ = ["ServedMemory", "ServedShard", "connect", "release_opened", "CONNECT_TIMEOUT_S"]

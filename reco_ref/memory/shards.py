@@ -18,8 +18,9 @@ the global top-k is in its own shard's top-k.)
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -31,6 +32,11 @@ from .search import check_queries, normalize_exclude
 from .store import Memory
 
 SHARDS_VERSION = 1
+#: a whole sharded array gathered by ``np.asarray`` goes to RAM up to this size, beyond it to an unlinked temporary
+#: file, memory-mapped (the client then holds only the pages in use; read at call time, tests lower it)
+GATHER_RAM_BYTES = 1 << 30
+#: rows read per shard per request when a whole array is gathered: bounds one answer (65536 x 768 x 4 B = 192 MiB)
+GATHER_ROWS = 65536
 
 
 def write_shards_manifest(root: str | Path, shard_dirs: list[str]) -> dict:
@@ -123,6 +129,164 @@ def merge_topk(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], offsets
     return rows, scores, rows >= 0
 
 
+def _gather_target(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """An empty ``shape`` array in RAM, or in an unlinked temporary file when larger than :data:`GATHER_RAM_BYTES`."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes <= GATHER_RAM_BYTES:
+        return np.empty(shape, dtype)
+    with tempfile.TemporaryFile(prefix="reco_ref-gather-") as fh:  # the mapping keeps the file until it is dropped
+        return np.memmap(fh, dtype=dtype, mode="w+", shape=shape)
+
+
+class ShardedArray:
+    """A read-only ``[n, d]`` array whose rows lie in shards, in global row order.
+
+    Reads: ``a[i]``, ``a[lo:hi]`` (any step), ``a[rows]`` (an integer array of any shape, negatives from the end, or
+    a boolean mask [n]) -> ndarray in the stored dtype; each shard is asked once per read, for its sorted, distinct
+    local rows.  ``np.asarray(a)`` gathers every row (:data:`GATHER_ROWS` rows per shard per request; into a
+    memory-mapped temporary file above :data:`GATHER_RAM_BYTES`).  ``shape``, ``dtype``, ``ndim``, ``len``.
+
+    Parameters
+    ----------
+    read : ``{shard: slice | int64 [m] ascending distinct local rows} -> {shard: ndarray [m, d]}`` — one call
+        reads from every shard named (a served memory runs them in parallel on the workers)
+    sizes : int [S] — rows per shard
+    width, dtype : d and the stored dtype
+    """
+
+    ndim = 2
+
+    def __init__(self, read: Callable[[dict], dict], sizes: Any, width: int, dtype: Any):
+        self._read = read
+        self.sizes = np.asarray(sizes, np.int64)  # [S]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)  # [S]
+        self.shape = (int(self.sizes.sum()), int(width))
+        self.dtype = np.dtype(dtype)
+
+    @classmethod
+    def of(cls, arrays: list[np.ndarray]) -> "ShardedArray":
+        """The view of in-process arrays (each shard's memory map), in shard order."""
+        def read(reqs: dict) -> dict:
+            return {i: np.asarray(arrays[i][idx]) for i, idx in reqs.items()}
+
+        return cls(read, [a.shape[0] for a in arrays], arrays[0].shape[1], arrays[0].dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, shards={len(self.sizes)})"
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        n = self.shape[0]
+        if isinstance(key, tuple):  # a[rows, cols]: not needed by any reader; refused rather than misread as rows
+            raise IndexError("a sharded array takes rows only (an integer, a slice, an integer or boolean array)")
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(n)
+            if step == 1:
+                return self._range(lo, max(lo, hi))
+            key = np.arange(lo, hi, step)
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+            return self[np.array([key])][0]
+        idx = np.asarray(key)
+        if idx.size == 0 and idx.dtype.kind == "f":  # a[[]]: no rows (numpy reads an empty list as integers)
+            idx = idx.astype(np.int64)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"boolean index of shape {idx.shape} for an array of {n} rows")
+            idx = np.flatnonzero(idx)
+        if idx.dtype.kind not in "iu":
+            raise IndexError("a sharded array takes rows only (an integer, a slice, an integer or boolean array)")
+        flat = idx.reshape(-1).astype(np.int64)
+        flat = np.where(flat < 0, flat + n, flat)
+        if flat.size and (flat.min() < 0 or flat.max() >= n):
+            raise IndexError(f"row index out of bounds for an array of {n} rows")
+        return self._rows(flat).reshape(idx.shape + (self.shape[1],))
+
+    def _rows(self, flat: np.ndarray) -> np.ndarray:
+        """global rows int64 [m] (in range) -> [m, d], one request per shard for its distinct rows."""
+        out = np.empty((flat.size, self.shape[1]), self.dtype)
+        if not flat.size:
+            return out
+        shard = np.searchsorted(self.offsets, flat, side="right") - 1  # the last shard starting at or before the row
+        asked = {}
+        for i in np.unique(shard).tolist():
+            pos = np.flatnonzero(shard == i)
+            uniq, inverse = np.unique(flat[pos] - self.offsets[i], return_inverse=True)
+            asked[i] = (pos, uniq, inverse.reshape(-1))
+        got = self._read({i: uniq for i, (_, uniq, _) in asked.items()})
+        for i, (pos, _, inverse) in asked.items():
+            out[pos] = got[i][inverse]
+        return out
+
+    def _range(self, lo: int, hi: int) -> np.ndarray:
+        """global rows [lo, hi) -> [hi - lo, d], each shard asked for its contiguous part."""
+        out = np.empty((hi - lo, self.shape[1]), self.dtype)
+        reqs = {}
+        for i, (off, size) in enumerate(zip(self.offsets.tolist(), self.sizes.tolist())):
+            a, b = max(lo, off), min(hi, off + size)
+            if a < b:
+                reqs[i] = slice(a - off, b - off)
+        if reqs:
+            got = self._read(reqs)
+            for i, sl in reqs.items():
+                out[self.offsets[i] + sl.start - lo:self.offsets[i] + sl.stop - lo] = got[i]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a sharded array is read from its shards: it cannot be viewed without a copy")
+        out = _gather_target(self.shape, self.dtype)
+        for lo in range(0, int(self.sizes.max(initial=0)), GATHER_ROWS):  # every shard's next block, one request
+            reqs = {i: slice(lo, min(lo + GATHER_ROWS, int(s))) for i, s in enumerate(self.sizes) if lo < s}
+            got = self._read(reqs)
+            for i, sl in reqs.items():
+                out[self.offsets[i] + sl.start:self.offsets[i] + sl.stop] = got[i]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+class RowArrays:
+    """``image``, ``text``, ``image_keys`` and ``vectors(modality)`` of a memory whose rows are read as
+    :class:`ShardedArray` views (``self._array(name)``): the attributes a single :class:`Memory` has as memory maps."""
+
+    key_dim: Any
+
+    def _array(self, name: str) -> ShardedArray:
+        raise NotImplementedError
+
+    @property
+    def image(self) -> ShardedArray:
+        """[n, D] image embeddings, in global row order."""
+        return self._array("image")
+
+    @property
+    def text(self) -> ShardedArray:
+        """[n, D] caption embeddings, in global row order."""
+        return self._array("text")
+
+    @property
+    def image_keys(self) -> ShardedArray | None:
+        """[n, Dk] image search keys, or None when the memory has none."""
+        return self._array("image_keys") if self.key_dim else None
+
+    def vectors(self, modality: str) -> ShardedArray:
+        """The rows ``modality``'s index is built on, as :meth:`Memory.vectors`: image keys (if any) or image
+        embeddings; text embeddings."""
+        if modality not in ("image", "text"):
+            raise SearchError(f"modality: expected 'image' or 'text', got {modality!r}")
+        if modality == "image":
+            return self.image_keys if self.key_dim else self.image
+        return self.text
+
+
 class SpecProperties:
     """The memory-wide facts a sharded memory reads from its ``shards.json`` spec (``self.spec``)."""
 
@@ -145,7 +309,7 @@ class SpecProperties:
         return self.spec["encoder"]["fingerprint"]
 
 
-class ShardedMemory(SpecProperties):
+class ShardedMemory(SpecProperties, RowArrays):
     """N :class:`Memory` shards with global row ids and the same search API as one memory."""
 
     def __init__(self, root: Path, spec: dict, shards: list[Memory]):
@@ -176,6 +340,9 @@ class ShardedMemory(SpecProperties):
 
     def search_dim(self, modality: str) -> int:
         return self.shards[0].search_dim(modality)
+
+    def _array(self, name: str) -> ShardedArray:
+        return ShardedArray.of([getattr(m, name) for m in self.shards])
 
     def _locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """global rows (>= 0) -> (shard index, local row)."""

@@ -13,20 +13,20 @@ continuing the same input.
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+# the one CSV and manifest reader (a shared helper: eval, train and classify read manifests through it too)
+from ..datasets import MANIFEST_COLUMNS, read_table, read_utf8
 from ..errors import MemoryFormatError
 from ..io import list_files, require_file
 from ..template_fmt import Pieces, fill_template, parse_template
 
-MANIFEST_COLUMNS = ("file", "label", "class_name", "split")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-MAX_FIELD = 1 << 20  # longest accepted CSV field / caption (bytes): a caption is a sentence, not a file
 
 
 def _image_path(base: Path, image: Any, where: str, allow_outside: bool) -> Path:
@@ -101,16 +101,7 @@ def _item(image: Path, caption: str | None, source: str, label=None, split=None,
 
 def _read_utf8(path: Path) -> str:
     """The text of ``path`` (UTF-8, a BOM allowed), or an error naming the file and the offending byte."""
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise MemoryFormatError(f"{path}: is a folder, expected a text file") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise MemoryFormatError(
-            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); re-save it as UTF-8") from None
+    return read_utf8(path, MemoryFormatError)
 
 
 def check_template(template: str, columns: Iterable[str], where: str) -> Pieces:
@@ -132,7 +123,14 @@ def require_pairs_file(path: Path) -> None:
 
 def read_pairs_csv(path: str | Path, *, split: str | None = None, caption_template: str | None = None,
                    allow_outside: bool = False) -> list[dict]:
-    """Read a pairs CSV (``image,caption`` [+ label, split, tags]) or a dataset manifest.
+    """Read a pairs CSV (``image,caption`` [+ label, split, tags]) or a dataset manifest: :func:`iter_pairs_csv`
+    collected."""
+    return list(iter_pairs_csv(path, split=split, caption_template=caption_template, allow_outside=allow_outside))
+
+
+def iter_pairs_csv(path: str | Path, *, split: str | None = None, caption_template: str | None = None,
+                   allow_outside: bool = False) -> Iterator[dict]:
+    """The items of a pairs CSV (``image,caption`` [+ label, split, tags]) or a dataset manifest.
 
     A dataset manifest (columns ``file,label,class_name,split``, as ``../shared/data/*/manifest.csv``)
     gets its captions from ``caption_template`` (e.g. ``"a photo of a {class_name}."``; default that
@@ -143,53 +141,34 @@ def read_pairs_csv(path: str | Path, *, split: str | None = None, caption_templa
     path = Path(path)
     require_pairs_file(path)
     base = path.parent.resolve()
-    text = _read_utf8(path)
-    old_limit = csv.field_size_limit()
-    try:
-        csv.field_size_limit(MAX_FIELD)
-        reader = csv.reader(text.splitlines(keepends=True))
-        cols = tuple(next(reader, ()))
-        # (line where the row ends, fields); blank lines skipped as csv.DictReader does
-        raw = [(reader.line_num, r) for r in reader if r]
-    except csv.Error as exc:
-        raise MemoryFormatError(f"{path}: not a readable CSV (line {reader.line_num}: {exc})") from None
-    finally:
-        csv.field_size_limit(old_limit)
-    if ("image" in cols and "caption" in cols) or all(c in cols for c in MANIFEST_COLUMNS):
-        for line, r in raw:
-            # csv would zip a short row with None and put extra fields under None: an unquoted comma in a
-            # caption silently cut it and an extra column silently vanished
-            if len(r) != len(cols):
-                raise MemoryFormatError(
-                    f"{path}: line {line}: {len(r)} fields, but the header has {len(cols)} {list(cols)!r:.300}; "
-                    'a field holding a comma must be quoted (e.g. "a dog, running")')
-    rows = [dict(zip(cols, r)) for _, r in raw]
+    cols, rows = read_table(path, error=MemoryFormatError)  # UTF-8, CSV grammar, field size and count: one line each
 
-    def where(i: int) -> str:
-        return f"{path}: row {i + 2}"
+    def where(line: int) -> str:
+        return f"{path}: row {line}"
 
     if "image" in cols and "caption" in cols:
-        items = []
-        for i, r in enumerate(rows):
+        for line, r in rows:
             if split is not None and r.get("split") != split:
                 continue
-            items.append(_item(_image_path(base, r["image"], where(i), allow_outside), _caption(r["caption"], where(i)),
-                               r["image"], _label(r.get("label"), where(i)), r.get("split"), r.get("tags")))
-        return items
+            yield _item(_image_path(base, r["image"], where(line), allow_outside),
+                        _caption(r["caption"], where(line)), r["image"], _label(r.get("label"), where(line)),
+                        r.get("split"), r.get("tags"))
+        return
     if all(c in cols for c in MANIFEST_COLUMNS):
         template = caption_template or "a photo of a {class_name}."
         pieces = check_template(template, cols, str(path))
-        items = []
-        for i, r in enumerate(rows):
+        found = False
+        for line, r in rows:
             if split is not None and r["split"] != split:
                 continue
             caption = fill_template(pieces, r)  # plain fields only: the caption is the template's text plus the row's
-            items.append(_item(_image_path(base, r["file"], where(i), allow_outside), _caption(caption, where(i)),
-                               r["file"], _label(r["label"], where(i)), r["split"]))
-        if split is not None and not items:
-            splits = sorted({str(r["split"]) for r in rows})
+            found = True
+            yield _item(_image_path(base, r["file"], where(line), allow_outside), _caption(caption, where(line)),
+                        r["file"], _label(r["label"], where(line)), r["split"])
+        if split is not None and not found:
+            splits = sorted({str(r["split"]) for _, r in rows})
             raise MemoryFormatError(f"{path}: no rows with split {split!r} (splits present: {splits})")
-        return items
+        return
     raise MemoryFormatError(
         f"{path}: columns {list(cols)} are neither a pairs CSV (image,caption) "
         f"nor a dataset manifest ({','.join(MANIFEST_COLUMNS)})"
@@ -198,10 +177,14 @@ def read_pairs_csv(path: str | Path, *, split: str | None = None, caption_templa
 
 def read_pairs_jsonl(path: str | Path, *, split: str | None = None, allow_outside: bool = False) -> list[dict]:
     """Read JSON lines ``{"image": ..., "caption": ..., ["label", "split", "tags"]}`` (paths relative to the file)."""
+    return list(iter_pairs_jsonl(path, split=split, allow_outside=allow_outside))
+
+
+def iter_pairs_jsonl(path: str | Path, *, split: str | None = None, allow_outside: bool = False) -> Iterator[dict]:
+    """The items of a JSON-lines pairs file, one at a time (:func:`read_pairs_jsonl`)."""
     path = Path(path)
     require_pairs_file(path)
     base = path.parent.resolve()
-    items = []
     for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -219,9 +202,8 @@ def read_pairs_jsonl(path: str | Path, *, split: str | None = None, allow_outsid
         if isinstance(tags, list) and all(isinstance(t, (str, int)) for t in tags):
             tags = ",".join(map(str, tags))
         tags = _text(tags, "tags", where)
-        items.append(_item(_image_path(base, r["image"], where, allow_outside), _caption(r.get("caption"), where),
-                           r["image"], _label(r.get("label"), where), sp, tags))
-    return items
+        yield _item(_image_path(base, r["image"], where, allow_outside), _caption(r.get("caption"), where),
+                    r["image"], _label(r.get("label"), where), sp, tags)
 
 
 def read_caption_folder(folder: str | Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[dict]:
@@ -231,26 +213,60 @@ def read_caption_folder(folder: str | Path, suffixes: Iterable[str] = IMAGE_SUFF
     build, never dropped); a sidecar that is not UTF-8 is an error naming it; a symbolic-link loop is an
     error naming the link (:func:`reco_ref.io.list_files`).
     """
+    return list(iter_caption_folder(folder, suffixes))
+
+
+def iter_caption_folder(folder: str | Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> Iterator[dict]:
+    """The items of a caption folder, one at a time (:func:`read_caption_folder`)."""
     root = Path(folder).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
-    items = []
     for p in list_files(root, suffixes):
         side = p.with_suffix(".txt")
         caption = _caption(_read_utf8(side).strip(), str(side)) if side.is_file() else None
-        items.append(_item(p, caption, str(p.relative_to(root))))
-    return items
+        yield _item(p, caption, str(p.relative_to(root)))
+
+
+def iter_pairs(path: str | Path, *, split: str | None = None, caption_template: str | None = None,
+               allow_outside: bool = False) -> Iterator[dict]:
+    """The items of ``path``, one at a time, in row order; what :func:`read_pairs` collects.
+
+    Dispatch on what ``path`` is: folder (sidecar captions), ``.jsonl``, else CSV/manifest.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return iter_caption_folder(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return iter_pairs_jsonl(path, split=split, allow_outside=allow_outside)
+    return iter_pairs_csv(path, split=split, caption_template=caption_template, allow_outside=allow_outside)
 
 
 def read_pairs(path: str | Path, *, split: str | None = None, caption_template: str | None = None,
                allow_outside: bool = False) -> list[dict]:
     """Dispatch on what ``path`` is: folder (sidecar captions), ``.jsonl``, else CSV/manifest."""
-    path = Path(path)
-    if path.is_dir():
-        return read_caption_folder(path)
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        return read_pairs_jsonl(path, split=split, allow_outside=allow_outside)
-    return read_pairs_csv(path, split=split, caption_template=caption_template, allow_outside=allow_outside)
+    return list(iter_pairs(path, split=split, caption_template=caption_template, allow_outside=allow_outside))
+
+
+def read_pairs_range(path: str | Path, lo: int, hi: int, **kwargs: Any) -> list[dict]:
+    """Items ``lo..hi-1`` of ``path`` (``kwargs`` as :func:`read_pairs`): what one task of a sharded build reads.
+
+    Only the range is kept; the items before it are read and checked on the way (the shared CSV reader,
+    :func:`reco_ref.datasets.read_table`, parses the whole file: this bounds the items held, not the text).
+    """
+    return list(itertools.islice(iter_pairs(path, **kwargs), int(lo), int(hi)))
+
+
+def scan_pairs(path: str | Path, *, head: int = 1000, **kwargs: Any) -> tuple[int, bool, list[dict]]:
+    """One pass over ``path`` holding no more than ``head`` items: ``(number of items, whether any caption can be
+    embedded, the first head items)``: what a sharded build's client needs (ranges, the caption check, the
+    estimate) without the item list."""
+    n, any_caption, first = 0, False, []
+    for it in iter_pairs(path, **kwargs):
+        if n < head:
+            first.append(it)
+        any_caption = any_caption or (isinstance(it.get("caption"), str) and bool(it["caption"].strip()))
+        n += 1
+    return n, any_caption, first
 
 
 def items_digest(items: list[dict]) -> str:

@@ -36,7 +36,9 @@ import numpy as np
 from ..errors import MemoryFormatError, RecoError, SearchError
 from ..io import load_npy
 from . import format as fmt
-from .index import ExactIndex, HnswIndex, check_groups, check_hnsw_header, check_hnsw_sample, hnsw_load
+from .exact import ExactIndex
+from .index import HnswIndex, check_hnsw_header, check_hnsw_sample, hnsw_load
+from .row_groups import check_groups
 from .search import MODALITIES, search_index
 
 
@@ -279,10 +281,11 @@ class Memory:
                             what=f"{'exact' if exact else 'HNSW'} {modality} index of {self.root}")
 
     # ---- gathering -------------------------------------------------------------------------------------
-    def embeddings(self, modality: str, rows: np.ndarray) -> np.ndarray:
+    def embeddings(self, modality: str, rows: np.ndarray, *, stored: bool = False) -> np.ndarray:
         """Embeddings of ``rows`` (any shape, −1 = missing) -> float32 ``rows.shape + (D,)``, zeros where missing.
 
-        ``modality``: "image", "text" or "image_keys".
+        ``modality``: "image", "text" or "image_keys".  ``stored=True``: in the memory's own dtype instead
+        (float16 rows stay float16: what a served shard sends, half the bytes; the cast to float32 is exact).
         """
         src = {"image": self.image, "text": self.text, "image_keys": self.image_keys}.get(modality)
         if src is None:
@@ -295,11 +298,12 @@ class Memory:
         ok = flat >= 0
         if (flat >= len(self)).any() or (flat < -1).any():
             raise SearchError(f"rows: ids must lie in [-1, {len(self) - 1}], found {flat.min()}..{flat.max()}")
-        out = np.zeros((flat.size, src.shape[1]), np.float32)
+        dtype = src.dtype if stored else np.float32
+        out = np.zeros((flat.size, src.shape[1]), dtype)
         sel = flat[ok]
         if sel.size:
             order = np.argsort(sel, kind="stable")  # sorted gathers read the memmap sequentially
-            out_ok = np.empty((sel.size, src.shape[1]), np.float32)
+            out_ok = np.empty((sel.size, src.shape[1]), dtype)
             out_ok[order] = src[sel[order]]
             finite = np.isfinite(out_ok).all(1)
             if not finite.all():  # never hand a NaN row to the fusion layer as a valid neighbour

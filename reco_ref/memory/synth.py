@@ -29,14 +29,13 @@ from typing import Iterator
 
 import numpy as np
 
+from ..datasets import read_manifest_rows
 from .index import exact_search
 
 
 def _image_paths(manifest: Path) -> list[Path]:
-    import csv
-
-    with open(manifest, newline="") as fh:
-        return [manifest.parent / r["file"] for r in csv.DictReader(fh)]
+    """Every image a dataset manifest lists (all splits, in order), read by the one manifest reader."""
+    return [manifest.parent / r["file"] for r in read_manifest_rows(manifest)]
 
 
 def pixel_features(manifests: list[Path], dim: int = 512, side: int = 32) -> np.ndarray:

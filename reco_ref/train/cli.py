@@ -9,7 +9,7 @@ import argparse
 
 from ..checks import float_option, int_option
 from ..checks import positive_int as _positive
-from ..options import ONNX_NO_BACKWARD, add_backend, add_k, add_memory, add_resume
+from ..options import ONNX_NO_BACKWARD, add_backend, add_k, add_memory, add_resume, add_scheduler
 
 # The numbers a recipe can mean: nan, inf and negatives reached the internals (or ended a run at save time).
 _nonneg = float_option(0.0)  # --lr, --min-lr, --weight-decay
@@ -33,7 +33,7 @@ def _cosine_or_off(text: str) -> float | None:
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """Training-recipe options shared by ``train`` and ``ablate`` (defaults = :class:`TrainConfig`'s)."""
-    from .loop import TrainConfig
+    from .recipe import TrainConfig
 
     d = TrainConfig()
     g = p.add_argument_group("recipe")
@@ -126,9 +126,12 @@ def register(sub) -> None:
                     "retrieving each pair's neighbours from a memory with its own row excluded. Writes OUT/best.npz "
                     "(best on validation), OUT/last.npz, OUT/log.jsonl, OUT/checkpoint.npz.")
     add_data_args(p)
+    add_scheduler(p, what="retrieve from them there (every --memory, --retrieval, --val-*; same weights)")
     add_recipe_args(p)
-    p.add_argument("--control", choices=("reco", "mlp"), default="reco",
-                   help="what is trained: the fusion layer (default) or the equal-size MLP control")
+    # --model names the encoder in every verb; the trained layer is --layer (--control: its old spelling)
+    p.add_argument("--layer", "--control", dest="control", choices=("reco", "mlp"), default="reco",
+                   help="which layer is trained: the fusion layer (default) or the equal-size MLP control "
+                        "(--control is its alias)")
     p.add_argument("--out", required=True, help="output folder")
     add_resume(p, help="continue from OUT/checkpoint.npz (bit-identical)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a finished run in OUT")

@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 
 from ..checks import check_float, check_int, memory_rows
+from ..datasets import read_split
 from ..errors import RecoError
 from ..template_fmt import check_templates
-from ..memory import Memory, read_pairs
+from ..memory import open_memory as open_any
+from ..reco.refine import check_backend
 from .checkpoint import run_lock
 from .loop import TrainConfig, TrainResult, ValSet, class_text_embeddings, train
 from .pairs import labels_of
@@ -24,14 +26,9 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def class_names_of(manifest: str | Path) -> list[str]:
-    """Class names indexed by label, from a dataset manifest (``file,label,class_name,split``)."""
-    items = read_pairs(manifest, caption_template="{class_name}")
-    names: dict[int, str] = {}
-    for it in items:
-        names.setdefault(int(it["label"]), it["caption"])
-    if sorted(names) != list(range(len(names))):
-        raise RecoError(f"{manifest}: labels are not 0..C-1")
-    return [names[i] for i in range(len(names))]
+    """Class names indexed by label, from a dataset manifest (``file,label,class_name,split``; every split), checked
+    by the one manifest reader (:func:`reco_ref.datasets.read_split`)."""
+    return read_split(manifest).class_names
 
 
 def _aligned(values: list | None, n: int, flag: str, of: str) -> list:
@@ -42,28 +39,12 @@ def _aligned(values: list | None, n: int, flag: str, of: str) -> list:
     return list(values)
 
 
-def open_memory(path: str) -> Memory:
-    """Open a training, retrieval or validation memory; one of 0 rows is refused (nothing to train on or retrieve)."""
-    mem = Memory.open(path, verify="size")
+def open_memory(path: str, client: Any = None) -> Any:
+    """Open a training, retrieval or validation memory of any kind; one of 0 rows is refused (nothing to train on or
+    retrieve). ``client``: a ``distributed.Client`` (``--scheduler``): served by its workers."""
+    mem = open_any(path, client=client, verify="size")
     memory_rows(mem)
     return mem
-
-
-def check_backend(backend: str) -> None:
-    """Refuse an unknown or uninstalled fusion backend, or ``cuda`` without a device, before any work.
-
-    ``get_backend("cuda")`` imports without a GPU (numba's CUDA module is importable anywhere); the first kernel
-    launch then failed deep in a run (``CudaSupportError``, after the run folder was written).
-    """
-    from ..fusion import get_backend
-
-    get_backend(backend)  # BackendUnavailableError is a RecoError (one-line CLI error)
-    if backend == "cuda":
-        from numba import cuda
-
-        if not cuda.is_available():  # True under NUMBA_ENABLE_CUDASIM=1 (the simulator) as well
-            raise RecoError("fusion backend 'cuda': no usable CUDA device/driver (numba.cuda.is_available() is "
-                            "False); use --backend numpy or numba")
 
 
 def check_config(cfg: TrainConfig, dim: int | None = None) -> TrainConfig:
@@ -85,7 +66,7 @@ def check_config(cfg: TrainConfig, dim: int | None = None) -> TrainConfig:
     return cfg
 
 
-def sources_from_args(a: argparse.Namespace) -> list[dict]:
+def sources_from_args(a: argparse.Namespace, client: Any = None) -> list[dict]:
     retr = _aligned(a.retrieval, len(a.memory), "--retrieval", "--memory")
     weights = _aligned(a.weight, len(a.memory), "--weight", "--memory")
     for w in weights:  # a share of batches: 0 or less collapsed the epoch to one step, NaN failed at save time
@@ -93,13 +74,13 @@ def sources_from_args(a: argparse.Namespace) -> list[dict]:
             check_float("--weight", w, 0.0, lo_open=True, error=RecoError)
     out = []
     for mem, r, w in zip(a.memory, retr, weights):
-        pairs = open_memory(mem)
-        retrieval = None if r in (None, "same") else open_memory(r)
+        pairs = open_memory(mem, client)
+        retrieval = None if r in (None, "same") else open_memory(r, client)
         out.append({"pairs": pairs, "retrieval": retrieval, "name": Path(mem).name, "weight": w})
     return out
 
 
-def val_sets_from_args(a: argparse.Namespace, encoder: Any = None) -> list[ValSet]:
+def val_sets_from_args(a: argparse.Namespace, encoder: Any = None, client: Any = None) -> list[ValSet]:
     if not a.val_memory:
         for flag in ("val_retrieval", "val_classes"):
             if getattr(a, flag):
@@ -120,12 +101,13 @@ def val_sets_from_args(a: argparse.Namespace, encoder: Any = None) -> list[ValSe
         encoder = load_encoder(a.model)
     out = []
     for mem, r, c in zip(a.val_memory, retr, classes):
-        pairs = open_memory(mem)
+        pairs = open_memory(mem, client)
         labels = labels_of(pairs)
         names = class_names_of(c)
         if labels.max() >= len(names):
             raise RecoError(f"{mem}: label {labels.max()} but {c} names only {len(names)} classes")
-        out.append(ValSet(Path(mem).name, pairs, open_memory(r), labels, class_text_embeddings(encoder, names, templates)))
+        out.append(ValSet(Path(mem).name, pairs, open_memory(r, client), labels,
+                          class_text_embeddings(encoder, names, templates)))
     return out
 
 
@@ -144,10 +126,18 @@ def config_from_args(a: argparse.Namespace, **override) -> TrainConfig:
 
 
 def train_command(a: argparse.Namespace) -> TrainResult:
+    """``reco-ref train``; with ``--scheduler`` every memory it names is served by that Dask cluster (same weights)."""
+    from ..memory import scheduler_client
+
+    with scheduler_client(getattr(a, "scheduler", None)) as client:
+        return _train_command(a, client)
+
+
+def _train_command(a: argparse.Namespace, client: Any) -> TrainResult:
     cfg: TrainConfig = check_config(config_from_args(a, model=a.control))
-    sources = sources_from_args(a)
+    sources = sources_from_args(a, client)
     check_config(cfg, dim=int(sources[0]["pairs"].dim))
-    vals = val_sets_from_args(a)
+    vals = val_sets_from_args(a, client=client)
     meta = {"command": "reco-ref " + " ".join(sys.argv[1:]),
             "trained_on": [{"memory": str(s["pairs"].root), "rows": len(s["pairs"]),
                             "retrieval": str(s["retrieval"].root) if s["retrieval"] is not None else "same"}

@@ -19,6 +19,9 @@ retrieval is fixed before the first step.
 
 ``model="mlp"`` trains the paper's control instead (:mod:`reco_ref.train.mlp`): an MLP of the same
 parameter count on the same neighbours with the same loss.
+
+What defines a run (:class:`TrainConfig`, :class:`ValSet`, :class:`TrainResult`) is :mod:`reco_ref.train.recipe`,
+re-exported here.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,188 +41,17 @@ from ..errors import CheckpointError, RecoError
 from ..failpoints import failpoint
 from ..fusion import RELEVANCE_NAMES, fusion_backward, fusion_forward, gated_scores, relevance_gate, score_features
 from ..io import atomic_save_npz, atomic_write_json, atomic_write_text, load_npz
+from ..reco.weights import RecoWeights, init_reco_weights, save_reco_weights
 from ..template_fmt import fill_class, parse_class_template
 from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import DEFAULT_TAU, reco_loss_backward, reco_loss_forward
 from .mlp import mlp_backward, mlp_forward, mlp_hidden_for, mlp_init
 from .optim import adamw_init, adamw_step, lr_at
 from .pairs import PreparedSource, epoch_batches, labels_of, prepare_source, score_map, search_rows
-from .weights import RecoWeights, init_reco_weights, save_reco_weights
+from .recipe import TrainConfig, TrainResult, ValSet
 
 __all__ = ["TrainConfig", "ValSet", "TrainResult", "train", "init_weights", "step0_weights", "class_text_embeddings", "save_mlp_weights",
            "load_mlp_weights"]
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (its hash guards checkpoints). Defaults marked [ours] in docs/training.md.
-
-    Attributes
-    ----------
-    k : neighbours per query (spec default 10)
-    search, fuse : "uni" | "cross" — default uni-modal search, cross-modal fusion (the paper)
-    dup_threshold_image : near-duplicate filter of image-index searches (0.98 [ours]; None = off)
-    dup_threshold_text : near-duplicate filter of text-index searches (None [ours]: identical class-template
-        captions of other rows are the signal; self-exclusion by row id removes the pair's own row)
-    unique_captions : each caption at most once per batch [ours]
-    exact_search : brute-force retrieval instead of HNSW
-    batch_size, epochs, lr, min_lr, warmup_steps, weight_decay : AdamW + warm-up/cosine (docs/reco.md §3)
-    loss_weights : the three RECO loss terms (equal [ours])
-    heads, mlp_ratio : fusion layer shape (8, 4 [ours])
-    model : "reco" (the fusion layer) | "mlp" (the equal-size MLP control)
-    seed : init, data order
-    backend : "numpy" | "numba" | "cuda" — the fusion layer's backend
-    loss_backend : backend of the InfoNCE terms ("numpy" [ours]: at training batch sizes the [B,B] loss is cheap
-        and NumPy's was faster than Numba's parallel kernel on a loaded 2-core machine; use "cuda" with a GPU)
-    steps_per_epoch : cap on batches per epoch (None = one full pass); the epoch's plan is shuffled, so a cap
-        takes a seeded subset of its batches — for short recipes on a slow machine
-    checkpoint_every : steps between checkpoints (also one at every epoch end)
-    select_on : "top1" (mean zero-shot top-1 over validation sets; ties keep the earlier) | "loss"
-    init : "identity" (docs/reco.md §2: x̄ = x at step 0) | "copy" [ours]: starts at x + α·mean(r) (``init_params``)
-    alpha : the copy init's gain α
-    relevance : the layer reads each neighbour's search score (docs/reco.md §2 "Relevance bias" [ours]); the score map
-        ``(s − center)/width`` is set from the first source's retrieval memory (``rel_map``)
-    rel_map : "unrelated" [ours, default]: centre and width = mean and std of the cosine between random rows;
-        "neighbour": centre = median cosine of a row to its nearest other row, width = the unrelated std (both
-        fixed in the weights); "memory" [ours]: the map is measured on whatever memory is searched — each training
-        source's own retrieval memory here, the evaluated memory at use time (``FusionConfig.rel_source``,
-        :mod:`reco_ref.memory.score_map`)
-    rel_beta, rel_gamma : initial β, γ of every head (relevance only)
-    train_groups : "all" (every array of φ_I, φ_T, and τ) | "relevance" (only rel_beta, rel_gamma and τ [ours]:
-        the layer cannot memorise the training classes' names — docs/training.md "Why training lost transfer")
-    guard_tolerance : [ours] how far (top-1) a guard validation set (``ValSet.guard``) may fall below its epoch-0
-        value in a keepable epoch
-    hold_threshold : [ours] train each head's β and γ with its gate threshold held: γ is tied to β by
-        ``γ = β·f* + ln k``, ``f* = (γ₀ − ln k)/β₀`` (the init's threshold, in memory widths), so a step changes how
-        sharply a head switches between query and neighbours but not *where* (docs/training.md "Threshold held").
-        The gradient of the tied parameter is ``∂L/∂β + f*·∂L/∂γ``; needs ``train_groups="relevance"`` and β₀ > 0
-    irrelevant_fraction : [ours] add, beside each source, an irrelevant-memory source of its pairs whose search
-        excludes every row of the query's own class, weighted ``fraction / (1 − fraction)`` of the source (needs
-        labelled memories); 0 = off
-    """
-
-    k: int = 10
-    search: str = "uni"
-    fuse: str = "cross"
-    dup_threshold_image: float | None = 0.98
-    dup_threshold_text: float | None = None
-    unique_captions: bool = True
-    exact_search: bool = False
-    batch_size: int = 64
-    epochs: int = 5
-    lr: float = 5e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 50
-    weight_decay: float = 0.2
-    loss_weights: tuple = (1.0, 1.0, 1.0)
-    heads: int = 8
-    mlp_ratio: int = 4
-    model: str = "reco"
-    seed: int = 0
-    backend: str = "numpy"
-    loss_backend: str = "numpy"
-    steps_per_epoch: int | None = None
-    checkpoint_every: int = 100
-    select_on: str = "top1"
-    init: str = "identity"
-    alpha: float = 1.0
-    relevance: bool = False
-    rel_beta: float = 1.0
-    rel_gamma: float = 0.0
-    rel_map: str = "unrelated"
-    train_groups: str = "all"
-    irrelevant_fraction: float = 0.0
-    guard_tolerance: float = 0.01
-    hold_threshold: bool = False
-
-    def check(self) -> None:
-        """One-line :class:`RecoError` for a bad field."""
-        if self.steps_per_epoch is not None and (isinstance(self.steps_per_epoch, bool) or self.steps_per_epoch < 1):
-            raise RecoError(f"steps_per_epoch: expected a positive integer or None, got {self.steps_per_epoch!r}")
-        for name in ("k", "batch_size", "epochs", "heads", "mlp_ratio", "checkpoint_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise RecoError(f"{name}: expected a positive integer, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**32:
-            raise RecoError(f"seed: expected an integer in [0, 2**32 - 1], got {self.seed!r}")
-        if self.batch_size < 2:
-            raise RecoError(f"batch_size: expected at least 2 (InfoNCE needs negatives), got {self.batch_size}")
-        for name, allowed in (("search", ("uni", "cross")), ("fuse", ("cross", "uni")), ("model", ("reco", "mlp")),
-                              ("backend", ("numpy", "numba", "cuda")), ("loss_backend", ("numpy", "numba", "cuda")),
-                              ("select_on", ("top1", "loss")), ("init", ("identity", "copy")),
-                              ("train_groups", ("all", "relevance")),
-                              ("rel_map", ("unrelated", "neighbour", "memory"))):
-            if getattr(self, name) not in allowed:
-                raise RecoError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
-        for name in ("lr", "min_lr", "weight_decay"):
-            v = float(getattr(self, name))
-            if not math.isfinite(v) or v < 0:
-                raise RecoError(f"{name}: expected a non-negative finite number, got {v}")
-        if not 0 <= float(self.guard_tolerance) < 1:
-            raise RecoError(f"guard_tolerance: expected a number in [0, 1), got {self.guard_tolerance!r}")
-        for name in ("alpha", "rel_beta", "rel_gamma"):
-            if not math.isfinite(float(getattr(self, name))):
-                raise RecoError(f"{name}: expected a finite number, got {getattr(self, name)}")
-        if self.alpha <= 0:
-            raise RecoError(f"alpha: expected > 0, got {self.alpha}")
-        if not 0.0 <= float(self.irrelevant_fraction) < 1.0:
-            raise RecoError(f"irrelevant_fraction: expected a number in [0, 1), got {self.irrelevant_fraction}")
-        if self.train_groups == "relevance" and not self.relevance:
-            raise RecoError("train_groups: 'relevance' needs relevance=True (the layer has no relevance arrays)")
-        if self.hold_threshold and (self.train_groups != "relevance" or not float(self.rel_beta) > 0):
-            raise RecoError("hold_threshold: needs train_groups='relevance' and rel_beta > 0 (the threshold "
-                            f"(γ − ln k)/β is undefined at β = {self.rel_beta})")
-        if self.model == "mlp" and (self.relevance or self.init != "identity"):
-            raise RecoError("model 'mlp': init/relevance apply to the fusion layer only")
-        if self.min_lr > self.lr:
-            raise RecoError(f"min_lr: {self.min_lr} is above lr {self.lr}")
-        if self.warmup_steps < 0:
-            raise RecoError(f"warmup_steps: expected >= 0, got {self.warmup_steps}")
-        for name in ("dup_threshold_image", "dup_threshold_text"):
-            v = getattr(self, name)
-            if v is not None and not (-1.0 < float(v) <= 1.0):
-                raise RecoError(f"{name}: expected a cosine in (-1, 1] or None, got {v}")
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["loss_weights"] = [float(x) for x in self.loss_weights]
-        return d
-
-
-@dataclass
-class ValSet:
-    """A held-out validation set: pairs (a memory of held-out rows), where they retrieve from, and labels.
-
-    Attributes
-    ----------
-    name : str
-    pairs : Memory — held-out image–caption rows (their loss and their images' zero-shot accuracy)
-    retrieval : Memory — the memory the queries retrieve from (the training rows; never the test split)
-    labels : int64 [N] — class of each pairs row
-    class_text : float32 [C, D] — class text embeddings (normalised mean of template embeddings)
-    guard : a do-no-harm guard [ours] instead of a selection set: validated every epoch but not averaged into the
-        selection score; an epoch whose top-1 on a guard falls more than ``TrainConfig.guard_tolerance`` below
-        that guard's epoch-0 value cannot be kept (e.g. queries of another domain against the training memory)
-    """
-
-    name: str
-    pairs: Any
-    retrieval: Any
-    labels: np.ndarray
-    class_text: np.ndarray
-    guard: bool = False
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns: final and best weights, and the validation history."""
-
-    last: Any
-    best: Any
-    history: list = field(default_factory=list)
-    best_record: dict | None = None
-    out: Path | None = None
-    steps: int = 0
 
 
 def class_text_embeddings(encoder: Any, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
@@ -503,6 +335,31 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
     if ckpt.exists() and not resume:
         raise CheckpointError(f"{ckpt} exists: pass resume=True (--resume) to continue that run, or choose another "
                               "output folder")
+    prepared, dim = _prepare_sources(sources, cfg)
+    vals = _prepare_vals(val, cfg)
+    plans, total = _plan_epochs(prepared, cfg)
+    config_hash = hashlib.sha256((json.dumps(cfg.to_json(), sort_keys=True) + _digest(prepared, vals)).encode()).hexdigest()
+    # score map of each module: statistics of the first source's retrieval memory (computed only when needed)
+    model = _Model(cfg, dim, score_map(prepared[0], cfg.rel_map) if cfg.relevance else None)
+    opt = adamw_init(model.flat)
+    meta = _run_meta(meta, sources, prepared, cfg, dim)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(cfg, out, ckpt, model, opt, meta, vals, state={})
+    run.state = _start_state(run, config_hash, total, resume)
+    if not run.state["validated_init"]:
+        _end_epoch(run, 0, None)  # the untrained modules are the identity: epoch 0 = the frozen encoder
+        run.state["validated_init"] = True
+        _save_checkpoint(run)
+    _run_epochs(run, prepared, plans, total, progress)
+    return _finish(run, config_hash)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the steps of train()
+# ------------------------------------------------------------------------------------------------------------
+def _prepare_sources(sources: Sequence[dict | PreparedSource], cfg: TrainConfig) -> tuple[list[PreparedSource], int]:
+    """Every training source with its neighbours resolved (plus its irrelevant-memory twin, ``irrelevant_fraction``)
+    -> (prepared sources, embedding dim D); one-line errors for no source, mixed dims, heads not dividing D."""
     if not sources:
         raise RecoError("sources: expected at least one training source (a memory of image–caption pairs)")
     prepared = []
@@ -525,19 +382,32 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
     dim = dims.pop()
     if cfg.model == "reco" and dim % cfg.heads:
         raise RecoError(f"heads: {cfg.heads} does not divide the sources' embedding dim {dim}; choose a divisor of {dim}")
+    return prepared, dim
+
+
+def _prepare_vals(val: Sequence[ValSet], cfg: TrainConfig) -> list[_PreparedVal]:
+    """The validation sets with their neighbours resolved; at least one must select (the rest may guard)."""
     vals = [_prepare_val(v, cfg) for v in val]
     if vals and all(p.guard for p in vals):
         raise RecoError("val: every validation set is a guard; at least one selection set is needed to choose an "
                         "epoch (guards only constrain the choice)")
+    return vals
+
+
+def _plan_epochs(prepared: Sequence[PreparedSource], cfg: TrainConfig) -> tuple[list[list], int]:
+    """Every epoch's batches ``[(source index, rows)]``, a pure function of ``(seed, epoch)``
+    -> (plans, total steps)."""
     plans = [epoch_batches(prepared, cfg.batch_size, seed=cfg.seed, epoch=e, unique_captions=cfg.unique_captions)
              [:cfg.steps_per_epoch] for e in range(cfg.epochs)]
     total = sum(len(p) for p in plans)
     if total == 0:
         raise RecoError(f"no training batch: every source has fewer than 2 rows per batch of {cfg.batch_size}")
-    config_hash = hashlib.sha256((json.dumps(cfg.to_json(), sort_keys=True) + _digest(prepared, vals)).encode()).hexdigest()
-    # score map of each module: statistics of the first source's retrieval memory (computed only when needed)
-    model = _Model(cfg, dim, score_map(prepared[0], cfg.rel_map) if cfg.relevance else None)
-    opt = adamw_init(model.flat)
+    return plans, total
+
+
+def _run_meta(meta: dict | None, sources: Sequence[dict | PreparedSource], prepared: Sequence[PreparedSource],
+              cfg: TrainConfig, dim: int) -> dict:
+    """The weights' ``meta``: the caller's fields, the encoder of the first memory source, the recipe and sources."""
     meta = dict(meta or {})
     first = next((s["pairs"] for s in sources if isinstance(s, dict)), None)
     if first is not None:
@@ -547,38 +417,85 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
                  "dup_threshold_image": cfg.dup_threshold_image, "dup_threshold_text": cfg.dup_threshold_text,
                  "seed": cfg.seed, "recipe": cfg.to_json(), "model": cfg.model,
                  "sources": [{"name": s.name, "pairs": len(s), "weight": s.weight} for s in prepared]})
-    out.mkdir(parents=True, exist_ok=True)
+    return meta
+
+
+@dataclass
+class _Run:
+    """What the steps of one :func:`train` call share (``state`` is what a checkpoint saves besides the arrays)."""
+
+    cfg: TrainConfig
+    out: Path
+    ckpt: Path
+    model: _Model
+    opt: dict
+    meta: dict
+    vals: list
+    state: dict
+
+
+def _start_state(run: _Run, config_hash: str, total: int, resume: bool) -> dict:
+    """The loop's state: read from the checkpoint when resuming (which restores the model's arrays and AdamW's in
+    place), else fresh, with ``config.json`` written."""
     state = {"config_hash": config_hash, "step": 0, "epoch": 0, "pos": 0, "best": None, "history": [],
              "validated_init": False, "run_loss": 0.0, "run_n": 0}  # run_*: this epoch's mean train loss so far
-    if resume and ckpt.exists():
-        state = load_checkpoint(ckpt, *_checkpointed(model, opt), config_hash)
-    else:
-        atomic_write_json(out / "config.json", {"config": cfg.to_json(), "config_hash": config_hash,
-                                                "total_steps": total, "meta": meta})
+    if resume and run.ckpt.exists():
+        return load_checkpoint(run.ckpt, *_checkpointed(run.model, run.opt), config_hash)
+    atomic_write_json(run.out / "config.json", {"config": run.cfg.to_json(), "config_hash": config_hash,
+                                                "total_steps": total, "meta": run.meta})
+    return state
 
-    def save_best(rec: dict) -> None:
-        m = dict(meta, selected={"epoch": rec["epoch"], "step": rec["step"], "select_on": cfg.select_on,
+
+def _save_checkpoint(run: _Run) -> None:
+    save_checkpoint(run.ckpt, *_checkpointed(run.model, run.opt), run.state)
+
+
+def _save_best(run: _Run, rec: dict) -> None:
+    m = dict(run.meta, selected={"epoch": rec["epoch"], "step": rec["step"], "select_on": run.cfg.select_on,
                                  "validation": rec.get("sets", [])})
-        _save_weights(out / "best.npz", model.snapshot(m), cfg)
+    _save_weights(run.out / "best.npz", run.model.snapshot(m), run.cfg)
 
-    def end_epoch(epoch_done: int, train_loss: float | None) -> None:
-        rec = _mean_record(epoch_done, state["step"], [_validate(model, pv, cfg) for pv in vals], train_loss)
-        if any(pv.guard for pv in vals):  # do-no-harm guards: an epoch that lost more than the tolerance is not kept
-            rec["guards_ok"] = _guard_ok(rec, state["history"][0] if state["history"] else None,
-                                         cfg.guard_tolerance)
-        state["history"].append(rec)
-        if not vals and epoch_done == cfg.epochs:  # no validation: the final weights are the kept ones
-            save_best(rec)
-        elif vals and rec.get("guards_ok", True) and _better(rec, state["best"], cfg.select_on):
-            state["best"] = rec
-            save_best(rec)
-        atomic_write_text(out / "log.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in state["history"]))
 
-    if not state["validated_init"]:
-        end_epoch(0, None)  # the untrained modules are the identity: epoch 0 = the frozen encoder
-        state["validated_init"] = True
-        save_checkpoint(ckpt, *_checkpointed(model, opt), state)
+def _end_epoch(run: _Run, epoch_done: int, train_loss: float | None) -> None:
+    """Validate, keep the weights when the epoch is the best keepable one so far, rewrite ``log.jsonl``."""
+    cfg, state, vals = run.cfg, run.state, run.vals
+    rec = _mean_record(epoch_done, state["step"], [_validate(run.model, pv, cfg) for pv in vals], train_loss)
+    if any(pv.guard for pv in vals):  # do-no-harm guards: an epoch that lost more than the tolerance is not kept
+        rec["guards_ok"] = _guard_ok(rec, state["history"][0] if state["history"] else None,
+                                     cfg.guard_tolerance)
+    state["history"].append(rec)
+    if not vals and epoch_done == cfg.epochs:  # no validation: the final weights are the kept ones
+        _save_best(run, rec)
+    elif vals and rec.get("guards_ok", True) and _better(rec, state["best"], cfg.select_on):
+        state["best"] = rec
+        _save_best(run, rec)
+    atomic_write_text(run.out / "log.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in state["history"]))
 
+
+def _train_step(model: _Model, opt: dict, cfg: TrainConfig, src: PreparedSource, idx: np.ndarray, step: int,
+                total: int) -> float:
+    """One optimiser step on the batch ``idx`` of ``src`` (the module docstring's five lines) -> its loss."""
+    v, t, nb_i, m_i, nb_t, m_t = src.batch(idx)
+    s_i, s_t = src.batch_scores(idx)
+    vb, ci = model.forward("image", v, nb_i, m_i, s_i, src)
+    tb, ct = model.forward("text", t, nb_t, m_t, s_t, src)
+    loss, lc = reco_loss_forward(vb, tb, v, t, float(model.tau), weights=cfg.loss_weights,
+                                 backend=cfg.loss_backend)
+    dvb, dtb, dtau = reco_loss_backward(lc)
+    grads = model.backward("image", ci, dvb) | model.backward("text", ct, dtb)
+    grads["tau"] = np.array(dtau, np.float64)
+    lr = lr_at(step, base_lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, total),
+               total_steps=total, min_lr=cfg.min_lr)
+    adamw_step(model.flat, grads, opt, lr, weight_decay=cfg.weight_decay)
+    model.hold()
+    return loss
+
+
+def _run_epochs(run: _Run, prepared: Sequence[PreparedSource], plans: list[list], total: int,
+                progress: bool) -> None:
+    """The remaining steps of every epoch from ``run.state`` on; checkpoints every ``checkpoint_every`` steps and
+    at each epoch end, after its validation."""
+    cfg, state = run.cfg, run.state
     bar = None
     if progress:
         from tqdm import tqdm
@@ -590,45 +507,39 @@ def train(sources: Sequence[dict | PreparedSource], out: str | os.PathLike, conf
             plan = plans[state["epoch"]]
             while state["pos"] < len(plan):
                 si, idx = plan[state["pos"]]
-                v, t, nb_i, m_i, nb_t, m_t = prepared[si].batch(idx)
-                s_i, s_t = prepared[si].batch_scores(idx)
-                vb, ci = model.forward("image", v, nb_i, m_i, s_i, prepared[si])
-                tb, ct = model.forward("text", t, nb_t, m_t, s_t, prepared[si])
-                loss, lc = reco_loss_forward(vb, tb, v, t, float(model.tau), weights=cfg.loss_weights,
-                                             backend=cfg.loss_backend)
-                dvb, dtb, dtau = reco_loss_backward(lc)
-                grads = model.backward("image", ci, dvb) | model.backward("text", ct, dtb)
-                grads["tau"] = np.array(dtau, np.float64)
-                lr = lr_at(state["step"], base_lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, total),
-                           total_steps=total, min_lr=cfg.min_lr)
-                adamw_step(model.flat, grads, opt, lr, weight_decay=cfg.weight_decay)
-                model.hold()
+                loss = _train_step(run.model, run.opt, cfg, prepared[si], idx, state["step"], total)
                 state["step"] += 1
                 state["pos"] += 1
                 state["run_loss"] += float(loss)
                 state["run_n"] += 1
                 pairs_done += len(idx)
                 if state["step"] % cfg.checkpoint_every == 0:
-                    save_checkpoint(ckpt, *_checkpointed(model, opt), state)
+                    _save_checkpoint(run)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", tau=f"{float(model.tau):.3f}",
+                    bar.set_postfix(loss=f"{loss:.3f}", tau=f"{float(run.model.tau):.3f}",
                                     pairs_s=f"{pairs_done / max(1e-9, time.perf_counter() - t0):.0f}")
                 failpoint("train.step", state["step"])  # docs/failpoints.md
             state["epoch"] += 1
             state["pos"] = 0
-            end_epoch(state["epoch"], state["run_loss"] / state["run_n"] if state["run_n"] else None)
+            _end_epoch(run, state["epoch"], state["run_loss"] / state["run_n"] if state["run_n"] else None)
             state["run_loss"], state["run_n"] = 0.0, 0
-            save_checkpoint(ckpt, *_checkpointed(model, opt), state)
+            _save_checkpoint(run)
     finally:
         if bar is not None:
             bar.close()
-    last = model.snapshot(dict(meta, selected={"epoch": cfg.epochs, "step": state["step"], "select_on": "last"}))
-    _save_weights(out / "last.npz", last, cfg)
-    best = _load_weights(out / "best.npz", cfg)
-    atomic_write_json(out / "result.json", {"steps": state["step"], "best": state["best"],
-                                            "history": state["history"], "config_hash": config_hash})
-    return TrainResult(last=last, best=best, history=state["history"], best_record=state["best"], out=out,
+
+
+def _finish(run: _Run, config_hash: str) -> TrainResult:
+    """Write ``last.npz`` and ``result.json``; read back the kept ``best.npz``."""
+    cfg, state = run.cfg, run.state
+    last = run.model.snapshot(dict(run.meta, selected={"epoch": cfg.epochs, "step": state["step"],
+                                                       "select_on": "last"}))
+    _save_weights(run.out / "last.npz", last, cfg)
+    best = _load_weights(run.out / "best.npz", cfg)
+    atomic_write_json(run.out / "result.json", {"steps": state["step"], "best": state["best"],
+                                                "history": state["history"], "config_hash": config_hash})
+    return TrainResult(last=last, best=best, history=state["history"], best_record=state["best"], out=run.out,
                        steps=state["step"])
 
 
@@ -640,6 +551,6 @@ def _save_weights(path: Path, w: Any, cfg: TrainConfig) -> None:
 
 
 def _load_weights(path: Path, cfg: TrainConfig) -> Any:
-    from .weights import load_reco_weights
+    from ..reco.weights import load_reco_weights
 
     return load_reco_weights(path) if cfg.model == "reco" else load_mlp_weights(path)

@@ -29,7 +29,7 @@ import numpy as np
 from ..checks import check_array
 from ..backends import backend_function, backend_of_cache
 from ..errors import ShapeError
-from ..fusion.constants import MAX_SCALE  # clamp of the scale s = exp(τ), shared with the backends
+from ..fusion.constants import DEFAULT_TAU, MAX_SCALE  # τ at init; clamp of the scale s = exp(τ), shared with the backends
 
 __all__ = [
     "DEFAULT_TAU",
@@ -39,9 +39,6 @@ __all__ = [
     "reco_loss_forward",
     "reco_loss_backward",
 ]
-
-#: τ at initialisation: log(1/0.07), as CLIP (docs/reco.md §3).
-DEFAULT_TAU = math.log(1.0 / 0.07)
 
 
 def _check_tau(tau) -> float:

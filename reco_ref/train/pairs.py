@@ -12,7 +12,7 @@ retrieval memory are the same rows, and a pair's own row is excluded from its ne
 
 With a separate retrieval memory (e.g. training with 1 % of the memory), a pair's own row there is found
 by an exact ``k=1`` self-match of its image search vector (cosine ≥ 0.9999, the same image through the same
-encoder) — :func:`own_rows`.
+encoder) — :func:`reco_ref.reco.refine.own_rows`.
 
 Choices [ours], each an option of :class:`SourceOptions` / the training config:
 
@@ -37,29 +37,14 @@ import numpy as np
 
 from ..errors import RecoError, SearchError
 from ..memory import search_index
-from ..memory.index import ExactIndex
+from ..memory.exact import ExactIndex
+from ..reco.refine import own_rows
 
-__all__ = ["SELF_MATCH_COSINE", "own_rows", "search_rows", "fed_modality", "caption_groups", "PreparedSource",
+__all__ = ["search_rows", "fed_modality", "caption_groups", "PreparedSource",
            "unrelated_score_stats", "nearest_score_median", "score_map",
            "prepare_source", "epoch_batches", "labels_of"]
 
-#: cosine at or above which a memory image counts as the query image itself (float32 rounding of 1.0)
-SELF_MATCH_COSINE = 0.9999
 _CHUNK = 2048  # queries per search call: bounds the search's temporary arrays
-
-
-def own_rows(memory: Any, search_vectors: np.ndarray, *, threshold: float = SELF_MATCH_COSINE) -> np.ndarray:
-    """The memory row holding each query image itself (exact k=1 self-match, cosine ≥ ``threshold``), or -1.
-
-    ``search_vectors`` [N, Dk] are what the memory's image index holds (image keys where ``memory.key_dim``
-    is set, else image embeddings). Returns int64 [N].
-    """
-    out = np.full(len(search_vectors), -1, np.int64)
-    for lo in range(0, len(search_vectors), _CHUNK):
-        rows, scores, valid = memory.search(np.asarray(search_vectors[lo:lo + _CHUNK]), modality="image", k=1,
-                                            exact=True)
-        out[lo:lo + _CHUNK] = np.where(valid[:, 0] & (scores[:, 0] >= threshold), rows[:, 0], -1)
-    return out
 
 
 def fed_modality(query_modality: str, fuse: str) -> str:

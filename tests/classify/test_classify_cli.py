@@ -16,15 +16,6 @@ from reco_ref.memory import build_memory, read_pairs
 ENC = "classify_testlib:make_encoder"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cache_in_tmp(tmp_path_factory):
-    """`classify` caches embeddings by default in the user's cache: keep the tests' entries out of $HOME."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RECO_REF_CACHE", str(tmp_path_factory.mktemp("emb-cache")))
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("classify")

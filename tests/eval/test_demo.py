@@ -50,7 +50,7 @@ def _pairs() -> list[dict]:
 def demo_run(tmp_path_factory):
     """One verbose run of the demo on the shipped data: (results dict, printed report, out dir)."""
     from reco_ref.encoders import load
-    from reco_ref.train.weights import init_reco_weights, save_reco_weights
+    from reco_ref.reco.weights import init_reco_weights, save_reco_weights
 
     out = tmp_path_factory.mktemp("demo")
     enc = load("reco-mini")
@@ -112,7 +112,7 @@ def test_demo_fusion_is_identity_at_init(demo_run):
         assert term == pytest.approx(f["infonce_frozen"], rel=1e-5)
     assert f["reco_loss_init"] == pytest.approx(3 * f["infonce_frozen"], rel=1e-5)
     assert f["infonce_frozen"] > 0 and math.isfinite(f["infonce_frozen"])
-    # step 4b: the trained weights given (identity here) go through train.refine and give the frozen numbers
+    # step 4b: the trained weights given (identity here) go through reco.refine and give the frozen numbers
     assert f["trained_weights"].endswith("identity.npz")
     assert ev["zero_shot_reco_trained"] == ev["zero_shot_frozen"]
     assert "RECO with trained φ" in demo_run[1]

@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     from reco_ref.encoders import load
     from reco_ref.eval.data import embed_split, read_split
     from reco_ref.memory import build_memory_from_arrays, read_pairs_csv
-    from reco_ref.train.weights import init_reco_weights, save_reco_weights
+    from reco_ref.reco.weights import init_reco_weights, save_reco_weights
 
     root = tmp_path_factory.mktemp("evalcli")
     with open(DEMO / "pairs.csv", newline="", encoding="utf-8") as fh:
@@ -118,7 +118,7 @@ def test_eval_fusion_none_reports_the_references_only(setup, tmp_path, capsys):
 
 
 def test_eval_without_shipped_weights_says_how_to_pass_fusion(setup, tmp_path, capsys, monkeypatch):
-    import reco_ref.train.weights as weights
+    import reco_ref.reco.weights as weights
 
     monkeypatch.setattr(weights, "default_weights_path", lambda name="reco-mini": tmp_path / "none" / "fusion.npz")
     err = _one_line_error(capsys, _eval(setup, "--json", str(tmp_path / "x.json")), "eval")
@@ -128,7 +128,7 @@ def test_eval_without_shipped_weights_says_how_to_pass_fusion(setup, tmp_path, c
 
 def test_eval_mismatches_are_one_line_errors(setup, tmp_path, capsys):
     from reco_ref.memory import build_memory_from_arrays
-    from reco_ref.train.weights import init_reco_weights, save_reco_weights
+    from reco_ref.reco.weights import init_reco_weights, save_reco_weights
 
     save_reco_weights(tmp_path / "w16.npz", init_reco_weights(16, heads=4))
     err = _one_line_error(capsys, _eval(setup, "--fusion", str(tmp_path / "w16.npz")), "eval")
@@ -240,7 +240,7 @@ def test_eval_on_a_flowers102_slice(shared_data, tmp_path):
     from reco_ref.eval.data import read_split
     from reco_ref.eval.evaluate import evaluate_dataset
     from reco_ref.memory import build_memory, read_pairs_csv
-    from reco_ref.train.weights import init_reco_weights, save_reco_weights
+    from reco_ref.reco.weights import init_reco_weights, save_reco_weights
 
     train = read_split(shared_data / "flowers102", "train")
     test = read_split(shared_data / "flowers102", "test")
@@ -267,8 +267,8 @@ def test_query_with_memory_relative_weights_reports_the_gate_and_scores_like_eva
     from reco_ref.eval.templates import class_embeddings, resolve_templates
     from reco_ref.fusion import gated_scores
     from reco_ref.memory import Memory
-    from reco_ref.train.refine import refine
-    from reco_ref.train.weights import init_reco_weights, save_reco_weights
+    from reco_ref.reco.refine import refine
+    from reco_ref.reco.weights import init_reco_weights, save_reco_weights
 
     enc = setup["enc"]
     w = init_reco_weights(enc.dim, init="copy", k=4, relevance=True, rel_beta=2.0, rel_gamma=-4.0,

@@ -8,7 +8,7 @@ from reco_ref.eval.evaluate import weights_saw
 from reco_ref.eval.report import method_rows, zero_shot_chart_groups, zero_shot_markdown
 from reco_ref.io import sha256_file
 from reco_ref.paths import weights_file
-from reco_ref.train.weights import init_reco_weights, load_reco_weights
+from reco_ref.reco.weights import init_reco_weights, load_reco_weights
 
 
 def _manifest(tmp_path, name, body):

@@ -13,7 +13,7 @@ from reco_ref.eval.data import caption_classes, memory_class_labels, own_rows
 from reco_ref.eval.report import bar_chart_png, markdown_table, write_report
 from reco_ref.eval.zeroshot import MODES, evaluate_zero_shot, surrogate_refine
 from reco_ref.memory import Memory, build_memory_from_arrays
-from reco_ref.train.weights import init_reco_weights
+from reco_ref.reco.weights import init_reco_weights
 
 D, C, PER = 64, 4, 10
 NAMES = ["rose", "tulip", "daisy", "iris"]
@@ -79,9 +79,9 @@ def test_trained_looking_weights_change_reco_and_modes_differ(world):
                            mode="image")
     assert r["reco"] == r["by_mode"]["reco"]["image"]
     assert r["by_mode"]["reco"]["none"] == r["frozen"]
-    # each mode is the metrics of the refined sides it names, refined by train.refine with these weights
+    # each mode is the metrics of the refined sides it names, refined by reco.refine with these weights
     from reco_ref.eval.metrics import classification_metrics
-    from reco_ref.train.refine import refine
+    from reco_ref.reco.refine import refine
 
     v_bar = refine(w.image, world["mem"], world["q_img"], "image", k=5)[0]
     t_bar = refine(w.text, world["mem"], world["cls"], "text", k=5)[0]

@@ -19,7 +19,7 @@ from reco_ref.eval.edge import (check_class_text, is_image_only, load_class_text
 from reco_ref.eval.evaluate import make_class_text, query
 from reco_ref.fusion.onnx_backend import params_digest
 from reco_ref.memory import build_memory_from_arrays
-from reco_ref.train.weights import default_weights_path, load_reco_weights, save_reco_weights
+from reco_ref.reco.weights import default_weights_path, load_reco_weights, save_reco_weights
 
 NAMES = ["bird", "boat", "car", "dog", "fish", "fruit"]
 

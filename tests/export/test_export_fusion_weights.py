@@ -1,7 +1,7 @@
 """``export-fusion`` on the weights files the project itself writes (issue 20, class 5).
 
 The shipped ``weights/reco-mini-fusion/fusion.npz`` and every ``best.npz`` / ``last.npz`` of ``reco-ref train`` are
-RECO weights (:mod:`reco_ref.train.weights`): besides the scalar ``tau`` they carry ``meta_utf8``, the JSON
+RECO weights (:mod:`reco_ref.reco.weights`): besides the scalar ``tau`` they carry ``meta_utf8``, the JSON
 description of the run stored one byte per element. The export refused them ("extra 'meta_utf8' has shape (2828,),
 expected a scalar"), after writing half its output; the older tests used weights without that extra. Now the
 description goes into the manifest as ``meta``, and anything the export cannot represent is refused before a
@@ -54,7 +54,7 @@ def test_export_the_shipped_weights(tmp_path, capsys):
     manifest = json.loads((out / "fusion_onnx.json").read_text())
     assert sorted(manifest["modules"]) == ["image", "text"]
     assert set(manifest["extras"]) == {"tau"} and np.isfinite(manifest["extras"]["tau"])
-    from reco_ref.train.weights import load_reco_weights
+    from reco_ref.reco.weights import load_reco_weights
 
     assert manifest["meta"] == load_reco_weights(SHIPPED).meta  # the run's description, as JSON
     _same_outputs(SHIPPED, out)

@@ -247,13 +247,14 @@ def test_the_check_catches_a_reverted_step(rng):
 
 
 #: constants that live in reco_ref/fusion/constants.py and must not be redefined by a backend
-_CONSTANT_PATTERNS = [r"\b1e-5\b", r"math\.sqrt\(2(\.0)?\)", r"math\.sqrt\(2(\.0)? \* math\.pi\)", r"=\s*100\.0\b"]
+_CONSTANT_PATTERNS = [r"\b1e-5\b", r"math\.sqrt\(2(\.0)?\)", r"math\.sqrt\(2(\.0)? \* math\.pi\)", r"=\s*100\.0\b",
+                      r"(math|np)\.log\(1(\.0)?\s*/\s*0\.07\)"]  # the last: DEFAULT_TAU
 
 
 def test_constants_are_defined_once():
     root = Path(R.__file__).resolve().parent  # reco_ref/fusion
     files = [root / "reference.py", *sorted((root / "numba_cpu").glob("*.py")), *sorted((root / "cuda").glob("*.py")),
-             root.parent / "train" / "losses.py"]  # fmt: skip
+             root.parent / "train" / "losses.py", root.parent / "reco" / "weights.py"]  # fmt: skip
     hits = [f"{f.relative_to(root.parent)}:{i}: {line.strip()}"
             for f in files for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
             if not line.lstrip().startswith("#") and any(re.search(p, line) for p in _CONSTANT_PATTERNS)]  # fmt: skip

@@ -326,7 +326,8 @@ def test_unknown_backend_and_missing_module(setup32, monkeypatch):
         fusion_forward(p, q, r, m, backend="tpu")
     from reco_ref import fusion
 
-    monkeypatch.setitem(fusion.BACKENDS, "cuda", ("reco_ref.fusion._no_such_backend", "the cuda extra: pip install -e \".[cuda]\""))
+    monkeypatch.setitem(fusion.BACKENDS, "cuda", fusion.BACKENDS["cuda"]._replace(
+        module="reco_ref.fusion._no_such_backend", install="the cuda extra: pip install -e \".[cuda]\""))
     with pytest.raises(ImportError, match=r"cuda.*\[cuda\]") as info:
         get_backend("cuda")
     assert isinstance(info.value, BackendUnavailableError)  # a RecoError too: the CLI prints it in one line

@@ -124,7 +124,7 @@ def world(tmp_path_factory):
     (a / "garbage.npz").write_bytes(bytes(rng.integers(0, 256, 4096, np.uint8)))
     (a / "empty.npz").write_bytes(b"")
     w.fusion32 = _fusion(root / "fusion32.npz", 32)
-    from reco_ref.train.weights import init_reco_weights, save_reco_weights
+    from reco_ref.reco.weights import init_reco_weights, save_reco_weights
 
     w.reco32 = root / "reco32.npz"  # RECO weights (image.*, text.*, tau, meta), as train writes them
     save_reco_weights(w.reco32, init_reco_weights(32, heads=4, seed=0))
@@ -922,7 +922,7 @@ def _ablate_ok(t: Path) -> None:
 
 
 def _train_ok(t: Path) -> None:
-    from reco_ref.train.weights import load_reco_weights
+    from reco_ref.reco.weights import load_reco_weights
 
     w = load_reco_weights(t / "out" / "best.npz")
     assert w is not None

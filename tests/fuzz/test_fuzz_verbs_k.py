@@ -82,8 +82,8 @@ def test_refine_and_surrogate_cap_k_at_the_memory(mini):
     [N,k] before), with every column of a 3-row memory a valid neighbour."""
     from reco_ref.eval.zeroshot import evaluate_zero_shot, surrogate_refine
     from reco_ref.memory import Memory
-    from reco_ref.train.refine import refine
-    from reco_ref.train.weights import init_reco_weights
+    from reco_ref.reco.refine import refine
+    from reco_ref.reco.weights import init_reco_weights
 
     enc = mini["enc"]
     mem = Memory.open(mini["mem"][3], encoder=enc)
@@ -106,8 +106,8 @@ def test_library_refuses_an_empty_memory(mini):
     from reco_ref.errors import RecoError
     from reco_ref.eval.zeroshot import surrogate_refine
     from reco_ref.memory import Memory
-    from reco_ref.train.refine import refine
-    from reco_ref.train.weights import init_reco_weights
+    from reco_ref.reco.refine import refine
+    from reco_ref.reco.weights import init_reco_weights
 
     enc = mini["enc"]
     mem = Memory.open(mini["mem"][0], encoder=enc)

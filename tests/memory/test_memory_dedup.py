@@ -18,7 +18,7 @@ import pytest
 from reco_ref.errors import MemoryFormatError, RecoError
 from reco_ref.memory import Memory, add_arrays_to_memory, build_memory_from_arrays
 from reco_ref.memory import build as build_mod
-from reco_ref.memory import index as index_mod
+from reco_ref.memory import row_groups as row_groups_mod
 from reco_ref.memory.index import expand_groups, group_table, row_groups
 
 C, R, D = 100, 60, 32  # classes, copies of each caption, dim
@@ -275,7 +275,7 @@ def test_row_groups_survives_hash_collisions(monkeypatch):
     x = base[pick]
     want = np.array([np.flatnonzero(pick == p)[0] for p in pick])
     np.testing.assert_array_equal(row_groups(x), want)
-    monkeypatch.setattr(index_mod, "_row_hashes", lambda v, block=0: np.zeros(v.shape[0], np.uint64))
+    monkeypatch.setattr(row_groups_mod, "_row_hashes", lambda v, block=0: np.zeros(v.shape[0], np.uint64))
     np.testing.assert_array_equal(row_groups(x), want)  # every row collides: regrouped by bytes
     np.testing.assert_array_equal(row_groups(x.astype(np.float16)), want)
 

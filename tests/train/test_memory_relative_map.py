@@ -20,8 +20,8 @@ from reco_ref.memory import ShardedMemory, write_shards_manifest
 from reco_ref.memory.score_map import SAME_VECTOR, memory_score_map, space_score_map
 from reco_ref.train.loop import TrainConfig, ValSet, train
 from reco_ref.train.pairs import prepare_source, score_map
-from reco_ref.train.refine import refine, retrieve_for
-from reco_ref.train.weights import load_reco_weights
+from reco_ref.reco.refine import refine, retrieve_for
+from reco_ref.reco.weights import load_reco_weights
 
 from train_testlib import build, clustered, make_run_data
 
@@ -269,7 +269,7 @@ def test_zero_shot_reports_the_gate_and_falls_back_on_a_far_memory(tmp_path):
     """Queries that the memory does not cover: RECO with the gate scores what the frozen encoder scores (the
     class text is refined with this memory, the gate keeps the frozen class text for these queries)."""
     from reco_ref.eval.zeroshot import evaluate_zero_shot
-    from reco_ref.train.weights import init_reco_weights
+    from reco_ref.reco.weights import init_reco_weights
 
     image, text, keys, labels, class_text = clustered(240, 32, 12, seed=3, key_dim=48, noise=0.15)
     mem = build(tmp_path / "tight", image, text, keys)

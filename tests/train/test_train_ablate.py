@@ -81,7 +81,7 @@ def test_ablate_relevance_recipe_untrained_row_is_the_start(tmp_path):
     arms = [r["arm"] for r in res["rows"]]
     assert arms == ["untrained", "k", "mlp"]
     from reco_ref.train.loop import TrainConfig, step0_weights
-    from reco_ref.train.weights import load_reco_weights
+    from reco_ref.reco.weights import load_reco_weights
 
     w = load_reco_weights(tmp_path / "abl" / "arm-uni-cross" / "best.npz")
     cfg = TrainConfig(k=5, heads=4, init="copy", relevance=True, train_groups="relevance", rel_map="neighbour")

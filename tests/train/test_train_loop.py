@@ -12,10 +12,11 @@ import pytest
 
 from reco_ref.errors import CheckpointError
 from reco_ref.memory import Memory
+from reco_ref.reco.refine import own_rows
+from reco_ref.reco.weights import load_reco_weights
 from reco_ref.train import loop as loop_mod
 from reco_ref.train.loop import TrainConfig, ValSet, train
-from reco_ref.train.pairs import caption_groups, epoch_batches, own_rows, prepare_source
-from reco_ref.train.weights import load_reco_weights
+from reco_ref.train.pairs import caption_groups, epoch_batches, prepare_source
 
 from train_testlib import build, clustered, make_run_data
 

@@ -14,8 +14,8 @@ from reco_ref.errors import RecoError, ShapeError
 from reco_ref.fusion import RELEVANCE_NAMES, fusion_forward, score_features
 from reco_ref.train.loop import TrainConfig, ValSet, train
 from reco_ref.train.pairs import labels_of, nearest_score_median, prepare_source, score_map, unrelated_score_stats
-from reco_ref.train.refine import refine, retrieve_for
-from reco_ref.train.weights import load_reco_weights
+from reco_ref.reco.refine import refine, retrieve_for
+from reco_ref.reco.weights import load_reco_weights
 
 from train_testlib import make_run_data
 
@@ -71,7 +71,7 @@ def test_relevance_training_moves_only_beta_gamma_tau_and_keeps_the_score_map(da
     r = train([{"pairs": data["train"]}], tmp_path / "a", TrainConfig(**CFG, irrelevant_fraction=0.5),
               val=_val(data), progress=False)
     w0 = load_reco_weights(tmp_path / "a" / "last.npz")
-    from reco_ref.train.weights import init_reco_weights
+    from reco_ref.reco.weights import init_reco_weights
 
     src = prepare_source(data["train"], k=5, exact=True)
     start = init_reco_weights(w0.dim, heads=4, init="copy", k=5, relevance=True,

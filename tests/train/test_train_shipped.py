@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reco_ref.train.weights import check_weights_match, default_weights_path, load_reco_weights
+from reco_ref.reco.weights import check_weights_match, default_weights_path, load_reco_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("RECO_REF_EMB_CACHE", "/work/cache/emb"))

@@ -1,4 +1,5 @@
-r"""Retrieval-enhance a batch of embeddings with a memory and a fusion module (docs/reco.md §1–§2, inference).
+r"""Apply the model: retrieval-enhance a batch of embeddings with a memory and a fusion module (docs/reco.md
+§1–§2, inference).
 
 .. math::
 
@@ -14,6 +15,10 @@ One case needs an index the memory does not store: a *text* query searched cross
 whose image index holds search keys (``memory.key_dim`` set, e.g. reco-mini's 1024-d keys) — text
 embeddings live in the D-dim joint space, not the key space. That search then runs exactly (brute force)
 over the memory's image *embeddings* ``V^M``, with the same exclusion and padding rules.
+
+Two checks every caller runs before it: :func:`check_backend` (the fusion backend is usable here, ``cuda`` with a
+device) and :func:`own_rows` (the memory row holding each query image itself, to ``exclude`` it from its own
+neighbours).
 """
 
 from __future__ import annotations
@@ -23,12 +28,45 @@ from typing import Any
 import numpy as np
 
 from ..checks import cap_k, check_array
-from ..errors import SearchError, ShapeError
+from ..errors import RecoError, SearchError, ShapeError
 from ..fusion import fusion_forward, get_backend, relevance_gate, relevance_of, score_features
 from ..memory import retrieve, search_index
-from ..memory.index import ExactIndex
+from ..memory.exact import ExactIndex
 
-__all__ = ["refine", "retrieve_for", "searched_score_map"]
+__all__ = ["refine", "retrieve_for", "searched_score_map", "own_rows", "SELF_MATCH_COSINE", "check_backend"]
+
+#: cosine at or above which a memory image counts as the query image itself (float32 rounding of 1.0)
+SELF_MATCH_COSINE = 0.9999
+_CHUNK = 2048  # queries per self-match search call: bounds the search's temporary arrays
+
+
+def check_backend(backend: str) -> None:
+    """Refuse an unknown or uninstalled fusion backend, or ``cuda`` without a device, before any work.
+
+    ``get_backend("cuda")`` imports without a GPU (numba's CUDA module is importable anywhere); the first kernel
+    launch then failed deep in a run (``CudaSupportError``, after the run folder was written).
+    """
+    get_backend(backend)  # BackendUnavailableError is a RecoError (one-line CLI error)
+    if backend == "cuda":
+        from numba import cuda
+
+        if not cuda.is_available():  # True under NUMBA_ENABLE_CUDASIM=1 (the simulator) as well
+            raise RecoError("fusion backend 'cuda': no usable CUDA device/driver (numba.cuda.is_available() is "
+                            "False); use --backend numpy or numba")
+
+
+def own_rows(memory: Any, search_vectors: np.ndarray, *, threshold: float = SELF_MATCH_COSINE) -> np.ndarray:
+    """The memory row holding each query image itself (exact k=1 self-match, cosine ≥ ``threshold``), or -1.
+
+    ``search_vectors`` [N, Dk] are what the memory's image index holds (image keys where ``memory.key_dim``
+    is set, else image embeddings). Returns int64 [N].
+    """
+    out = np.full(len(search_vectors), -1, np.int64)
+    for lo in range(0, len(search_vectors), _CHUNK):
+        rows, scores, valid = memory.search(np.asarray(search_vectors[lo:lo + _CHUNK]), modality="image", k=1,
+                                            exact=True)
+        out[lo:lo + _CHUNK] = np.where(valid[:, 0] & (scores[:, 0] >= threshold), rows[:, 0], -1)
+    return out
 
 
 def retrieve_for(memory: Any, queries: np.ndarray, query_modality: str, *, search_queries: np.ndarray | None = None,
@@ -99,7 +137,7 @@ def refine(phi, memory: Any, queries: np.ndarray, query_modality: str, *, search
     validate_params : scan φ's arrays (shapes, dtype, finiteness) on every fusion call, as the fusion front
         door does (default). ``False`` skips the scan and calls the backend directly — for a query server
         answering single queries, where scanning 7M parameters costs about as much as the layer itself; only
-        for parameters already validated, e.g. by :func:`~reco_ref.train.weights.load_reco_weights` at load
+        for parameters already validated, e.g. by :func:`~reco_ref.reco.weights.load_reco_weights` at load
     with_gate : also return each query's relevance gate (:func:`~reco_ref.fusion.relevance_gate`)
 
     A module whose config says ``rel_source="memory"`` reads its scores against the searched memory's own map

@@ -1,6 +1,7 @@
 r"""RECO's trained state as one value: φ_I, φ_T, τ and a JSON-able description (docs/reco.md §2–§3).
 
-:class:`RecoWeights` is what training produces and what evaluation, the demo and ``query`` consume::
+:class:`RecoWeights` is the model's file: what training produces and what evaluation, the demo and ``query``
+consume (through :func:`reco_ref.reco.refine.refine`)::
 
     w = init_reco_weights(768, heads=8, seed=0, meta={"encoder_name": "reco-mini"})   # identity: x̄ = x
     save_reco_weights("fusion.npz", w)
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..errors import ParamsFormatError
 from ..fusion import FusionParams, init_params, load_param_set, save_param_set
-from .losses import DEFAULT_TAU
+from ..fusion.constants import DEFAULT_TAU
 
 __all__ = [
     "RecoWeights",
@@ -41,6 +42,9 @@ __all__ = [
     "load_reco_weights",
     "default_weights_path",
     "check_weights_match",
+    "decode_meta",
+    "META_KEY",
+    "TAU_KEY",
 ]
 
 MODULES = ("image", "text")

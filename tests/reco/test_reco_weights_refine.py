@@ -1,6 +1,9 @@
-"""RecoWeights file round trip / validation, and refine(): identity at init, self-exclusion, all four combinations."""
+"""reco_ref.reco: the RecoWeights file round trip / validation, and refine(): identity at init, self-exclusion, all four combinations."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,11 +11,14 @@ import pytest
 from reco_ref.errors import ParamsFormatError, SearchError, ShapeError
 from reco_ref.fusion import fusion_forward, save_param_set
 from reco_ref.memory import retrieve
-from reco_ref.train.refine import refine
-from reco_ref.train.weights import (RecoWeights, check_weights_match, default_weights_path, init_reco_weights,
+from reco_ref.reco.refine import refine
+from reco_ref.reco.weights import (RecoWeights, check_weights_match, default_weights_path, init_reco_weights,
                                     load_reco_weights, save_reco_weights)
 
-from train_testlib import build, clustered
+TRAIN = Path(__file__).resolve().parents[1] / "train"  # the memories of train_testlib, shared with tests/train
+if str(TRAIN) not in sys.path:
+    sys.path.insert(0, str(TRAIN))
+from train_testlib import build, clustered  # noqa: E402
 
 
 def _trained_like(dim=16, seed=0) -> RecoWeights:
