@@ -145,3 +145,15 @@ def test_refine_errors(mem):
         refine(w.image, m, image[:2], "image", search_queries=keys[:2], search="both")
     with pytest.raises(SearchError, match="encode_image_keys"):
         refine(w.image, m, image[:2], "image")  # keyed memory, no keys given
+
+
+def test_old_train_paths_still_import_the_same_objects():
+    """The weights file and refine moved from train/ to reco/ (issue 22): the old import paths give the very same
+    objects, so code written against them keeps working."""
+    import importlib
+
+    for m in ("weights", "refine"):  # import_module: the packages also export a function named refine
+        old, new = importlib.import_module(f"reco_ref.train.{m}"), importlib.import_module(f"reco_ref.reco.{m}")
+        assert old.__all__ == new.__all__
+        for name in new.__all__:
+            assert getattr(old, name) is getattr(new, name), (m, name)
