@@ -45,7 +45,9 @@ def _run_train(a: argparse.Namespace) -> int:
 
 def _check_cache_dir(cache_dir) -> None:
     """``--cache-dir`` is written to (embedding caches): never a file's place, never inside a memory."""
-    if cache_dir is not None and str(cache_dir).strip().lower() not in ("", "off", "0"):
+    from ..eval.data import cache_disabled
+
+    if cache_dir is not None and not cache_disabled(cache_dir):
         check_output_dir(cache_dir, (), what="--cache-dir")
 
 

@@ -16,12 +16,13 @@ import numpy as np
 
 from ..checks import check_float, check_int, memory_rows
 from ..errors import DatasetError, RecoError
-from ..eval.data import Split, embed_split, own_rows, read_manifest_rows, read_split, user_cache_dir
+from ..eval.data import Split, cache_dir_option, embed_split, own_rows, read_manifest_rows, read_split, \
+    user_cache_dir
 from ..eval.report import fmt
 from ..template_fmt import Pieces, fill_template, parse_template, template_fields
 from .report import write_json, write_markdown, write_png
-from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, log_prior, prompt_head, save_classifier, \
-    search_vectors, symmetric_label_noise, train_classifier
+from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, log_prior, prompt_head, \
+    save_classifier, search_vectors, symmetric_label_noise, train_classifier
 
 __all__ = ["VAL_SPLITS", "SEED_MAX", "check_config", "open_memory", "train_from_manifest", "eval_from_manifest"]
 
@@ -79,9 +80,14 @@ def open_memory(path: str | os.PathLike, encoder: Any, client: Any = None) -> An
 
 def _cache(cache_dir) -> Any:
     """``--cache-dir``: None = the user cache (:func:`reco_ref.eval.data.user_cache_dir`), "off" = no cache."""
-    if cache_dir is None:
-        return user_cache_dir()
-    return None if str(cache_dir).strip().lower() in ("", "off", "0") else cache_dir
+    return cache_dir_option(cache_dir, user_cache_dir)
+
+
+def _held_out(labels: np.ndarray, seed: int, validation: str) -> np.ndarray:
+    """The training rows held out for validation when the manifest has no validation split: 10 % of each class,
+    and with ``validation="balanced"`` one of every class with two rows or more. One rule for the classifier's
+    epoch (training) and the logistic probe's λ (evaluation), so both are chosen on the same rows."""
+    return holdout_rows(labels, 0.1, seed=seed, tail=validation == "balanced")
 
 
 def _val_split(ds: Split, split: str, val_split: str | None) -> str | None:
@@ -138,7 +144,7 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         train_rows = np.arange(len(ds))
         val_desc = f"split {val_split!r} ({len(vds)} rows)"
     else:
-        held = holdout_rows(labels, 0.1, seed=cfg.seed, tail=cfg.validation == "balanced")
+        held = _held_out(labels, cfg.seed, cfg.validation)
         train_rows = np.flatnonzero(~held)
         sel = np.flatnonzero(held)
         val = (img[sel], None if search is None else search[sel], labels[sel],
@@ -291,8 +297,7 @@ def _baselines(meta: dict, dataset, ds: Split, img: np.ndarray, keys, memory: An
             vds = read_split(dataset, vname)
             fit_x, fit_y, val = t_img, labels, (_embed(vds, encoder, cache_dir, progress)[0], vds.labels)
         else:
-            held = holdout_rows(labels, 0.1, seed=meta["config"]["seed"],
-                                tail=meta["config"].get("validation") == "balanced")
+            held = _held_out(labels, meta["config"]["seed"], meta["config"].get("validation", "top1"))
             fit_x, fit_y, val = t_img[~held], labels[~held], (t_img[held], labels[held])
         say(f"logistic probe: fitting on {len(fit_y)} training rows, L2 chosen on {len(val[1])} held-out rows")
         # the rows the classifier trained on, no more: the validation rows only choose λ (as they choose its epoch)

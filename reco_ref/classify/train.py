@@ -32,8 +32,8 @@ from ..errors import CheckpointError, ParamsFormatError, SearchError, ShapeError
 from ..io import ArraySpec, atomic_save_npz, load_npz
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.optim import adamw_init, adamw_step, lr_at
-from .model import ATTENTION_MODES, BACKENDS, READOUT_SV0, VALUE_MODES, classify_backward, classify_forward, cross_entropy_backward, \
-    cross_entropy_forward, init_params, param_shapes, predict_logits
+from .model import ATTENTION_MODES, BACKENDS, READOUT_SV0, VALUE_MODES, classify_backward, classify_forward, \
+    cross_entropy_backward, cross_entropy_forward, init_params, param_shapes, predict_logits
 
 __all__ = ["ClassifyConfig", "SHOT_GROUPS", "HEAD_INITS", "retrieve_items", "search_vectors", "train_classifier",
            "prompt_head", "evaluate_classifier", "shot_groups", "save_classifier", "load_classifier", "holdout_rows",
@@ -349,6 +349,7 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
         acc = balanced_top1(pred, v_lab) if cfg.validation == "balanced" else float((pred == v_lab).mean())
         return acc, cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
 
+    at_start = None  # (top-1, loss) of the start on the validation rows, once measured
     if cfg.readout and start == 0:  # [ours] the readout's start scale: fixed, or the validation rows' pick
         scale, by_scale = (cfg.readout_scale or READOUT_SV0), {}
         if not cfg.readout_scale and val is not None:
@@ -361,12 +362,15 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                 log("readout scale at the start: " + ", ".join(f"{sv:g} → {a:.3f}" for sv, (a, _) in by_scale.items())
                     + f" (validation); kept {scale:g}")
         params["ro_log_sv"][:] = np.log(scale)
+        at_start = by_scale.get(scale)  # the kept scale's validation is the start's: not measured again below
         best = {n: a.copy() for n, a in params.items()}
         readout_choice = {"readout_scale_start": scale,
                           "readout_scale_val": {f"{sv:g}": [a, l] for sv, (a, l) in by_scale.items()}}
     if head is not None and val is not None and start == 0:  # the start is a candidate: never end below it
-        with blas_threads(1):
-            best_acc, best_loss = validate()
+        if at_start is None:
+            with blas_threads(1):
+                at_start = validate()
+        best_acc, best_loss = at_start
         best_epoch = 0
         history.append({"epoch": 0, "val_top1": best_acc, "val_loss": best_loss})
     # small GEMMs: one BLAS thread (threadpoolctl, when installed) — an order of magnitude faster than 2 OpenBLAS

@@ -55,7 +55,7 @@ def _eval_command(a: argparse.Namespace) -> str:
 
 def _run_eval(a: argparse.Namespace) -> int:
     from ..memory import scheduler_client
-    from .data import default_cache_dir
+    from .data import cache_dir_option, default_cache_dir
     from .evaluate import evaluate_dataset
     from .report import markdown_table, method_rows, write_report
 
@@ -67,15 +67,15 @@ def _run_eval(a: argparse.Namespace) -> int:
                         "(image-text retrieval)")
     check_output_files([p for p in (a.json, a.markdown, a.png) if p], overwrite=a.overwrite,
                        what="--json/--markdown/--png")
-    if a.cache_dir not in (None, "", "off", "0"):  # the cache folder is written too: never inside a memory
-        check_output_dir(a.cache_dir, (), what="--cache-dir")
+    cache_dir = cache_dir_option(a.cache_dir, default_cache_dir)
+    if a.cache_dir is not None and cache_dir is not None:  # the cache folder is written too: never inside a memory
+        check_output_dir(cache_dir, (), what="--cache-dir")
     if a.pairs is not None:
-        return _run_retrieval(a, say)
+        return _run_retrieval(a, say, cache_dir)
     with scheduler_client(a.scheduler) as client:  # None without --scheduler: the memory opens here
         result = evaluate_dataset(a.memory, a.dataset, a.split, fusion=a.fusion, mode=a.mode, k=a.k, alpha=a.alpha,
                                   templates=a.templates, model=a.model, backend=a.backend,
-                                  cache_dir=a.cache_dir if a.cache_dir is not None else default_cache_dir(),
-                                  search=a.search,
+                                  cache_dir=cache_dir, search=a.search,
                                   fuse=a.fuse, dup_threshold=a.dup_threshold, exact=a.exact, batch_size=a.batch_size,
                                   threads=a.threads, progress=not (a.quiet or a.no_progress), say=say, client=client)
     result["command"] = _eval_command(a)
@@ -86,16 +86,15 @@ def _run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def _run_retrieval(a: argparse.Namespace, say) -> int:
+def _run_retrieval(a: argparse.Namespace, say, cache_dir) -> int:
     from ..memory import scheduler_client
-    from .data import default_cache_dir
     from .evaluate import evaluate_pairs
     from .report import RETRIEVAL_HEADER, markdown_table, retrieval_rows, write_retrieval_report
 
     split = None if a.split in ("", "all") else a.split
     with scheduler_client(a.scheduler) as client:
         r = evaluate_pairs(a.memory, a.pairs, split, fusion=a.fusion, k=a.k, alpha=a.alpha, model=a.model,
-                           backend=a.backend, cache_dir=a.cache_dir if a.cache_dir is not None else default_cache_dir(),
+                           backend=a.backend, cache_dir=cache_dir,
                            search=a.search, fuse=a.fuse, exact=a.exact, batch_size=a.batch_size, threads=a.threads,
                            progress=not (a.quiet or a.no_progress), say=say, client=client)
     write_retrieval_report(r, json_path=a.json, markdown_path=a.markdown, png_path=a.png)
@@ -215,8 +214,8 @@ def _register_eval(subparsers) -> None:
     e.add_argument("--markdown", help="write a Markdown table here")
     e.add_argument("--png", help="write a PNG bar chart here")
     add_backend(e, exclude=_BACKEND_EXCLUDE)
-    add_cache_dir(e, alias=True, help="embedding cache folder (default $RECO_REF_CACHE; unset = none; old spelling "
-                                      "--cache)")
+    add_cache_dir(e, alias=True, help="embedding cache folder (default $RECO_REF_CACHE; unset = none; 'off' = none; "
+                                      "old spelling --cache)")
     e.add_argument("--model", default="reco-mini", help="encoder name or folder holding encoder.json")
     e.add_argument("--exact", action="store_true", help="brute-force search instead of HNSW")
     e.add_argument("--batch-size", type=_positive, default=1024, help="queries per retrieval+fusion batch")

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -44,12 +44,26 @@ def _cache_key(files: list[str], fingerprint: str) -> str:
     return h.hexdigest()[:32]
 
 
+def cache_disabled(value: str | os.PathLike) -> bool:
+    """``""``, ``"off"`` or ``"0"`` (any case, spaces trimmed): no embedding cache. The one reading of those words,
+    for ``--cache-dir`` in every verb and for ``$RECO_REF_CACHE``."""
+    return str(value).strip().lower() in ("", "off", "0")
+
+
 def default_cache_dir() -> Path | None:
     """``$RECO_REF_CACHE`` if set (``""`` or ``"off"`` = no cache), else None (no caching)."""
     env = os.environ.get("RECO_REF_CACHE")
-    if env is None or env.strip().lower() in ("", "off", "0"):
+    if env is None or cache_disabled(env):
         return None
     return Path(env).expanduser()
+
+
+def cache_dir_option(value: str | os.PathLike | None, default: Callable[[], Path | None]) -> Path | str | None:
+    """What a verb's ``--cache-dir`` means: not given → ``default()``; a :func:`cache_disabled` word → None (no
+    cache); else the folder given."""
+    if value is None:
+        return default()
+    return None if cache_disabled(value) else value
 
 
 def user_cache_dir() -> Path | None:

@@ -50,7 +50,6 @@ def open_memory(root: str | Path, client: Any = None, **kwargs: Any) -> Any:
         if (path.exists() or path.is_symlink()) and file_problem(path):
             raise MemoryFormatError(f"{path}: {file_problem(path)}; a memory's {name} is a regular file")
     if client is not None:
-
         return ServedMemory.open(root, client, **kwargs)
     if memory_kind(root) == "sharded":
         return ShardedMemory.open(root, **kwargs)

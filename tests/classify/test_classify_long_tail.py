@@ -131,6 +131,8 @@ def test_readout_scale_is_chosen_on_validation_or_fixed(setup):
     assert sorted(float(s) for s in by) == sorted(READOUT_SCALES)
     # best validation top-1, ties to the lower validation loss
     assert meta["readout_scale_start"] == max(READOUT_SCALES, key=lambda s: (by[f"{s:g}"][0], -by[f"{s:g}"][1]))
+    start = meta["history"][0]  # epoch 0, the start, is the kept scale's validation
+    assert start["epoch"] == 0 and [start["val_top1"], start["val_loss"]] == by[f"{meta['readout_scale_start']:g}"]
     assert meta["config"]["logit_adjust"] == 1.0 and meta["config"]["validation"] == "balanced"
     assert "every class with >= 2 rows gives one" in meta["validation"]
     fixed = tmp / "fixed.npz"

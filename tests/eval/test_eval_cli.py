@@ -101,6 +101,27 @@ def test_eval_contract_json_markdown_png(setup, tmp_path, capsys):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_cache_dir_off_means_no_cache(setup, tmp_path, capsys, monkeypatch):
+    """--cache-dir off (any case) is "no cache" in eval as in classify and $RECO_REF_CACHE: no folder named "off"
+    is written, the run works (eval.data.cache_dir_option)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RECO_REF_CACHE", raising=False)
+    argv = ["eval", "--memory", str(setup["mem"]), "--dataset", str(setup["manifest"]), "--split", "test",
+            "--cache-dir", " OFF", "--fusion", str(setup["w"]), "--k", "5", "--json", str(tmp_path / "r.json"),
+            "--templates", "single", "--quiet"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_cache_dir_option_reads_the_off_words_one_way():
+    from reco_ref.eval.data import cache_dir_option, cache_disabled
+
+    for word in ("", "off", " Off ", "0"):
+        assert cache_disabled(word) and cache_dir_option(word, lambda: "default") is None
+    assert cache_dir_option(None, lambda: "default") == "default"
+    assert cache_dir_option("c", lambda: "default") == "c" and not cache_disabled("offline")
+
+
 def test_eval_train_split_excludes_own_rows_and_prints_table(setup, tmp_path, capsys):
     assert main(_eval(setup, "--split", "train", "--fusion", str(setup["w"]), "--no-progress",
                       "--json", str(tmp_path / "t.json"))) == 0
