@@ -149,6 +149,9 @@ ROW_ORDER = ["no-memory", "no-memory-pinit", "no-memory-prinit", "mem-a", "mem-b
              "readonly-b-pinit", "readonly-b-prinit",
              "no-memory-pinit-bv", "no-memory-pinit-la-bv", "mem-b-pinit-bv", "mem-b-pinit-la-bv",
              "readout-b-pinit-bv", "readout-b-pinit-la-bv", "readonly-b-pinit-bv", "readonly-b-pinit-la-bv",
+             "no-memory-pinit-la-xf", "mem-b-pinit-la-xf", "readout-b-pinit-la-xf", "readonly-b-pinit-la-xf",
+             "readout-b-lab-pinit-la-xf", "readonly-b-lab-pinit-la-xf", "readout-b-lab-pinit-la-bv",
+             "readonly-b-lab-pinit-la-bv",
              "knn-a", "knn-b", "knn-d", "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]
 
 
@@ -157,6 +160,9 @@ def _run(d: str, ratio: int, row: str) -> dict:
     if row.endswith("-bv"):  # [ours] balanced validation: tail-covering held-out rows, class-mean top-1
         r["validation"] = "balanced"
         row = row[:-3]
+    if row.endswith("-xf"):  # [ours] every choice by cross-fitting the training rows (5 folds)
+        r["validation"] = "crossfit"
+        row = row[:-3]
     if row.endswith("-la"):  # [ours] logit-adjusted loss, tau = 1
         r["logit_adjust"] = 1.0
         row = row[:-3]
@@ -164,6 +170,9 @@ def _run(d: str, ratio: int, row: str) -> dict:
         if row.endswith(suffix):
             r["head_init"] = init
             row = row[: -len(suffix)]
+    if row.endswith("-lab"):  # [ours] the label readout: the items' labels instead of their captions
+        r["readout_values"] = "label"
+        row = row[:-4]
     base, _, noise = row.partition("-noise")
     if noise:
         r["noise"] = int(noise) / 100
@@ -186,7 +195,9 @@ def run_plan() -> list[dict]:
               "readonly-b", "no-memory-pinit", "mem-b-pinit", "readonly-b-pinit", "no-memory-prinit", "mem-b-prinit",
               "readout-b-prinit", "readonly-b-prinit", "no-memory-pinit-bv", "no-memory-pinit-la-bv",
               "mem-b-pinit-bv", "mem-b-pinit-la-bv", "readout-b-pinit-bv", "readout-b-pinit-la-bv",
-              "readonly-b-pinit-bv", "readonly-b-pinit-la-bv"],
+              "readonly-b-pinit-bv", "readonly-b-pinit-la-bv", "no-memory-pinit-la-xf", "mem-b-pinit-la-xf",
+              "readout-b-pinit-la-xf", "readonly-b-pinit-la-xf", "readout-b-lab-pinit-la-xf",
+              "readonly-b-lab-pinit-la-xf", "readout-b-lab-pinit-la-bv", "readonly-b-lab-pinit-la-bv"],
              ["mem-a", "knn-a", "no-memory-noise20", "mem-b-noise20", "no-memory-noise40", "mem-b-noise40"]]
     cub = [_run(d, r, row) for tier in tiers for d, r in SETTINGS if d == "cub100" for row in tier]
     return cub + [_run(d, r, row) for tier in tiers for d, r in SETTINGS if d != "cub100" for row in tier]
@@ -218,6 +229,8 @@ def cli_commands(run: dict, lt: Path, work: Path, cfg: ClassifyConfig) -> str:
         opts += f" --logit-adjust {run['logit_adjust']:g}"
     if run.get("validation"):
         opts += f" --validation {run['validation']}"
+    if run.get("readout_values"):
+        opts += f" --readout-values {run['readout_values']}"
     return (f"reco-ref classify train --dataset {m} --split train --memory {mem} --out {w}{opts} && "
             f"reco-ref classify eval --weights {w} --dataset {m} --split test --memory {mem} --json "
             f"{w.with_suffix('.json')}")
@@ -273,7 +286,8 @@ def main(argv=None) -> int:
         cfg = ClassifyConfig(memory=run["mem"] is not None, attention=run.get("attention", "softmax"),
                              epochs=a.epochs or EPOCHS[run["d"]], width=a.width, lr=a.lr, k=a.k, backend=a.backend,
                              seed=a.seed, readout=bool(run.get("readout")), head_init=run.get("head_init", "random"),
-                             logit_adjust=run.get("logit_adjust", 0.0), validation=run.get("validation", "top1"))
+                             logit_adjust=run.get("logit_adjust", 0.0), validation=run.get("validation", "top1"),
+                             readout_values=run.get("readout_values", "caption"))
         m = lt / f"{run['d']}-lt-r{run['ratio']}" / "manifest.csv"
         w = work / "runs" / (run["id"].replace("/", "_") + ".npz")
         t0 = time.time()
@@ -297,6 +311,8 @@ def main(argv=None) -> int:
             r["best_epoch"], r["val_top1"], r["validation"] = meta["best_epoch"], meta["val_top1"], meta["validation"]
             # every epoch's validation top-1 (epoch 0: the start of a --head-init run), what a variant is chosen on
             r["val_by_epoch"] = {h["epoch"]: h["val_top1"] for h in meta["history"] if "val_top1" in h}
+            if "crossfit" in meta:  # [ours] the pooled out-of-fold record of each choice
+                r["crossfit"] = meta["crossfit"]
             if "readout_scale_start" in meta:  # [ours] the readout's start scale and what validation saw of each
                 r["readout_scale_start"], r["readout_scale_val"] = meta["readout_scale_start"], meta["readout_scale_val"]
             cmd = cli_commands(run, lt, work, cfg)

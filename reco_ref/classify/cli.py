@@ -30,7 +30,8 @@ def _run_train(a: argparse.Namespace) -> int:
                          heads=a.heads, logit_scale=a.logit_scale, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                          weight_decay=a.weight_decay, seed=a.seed, backend=a.backend, readout=a.readout,
                          readout_template=a.readout_template, head_init=a.head_init,
-                         logit_adjust=a.logit_adjust, validation=a.validation, readout_scale=a.readout_scale)
+                         logit_adjust=a.logit_adjust, validation=a.validation, readout_scale=a.readout_scale,
+                         readout_values=a.readout_values)
     check_config(cfg)
     check_output_files([a.out], overwrite=a.overwrite)
     _check_cache_dir(a.cache_dir)
@@ -84,7 +85,7 @@ def register(subparsers) -> None:
                               description="Image classifier whose query attends over its retrieved memory items "
                                           "(docs/reco.md §5), trained on a dataset manifest's split.")
     sub = p.add_subparsers(dest="classify_verb", metavar="train|eval", required=True)
-    from .train import HEAD_INITS, VALIDATIONS, ClassifyConfig
+    from .train import HEAD_INITS, READOUT_VALUES, VALIDATIONS, ClassifyConfig
 
     d = ClassifyConfig()
     t = sub.add_parser("train", help="train on a split; write WEIGHTS.npz")
@@ -110,6 +111,10 @@ def register(subparsers) -> None:
     t.add_argument("--readout-scale", type=_nonneg, default=d.readout_scale, metavar="S",
                    help="[ours] the score readout's scale at the start; 0 (default): chosen on the validation rows "
                         "among 16, 32, 64, 128, 256 (16 without validation rows)")
+    t.add_argument("--readout-values", default=d.readout_values, choices=READOUT_VALUES,
+                   help="[ours] what the score readout reads of each item: 'caption' (default; its caption embedding "
+                        "against the class prompts) or 'label' (its class, one-hot: the readout is then the "
+                        "score-weighted vote itself; needs a memory whose label column or captions name the classes)")
     t.add_argument("--logit-adjust", type=float_option(0.0, 10.0), default=d.logit_adjust, metavar="TAU",
                    help="[ours] logit-adjusted loss for a long-tailed training split: train on logits + TAU·log(class "
                         "frequency), predict with the plain logits (1 = the consistent choice for a class-balanced "

@@ -21,8 +21,8 @@ from ..eval.data import Split, cache_dir_option, embed_split, own_rows, read_man
 from ..eval.report import fmt
 from ..template_fmt import Pieces, fill_template, parse_template, template_fields
 from .report import write_json, write_markdown, write_png
-from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, log_prior, prompt_head, \
-    save_classifier, search_vectors, symmetric_label_noise, train_classifier
+from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, log_prior, memory_row_labels, \
+    prompt_head, save_classifier, search_vectors, symmetric_label_noise, train_classifier
 
 __all__ = ["VAL_SPLITS", "SEED_MAX", "check_config", "open_memory", "train_from_manifest", "eval_from_manifest"]
 
@@ -90,6 +90,14 @@ def _held_out(labels: np.ndarray, seed: int, validation: str) -> np.ndarray:
     return holdout_rows(labels, 0.1, seed=seed, tail=validation == "balanced")
 
 
+def _probe_fit_words(crossfit: bool, vname: str | None) -> str:
+    """How the report's probe was fitted, after the training split's name."""
+    if crossfit:
+        return "; λ chosen by cross-fitting its rows"
+    return (("" if vname else " without its 10 % held-out rows")
+            + f"; λ chosen on {'split ' + repr(vname) if vname else 'those held-out rows'}")
+
+
 def _val_split(ds: Split, split: str, val_split: str | None) -> str | None:
     """The validation split: ``val_split`` if given, else a split named valid/val/validation that the manifest has
     (other than ``split``), else None (then 10 % of each class's training rows are held out)."""
@@ -133,8 +141,15 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     if label_noise:
         labels = symmetric_label_noise(labels, label_noise, C, seed=cfg.seed)
         say(f"label noise {label_noise:g}: {int((labels != ds.labels).sum())} of {len(labels)} labels flipped")
-    val_split = _val_split(ds, split, val_split)
-    if val_split is not None:
+    crossfit = cfg.validation == "crossfit"
+    val_split = None if crossfit else _val_split(ds, split, val_split)
+    if crossfit:  # [ours] every choice on out-of-fold predictions of all the training rows
+        from .crossfit import CROSSFIT_FOLDS
+
+        val, train_rows = None, np.arange(len(ds))
+        val_desc = (f"{CROSSFIT_FOLDS}-fold cross-fitting over the training rows (probe L2, readout scale and epoch "
+                    "on the pooled out-of-fold class-mean top-1)")
+    elif val_split is not None:
         vds = read_split(dataset, val_split)
         if vds.class_names != ds.class_names:
             raise DatasetError(f"{ds.manifest}: split {val_split!r} names other classes than {split!r}")
@@ -153,19 +168,29 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
                                                          if cfg.validation == "balanced" else "")
     if cfg.validation == "balanced":
         val_desc += "; epoch kept by class-mean top-1"
+    if crossfit and _val_split(ds, split, None) is not None:
+        say(f"--validation crossfit: split {_val_split(ds, split, None)!r} is not used (the folds are the training "
+            "rows')")
     say(f"training on {len(train_rows)} rows of {ds.manifest} split {split!r} ({C} classes), validation: {val_desc}")
     ckpt = Path(str(out) + ".ckpt.npz")
     steps = -(-len(train_rows) // cfg.batch_size)
+    if crossfit:
+        say(f"plan: {CROSSFIT_FOLDS} fold runs on about {(CROSSFIT_FOLDS - 1) / CROSSFIT_FOLDS:.0%} of the rows, then "
+            "one on all of them to the epoch they chose; each:")
     say(f"plan: {cfg.epochs} epochs × {steps} steps of {cfg.batch_size} ({cfg.backend} backend"
         + (f", memory k={cfg.k}" if cfg.memory else ", no memory") + f"); a checkpoint after every epoch at {ckpt} "
         "— interrupt at any time and rerun the same command with --resume")
-    class_text = None
-    if cfg.readout or cfg.head_init == "prompts":  # [ours] the class prompts: what the score readout reads the
+    class_text = row_labels = None
+    caption_readout = cfg.readout and cfg.readout_values == "caption"
+    if cfg.readout and cfg.readout_values == "label":  # [ours] the readout reads each item's class
+        row_labels, how = memory_row_labels(memory, ds.class_names)
+        say(f"label readout: {int((row_labels >= 0).sum())} of {len(row_labels)} memory rows carry a class ({how})")
+    if caption_readout or cfg.head_init == "prompts":  # [ours] the class prompts: what the score readout reads the
         # items' captions against, and the zero-shot head's rows — one encoding for both
         pieces = check_readout_template(cfg.readout_template)
         class_text = np.asarray(encoder.encode_texts([fill_template(pieces, {"": c}) for c in ds.class_names]),
                                 np.float32)  # [C, Dt]
-        uses = " and ".join(u for u, on in (("the score readout", cfg.readout),
+        uses = " and ".join(u for u, on in (("the score readout", caption_readout),
                                             ("the head's start", cfg.head_init == "prompts")) if on)
         say(f"class prompts \"{cfg.readout_template}\" ({C} × {class_text.shape[1]}) for {uses}")
     head = None
@@ -176,7 +201,17 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
                                "CLIP-style pair (one embedding space)")
         head = prompt_head(class_text, cfg.logit_scale)
         say("head initialised from the class prompts' text embeddings (zero-shot cosine classifier; epoch 0)")
-    if cfg.head_init == "probe":  # [ours] start from the logistic probe, fitted on the training rows only
+    head_fit = None
+    if cfg.head_init == "probe" and crossfit:  # the probe of the given rows and L2 (cross-fitting chooses the L2)
+        from .baselines import fit_logistic_probe
+
+        def head_fit(rows: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
+            probe = fit_logistic_probe(img[rows], labels[rows], C, val=None, l2=(l2,))
+            return probe["W"], probe["b"] - cfg.logit_adjust * log_prior(labels[rows], C)
+
+        say("head initialised from the logistic probe (L2 chosen by cross-fitting"
+            + (f"; bias less {cfg.logit_adjust:g}·log prior" if cfg.logit_adjust else "") + ")")
+    elif cfg.head_init == "probe":  # [ours] start from the logistic probe, fitted on the training rows only
         from .baselines import fit_logistic_probe
 
         pv = None if val is None else (val[0], val[2])
@@ -187,14 +222,25 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         say(f"head initialised from the logistic probe (L2 {probe['l2']:g}, chosen on the validation rows"
             + (f"; bias less {cfg.logit_adjust:g}·log prior" if cfg.logit_adjust else "") + ")")
     try:
-        params, info = train_classifier(
-            img[train_rows], None if search is None else search[train_rows], labels[train_rows], C, memory, cfg,
-            exclude=None if excl is None else excl[train_rows], val=val, checkpoint=ckpt, resume=resume,
-            progress=progress, log=say, class_text=class_text, head=head)
+        if crossfit:
+            from .baselines import PROBE_L2
+            from .crossfit import crossfit_train
+
+            params, info = crossfit_train(img, search, labels, C, memory, cfg, out=out, exclude=excl,
+                                          class_text=class_text, row_labels=row_labels, head_fit=head_fit,
+                                          l2_grid=PROBE_L2 if head_fit is not None else (None,),
+                                          fixed_head=head if cfg.head_init == "prompts" else None, resume=resume,
+                                          progress=progress, log=say)
+        else:
+            params, info = train_classifier(
+                img[train_rows], None if search is None else search[train_rows], labels[train_rows], C, memory,
+                cfg, exclude=None if excl is None else excl[train_rows], val=val, checkpoint=ckpt, resume=resume,
+                progress=progress, log=say, class_text=class_text, head=head, row_labels=row_labels)
     except KeyboardInterrupt:
-        done = ckpt.exists()
-        print(f"interrupted: {'the last finished epoch is in ' + str(ckpt) + '; ' if done else ''}rerun the same "
-              "command with --resume to continue" + ("" if done else " (no epoch had finished: it starts over)"),
+        kept = [str(p) for p in (ckpt, Path(str(out) + ".crossfit.json")) if p.exists()]
+        kept += [str(p) for p in sorted(Path(out).parent.glob(Path(out).name + ".fold*.ckpt.npz"))]
+        print(f"interrupted: {'what had finished is in ' + ', '.join(kept) + '; ' if kept else ''}rerun the same "
+              "command with --resume to continue" + ("" if kept else " (no epoch had finished: it starts over)"),
               flush=True)
         raise
     meta = {
@@ -202,7 +248,8 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         "dims": {"dim": int(img.shape[1]), "classes": C,
                  "key_dim": None if memory is None else int(memory.key_dim or memory.dim),
                  "value_dim": None if memory is None else int(memory.dim * (2 if cfg.values == "both" else 1)),
-                 "readout_dim": None if class_text is None else int(class_text.shape[1])},
+                 "readout_dim": (C if row_labels is not None
+                                 else None if class_text is None else int(class_text.shape[1]))},
         "class_names": ds.class_names,
         "train_class_counts": np.bincount(ds.labels, minlength=C).tolist(),
         "encoder_fingerprint": str(encoder.fingerprint),
@@ -213,6 +260,7 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     }
     save_classifier(out, params, meta)
     ckpt.unlink(missing_ok=True)  # the run finished: its weights are the record
+    Path(str(out) + ".crossfit.json").unlink(missing_ok=True)
     say(f"wrote {out} (best validation epoch {info['best_epoch']}, val top-1 {fmt(info['val_top1'])})")
     return meta
 
@@ -293,20 +341,26 @@ def _baselines(meta: dict, dataset, ds: Split, img: np.ndarray, keys, memory: An
             labels = symmetric_label_noise(labels, meta["label_noise"], C, seed=meta["config"]["seed"])
         # the validation the classifier had (weights written before "val_split" was recorded: the same rule)
         vname = meta["val_split"] if "val_split" in meta else _val_split(tds, meta["split"], None)
-        if vname is not None:
+        crossfit = meta["config"].get("validation") == "crossfit"
+        if crossfit:  # the classifier's own rule: L2 on the pooled out-of-fold class-mean top-1, fit on every row
+            from .crossfit import crossfit_probe
+
+            say(f"logistic probe: L2 by cross-fitting {len(labels)} training rows, then fitted on all of them")
+            probe = crossfit_probe(t_img, labels, C, seed=meta["config"]["seed"])
+        elif vname is not None:
             vds = read_split(dataset, vname)
             fit_x, fit_y, val = t_img, labels, (_embed(vds, encoder, cache_dir, progress)[0], vds.labels)
         else:
             held = _held_out(labels, meta["config"]["seed"], meta["config"].get("validation", "top1"))
             fit_x, fit_y, val = t_img[~held], labels[~held], (t_img[held], labels[held])
-        say(f"logistic probe: fitting on {len(fit_y)} training rows, L2 chosen on {len(val[1])} held-out rows")
-        # the rows the classifier trained on, no more: the validation rows only choose λ (as they choose its epoch)
-        probe = fit_logistic_probe(fit_x, fit_y, C, val=val, refit_with_val=False)
+        if not crossfit:
+            say(f"logistic probe: fitting on {len(fit_y)} training rows, L2 chosen on {len(val[1])} held-out rows")
+            # the rows the classifier trained on, no more: the validation rows only choose λ (as its epoch)
+            probe = fit_logistic_probe(fit_x, fit_y, C, val=val, refit_with_val=False)
         pred = probe_logits(probe, img).argmax(axis=1)
         out["logistic_probe"] = group_accuracy(pred, ds.labels, counts) | {
             "l2": probe["l2"], "val_top1_by_l2": probe["val_top1"],
-            "fit": f"split {meta['split']!r}" + ("" if vname else " without its 10 % held-out rows")
-            + f"; λ chosen on {'split ' + repr(vname) if vname else 'those held-out rows'}"}
+            "fit": f"split {meta['split']!r}" + _probe_fit_words(crossfit, vname)}
     if memory is None:
         out["knn_vote"] = {"not_computed": "no memory given"}
     else:

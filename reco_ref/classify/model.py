@@ -130,17 +130,18 @@ def _impl(backend: str):
 
 
 def classify_forward(params, query, keys=None, values=None, valid=None, *, heads=4, attention="softmax",
-                     logit_scale=1.0, backend="numpy", scores=None):
+                     logit_scale=1.0, backend="numpy", scores=None, readout_values=None):
     """Checked forward (see :func:`reco_ref.classify.reference.classify_forward`); ``cache["backend"]`` set.
 
     With the score readout (``ro_beta`` in ``params``) the front door adds
     :func:`~reco_ref.classify.reference.score_readout_forward` of the items' ``scores`` [B, k] and caption
     embeddings (the first ``Dt`` columns of ``values``) to the backend's logits — one NumPy implementation for both
-    backends (small GEMMs). ``attention="none"``: the backend runs the no-memory classifier, the memory feeds the
-    readout only."""
+    backends (small GEMMs). ``readout_values`` [B, k, Dt], when given, is what the readout reads instead of the
+    captions (the items' one-hot labels of the label readout [ours], read against ``ro_class_text = I``).
+    ``attention="none"``: the backend runs the no-memory classifier, the memory feeds the readout only."""
     readout = "ro_beta" in params and keys is not None
     if readout:
-        _check_readout(params, keys, values, valid, scores)
+        _check_readout(params, keys, values if readout_values is None else readout_values, valid, scores)
     module = attention != "none"
     check_inputs(params, query, keys if module else None, values, valid, heads)
     logits, cache = _impl(backend).classify_forward(params, query, keys if module else None,
@@ -149,8 +150,10 @@ def classify_forward(params, query, keys=None, values=None, valid=None, *, heads
                                                     logit_scale=logit_scale)
     if readout:
         Dt = params["ro_class_text"].shape[1]
+        ro_v = values[..., :Dt] if readout_values is None else readout_values
         ro, cache["readout"] = reference.score_readout_forward(
-            scores, valid, values[..., :Dt], params["ro_class_text"], params["ro_beta"][0], params["ro_log_sv"][0])
+            scores, valid, ro_v, params["ro_class_text"], params["ro_beta"][0], params["ro_log_sv"][0])
+        cache["readout_own_values"] = readout_values is not None
         logits = logits + ro
     cache["backend"] = backend
     return logits, cache
@@ -161,9 +164,13 @@ def _check_readout(params, keys, values, valid, scores) -> None:
     if scores is None or np.shape(scores) != keys.shape[:2]:
         raise ShapeError(f"scores [B,k]: the score readout needs the items' search scores, got "
                          f"{None if scores is None else np.shape(scores)}, expected {keys.shape[:2]}")
-    if values is None or values.shape[-1] < Dt:
+    if values is None or values.shape[-1] < Dt or values.shape[:2] != keys.shape[:2]:
         raise ShapeError(f"values: the score readout reads the items' caption embeddings (width {Dt}) as their first "
-                         f"columns (values 'text' or 'both'), got {None if values is None else values.shape}")
+                         f"columns (values 'text' or 'both'), or readout_values [B, k, {Dt}], got "
+                         f"{None if values is None else values.shape}")
+    if values.dtype != params["ro_class_text"].dtype:
+        raise ShapeError(f"readout values: dtype {values.dtype}, expected the parameters' "
+                         f"{params['ro_class_text'].dtype}")
     ok = np.ones(keys.shape[:2], bool) if valid is None else valid
     if not np.isfinite(np.asarray(scores)[ok]).all():
         raise ShapeError("scores: NaN/inf in a valid item's search score")
@@ -179,7 +186,9 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
         grads["ro_log_sv"] = np.reshape(dlog_sv, (1,)).astype(params["ro_log_sv"].dtype)
         if return_input_grads:
             Dt = dvalues_text.shape[-1]
-            if "values" in grads:
+            if cache.get("readout_own_values"):
+                grads["readout_values"] = dvalues_text
+            elif "values" in grads:
                 grads["values"] = grads["values"].copy()
                 grads["values"][..., :Dt] += dvalues_text
             else:
@@ -189,7 +198,8 @@ def classify_backward(params, cache, dlogits, *, return_input_grads=False):
 
 
 def predict_logits(params, query, keys=None, values=None, valid=None, *, heads=4, attention="softmax",
-                   logit_scale=1.0, backend="numpy", batch_size=1024, scores=None) -> np.ndarray:
+                   logit_scale=1.0, backend="numpy", batch_size=1024, scores=None,
+                   readout_values=None) -> np.ndarray:
     """Logits ``[N, C]`` in batches (bounded memory)."""
     out = []
     for lo in range(0, len(query), batch_size):
@@ -197,6 +207,7 @@ def predict_logits(params, query, keys=None, values=None, valid=None, *, heads=4
         logits, _ = classify_forward(params, query[s], None if keys is None else keys[s],
                                      None if values is None else values[s], None if valid is None else valid[s],
                                      heads=heads, attention=attention, logit_scale=logit_scale, backend=backend,
-                                     scores=None if scores is None else scores[s])
+                                     scores=None if scores is None else scores[s],
+                                     readout_values=None if readout_values is None else readout_values[s])
         out.append(logits)
     return np.concatenate(out) if out else np.zeros((0, params["b_c"].shape[0]), params["b_c"].dtype)

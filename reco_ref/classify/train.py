@@ -28,16 +28,18 @@ from typing import Any, Callable
 import numpy as np
 
 from ..backends import blas_threads
-from ..errors import CheckpointError, ParamsFormatError, SearchError, ShapeError
+from ..errors import CheckpointError, ParamsFormatError, ShapeError
 from ..io import ArraySpec, atomic_save_npz, load_npz
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.optim import adamw_init, adamw_step, lr_at
+from .items import _dims, label_values, memory_row_labels, retrieve_items, search_vectors
 from .model import ATTENTION_MODES, BACKENDS, READOUT_SV0, VALUE_MODES, classify_backward, classify_forward, \
     cross_entropy_backward, cross_entropy_forward, init_params, param_shapes, predict_logits
 
 __all__ = ["ClassifyConfig", "SHOT_GROUPS", "HEAD_INITS", "retrieve_items", "search_vectors", "train_classifier",
            "prompt_head", "evaluate_classifier", "shot_groups", "save_classifier", "load_classifier", "holdout_rows",
-           "symmetric_label_noise", "FORMAT", "VALIDATIONS", "log_prior", "balanced_top1"]
+           "symmetric_label_noise", "FORMAT", "VALIDATIONS", "log_prior", "balanced_top1", "READOUT_VALUES",
+           "memory_row_labels", "label_values"]
 
 FORMAT = "reco_ref.classify/1"
 #: ImageNet-LT convention on the training split's class counts: many > 20, medium 5..20, few < 5
@@ -47,8 +49,11 @@ SHOT_GROUPS = ("many", "medium", "few")
 HEAD_INITS = ("random", "probe", "prompts")
 #: the score readout's start scales tried on the validation rows (``ClassifyConfig.readout_scale = 0``)
 READOUT_SCALES = (16.0, 32.0, 64.0, 128.0, 256.0)
+#: what the score readout reads of each item [ours]: its caption embedding against the class prompts (a soft vote
+#: blurred by how close the prompts are), or its label (an exact soft vote; needs a memory whose rows name classes)
+READOUT_VALUES = ("caption", "label")
 #: how the epoch kept is chosen (``ClassifyConfig.validation``)
-VALIDATIONS = ("top1", "balanced")
+VALIDATIONS = ("top1", "balanced", "crossfit")
 
 
 @dataclass
@@ -78,11 +83,16 @@ class ClassifyConfig:
     # class frequencies), predict with the plain logits — for a class-balanced test, tau = 1 is the consistent choice
     logit_adjust: float = 0.0
     # how the epoch kept is chosen: "top1" on the validation rows (the paper's), or [ours] "balanced": held-out rows
-    # that cover the tail (at least one of every class with >= 2 rows) and the class-mean top-1 on them
+    # that cover the tail (at least one of every class with >= 2 rows) and the class-mean top-1 on them, or [ours]
+    # "crossfit": every choice (the probe's L2, the readout's scale, the epoch) on out-of-fold predictions of all the
+    # training rows (reco_ref.classify.crossfit), then one run on all of them
     validation: str = "top1"
     # [ours] the score readout's scale s_v at the start: > 0 fixed; 0 = chosen on the validation rows among
     # READOUT_SCALES (the readout is added to the head's logits, so its useful scale depends on the head's)
     readout_scale: float = 0.0
+    # [ours] what the score readout reads of each item: "caption" (its caption embedding read against the class
+    # prompts) or "label" (its class, one-hot: r·T_c^T becomes the score-weighted vote itself)
+    readout_values: str = "caption"
 
     def check(self) -> "ClassifyConfig":
         if self.values not in VALUE_MODES:
@@ -107,6 +117,10 @@ class ClassifyConfig:
         if not (np.isfinite(self.readout_scale) and self.readout_scale >= 0):
             raise ShapeError(f"readout_scale: expected 0 (choose on validation) or a positive scale, "
                              f"got {self.readout_scale!r}")
+        if self.readout_values not in READOUT_VALUES:
+            raise ShapeError(f"readout_values: expected one of {READOUT_VALUES}, got {self.readout_values!r}")
+        if self.readout_values != "caption" and not self.readout:
+            raise ShapeError("readout_values: only the score readout (--readout) reads the items' labels")
         if self.validation not in VALIDATIONS:
             raise ShapeError(f"validation: expected one of {VALIDATIONS}, got {self.validation!r}")
         if (self.readout or self.head_init == "prompts") and "{}" not in self.readout_template:
@@ -116,53 +130,13 @@ class ClassifyConfig:
     def fingerprint(self) -> str:
         d = dataclasses.asdict(self)
         d.pop("backend")  # numpy and numba runs are the same run (equal up to rounding)
-        for name, off in (("logit_adjust", 0.0), ("validation", "top1")):  # added later: a run without them keeps
-            if d[name] == off:                                                # the fingerprint it had
+        # added later: a run without them keeps the fingerprint it had
+        for name, off in (("logit_adjust", 0.0), ("validation", "top1"), ("readout_values", "caption")):
+            if d[name] == off:
                 d.pop(name)
         if not d["readout"]:  # the readout's start scale means nothing without the readout
             d.pop("readout_scale")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------
-# Memory plumbing
-# ----------------------------------------------------------------------------------------------
-
-
-def search_vectors(memory: Any, image: np.ndarray, keys: np.ndarray | None) -> np.ndarray:
-    """What the memory's image index holds for these queries: image search keys where it has them, else images."""
-    if memory.key_dim:
-        if keys is None:
-            raise SearchError(f"memory {memory.root} indexes images by search keys (key_dim {memory.key_dim}) but "
-                              "the encoder gave none; embed the dataset with the memory's encoder")
-        return keys
-    return image
-
-
-def retrieve_items(memory: Any, search: np.ndarray, k: int, values: str = "text", exclude: np.ndarray | None = None,
-                   dtype=np.float32, with_scores: bool = False) -> tuple[np.ndarray, ...]:
-    """The ``k`` nearest memory items of each query: keys ``[B,k,Dk]``, values ``[B,k,Dv]``, valid ``[B,k]``.
-
-    Keys are the items' image search keys (image embeddings where the memory has no keys); values their text
-    embeddings (``values="text"``), image embeddings, or both concatenated ``[text, image]``. Missing slots
-    (memory smaller than ``k``, excluded own item) are zero with ``valid=False``. ``with_scores``: also the
-    items' search cosines ``[B,k]`` (0 where invalid; what the score readout weighs them by).
-    """
-    rows, scores, valid = memory.search(np.ascontiguousarray(search, np.float32), modality="image", k=k, exclude=exclude)
-    K = memory.embeddings("image_keys" if memory.key_dim else "image", rows)  # [B, k, Dk]
-    if values == "text":
-        V = memory.embeddings("text", rows)  # [B, k, D]
-    elif values == "image":
-        V = memory.embeddings("image", rows)
-    else:
-        V = np.concatenate([memory.embeddings("text", rows), memory.embeddings("image", rows)], axis=-1)  # [B,k,2D]
-    out = (K.astype(dtype, copy=False), V.astype(dtype, copy=False), valid)
-    return out + (np.where(valid, scores, 0).astype(dtype),) if with_scores else out
-
-
-def _dims(memory: Any, values: str) -> tuple[int, int]:
-    Dk = memory.key_dim or memory.dim
-    return Dk, memory.dim * (2 if values == "both" else 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,17 +220,32 @@ def prompt_head(class_text: np.ndarray, logit_scale: float) -> tuple[np.ndarray,
     return float(logit_scale) * (T / norms).T, np.zeros(T.shape[0])
 
 
-def _logits(params, cfg, memory, image, search, exclude, batch_size=1024) -> np.ndarray:
+def _items(memory, search, cfg, exclude, row_labels, classes, dtype=np.float32):
+    """Keys, values, valid, scores of the ``k`` nearest items, and what the readout reads when it is not the
+    captions (the label readout's one-hot labels; None otherwise)."""
+    K, V, valid, sc, rows = retrieve_items(memory, search, cfg.k, cfg.values, exclude, dtype, with_scores=True,
+                                           with_rows=True)
+    ro_v = None
+    if cfg.readout and cfg.readout_values == "label":
+        if row_labels is None:
+            raise ShapeError("readout values 'label': give the memory rows' labels (memory_row_labels)")
+        ro_v = label_values(row_labels, rows, valid, classes, dtype)
+    return K, V, valid, sc, ro_v
+
+
+def _logits(params, cfg, memory, image, search, exclude, batch_size=1024, row_labels=None) -> np.ndarray:
     dt = params["w_c"].dtype
+    C = params["b_c"].shape[0]
     out = []
     for lo in range(0, len(image), batch_size):
         s = slice(lo, lo + batch_size)
         q = image[s].astype(dt, copy=False)
         if cfg.memory and memory is not None:
-            K, V, valid, sc = retrieve_items(memory, search[s], cfg.k, cfg.values,
-                                             None if exclude is None else exclude[s], dt, with_scores=True)
+            K, V, valid, sc, ro_v = _items(memory, search[s], cfg, None if exclude is None else exclude[s],
+                                           row_labels, C, dt)
             out.append(predict_logits(params, q, K, V, valid, heads=cfg.heads, attention=cfg.attention,
-                                      logit_scale=cfg.logit_scale, backend=cfg.backend, scores=sc))
+                                      logit_scale=cfg.logit_scale, backend=cfg.backend, scores=sc,
+                                      readout_values=ro_v))
         else:
             out.append(predict_logits(params, q, logit_scale=cfg.logit_scale, backend=cfg.backend))
     return np.concatenate(out) if out else np.zeros((0, params["b_c"].shape[0]), dt)
@@ -272,7 +261,9 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                      memory: Any, cfg: ClassifyConfig, *, exclude: np.ndarray | None = None,
                      val: tuple | None = None, checkpoint: str | os.PathLike | None = None, resume: bool = False,
                      progress: bool = True, log: Callable[[str], Any] | None = None,
-                     class_text: np.ndarray | None = None, head: tuple | None = None) -> tuple[dict, dict]:
+                     class_text: np.ndarray | None = None, head: tuple | None = None,
+                     row_labels: np.ndarray | None = None, stop_after: int | None = None,
+                     keep_val_pred: bool = False) -> tuple[dict, dict]:
     """Train on ``image [N,D]`` (queries), ``search [N,Dk]`` (their memory search vectors), ``labels [N]``.
 
     Parameters
@@ -287,7 +278,13 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
         one of the same configuration is continued (another configuration's raises :class:`CheckpointError`). A
         checkpoint of the older inline format (an ``info`` entry, before the formats were merged) is refused with
         a one-line :class:`CheckpointError` naming the file: delete it to start over.
-    class_text : [C, Dt] — the class prompts' text embeddings (needed by the score readout, ``cfg.readout``)
+    class_text : [C, Dt] — the class prompts' text embeddings (needed by the caption readout, ``cfg.readout``;
+        the label readout reads against the identity instead)
+    row_labels : int64 [len(memory)] — each memory row's class (:func:`memory_row_labels`; the label readout's)
+    stop_after : stop after this many epochs of the ``cfg.epochs`` schedule (the learning-rate schedule is the full
+        run's; cross-fitting's final run stops at the epoch it chose; 0: the start itself)
+    keep_val_pred : each history entry also holds the validation rows' predicted classes (``val_pred``; what
+        cross-fitting pools over its folds), and the loss summed over them (``val_loss_sum``)
     head : ``(W [D, C], b [C])`` — a linear head in logit units (logits ``= q W + b`` at ``z = q``) to start
         ``W_c, b_c`` from instead of the random init (:func:`prompt_head`, the logistic probe); with ``val`` the
         start is validated as epoch 0 and kept unless an epoch beats it.
@@ -302,6 +299,10 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
         raise ShapeError("a memory classifier needs a memory (or train with memory=False / --no-memory)")
     N, D = image.shape
     Dk, Dv = _dims(memory, cfg.values) if cfg.memory else (None, None)
+    if cfg.readout and cfg.readout_values == "label":  # [ours] r·T_cᵀ with T_c = I: the score-weighted vote itself
+        if row_labels is None:
+            raise ShapeError("readout values 'label': the label readout needs the memory rows' labels (row_labels)")
+        class_text = np.eye(classes, dtype=np.float32)
     if cfg.readout and class_text is None:
         raise ShapeError("readout: the score readout needs the class prompts' text embeddings (class_text [C, Dt])")
     params = init_params(D, classes, key_dim=Dk, value_dim=Dv, width=cfg.width, heads=cfg.heads,
@@ -344,10 +345,20 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                disable=not progress or tqdm is None) if tqdm else None
     def validate() -> tuple[float, float]:  # (top-1, loss) of the current params on the validation rows
         v_img, v_search, v_lab, v_excl = val
-        v_logits = _logits(params, cfg, memory, v_img, v_search, v_excl)
+        v_logits = _logits(params, cfg, memory, v_img, v_search, v_excl, row_labels=row_labels)
         pred = v_logits.argmax(1)
-        acc = balanced_top1(pred, v_lab) if cfg.validation == "balanced" else float((pred == v_lab).mean())
-        return acc, cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
+        acc = balanced_top1(pred, v_lab) if cfg.validation != "top1" else float((pred == v_lab).mean())
+        v_loss = cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
+        if keep_val_pred:
+            kept_pred[0] = pred.astype(np.int64).tolist()
+        return acc, v_loss
+
+    kept_pred = [None]  # the last validation's predictions (keep_val_pred)
+
+    def with_pred(entry: dict, v_loss: float) -> dict:
+        if keep_val_pred and kept_pred[0] is not None:
+            entry.update(val_pred=kept_pred[0], val_loss_sum=float(v_loss) * len(kept_pred[0]))
+        return entry
 
     at_start = None  # (top-1, loss) of the start on the validation rows, once measured
     if cfg.readout and start == 0:  # [ours] the readout's start scale: fixed, or the validation rows' pick
@@ -372,11 +383,14 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                 at_start = validate()
         best_acc, best_loss = at_start
         best_epoch = 0
-        history.append({"epoch": 0, "val_top1": best_acc, "val_loss": best_loss})
+        if keep_val_pred:  # the grid's last validation was another scale's: the start's predictions again
+            with blas_threads(1):
+                validate()
+        history.append(with_pred({"epoch": 0, "val_top1": best_acc, "val_loss": best_loss}, best_loss))
     # small GEMMs: one BLAS thread (threadpoolctl, when installed) — an order of magnitude faster than 2 OpenBLAS
     # threads while another process holds a core (figures: docs/classify.md)
     with blas_threads(1):
-        for epoch in range(start, cfg.epochs):
+        for epoch in range(start, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
             t_epoch = time.perf_counter()
             order = np.random.default_rng([cfg.seed, epoch]).permutation(N)
             losses = []
@@ -384,10 +398,11 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                 idx = np.sort(order[lo:lo + cfg.batch_size])
                 q = image[idx].astype(np.float32, copy=False)
                 if cfg.memory:
-                    K, V, valid, sc = retrieve_items(memory, search[idx], cfg.k, cfg.values,
-                                                     None if exclude is None else exclude[idx], with_scores=True)
+                    K, V, valid, sc, ro_v = _items(memory, search[idx], cfg,
+                                                   None if exclude is None else exclude[idx], row_labels, classes)
                     logits, cache = classify_forward(params, q, K, V, valid, heads=cfg.heads, attention=cfg.attention,
-                                                     logit_scale=cfg.logit_scale, backend=cfg.backend, scores=sc)
+                                                     logit_scale=cfg.logit_scale, backend=cfg.backend, scores=sc,
+                                                     readout_values=ro_v)
                 else:
                     logits, cache = classify_forward(params, q, logit_scale=cfg.logit_scale, backend=cfg.backend)
                 loss, ce = cross_entropy_forward(logits if adjust is None else logits + adjust, labels[idx])
@@ -404,6 +419,7 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
             if val is not None:
                 acc, v_loss = validate()
                 entry["val_top1"], entry["val_loss"] = acc, v_loss
+                with_pred(entry, v_loss)
                 # ties in top-1 are common on small validation sets: the lower validation loss breaks them
                 if (acc, -v_loss) > (best_acc, -best_loss):
                     best_acc, best_loss, best_epoch = acc, v_loss, epoch + 1
@@ -421,7 +437,7 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
                                  "best_acc": best_acc, "history": history, "readout_choice": readout_choice})
     if bar is not None:
         bar.close()
-    return best, {"epochs_run": cfg.epochs, "best_epoch": best_epoch,
+    return best, {"epochs_run": len([h for h in history if h.get("epoch", 0) > 0]), "best_epoch": best_epoch,
                   "val_top1": best_acc if val is not None else None, "history": history, **readout_choice}
 
 
@@ -442,7 +458,10 @@ def evaluate_classifier(params: dict, meta: dict, image: np.ndarray, search: np.
     cfg = ClassifyConfig(**meta["config"])
     if backend:
         cfg.backend = backend
-    logits = _logits(params, cfg, memory, image, search, exclude)
+    row_labels = None
+    if cfg.memory and memory is not None and cfg.readout and cfg.readout_values == "label":
+        row_labels = memory_row_labels(memory, meta["class_names"])[0]
+    logits = _logits(params, cfg, memory, image, search, exclude, row_labels=row_labels)
     pred = logits.argmax(1)
     hit = pred == labels
     groups = shot_groups(meta["train_class_counts"])[labels]
