@@ -40,7 +40,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from reco_ref.checks import positive_int  # noqa: E402
 from reco_ref.io import atomic_save_npy, atomic_write_json, atomic_write_text, sha256_file  # noqa: E402
+from reco_ref.options import add_index_threads  # noqa: E402
 
 PINNED = {
     "flowers102/manifest.csv": "18f30189f38301609235cc33edc7d1a6ea0291e6799635e4dae73ef21c38f9e7",
@@ -54,6 +56,9 @@ CAPTION = "a photo of a {}."
 DATASETS = ("flowers102", "cub100")
 HOLDOUT_FRACTION = 0.10  # of CUB-100 train, for validation (CUB has no validation split)
 HOLDOUT_SEED = 0
+# hnswlib threads of every memory this script builds (--index-threads; None: all cores, as before). One thread
+# builds the same graph every time; several do not (the order of insertion races)
+INDEX_THREADS: int | None = None
 
 
 def check_inputs(data: Path, cache: Path) -> dict:
@@ -152,7 +157,8 @@ def memory(work: Path, name: str, ds: Dataset, idx: np.ndarray, encoder, mixed: 
     if not (out / "manifest.json").is_file():
         text = ds.text_mixed if mixed else ds.text
         build_memory_from_arrays(out, ds.image[idx], text[idx], keys=ds.keys[idx], items=ds.items(idx, mixed),
-                                 name=encoder.name, fingerprint=encoder.fingerprint, progress=False)
+                                 name=encoder.name, fingerprint=encoder.fingerprint, progress=False,
+                                 num_threads=INDEX_THREADS)
     return Memory.open(out, encoder=encoder, verify="size")
 
 
@@ -212,7 +218,8 @@ def drawings(generic_dir: str, encoder, work: Path) -> dict:
         build_memory_from_arrays(out, img, np.asarray(g.text)[keep], keys=keys,
                                  items=[{"image": it["source"], "caption": it["caption"], "source": it["source"],
                                          "label": it["label"], "split": "heldout", "tags": "openclipart"} for it in items],
-                                 name=g.manifest["encoder"]["name"], fingerprint=g.fingerprint, progress=False)
+                                 name=g.manifest["encoder"]["name"], fingerprint=g.fingerprint, progress=False,
+                                 num_threads=INDEX_THREADS)
     return {"memory": Memory.open(out, verify="size"), "image": img, "keys": keys, "labels": labels,
             "class_text": cls, "names": readable}
 
@@ -259,7 +266,7 @@ def guard_sets(sources: list, generic_dir: str, encoder, work: Path, run: str) -
                                      keys=None if any(k is None for k in keys) else np.concatenate(
                                          [np.asarray(k) for k in keys]),
                                      name=mems[0].manifest["encoder"]["name"], fingerprint=mems[0].fingerprint,
-                                     progress=False)
+                                     progress=False, num_threads=INDEX_THREADS)
         out.append(ValSet("guard-drawings-vs-union", dr["memory"], Memory.open(root, verify="size"), dr["labels"],
                           dr["class_text"], guard=True))
     return out
@@ -296,7 +303,7 @@ def union_memory(work: Path, ds: dict, encoder):
                                  np.concatenate([d.text[idx[n]] for n, d in ds.items()]),
                                  keys=np.concatenate([d.keys[idx[n]] for n, d in ds.items()]),
                                  items=[it for n, d in ds.items() for it in d.items(idx[n])], name=encoder.name,
-                                 fingerprint=encoder.fingerprint, progress=False)
+                                 fingerprint=encoder.fingerprint, progress=False, num_threads=INDEX_THREADS)
     return Memory.open(out, encoder=encoder, verify="size")
 
 
@@ -405,9 +412,12 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
     ap.add_argument("--prepare-only", action="store_true", help="build the memories and eval arrays, train nothing")
     ap.add_argument("--eval-only", action="store_true", help="re-evaluate the runs' kept weights (no training)")
+    add_index_threads(ap, type=positive_int)  # -> a.threads
     ap.add_argument("--eval-weights", help="evaluate this RecoWeights file (e.g. a `reco-ref train` run's best.npz) on "
                                            "both test splits and the do-no-harm check, print JSON, train nothing")
     a = ap.parse_args(argv)
+    global INDEX_THREADS
+    INDEX_THREADS = a.threads
     if (a.harm_guard or a.harm_union) and not a.harm_generic:
         ap.error("--harm-guard and --harm-union need --harm-generic DIR (the held-out drawings)")
 
@@ -566,7 +576,9 @@ def main(argv=None) -> int:
                       rel_beta=a.rel_beta, rel_gamma=a.rel_gamma, train_groups=a.train_groups, rel_map=a.rel_map,
                       irrelevant_fraction=a.irrelevant_fraction, exact_search=True, guard_tolerance=a.guard_tolerance,
                       hold_threshold=a.hold_threshold)
-    report = {"command": command, "inputs": inputs, "recipe": cfg.to_json(), "runs": {}}
+    # the memories' build threads join the recipe only when set: records made before the option read as before
+    recipe = cfg.to_json() | ({"index_threads": a.threads} if a.threads is not None else {})
+    report = {"command": command, "inputs": inputs, "recipe": recipe, "runs": {}}
     from reco_ref.reco.weights import load_reco_weights
 
     previous = work / "metrics.json"
