@@ -123,8 +123,10 @@ def build_memories(work: Path, data: Path, lt: Path, encoder, emb: Path) -> dict
                       "source": f"{s}:{rows[s][i]['file']}", "label": None, "split": None, "tags": None}
                      for s, i in plan]
             t0 = time.time()
+            # one index thread: the same HNSW graph on every build, so a fresh WORK folder reproduces the tables
             build_memory_from_arrays(out, img, txt, keys=keys, items=items, name=encoder.name,
-                                     fingerprint=encoder.fingerprint, resume=out.exists(), progress=False)
+                                     fingerprint=encoder.fingerprint, resume=out.exists(), progress=False,
+                                     num_threads=INDEX_THREADS)
             print(f"memory {name}: {len(plan)} items ({time.time() - t0:.0f} s)", flush=True)
     return labels
 
@@ -143,6 +145,9 @@ def knn_vote(memory, mem_labels: np.ndarray, keys: np.ndarray, k: int) -> np.nda
 
 
 SETTINGS = [("cub100", 50), ("cub100", 10), ("flowers102", 50), ("flowers102", 10)]
+#: hnswlib threads of the memories this script builds: one builds the same graph every time (several race on the
+#: order of insertion, and a rebuilt memory then moves a cell by a test image or two)
+INDEX_THREADS = 1
 #: display order of a setting's rows
 ROW_ORDER = ["no-memory", "no-memory-pinit", "no-memory-prinit", "mem-a", "mem-b", "mem-b-pinit", "mem-b-prinit",
              "mem-c", "mem-d", "uniform-b", "uniform-d", "readout-b", "readout-b-prinit", "readonly-b",
