@@ -140,6 +140,8 @@ def crossfit_train(image: np.ndarray, search: np.ndarray | None, labels: np.ndar
             loss = dict.fromkeys(scales, 0.0)
             for f in range(folds):
                 tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+                if not te.size:  # fewer rows than folds in every class: this fold holds none
+                    continue
                 head = head_for(tr, l2)
                 for sv in scales:
                     p = _start_params(cfg, D, classes, dims, head, sv, class_text)
@@ -181,6 +183,10 @@ def crossfit_train(image: np.ndarray, search: np.ndarray | None, labels: np.ndar
             say(f"fold {f + 1}/{folds}: done before (resumed)")
             continue
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        if not te.size:  # nothing to predict: no run (its record stays empty)
+            say(f"fold {f + 1}/{folds}: holds no row (every class has fewer rows than folds): skipped")
+            state["done"][str(f)] = {"rows": [], "epochs": {}}
+            continue
         say(f"fold {f + 1}/{folds}: training on {len(tr)} rows, predicting {len(te)}")
         sl = lambda a, rows: None if a is None else a[rows]  # noqa: E731
         _, info = train_classifier(image[tr], sl(search, tr), labels[tr], classes, memory, run_cfg,
@@ -200,6 +206,8 @@ def crossfit_train(image: np.ndarray, search: np.ndarray | None, labels: np.ndar
         pred = np.full(N, -1, np.int64)
         loss = 0.0
         for d in state["done"].values():
+            if not d["rows"]:
+                continue
             pred[np.asarray(d["rows"], np.int64)] = d["epochs"][str(e)][0]
             loss += d["epochs"][str(e)][1]
         by_epoch[e] = (pooled_score(pred, labels, fold), loss / scored.sum())

@@ -241,3 +241,25 @@ def test_options_are_checked(setup):
     assert ClassifyConfig(readout=True).fingerprint() != ClassifyConfig(readout=True, readout_values="label").fingerprint()
     assert _train(tmp, manifest, tmp / "nonames.npz", *XF, memory="mem-nonames") != 0
     assert not (tmp / "nonames.npz").exists()
+
+
+def test_a_fold_without_rows_is_skipped_and_the_record_stays_finite(tmp_path):
+    """Two classes of two rows: three of the five folds hold no row; they get no run and no NaN in the record."""
+    rng = np.random.default_rng(2)
+    y = np.array([0, 0, 1, 1])
+    x = (rng.standard_normal((4, 6)) + 3 * np.eye(2, 6)[y]).astype(np.float32)
+    seen = []
+    params, info = crossfit_train(x, None, y, 2, None, ClassifyConfig(memory=False, validation="crossfit", epochs=2),
+                                  out=tmp_path / "w.npz", head_fit=lambda rows, l2: _probe(x[rows], y[rows], l2),
+                                  l2_grid=(1e-6, 1e-2), log=seen.append, progress=False)
+    assert sum("holds no row" in m for m in seen) == 5 - len(set(crossfit_folds(y, 5, 0)))
+    xf = info["crossfit"]
+    assert all(np.isfinite(g["loss"]) for g in xf["start_grid"])
+    assert all(np.isfinite(v["loss"]) for v in xf["by_epoch"].values())
+
+
+def _probe(x, y, l2):
+    from reco_ref.classify.baselines import fit_logistic_probe
+
+    p = fit_logistic_probe(x, y, 2, val=None, l2=(l2,))
+    return p["W"], p["b"]
