@@ -20,6 +20,7 @@ from ..eval.data import Split, cache_dir_option, embed_split, own_rows, read_man
     user_cache_dir
 from ..eval.report import fmt
 from ..template_fmt import Pieces, fill_template, parse_template, template_fields
+from .crossfit import CROSSFIT_FOLDS, crossfit_leftovers, crossfit_probe, crossfit_state_path, crossfit_train
 from .report import write_json, write_markdown, write_png
 from .train import ClassifyConfig, evaluate_classifier, holdout_rows, load_classifier, log_prior, memory_row_labels, \
     prompt_head, save_classifier, search_vectors, symmetric_label_noise, train_classifier
@@ -144,8 +145,6 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     crossfit = cfg.validation == "crossfit"
     val_split = None if crossfit else _val_split(ds, split, val_split)
     if crossfit:  # [ours] every choice on out-of-fold predictions of all the training rows
-        from .crossfit import CROSSFIT_FOLDS
-
         val, train_rows = None, np.arange(len(ds))
         val_desc = (f"{CROSSFIT_FOLDS}-fold cross-fitting over the training rows (probe L2, readout scale and epoch "
                     "on the pooled out-of-fold class-mean top-1)")
@@ -168,9 +167,9 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
                                                          if cfg.validation == "balanced" else "")
     if cfg.validation == "balanced":
         val_desc += "; epoch kept by class-mean top-1"
-    if crossfit and _val_split(ds, split, None) is not None:
-        say(f"--validation crossfit: split {_val_split(ds, split, None)!r} is not used (the folds are the training "
-            "rows')")
+    unused = _val_split(ds, split, None) if crossfit else None
+    if unused is not None:
+        say(f"--validation crossfit: split {unused!r} is not used (the folds are the training rows')")
     say(f"training on {len(train_rows)} rows of {ds.manifest} split {split!r} ({C} classes), validation: {val_desc}")
     ckpt = Path(str(out) + ".ckpt.npz")
     steps = -(-len(train_rows) // cfg.batch_size)
@@ -202,29 +201,28 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
         head = prompt_head(class_text, cfg.logit_scale)
         say("head initialised from the class prompts' text embeddings (zero-shot cosine classifier; epoch 0)")
     head_fit = None
-    if cfg.head_init == "probe" and crossfit:  # the probe of the given rows and L2 (cross-fitting chooses the L2)
+    if cfg.head_init == "probe":
         from .baselines import fit_logistic_probe
 
-        def head_fit(rows: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
-            probe = fit_logistic_probe(img[rows], labels[rows], C, val=None, l2=(l2,))
+        def probe_head(probe: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # the probe's post-hoc logit adjustment: its b estimates log pi_c + ..., remove tau of it
             return probe["W"], probe["b"] - cfg.logit_adjust * log_prior(labels[rows], C)
+
+    if cfg.head_init == "probe" and crossfit:  # the probe of the given rows and L2 (cross-fitting chooses the L2)
+        def head_fit(rows: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
+            return probe_head(fit_logistic_probe(img[rows], labels[rows], C, val=None, l2=(l2,)), rows)
 
         say("head initialised from the logistic probe (L2 chosen by cross-fitting"
             + (f"; bias less {cfg.logit_adjust:g}·log prior" if cfg.logit_adjust else "") + ")")
     elif cfg.head_init == "probe":  # [ours] start from the logistic probe, fitted on the training rows only
-        from .baselines import fit_logistic_probe
-
         pv = None if val is None else (val[0], val[2])
         probe = fit_logistic_probe(img[train_rows], labels[train_rows], C, val=pv, refit_with_val=False)
-        head = (probe["W"], probe["b"])
-        if cfg.logit_adjust:  # the probe's post-hoc logit adjustment: its b estimates log pi_c + ..., remove tau of it
-            head = (probe["W"], probe["b"] - cfg.logit_adjust * log_prior(labels[train_rows], C))
+        head = probe_head(probe, train_rows)
         say(f"head initialised from the logistic probe (L2 {probe['l2']:g}, chosen on the validation rows"
             + (f"; bias less {cfg.logit_adjust:g}·log prior" if cfg.logit_adjust else "") + ")")
     try:
         if crossfit:
             from .baselines import PROBE_L2
-            from .crossfit import crossfit_train
 
             params, info = crossfit_train(img, search, labels, C, memory, cfg, out=out, exclude=excl,
                                           class_text=class_text, row_labels=row_labels, head_fit=head_fit,
@@ -237,8 +235,7 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
                 cfg, exclude=None if excl is None else excl[train_rows], val=val, checkpoint=ckpt, resume=resume,
                 progress=progress, log=say, class_text=class_text, head=head, row_labels=row_labels)
     except KeyboardInterrupt:
-        kept = [str(p) for p in (ckpt, Path(str(out) + ".crossfit.json")) if p.exists()]
-        kept += [str(p) for p in sorted(Path(out).parent.glob(Path(out).name + ".fold*.ckpt.npz"))]
+        kept = [str(p) for p in ([ckpt] if ckpt.exists() else []) + crossfit_leftovers(out)]
         print(f"interrupted: {'what had finished is in ' + ', '.join(kept) + '; ' if kept else ''}rerun the same "
               "command with --resume to continue" + ("" if kept else " (no epoch had finished: it starts over)"),
               flush=True)
@@ -260,7 +257,7 @@ def train_from_manifest(dataset: str | os.PathLike, split: str, memory_dir: str 
     }
     save_classifier(out, params, meta)
     ckpt.unlink(missing_ok=True)  # the run finished: its weights are the record
-    Path(str(out) + ".crossfit.json").unlink(missing_ok=True)
+    crossfit_state_path(out).unlink(missing_ok=True)
     say(f"wrote {out} (best validation epoch {info['best_epoch']}, val top-1 {fmt(info['val_top1'])})")
     return meta
 
@@ -343,8 +340,6 @@ def _baselines(meta: dict, dataset, ds: Split, img: np.ndarray, keys, memory: An
         vname = meta["val_split"] if "val_split" in meta else _val_split(tds, meta["split"], None)
         crossfit = meta["config"].get("validation") == "crossfit"
         if crossfit:  # the classifier's own rule: L2 on the pooled out-of-fold class-mean top-1, fit on every row
-            from .crossfit import crossfit_probe
-
             say(f"logistic probe: L2 by cross-fitting {len(labels)} training rows, then fitted on all of them")
             probe = crossfit_probe(t_img, labels, C, seed=meta["config"]["seed"])
         elif vname is not None:

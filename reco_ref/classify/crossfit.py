@@ -37,13 +37,13 @@ import numpy as np
 from ..backends import blas_threads
 from ..errors import CheckpointError, ShapeError
 from ..io import atomic_write_text
-from .model import init_params
-from .reference import cross_entropy_forward
 from .items import _dims
-from .train import READOUT_SCALES, ClassifyConfig, _logits, balanced_top1, train_classifier
+from .reference import cross_entropy_forward
+from .train import READOUT_SCALES, ClassifyConfig, _logits_many, balanced_top1, start_params, train_classifier, \
+    with_readout_scale
 
 __all__ = ["CROSSFIT_FOLDS", "crossfit_folds", "pooled_score", "crossfit_train", "crossfit_state_path",
-           "crossfit_probe"]
+           "crossfit_fold_checkpoint", "crossfit_leftovers", "crossfit_probe"]
 
 #: folds of ``--validation crossfit``
 CROSSFIT_FOLDS = 5
@@ -73,24 +73,20 @@ def pooled_score(pred: np.ndarray, labels: np.ndarray, folds: np.ndarray) -> flo
     return balanced_top1(np.asarray(pred)[scored], np.asarray(labels)[scored])
 
 
-def _start_params(cfg: ClassifyConfig, D: int, C: int, dims: tuple, head: tuple | None, scale: float | None,
-                  class_text: np.ndarray | None) -> dict:
-    """The start of a run (``W_o = 0``): the random init with ``head`` as ``W_c, b_c`` and the readout at ``scale``
-    — what :func:`train_classifier` starts from, for the start grid's predictions."""
-    Dk, Dv = dims
-    params = init_params(D, C, key_dim=Dk, value_dim=Dv, width=cfg.width, heads=cfg.heads, memory=cfg.memory,
-                         attention=cfg.attention, seed=cfg.seed, class_text=class_text if cfg.readout else None)
-    if head is not None:
-        params["w_c"] = (np.asarray(head[0], np.float64) / cfg.logit_scale).astype(params["w_c"].dtype)
-        params["b_c"] = np.asarray(head[1], params["b_c"].dtype)
-    if scale is not None:
-        params["ro_log_sv"][:] = np.log(scale)
-    return params
-
-
 def crossfit_state_path(out: str | os.PathLike) -> Path:
     """The folds' record beside the weights file ``out`` (removed once the weights are written)."""
     return Path(str(out) + ".crossfit.json")
+
+
+def crossfit_fold_checkpoint(out: str | os.PathLike, fold: int) -> Path:
+    """The checkpoint of fold ``fold``'s run beside the weights file ``out`` (removed when the fold is done)."""
+    return Path(str(out) + f".fold{fold}.ckpt.npz")
+
+
+def crossfit_leftovers(out: str | os.PathLike) -> list[Path]:
+    """What an interrupted cross-fitting run of ``out`` left to resume from: its record and fold checkpoints."""
+    return [q for q in (crossfit_state_path(out), *(crossfit_fold_checkpoint(out, f) for f in range(CROSSFIT_FOLDS)))
+            if q.exists()]
 
 
 def crossfit_train(image: np.ndarray, search: np.ndarray | None, labels: np.ndarray, classes: int, memory: Any,
@@ -132,27 +128,35 @@ def crossfit_train(image: np.ndarray, search: np.ndarray | None, labels: np.ndar
             return head_fit(rows, l2)
         return fixed_head
 
+    def best_of(grid: dict):  # the best pooled top-1, ties to the lower pooled loss
+        return max(grid, key=lambda key: (grid[key][0], -grid[key][1]))
+
     # 2. the start: (L2, scale) on pooled out-of-fold predictions of the start itself
+    fold_heads: dict = {}  # fold → the best L2's head so far (its fold runs start there: not fitted twice)
     if has_head or len(scales) > 1:
         grid: dict = {}
         for l2 in l2_grid:
             preds = {sv: np.full(N, -1, np.int64) for sv in scales}
             loss = dict.fromkeys(scales, 0.0)
+            heads = {}
             for f in range(folds):
                 tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
                 if not te.size:  # fewer rows than folds in every class: this fold holds none
                     continue
-                head = head_for(tr, l2)
-                for sv in scales:
-                    p = _start_params(cfg, D, classes, dims, head, sv, class_text)
-                    with blas_threads(1):
-                        lg = _logits(p, cfg, memory, image[te], None if search is None else search[te],
-                                     None if exclude is None else exclude[te], row_labels=row_labels)
+                heads[f] = head_for(tr, l2)
+                p = start_params(cfg, D, classes, dims, class_text=class_text, head=heads[f])
+                with blas_threads(1):  # one retrieval of the fold's items for every scale
+                    lgs = _logits_many([with_readout_scale(p, sv) for sv in scales] if cfg.readout else [p], cfg,
+                                       memory, image[te], None if search is None else search[te],
+                                       None if exclude is None else exclude[te], row_labels=row_labels)
+                for sv, lg in zip(scales, lgs):
                     preds[sv][te] = lg.argmax(1)
                     loss[sv] += cross_entropy_forward(lg.astype(np.float64), labels[te])[0] * len(te)
             for sv in scales:
                 grid[(l2, sv)] = (pooled_score(preds[sv], labels, fold), loss[sv] / scored.sum())
-        l2_best, sv_best = max(grid, key=lambda key: (grid[key][0], -grid[key][1]))
+            if best_of(grid)[0] == l2:
+                fold_heads = heads
+        l2_best, sv_best = best_of(grid)
         say("cross-fitted start: " + ", ".join(
             (f"L2 {l2:g}" if l2 is not None else "") + (" " if l2 is not None and sv is not None else "")
             + (f"scale {sv:g}" if sv is not None else "") + f" → {a:.3f}" for (l2, sv), (a, _) in grid.items())
@@ -192,14 +196,15 @@ def crossfit_train(image: np.ndarray, search: np.ndarray | None, labels: np.ndar
         _, info = train_classifier(image[tr], sl(search, tr), labels[tr], classes, memory, run_cfg,
                                    exclude=sl(exclude, tr),
                                    val=(image[te], sl(search, te), labels[te], sl(exclude, te)),
-                                   checkpoint=Path(str(out) + f".fold{f}.ckpt.npz"), resume=resume,
+                                   checkpoint=crossfit_fold_checkpoint(out, f), resume=resume,
                                    progress=progress, log=None, class_text=class_text,
-                                   head=head_for(tr, l2_best), row_labels=row_labels, keep_val_pred=True)
+                                   head=fold_heads[f] if f in fold_heads else head_for(tr, l2_best),
+                                   row_labels=row_labels, keep_val_pred=True)
         state["done"][str(f)] = {"rows": te.tolist(),
                                  "epochs": {str(h["epoch"]): [h["val_pred"], h["val_loss_sum"]]
                                             for h in info["history"] if "val_pred" in h}}
         atomic_write_text(state_path, json.dumps(state))
-        Path(str(out) + f".fold{f}.ckpt.npz").unlink(missing_ok=True)
+        crossfit_fold_checkpoint(out, f).unlink(missing_ok=True)
     epochs = sorted({int(e) for d in state["done"].values() for e in d["epochs"]})
     by_epoch = {}
     for e in epochs:

@@ -233,22 +233,54 @@ def _items(memory, search, cfg, exclude, row_labels, classes, dtype=np.float32):
     return K, V, valid, sc, ro_v
 
 
-def _logits(params, cfg, memory, image, search, exclude, batch_size=1024, row_labels=None) -> np.ndarray:
-    dt = params["w_c"].dtype
-    C = params["b_c"].shape[0]
-    out = []
+def _logits_many(param_sets: list[dict], cfg, memory, image, search, exclude, batch_size=1024, row_labels=None
+                 ) -> list[np.ndarray]:
+    """Logits ``[N, C]`` of each parameter set on the same rows, in batches (bounded memory); each batch's ``k``
+    items are retrieved once for all the sets (a grid of start scales or heads reads the same neighbours)."""
+    dt = param_sets[0]["w_c"].dtype
+    C = param_sets[0]["b_c"].shape[0]
+    outs: list[list] = [[] for _ in param_sets]
     for lo in range(0, len(image), batch_size):
         s = slice(lo, lo + batch_size)
         q = image[s].astype(dt, copy=False)
         if cfg.memory and memory is not None:
             K, V, valid, sc, ro_v = _items(memory, search[s], cfg, None if exclude is None else exclude[s],
                                            row_labels, C, dt)
-            out.append(predict_logits(params, q, K, V, valid, heads=cfg.heads, attention=cfg.attention,
-                                      logit_scale=cfg.logit_scale, backend=cfg.backend, scores=sc,
-                                      readout_values=ro_v))
+            for params, out in zip(param_sets, outs):
+                out.append(predict_logits(params, q, K, V, valid, heads=cfg.heads, attention=cfg.attention,
+                                          logit_scale=cfg.logit_scale, backend=cfg.backend, scores=sc,
+                                          readout_values=ro_v))
         else:
-            out.append(predict_logits(params, q, logit_scale=cfg.logit_scale, backend=cfg.backend))
-    return np.concatenate(out) if out else np.zeros((0, params["b_c"].shape[0]), dt)
+            for params, out in zip(param_sets, outs):
+                out.append(predict_logits(params, q, logit_scale=cfg.logit_scale, backend=cfg.backend))
+    return [np.concatenate(out) if out else np.zeros((0, C), dt) for out in outs]
+
+
+def _logits(params, cfg, memory, image, search, exclude, batch_size=1024, row_labels=None) -> np.ndarray:
+    return _logits_many([params], cfg, memory, image, search, exclude, batch_size, row_labels)[0]
+
+
+def with_readout_scale(params: dict, scale: float) -> dict:
+    """``params`` with the score readout's scale set to ``scale`` (a new ``ro_log_sv``; the other arrays shared)."""
+    return params | {"ro_log_sv": np.full_like(params["ro_log_sv"], np.log(scale))}
+
+
+def start_params(cfg: ClassifyConfig, dim: int, classes: int, dims: tuple, *, class_text: np.ndarray | None = None,
+                 head: tuple | None = None) -> dict:
+    """The start of a run: :func:`init_params` of ``cfg`` (``W_o = 0``; the readout reading ``class_text``), with
+    ``head = (W [D, C], b [C])`` in logit units as ``W_c, b_c`` when given (``s·q W_c + b_c = q W + b``)."""
+    Dk, Dv = dims
+    params = init_params(dim, classes, key_dim=Dk, value_dim=Dv, width=cfg.width, heads=cfg.heads,
+                         memory=cfg.memory, attention=cfg.attention, seed=cfg.seed,
+                         class_text=class_text if cfg.readout else None)
+    if head is not None:  # [ours] start from a given linear head (the probe, the prompts)
+        W, b = head
+        if np.shape(W) != params["w_c"].shape or np.shape(b) != params["b_c"].shape:
+            raise ShapeError(f"head: shapes {np.shape(W)}, {np.shape(b)}, expected {params['w_c'].shape}, "
+                             f"{params['b_c'].shape}")
+        params["w_c"] = (np.asarray(W, np.float64) / cfg.logit_scale).astype(params["w_c"].dtype)
+        params["b_c"] = np.asarray(b, params["b_c"].dtype)
+    return params
 
 
 def _ckpt_params(params: dict, best: dict) -> dict:
@@ -298,23 +330,14 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
     if cfg.memory and memory is None:
         raise ShapeError("a memory classifier needs a memory (or train with memory=False / --no-memory)")
     N, D = image.shape
-    Dk, Dv = _dims(memory, cfg.values) if cfg.memory else (None, None)
     if cfg.readout and cfg.readout_values == "label":  # [ours] r·T_cᵀ with T_c = I: the score-weighted vote itself
         if row_labels is None:
             raise ShapeError("readout values 'label': the label readout needs the memory rows' labels (row_labels)")
         class_text = np.eye(classes, dtype=np.float32)
     if cfg.readout and class_text is None:
         raise ShapeError("readout: the score readout needs the class prompts' text embeddings (class_text [C, Dt])")
-    params = init_params(D, classes, key_dim=Dk, value_dim=Dv, width=cfg.width, heads=cfg.heads,
-                         memory=cfg.memory, attention=cfg.attention, seed=cfg.seed,
-                         class_text=class_text if cfg.readout else None)
-    if head is not None:  # [ours] start from a given linear head (the probe, the prompts): s·q W_c + b_c = q W + b
-        W, b = head
-        if np.shape(W) != params["w_c"].shape or np.shape(b) != params["b_c"].shape:
-            raise ShapeError(f"head: shapes {np.shape(W)}, {np.shape(b)}, expected {params['w_c'].shape}, "
-                             f"{params['b_c'].shape}")
-        params["w_c"] = (np.asarray(W, np.float64) / cfg.logit_scale).astype(params["w_c"].dtype)
-        params["b_c"] = np.asarray(b, params["b_c"].dtype)
+    params = start_params(cfg, D, classes, _dims(memory, cfg.values) if cfg.memory else (None, None),
+                          class_text=class_text, head=head)
     # [ours] logit adjustment: the loss reads logits + tau·log(pi); d(loss)/d(logits) keeps its form
     # softmax(logits + tau·log pi) − onehot, so the module's backward is unchanged
     adjust = (cfg.logit_adjust * log_prior(labels, classes)).astype(params["b_c"].dtype) if cfg.logit_adjust else None
@@ -344,8 +367,10 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
     bar = tqdm(total=total, initial=start * steps_per_epoch, desc="classify train", unit="step",
                disable=not progress or tqdm is None) if tqdm else None
     def validate() -> tuple[float, float]:  # (top-1, loss) of the current params on the validation rows
-        v_img, v_search, v_lab, v_excl = val
-        v_logits = _logits(params, cfg, memory, v_img, v_search, v_excl, row_labels=row_labels)
+        return score(_logits(params, cfg, memory, *val[:2], val[3], row_labels=row_labels))
+
+    def score(v_logits: np.ndarray) -> tuple[float, float]:  # (top-1, loss) of validation logits
+        v_lab = val[2]
         pred = v_logits.argmax(1)
         acc = balanced_top1(pred, v_lab) if cfg.validation != "top1" else float((pred == v_lab).mean())
         v_loss = cross_entropy_forward(v_logits.astype(np.float64), v_lab)[0]
@@ -364,10 +389,10 @@ def train_classifier(image: np.ndarray, search: np.ndarray | None, labels: np.nd
     if cfg.readout and start == 0:  # [ours] the readout's start scale: fixed, or the validation rows' pick
         scale, by_scale = (cfg.readout_scale or READOUT_SV0), {}
         if not cfg.readout_scale and val is not None:
-            with blas_threads(1):
-                for sv in READOUT_SCALES:
-                    params["ro_log_sv"][:] = np.log(sv)
-                    by_scale[sv] = validate()
+            with blas_threads(1):  # one retrieval of the validation rows' items for every scale of the grid
+                grid = _logits_many([with_readout_scale(params, sv) for sv in READOUT_SCALES], cfg, memory,
+                                    *val[:2], val[3], row_labels=row_labels)
+            by_scale = {sv: score(lg) for sv, lg in zip(READOUT_SCALES, grid)}
             scale = max(READOUT_SCALES, key=lambda sv: (by_scale[sv][0], -by_scale[sv][1]))
             if log:
                 log("readout scale at the start: " + ", ".join(f"{sv:g} → {a:.3f}" for sv, (a, _) in by_scale.items())
